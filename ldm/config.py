@@ -1,0 +1,192 @@
+"""YAML ↔ typed dataclasses, with strict keys and type-checked ``key.path=value`` overrides.
+
+Every config in the project is a (frozen) dataclass. :func:`from_dict` builds one from plain data and
+rejects unknown keys by name, listing the valid ones; :func:`to_dict` is its inverse, so
+``from_dict(C, to_dict(c)) == c`` for every config ``c``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import enum
+import types
+import typing
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+
+from ldm.errors import ConfigError
+
+T = TypeVar("T")
+
+
+def _describe(tp: Any) -> str:
+    if isinstance(tp, type) and issubclass(tp, enum.Enum):
+        return "one of " + ", ".join(repr(m.value) for m in tp)
+    return getattr(tp, "__name__", str(tp))
+
+
+def _unknown_key_message(key: str, where: str, valid: list[str]) -> str:
+    close = difflib.get_close_matches(key, valid, n=1)
+    hint = f" (did you mean '{close[0]}'?)" if close else ""
+    return f"unknown config key '{where}{key}'{hint}; valid keys here: {', '.join(valid)}"
+
+
+def _convert(value: Any, tp: Any, where: str) -> Any:
+    """Check ``value`` against the annotation ``tp`` and convert it (lists → tuples, str → Enum)."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _convert(value, arg, where)
+            except ConfigError as exc:
+                errors.append(str(exc))
+        raise ConfigError(errors[0] if len(errors) == 1 else f"'{where}': {value!r} fits none of {tp}")
+    if origin is tuple:
+        args = typing.get_args(tp)
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"'{where}' must be a list, got {value!r}")
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_convert(v, args[0], f"{where}[{i}]") for i, v in enumerate(value))
+        if len(args) != len(value):
+            raise ConfigError(f"'{where}' must have {len(args)} items, got {len(value)}")
+        return tuple(_convert(v, a, f"{where}[{i}]") for i, (v, a) in enumerate(zip(args, value)))
+    if dataclasses.is_dataclass(tp):
+        if isinstance(value, tp):
+            return value
+        if not isinstance(value, dict):
+            raise ConfigError(f"'{where}' must be a mapping of {tp.__name__} fields, got {value!r}")
+        return from_dict(tp, value, prefix=f"{where}.")
+    if isinstance(tp, type) and issubclass(tp, enum.Enum):
+        if isinstance(value, tp):
+            return value
+        try:
+            return tp(value)
+        except ValueError:
+            raise ConfigError(f"'{where}' must be {_describe(tp)}, got {value!r}") from None
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"'{where}' must be true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"'{where}' must be an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"'{where}' must be a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"'{where}' must be a string, got {value!r}")
+        return value
+    if tp is Any:
+        return value
+    raise TypeError(f"config field '{where}' has an unsupported annotation {tp!r}")
+
+
+def from_dict(cls: type[T], data: dict[str, Any], *, prefix: str = "") -> T:
+    """Build the dataclass ``cls`` from ``data``; missing keys take their defaults."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"'{prefix.rstrip('.') or cls.__name__}' must be a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    kwargs = {}
+    for key, value in data.items():
+        if key not in fields:
+            raise ConfigError(_unknown_key_message(str(key), prefix, sorted(fields)))
+        kwargs[key] = _convert(value, hints[key], f"{prefix}{key}")
+    missing = [
+        name
+        for name, f in fields.items()
+        if name not in kwargs and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+    ]
+    if missing:
+        raise ConfigError(f"missing config key(s) {', '.join(prefix + m for m in missing)}")
+    try:
+        return cls(**kwargs)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"invalid {cls.__name__}{' at ' + prefix.rstrip('.') if prefix else ''}: {exc}") from None
+
+
+def to_dict(obj: Any) -> Any:
+    """Plain YAML/JSON-ready data: dataclasses → dicts, enums → values, tuples → lists."""
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, enum.Enum):
+        return obj.value
+    if isinstance(obj, (list, tuple)):
+        return [to_dict(v) for v in obj]
+    if isinstance(obj, dict):
+        return {k: to_dict(v) for k, v in obj.items()}
+    return obj
+
+
+def load_yaml(cls: type[T], path: str | Path) -> T:
+    """Read a YAML file into ``cls``; a missing or malformed file is a :class:`ConfigError`."""
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path} not found; check the path") from None
+    except yaml.YAMLError as exc:
+        line = getattr(getattr(exc, "problem_mark", None), "line", None)
+        where = f" at line {line + 1}" if line is not None else ""
+        raise ConfigError(f"config file {path} is not valid YAML{where}; fix the syntax") from None
+    return from_dict(cls, data or {})
+
+
+class _Dumper(yaml.SafeDumper):
+    """Lists of scalars on one line: ``block_out_channels: [128, 256, 512, 512]``."""
+
+
+_Dumper.add_representer(
+    list,
+    lambda dumper, data: dumper.represent_sequence(
+        "tag:yaml.org,2002:seq", data, flow_style=all(not isinstance(v, (list, dict)) for v in data)
+    ),
+)
+
+
+def dump_yaml(obj: Any) -> str:
+    return yaml.dump(to_dict(obj), Dumper=_Dumper, sort_keys=False)
+
+
+def save_yaml(obj: Any, path: str | Path) -> None:
+    Path(path).write_text(dump_yaml(obj))
+
+
+def apply_overrides(cfg: T, overrides: list[str]) -> T:
+    """Apply ``dotted.key=value`` overrides (values parsed as YAML, then type-checked).
+
+    >>> apply_overrides(cfg, ["unet.layers_per_block=1", "vae.block_out_channels=[32,64,64,64]"])
+    """
+    data = to_dict(cfg)
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        key = key.strip().lstrip("-")
+        if not sep or not key:
+            raise ConfigError(f"override '{item}' must look like key.path=value")
+        try:
+            value = yaml.safe_load(raw)
+        except yaml.YAMLError:
+            raise ConfigError(f"override '{item}': value {raw!r} is not valid YAML") from None
+        node, parts = data, key.split(".")
+        for depth, part in enumerate(parts):
+            where = ".".join(parts[:depth])
+            if not isinstance(node, dict) or part not in node:
+                valid = sorted(node) if isinstance(node, dict) else []
+                raise ConfigError(_unknown_key_message(part, f"{where}." if where else "", valid))
+            if depth == len(parts) - 1:
+                node[part] = value
+            else:
+                node = node[part]
+    return from_dict(type(cfg), data)

@@ -1,0 +1,40 @@
+"""User-facing errors and the command-line wrapper that turns them into one-line messages."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable, Sequence
+
+EXIT_USAGE = 2
+
+
+class LdmError(Exception):
+    """A problem the user can fix. The message names the problem and the fix, on one line."""
+
+
+class ConfigError(LdmError):
+    """A config file or override that does not fit the typed config."""
+
+
+class BundleError(LdmError):
+    """A model bundle that is missing, incomplete or corrupt."""
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse, but a bad argument is one line on stderr and exit status 2, not the usage block."""
+
+    def error(self, message: str):  # noqa: D102 - argparse hook
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def run_cli(main: Callable[[Sequence[str] | None], int | None], argv: Sequence[str] | None = None) -> int:
+    """Run ``main(argv)``; an :class:`LdmError` becomes ``error: ...`` on stderr and exit status 2."""
+    try:
+        return main(argv) or 0
+    except LdmError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130

@@ -1,0 +1,100 @@
+"""The denoiser: diffusers' ``UNet2DConditionModel`` with cross-attention on text hidden states.
+
+forward: (B, 4, h, w) noisy latents, (B,) timesteps, (B, 77, D) text states → (B, 4, h, w) prediction.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from diffusers import UNet2DConditionModel
+
+
+@dataclass(frozen=True, kw_only=True)
+class UNetConfig:
+    sample_size: int = 64  # latent side the model was trained at (pixels / 8)
+    in_channels: int = 4
+    out_channels: int = 4
+    block_out_channels: tuple[int, ...] = (320, 640, 1280, 1280)
+    # Which resolution levels have transformer blocks (SD: all but the deepest).
+    attention_levels: tuple[bool, ...] = (True, True, True, False)
+    layers_per_block: int = 2
+    # Per-level attention head dimension (SD 1.x: 8 heads everywhere, named "attention_head_dim" in diffusers).
+    attention_heads: tuple[int, ...] = (8, 8, 8, 8)
+    cross_attention_dim: int = 768
+    transformer_layers_per_block: int = 1
+    norm_num_groups: int = 32
+    use_linear_projection: bool = False
+    upcast_attention: bool = False  # attention scores in fp32 (SD 2.1, for fp16 stability)
+
+    def __post_init__(self):
+        levels = len(self.block_out_channels)
+        for name in ("attention_levels", "attention_heads"):
+            if len(getattr(self, name)) != levels:
+                raise ValueError(f"{name} needs {levels} entries, one per block_out_channels level")
+        bad = [c for c in self.block_out_channels if c % self.norm_num_groups]
+        if bad:
+            raise ValueError(f"channels {bad} are not divisible by norm_num_groups={self.norm_num_groups}")
+
+    def diffusers_kwargs(self) -> dict:
+        down = tuple("CrossAttnDownBlock2D" if a else "DownBlock2D" for a in self.attention_levels)
+        up = tuple("CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(self.attention_levels))
+        heads = self.attention_heads
+        return dict(
+            sample_size=self.sample_size,
+            in_channels=self.in_channels,
+            out_channels=self.out_channels,
+            down_block_types=down,
+            up_block_types=up,
+            block_out_channels=self.block_out_channels,
+            layers_per_block=self.layers_per_block,
+            attention_head_dim=heads[0] if len(set(heads)) == 1 else heads,
+            cross_attention_dim=self.cross_attention_dim,
+            transformer_layers_per_block=self.transformer_layers_per_block,
+            norm_num_groups=self.norm_num_groups,
+            use_linear_projection=self.use_linear_projection,
+            upcast_attention=self.upcast_attention,
+        )
+
+    @classmethod
+    def from_diffusers(cls, config: dict) -> UNetConfig:
+        """The inverse of :meth:`diffusers_kwargs` for SD-style UNets; other UNets raise ValueError."""
+        for key in ("addition_embed_type", "class_embed_type", "encoder_hid_dim", "time_cond_proj_dim"):
+            if config.get(key) is not None:
+                raise ValueError(f"UNet setting {key}={config[key]!r} (not an SD 1.x/2.x UNet) is not supported")
+        if config.get("mid_block_type", "UNetMidBlock2DCrossAttn") != "UNetMidBlock2DCrossAttn":
+            raise ValueError(f"UNet mid_block_type={config['mid_block_type']!r} is not supported")
+        down = list(config["down_block_types"])
+        known = {"CrossAttnDownBlock2D": True, "DownBlock2D": False}
+        if any(d not in known for d in down):
+            raise ValueError(f"UNet down_block_types {down} are not supported")
+        levels = len(config["block_out_channels"])
+        heads = config.get("attention_head_dim", 8)
+        heads = tuple(heads) if isinstance(heads, (list, tuple)) else (heads,) * levels
+        tlpb = config.get("transformer_layers_per_block", 1)
+        if not isinstance(tlpb, int):
+            if len(set(tlpb)) != 1:
+                raise ValueError("UNet with per-level transformer_layers_per_block is not supported")
+            tlpb = tlpb[0]
+        result = cls(
+            sample_size=config["sample_size"],
+            in_channels=config["in_channels"],
+            out_channels=config["out_channels"],
+            block_out_channels=tuple(config["block_out_channels"]),
+            attention_levels=tuple(known[d] for d in down),
+            layers_per_block=config["layers_per_block"],
+            attention_heads=heads,
+            cross_attention_dim=config["cross_attention_dim"],
+            transformer_layers_per_block=tlpb,
+            norm_num_groups=config.get("norm_num_groups", 32),
+            use_linear_projection=config.get("use_linear_projection", False),
+            upcast_attention=config.get("upcast_attention", False),
+        )
+        if tuple(result.diffusers_kwargs()["up_block_types"]) != tuple(config["up_block_types"]):
+            raise ValueError(f"UNet up_block_types {config['up_block_types']} do not mirror the down blocks")
+        return result
+
+
+def build_unet(config: UNetConfig) -> UNet2DConditionModel:
+    """A randomly initialised UNet of the given shape."""
+    return UNet2DConditionModel(**config.diffusers_kwargs())
