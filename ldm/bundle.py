@@ -38,8 +38,8 @@ from ldm.errors import BundleError, ConfigError, LdmError
 from ldm.io import umask, load_tensors, save_tensors, sha256_file, write_json, write_text
 from ldm.presets import ModelConfig
 from ldm.schedule import ScheduleConfig
-from ldm.text_encoder import Padding, TextEncoder, TextEncoderConfig, build_text_encoder
-from ldm.tokenizer import build_tokenizer, load_tokenizer
+from ldm.text_encoder import Padding, TextEncoder, TextEncoderConfig, build_text_encoder, fit_state_dict
+from ldm.tokenizer import build_tokenizer, load_tokenizer, save_tokenizer
 from ldm.unet import UNetConfig, build_unet
 
 FORMAT = "ldm-bundle"
@@ -108,10 +108,11 @@ def save_bundle(bundle: Bundle, folder: str | Path) -> Path:
     config_yaml = dump_yaml(bundle.config)
     write_text(folder / "model.yaml", config_yaml)
     for part, module in bundle.modules().items():
-        meta = {"ldm.part": part, "ldm.config": json.dumps(config_yaml)}
+        # One metadata key: safetensors does not keep the order of several, and the files should hash the same.
+        meta = {"ldm": json.dumps({"part": part, "config": config_yaml, "format_version": FORMAT_VERSION})}
         save_tensors(folder / f"{part}.safetensors", module.state_dict(), metadata=meta)
     with tempfile.TemporaryDirectory(dir=folder) as tmp:
-        bundle.tokenizer.save_pretrained(tmp)
+        save_tokenizer(bundle.tokenizer, Path(tmp))
         (folder / "tokenizer").mkdir(exist_ok=True)
         for src in sorted(Path(tmp).iterdir()):
             os.replace(src, folder / "tokenizer" / src.name)
@@ -158,6 +159,8 @@ def _instantiate(build, config, state: dict[str, torch.Tensor], what: str) -> nn
     with init_empty_weights():
         module = build(config)
     target = module.model if isinstance(module, TextEncoder) else module
+    if isinstance(target, CLIPTextModel):
+        state = fit_state_dict(target, state)
     expected = set(target.state_dict())
     if set(state) != expected:
         missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
@@ -250,7 +253,7 @@ def export_diffusers(bundle: Bundle, folder: str | Path) -> Path:
 
 def _with_pad(tokenizer: CLIPTokenizer, pad: str) -> CLIPTokenizer:
     with tempfile.TemporaryDirectory() as tmp:
-        tokenizer.save_pretrained(tmp)
+        save_tokenizer(tokenizer, Path(tmp))
         return CLIPTokenizer.from_pretrained(tmp, pad_token=pad)
 
 

@@ -45,7 +45,7 @@ def check_settings(*, steps: int, width: int, height: int, guidance_scale: float
         raise LdmError(f"steps must be a positive number, got {steps}; try --steps 20")
     for name, value in (("width", width), ("height", height)):
         if value <= 0 or value % 8:
-            fix = max(8, round(value / 8) * 8)
+            fix = max(8, value // 8 * 8)
             raise LdmError(f"{name} must be a positive multiple of 8 (the VAE's downsampling factor), got {value}; try {fix}")
     if guidance_scale < 0:
         raise LdmError(f"guidance scale must be ≥ 0, got {guidance_scale}; 1 turns guidance off, 5–9 is usual")

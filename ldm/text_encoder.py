@@ -109,7 +109,7 @@ def state_dict_from_open_clip(model: nn.Module) -> dict[str, torch.Tensor]:
     open_clip keeps q, k and v in one ``in_proj`` matrix; transformers keeps three. The projection into the joint
     image-text space is not part of the SD text encoder and is dropped.
     """
-    prefix = "text_model."
+    prefix = ""
     out = {
         prefix + "embeddings.token_embedding.weight": model.token_embedding.weight,
         prefix + "embeddings.position_embedding.weight": model.positional_embedding,
@@ -132,4 +132,21 @@ def state_dict_from_open_clip(model: nn.Module) -> dict[str, torch.Tensor]:
             p + "mlp.fc2.weight": block.mlp.c_proj.weight, p + "mlp.fc2.bias": block.mlp.c_proj.bias,
         }  # fmt: skip
     return {k: v.detach().clone().contiguous() for k, v in out.items()}
+
+
+def fit_state_dict(model: CLIPTextModel, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``state`` with keys as this transformers version names them.
+
+    transformers 4 writes ``text_model.``-prefixed keys and a ``position_ids`` buffer; transformers 5 neither.
+    """
+    expected = model.state_dict().keys()
+    wants_prefix = any(k.startswith("text_model.") for k in expected)
+    out = {}
+    for key, value in state.items():
+        bare = key.removeprefix("text_model.")
+        key = "text_model." + bare if wants_prefix else bare
+        if key.endswith("position_ids") and key not in expected:
+            continue
+        out[key] = value
+    return out
 

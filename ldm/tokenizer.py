@@ -67,6 +67,19 @@ def build_tokenizer(*, context_length: int = 77) -> CLIPTokenizer:
         )
 
 
+_VOLATILE = ("is_local", "local_files_only", "name_or_path")
+
+
+def save_tokenizer(tokenizer: CLIPTokenizer, folder: Path) -> None:
+    """``save_pretrained`` without the keys that record where the tokenizer was loaded from."""
+    tokenizer.save_pretrained(str(folder))
+    config_path = Path(folder, "tokenizer_config.json")
+    config = json.loads(config_path.read_text(encoding="utf-8"))
+    for key in _VOLATILE:
+        config.pop(key, None)
+    config_path.write_text(json.dumps(config, indent=2, sort_keys=True, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
 def load_tokenizer(folder: Path) -> CLIPTokenizer:
     return CLIPTokenizer.from_pretrained(str(folder), local_files_only=True)
 

@@ -1,0 +1,101 @@
+"""The captioned image folder as a ``torch.utils.data.Dataset`` of square, [-1, 1] tensors.
+
+Randomness (random crop, horizontal flip) comes from a generator seeded by ``(seed, epoch, index)``,
+never from global RNG state, so a resumed run sees exactly the same samples. Call
+:meth:`CaptionedImageDataset.set_epoch` at the start of each epoch (DataLoader workers pick the new
+epoch up when they are started for that epoch, i.e. without ``persistent_workers``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import Dataset
+
+from ldm.data.config import DataConfig
+from ldm.data.images import open_rgb
+from ldm.data.scan import ScanReport, scan_dataset
+from ldm.errors import LdmError
+
+
+def item_seed(seed: int, epoch: int, index: int) -> int:
+    """A 63-bit seed for one sample of one epoch, independent of every other sample's."""
+    digest = hashlib.blake2b(f"{seed}:{epoch}:{index}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
+
+
+def square_tensor(
+    image: Image.Image, *, resolution: int, center_crop: bool = True, flip_p: float = 0.0,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:  # fmt: skip
+    """Resize the shorter side to ``resolution``, crop square, maybe flip; (3, resolution, resolution) in [-1, 1].
+
+    Exactly three numbers are drawn from ``generator`` (crop top, crop left, flip) whatever the settings,
+    so turning one option off does not shift the others.
+    """
+    width, height = image.size
+    if min(width, height) != resolution:  # shorter side → resolution, aspect kept (antialiased when shrinking)
+        scale = resolution / min(width, height)
+        width, height = max(resolution, round(width * scale)), max(resolution, round(height * scale))
+        image = image.resize((width, height), Image.Resampling.BICUBIC)
+    top = int(torch.randint(0, height - resolution + 1, (), generator=generator))
+    left = int(torch.randint(0, width - resolution + 1, (), generator=generator))
+    flip = bool(torch.rand((), generator=generator) < flip_p)
+    if center_crop:
+        top, left = (height - resolution) // 2, (width - resolution) // 2
+    image = image.crop((left, top, left + resolution, top + resolution))
+    if flip:
+        image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    pixels = torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1)  # (3, R, R) uint8
+    return pixels.float() / 127.5 - 1.0  # (3, R, R) in [-1, 1]
+
+
+class CaptionedImageDataset(Dataset):
+    """Usable pairs of a scanned folder; item ``i`` is ``dict(pixel_values, caption, index)``.
+
+    ``pixel_values``: float32 (3, resolution, resolution) in [-1, 1]; ``caption``: str ('' for an
+    empty caption); ``index``: ``i``. Pass the ``report`` of :func:`~ldm.data.scan.report_dataset` to
+    avoid scanning twice.
+    """
+
+    def __init__(self, config: DataConfig, *, report: ScanReport | None = None, seed: int = 0):
+        self.config = config
+        self.report = report if report is not None else scan_dataset(config, progress=False)
+        if not self.report.pairs:
+            raise LdmError(
+                f"no usable image/caption pairs in {self.report.root}; run `python -m ldm.data check {config.path}`"
+            )
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.report.pairs)
+
+    @property
+    def captions(self) -> list[str]:
+        return [pair.caption for pair in self.report.pairs]
+
+    def image_path(self, index: int) -> Path:
+        return self.report.pairs[index].image
+
+    def __getitem__(self, index: int) -> dict:
+        pair = self.report.pairs[index]
+        try:
+            image = open_rgb(pair.image)
+        except (OSError, SyntaxError, ValueError) as exc:
+            raise LdmError(
+                f"{pair.image} became unreadable after the scan ({exc}); re-run `python -m ldm.data check`"
+            ) from None
+        generator = torch.Generator().manual_seed(item_seed(self.seed, self.epoch, index))
+        pixel_values = square_tensor(
+            image, resolution=self.config.resolution, center_crop=self.config.center_crop,
+            flip_p=self.config.random_flip, generator=generator,
+        )  # fmt: skip
+        return {"pixel_values": pixel_values, "caption": pair.caption, "index": index}

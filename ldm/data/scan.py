@@ -1,0 +1,184 @@
+"""Scan a dataset folder once: open every captioned image and count what is wrong, as a report.
+
+Skipped (counted, listed with examples, never fatal): images with no caption, zero-size files, files
+Pillow cannot read (including text saved as ``.png``), truncated files, images whose shorter side is
+below ``min_side``. Kept but noted: empty captions (trained as unconditional samples), non-RGB modes
+(converted to RGB), exact duplicate files (same bytes), images smaller than ``resolution`` (upscaled).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections import Counter, defaultdict
+from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TextIO
+
+from tqdm import tqdm
+
+from ldm.data.config import DataConfig, Layout
+from ldm.data.images import ImageInfo, Problem, inspect_image
+from ldm.data.layouts import Pair, list_dataset
+from ldm.errors import LdmError
+
+# Shorter-side buckets of the size histogram: (label, lower bound inclusive).
+SIZE_BUCKETS = (("<64", 0), ("64-127", 64), ("128-255", 128), ("256-511", 256), ("512-1023", 512), (">=1024", 1024))
+EXAMPLES = 3
+
+
+def _bucket(side: int) -> str:
+    return [label for label, low in SIZE_BUCKETS if side >= low][-1]
+
+
+@dataclass(frozen=True, kw_only=True)
+class ScanReport:
+    """Everything :func:`scan_dataset` found. ``pairs`` are the usable examples, in file order."""
+
+    root: Path
+    layout: Layout
+    source: Path | None  # caption table; None for kohya
+    min_side: int
+    resolution: int
+    images: int  # distinct image files, captioned or not
+    captions: int  # caption entries read (rows or caption files whose image exists), empty ones included
+    pairs: tuple[Pair, ...]  # usable (image, caption) pairs
+    missing_captions: tuple[Path, ...]  # images no caption names
+    problems: Mapping[Problem, tuple[ImageInfo, ...]]  # skipped captioned images, by reason
+    missing_images: tuple[str, ...]  # captions naming a file that does not exist
+    bad_rows: tuple[str, ...]  # caption table rows that could not be read
+    empty_captions: int  # usable pairs whose caption is ''
+    modes: Mapping[str, int]  # usable images stored in a mode other than RGB (converted), by mode
+    duplicates: tuple[tuple[Path, ...], ...]  # groups of usable image files with identical bytes
+    size_histogram: Mapping[str, int]  # usable images by shorter side, buckets of SIZE_BUCKETS
+    upscaled: int  # usable images with a shorter side below `resolution`
+    sizes: Mapping[Path, tuple[int, int]] = field(repr=False)  # (width, height) of each usable image
+
+    @property
+    def usable(self) -> int:
+        return len(self.pairs)
+
+    def count(self, problem: Problem) -> int:
+        return len(self.problems.get(problem, ()))
+
+    @property
+    def skipped_images(self) -> int:
+        return len(self.missing_captions) + sum(len(v) for v in self.problems.values())
+
+    @property
+    def duplicate_files(self) -> int:
+        """Files that repeat an earlier file's bytes (a group of 3 counts 2)."""
+        return sum(len(group) - 1 for group in self.duplicates)
+
+    def _rel(self, path: Path) -> str:
+        try:
+            return str(path.relative_to(self.root))
+        except ValueError:
+            return str(path)
+
+    def format(self) -> str:
+        """The report as a readable text block."""
+
+        def line(label: str, value: int, note: str = "", indent: int = 2) -> str:
+            return f"{' ' * indent}{label:<{28 - indent}}{value:>6}{'   ' + note if note else ''}".rstrip()
+
+        def examples(items) -> str:
+            items = list(items)
+            more = f", … {len(items) - EXAMPLES} more" if len(items) > EXAMPLES else ""
+            return ("e.g. " + ", ".join(items[:EXAMPLES]) + more) if items else ""
+
+        source = f", captions from {self._rel(self.source)}" if self.source else ""
+        lines = [
+            f"dataset {self.root} (layout {self.layout.value}{source})",
+            line("images found", self.images),
+            line("caption entries", self.captions),
+            line("usable pairs", self.usable, f"min side {self.min_side} px, resolution {self.resolution} px"),
+            line("skipped images", self.skipped_images),
+            line("missing caption", len(self.missing_captions), examples(map(self._rel, self.missing_captions)), 4),
+        ]
+        for problem in Problem:
+            label = f"too small (<{self.min_side} px)" if problem is Problem.TINY else problem.value
+            infos = self.problems.get(problem, ())
+            notes = (f"{self._rel(i.path)} ({i.detail})" if i.detail else self._rel(i.path) for i in infos)
+            lines.append(line(label, len(infos), examples(notes), 4))
+        modes = ", ".join(f"{mode} {n}" for mode, n in sorted(self.modes.items()))
+        groups = (" = ".join(map(self._rel, group)) for group in self.duplicates)
+        empty_note = "kept: trained as unconditional samples" if self.empty_captions else ""
+        lines += [
+            line("captions without image", len(self.missing_images), examples(self.missing_images)),
+            line("unreadable caption rows", len(self.bad_rows), examples(self.bad_rows)),
+            line("empty captions", self.empty_captions, empty_note),
+            line("converted to RGB", sum(self.modes.values()), modes),
+            line("exact duplicates", self.duplicate_files, examples(groups)),
+            line(f"upscaled (<{self.resolution} px)", self.upscaled),
+            "  shorter side " + " | ".join(f"{label}: {n}" for label, n in self.size_histogram.items()),
+        ]
+        return "\n".join(lines)
+
+    __str__ = format
+
+
+def scan_dataset(config: DataConfig, *, workers: int | None = None, progress: bool = True) -> ScanReport:
+    """List ``config.path``'s captions, fully decode each captioned image once, and report.
+
+    Raises :class:`LdmError` only for a folder problem (missing, unknown layout, unreadable caption
+    table); a bad image or caption is counted in the report.
+    """
+    listing = list_dataset(config)
+    unique = list(dict.fromkeys(pair.image for pair in listing.pairs))
+    workers = workers or min(8, os.cpu_count() or 1)
+    with ThreadPoolExecutor(max_workers=workers) as pool:  # decoding releases the GIL
+        infos = list(
+            tqdm(
+                pool.map(lambda path: inspect_image(path, min_side=config.min_side), unique),
+                total=len(unique), desc="scanning images", unit="img", disable=not progress, leave=False,
+            )
+        )  # fmt: skip
+    by_path = {info.path: info for info in infos}
+    problems: dict[Problem, list[ImageInfo]] = defaultdict(list)
+    for info in infos:
+        if info.problem is not None:
+            problems[info.problem].append(info)
+    good = [info for info in infos if info.problem is None]
+    pairs = tuple(pair for pair in listing.pairs if by_path[pair.image].problem is None)
+    by_digest: dict[str, list[Path]] = defaultdict(list)
+    for info in good:
+        by_digest[info.digest].append(info.path)
+    histogram = {label: 0 for label, _ in SIZE_BUCKETS}
+    histogram.update(Counter(_bucket(info.min_side) for info in good))
+    return ScanReport(
+        root=listing.root,
+        layout=listing.layout,
+        source=listing.source,
+        min_side=config.min_side,
+        resolution=config.resolution,
+        images=listing.images,
+        captions=len(listing.pairs),
+        pairs=pairs,
+        missing_captions=listing.uncaptioned,
+        problems={problem: tuple(problems[problem]) for problem in Problem if problems[problem]},
+        missing_images=listing.orphans,
+        bad_rows=listing.bad_rows,
+        empty_captions=sum(1 for pair in pairs if not pair.caption),
+        modes=dict(sorted(Counter(info.mode for info in good if info.mode != "RGB").items())),
+        duplicates=tuple(tuple(group) for group in by_digest.values() if len(group) > 1),
+        size_histogram=histogram,
+        upscaled=sum(1 for info in good if info.min_side < config.resolution),
+        sizes={info.path: info.size for info in good},
+    )
+
+
+def report_dataset(
+    config: DataConfig, *, file: TextIO | None = None, workers: int | None = None, progress: bool = True
+) -> ScanReport:
+    """Scan, print the report to ``file`` (stdout), and return it; :class:`LdmError` if nothing is usable.
+
+    Training scripts call this at start, so the same report as ``python -m ldm.data check`` is in the log.
+    """
+    report = scan_dataset(config, workers=workers, progress=progress)
+    print(report.format(), file=file or sys.stdout, flush=True)
+    if not report.pairs:
+        raise LdmError(f"no usable image/caption pairs in {report.root}; fix the problems listed in the report above")
+    return report

@@ -1,0 +1,26 @@
+import os
+
+os.environ["HF_HUB_OFFLINE"] = "1"  # nothing in the test suite may reach a model hub
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
+
+import pytest  # noqa: E402
+
+from ldm.bundle import create_bundle, export_diffusers, save_bundle  # noqa: E402
+from ldm.presets import PRESETS  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def micro_bundle_dir(tmp_path_factory):
+    """A randomly initialised ``micro`` bundle on disk, shared by the session (treat as read-only)."""
+    folder = tmp_path_factory.mktemp("bundles") / "micro"
+    save_bundle(create_bundle(PRESETS["micro"], seed=0, name="micro"), folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def micro_diffusers_dir(micro_bundle_dir, tmp_path_factory):
+    from ldm.bundle import load_bundle
+
+    folder = tmp_path_factory.mktemp("exports") / "micro-diffusers"
+    export_diffusers(load_bundle(micro_bundle_dir), folder)
+    return folder

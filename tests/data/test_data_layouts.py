@@ -1,0 +1,111 @@
+"""Layout detection and caption reading for imagefolder, kohya and csv folders."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from ldm.data import DataConfig, Layout, detect_layout, list_dataset
+from ldm.errors import LdmError
+
+
+def test_detects_each_layout(planted):
+    root, layout = planted
+    assert detect_layout(root) is layout
+    assert list_dataset(DataConfig(path=str(root))).layout is layout
+
+
+def test_explicit_layout_is_used(planted):
+    root, layout = planted
+    listing = list_dataset(DataConfig(path=str(root), layout=layout))
+    assert listing.layout is layout
+    assert len(listing.pairs) == 13
+    captions = {p.image.relative_to(root).as_posix(): p.caption for p in listing.pairs}
+    assert captions["sub/good3.png"] == "a wide blue thing"  # whitespace collapsed, subfolder path kept
+    assert captions["empty.png"] == ""
+    assert [p.relative_to(root).as_posix() for p in listing.uncaptioned] == ["nocap.png"]
+
+
+def test_metadata_typo_names_what_was_found(tmp_path, make_dataset):
+    make_dataset(tmp_path, None)
+    (tmp_path / "metadata.json1").write_text('{"file_name": "good1.png", "text": "x"}\n')
+    with pytest.raises(LdmError) as err:
+        detect_layout(tmp_path)
+    message = str(err.value)
+    assert "\n" not in message
+    assert "cannot tell the layout" in message
+    assert "14 image(s)" in message
+    assert "metadata.json1 (did you mean metadata.jsonl?)" in message
+    assert "expected metadata.jsonl" in message and "metadata.csv" in message and "kohya" in message
+
+
+def test_folder_matching_no_layout(tmp_path, make_dataset):
+    make_dataset(tmp_path, None)
+    with pytest.raises(LdmError, match=r"found 14 image\(s\), no \.txt captions beside them; expected"):
+        list_dataset(DataConfig(path=str(tmp_path)))
+
+
+def test_explicit_layout_without_its_table(tmp_path, make_dataset):
+    make_dataset(tmp_path, None)
+    (tmp_path / "metadata.json1").write_text("")
+    with pytest.raises(LdmError, match=r"has no metadata.jsonl \(found metadata.json1 \(did you mean metadata.jsonl\?\)\)"):
+        list_dataset(DataConfig(path=str(tmp_path), layout=Layout.IMAGEFOLDER))
+
+
+def test_missing_folder(tmp_path):
+    with pytest.raises(LdmError, match="dataset folder .*nope not found; check the path"):
+        list_dataset(DataConfig(path=str(tmp_path / "nope")))
+
+
+def test_both_tables_is_ambiguous(tmp_path, make_dataset):
+    make_dataset(tmp_path, Layout.IMAGEFOLDER)
+    make_dataset(tmp_path, Layout.CSV)
+    with pytest.raises(LdmError, match="holds both metadata.jsonl and metadata.csv; pass --layout"):
+        detect_layout(tmp_path)
+    assert list_dataset(DataConfig(path=str(tmp_path), layout=Layout.CSV)).layout is Layout.CSV
+
+
+def test_split_folders_point_at_one_split(tmp_path, make_dataset):
+    for split in ("train", "test"):
+        make_dataset(tmp_path / split, Layout.IMAGEFOLDER)
+    with pytest.raises(LdmError, match=r"holds splits \(test/, train/\).*e\.g\. .*train$"):
+        detect_layout(tmp_path)
+
+
+def test_wrong_caption_column_is_named(tmp_path, make_dataset):
+    make_dataset(tmp_path, None)
+    (tmp_path / "metadata.jsonl").write_text(json.dumps({"file_name": "good1.png", "caption": "x"}) + "\n")
+    with pytest.raises(LdmError, match=r"no 'text' field \(found: file_name, caption\); rename it or pass --caption-column"):
+        list_dataset(DataConfig(path=str(tmp_path)))
+    listing = list_dataset(DataConfig(path=str(tmp_path), caption_column="caption"))
+    assert [p.caption for p in listing.pairs] == ["x"]
+
+
+def test_named_csv_and_columns(tmp_path, make_dataset):
+    make_dataset(tmp_path, None)
+    (tmp_path / "captions.csv").write_text("path,prompt\ngood1.png,a red square\n")
+    with pytest.raises(LdmError, match=r"captions.csv \(pass --metadata captions.csv"):
+        detect_layout(tmp_path)
+    with pytest.raises(LdmError, match=r"no 'image' column \(found: path, prompt\)"):
+        list_dataset(DataConfig(path=str(tmp_path), metadata="captions.csv"))
+    config = DataConfig(path=str(tmp_path), metadata="captions.csv", image_column="path", caption_column="prompt")
+    listing = list_dataset(config)
+    assert listing.layout is Layout.CSV
+    assert [(p.image.name, p.caption) for p in listing.pairs] == [("good1.png", "a red square")]
+    assert len(listing.uncaptioned) == 13
+
+
+def test_bad_jsonl_rows_are_counted_not_fatal(tmp_path, make_dataset):
+    make_dataset(tmp_path, None)
+    rows = ['{"file_name": "good1.png", "text": "ok"}', "{not json", '["a list"]', '{"text": "no file"}']
+    rows.append('{"file_name": "nocap.png", "text": null}')  # a null caption is a missing one
+    (tmp_path / "metadata.jsonl").write_text("\n".join(rows) + "\n")
+    listing = list_dataset(DataConfig(path=str(tmp_path)))
+    assert len(listing.pairs) == 1
+    assert len(listing.uncaptioned) == 13 and len(set(listing.uncaptioned)) == 13
+    assert listing.bad_rows == (
+        "metadata.jsonl line 2: not valid JSON",
+        "metadata.jsonl line 3: not a JSON object",
+        "metadata.jsonl line 4: no 'file_name'",
+    )

@@ -1,0 +1,101 @@
+import dataclasses
+
+import pytest
+
+from ldm.config import apply_overrides, dump_yaml, from_dict, load_yaml, to_dict
+from ldm.errors import ConfigError
+from ldm.presets import PRESETS, ModelConfig, get_preset
+from ldm.schedule import BetaSchedule, Prediction
+from pathlib import Path
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+
+@pytest.mark.parametrize("name", sorted(PRESETS))
+def test_round_trip_through_yaml(name, tmp_path):
+    preset = PRESETS[name]
+    path = tmp_path / "c.yaml"
+    path.write_text(dump_yaml(preset))
+    assert load_yaml(ModelConfig, path) == preset
+    assert from_dict(ModelConfig, to_dict(preset)) == preset
+
+
+@pytest.mark.parametrize("name", sorted(PRESETS))
+def test_configs_folder_matches_registry(name):
+    assert load_yaml(ModelConfig, CONFIGS / f"{name}.yaml") == PRESETS[name]
+
+
+def test_unknown_key_names_key_and_valid_keys():
+    data = to_dict(PRESETS["micro"])
+    data["unet"]["layers_per_blok"] = 3
+    with pytest.raises(ConfigError) as err:
+        from_dict(ModelConfig, data)
+    message = str(err.value)
+    assert "'unet.layers_per_blok'" in message
+    assert "did you mean 'layers_per_block'" in message
+    assert "cross_attention_dim" in message  # lists the valid keys
+
+
+def test_unknown_top_level_key():
+    data = to_dict(PRESETS["micro"]) | {"sampler": "ddim"}
+    with pytest.raises(ConfigError, match="unknown config key 'sampler'.*valid keys here: schedule, text_encoder, unet, vae"):
+        from_dict(ModelConfig, data)
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("unet.layers_per_block=two", "'unet.layers_per_block' must be an integer, got 'two'"),
+        ("unet.layers_per_block=1.5", "must be an integer"),
+        ("schedule.prediction=x0", "must be one of 'epsilon', 'v_prediction'"),
+        ("unet.use_linear_projection=1", "must be true or false"),
+        ("vae.block_out_channels=32", "must be a list"),
+        ("unet.nope=1", "unknown config key 'unet.nope'"),
+        ("nope.x=1", "unknown config key 'nope'"),
+        ("unet.layers_per_block", "must look like key.path=value"),
+    ],
+)
+def test_overrides_are_type_checked(override, message):
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(".", r"\.")):
+        apply_overrides(PRESETS["micro"], [override])
+
+
+def test_overrides_apply_and_convert():
+    cfg = apply_overrides(
+        PRESETS["micro"],
+        ["unet.layers_per_block=2", "schedule.beta_schedule=linear", "schedule.beta_end=0.02", "vae.block_out_channels=[4,4,8,8]"],
+    )
+    assert cfg.unet.layers_per_block == 2
+    assert cfg.schedule.beta_schedule is BetaSchedule.LINEAR
+    assert cfg.schedule.beta_end == 0.02
+    assert cfg.vae.block_out_channels == (4, 4, 8, 8)
+    assert cfg.schedule.prediction is Prediction.EPSILON
+
+
+def test_cross_part_consistency_is_checked():
+    with pytest.raises(ConfigError, match="cross_attention_dim .* must equal text_encoder.width"):
+        apply_overrides(PRESETS["micro"], ["text_encoder.width=64", "text_encoder.heads=2"])
+
+
+def test_invalid_values_are_config_errors():
+    with pytest.raises(ConfigError, match="needs 4 levels for downsampling factor 8"):
+        apply_overrides(PRESETS["micro"], ["vae.block_out_channels=[8,8,16]"])
+
+
+def test_malformed_yaml_and_missing_file(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("vae: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML at line"):
+        load_yaml(ModelConfig, bad)
+    with pytest.raises(ConfigError, match="not found"):
+        load_yaml(ModelConfig, tmp_path / "missing.yaml")
+
+
+def test_unknown_preset():
+    with pytest.raises(ConfigError, match="unknown preset 'sd-v3'; choose one of: micro, emoji-tiny, sd-v1, sd-v2"):
+        get_preset("sd-v3")
+
+
+def test_configs_are_frozen():
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        PRESETS["micro"].unet.layers_per_block = 5
