@@ -1,0 +1,120 @@
+import math
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from ldm.errors import LdmError
+from ldm.training import (
+    EpochBatches,
+    LRSchedule,
+    Progress,
+    TrainConfig,
+    TrainingState,
+    _flatten,
+    _unflatten,
+    image_grid,
+    list_checkpoints,
+    load_checkpoint,
+    make_accelerator,
+    make_lr_scheduler,
+    resolve_resume,
+    save_checkpoint,
+)
+
+
+def test_flatten_round_trip_keeps_types_and_values():
+    tensors = {}
+    obj = {
+        "a": torch.arange(3.0),
+        "b": (1, 2.5, "x", None, True),
+        5: [np.arange(4, dtype=np.uint32), {"nested": torch.ones(2, dtype=torch.bfloat16)}],
+    }
+    skeleton = _flatten(obj, "s", tensors)
+    import json
+
+    back = _unflatten(json.loads(json.dumps(skeleton)), tensors)
+    assert torch.equal(back["a"], obj["a"]) and back["b"] == obj["b"] and isinstance(back["b"], tuple)
+    assert np.array_equal(back[5][0], obj[5][0]) and back[5][0].dtype == np.uint32
+    assert back[5][1]["nested"].dtype == torch.bfloat16
+
+
+def test_epoch_batches_are_deterministic_and_disjoint_across_processes():
+    order = EpochBatches(10, 2, seed=3)
+    assert order.epoch(0) == EpochBatches(10, 2, seed=3).epoch(0)
+    assert order.epoch(0) != order.epoch(1)
+    assert order.epoch(0, start=2) == order.epoch(0)[2:]
+    shards = [EpochBatches(10, 2, seed=3, num_replicas=2, rank=r).epoch(0) for r in range(2)]
+    assert len(shards[0]) == len(shards[1]) == 2
+    seen = [i for shard in shards for batch in shard for i in batch]
+    assert len(seen) == len(set(seen)) == 8
+    with pytest.raises(LdmError, match="fewer than one batch"):
+        EpochBatches(3, 4, seed=0)
+
+
+def test_cosine_schedule_with_warmup():
+    cfg = TrainConfig(lr=1.0, warmup_steps=2, max_steps=12, lr_schedule=LRSchedule.COSINE)
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=cfg.lr)
+    sched = make_lr_scheduler(opt, cfg)
+    lrs = []
+    for _ in range(12):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert lrs[:3] == [0.5, 1.0, 1.0]
+    assert lrs[7] == pytest.approx(0.5 * (1 + math.cos(math.pi * 0.5)))
+    assert lrs[-1] < 0.05
+
+
+def test_checkpoint_restores_everything(tmp_path):
+    cfg = TrainConfig(output_dir=str(tmp_path), keep_checkpoints=2)
+    accelerator = make_accelerator(cfg)
+    model = torch.nn.Linear(3, 2)
+    opt = torch.optim.AdamW(model.parameters(), lr=0.1)
+    model(torch.randn(4, 3)).sum().backward()
+    opt.step()
+    state = TrainingState(models={"m": model}, optimizers={"o": opt}, progress=Progress(step=7, epoch=1, batch_in_epoch=3))
+    random.seed(1)
+    torch.manual_seed(1)
+    path = save_checkpoint(accelerator, state, tmp_path, config=cfg, keep=2)
+    expected_draw = (random.random(), torch.rand(1), np.random.rand())
+
+    fresh_model = torch.nn.Linear(3, 2)
+    fresh_opt = torch.optim.AdamW(fresh_model.parameters(), lr=0.1)
+    fresh = TrainingState(models={"m": fresh_model}, optimizers={"o": fresh_opt})
+    load_checkpoint(path, accelerator, fresh, config=cfg)
+    assert (random.random(), torch.rand(1), np.random.rand()) == expected_draw  # RNG streams continue
+    assert vars(fresh.progress) == {"step": 7, "epoch": 1, "batch_in_epoch": 3}
+    for a, b in zip(model.state_dict().values(), fresh_model.state_dict().values()):
+        assert torch.equal(a, b)
+    sa, sb = opt.state_dict(), fresh_opt.state_dict()
+    assert sa["param_groups"] == sb["param_groups"]
+    for k in sa["state"]:
+        for name in sa["state"][k]:
+            assert torch.equal(sa["state"][k][name], sb["state"][k][name])
+
+
+def test_checkpoints_are_pruned_and_resolved(tmp_path):
+    cfg = TrainConfig(output_dir=str(tmp_path))
+    accelerator = make_accelerator(cfg)
+    model = torch.nn.Linear(1, 1)
+    state = TrainingState(models={"m": model}, optimizers={"o": torch.optim.SGD(model.parameters(), lr=1)})
+    for step in (1, 2, 3):
+        state.progress.step = step
+        save_checkpoint(accelerator, state, tmp_path, config=cfg, keep=2)
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["step-00000002.safetensors", "step-00000003.safetensors"]
+    assert resolve_resume("latest", tmp_path).name == "step-00000003.safetensors"
+    assert resolve_resume("latest", tmp_path / "fresh") is None
+    assert resolve_resume(None, tmp_path) is None
+    with pytest.raises(LdmError, match="checkpoint .* not found; pass --resume latest"):
+        resolve_resume(str(tmp_path / "nope.safetensors"), tmp_path)
+    assert not list((tmp_path / "checkpoints").glob("*.tmp"))
+
+
+def test_image_grid_layout():
+    images = torch.stack([torch.full((3, 2, 2), v) for v in (0.1, 0.2, 0.3)])
+    grid = image_grid(images, columns=2)
+    assert grid.shape == (3, 4, 4)
+    assert grid[0, 0, 0] == pytest.approx(0.1) and grid[0, 0, 2] == pytest.approx(0.2)
+    assert grid[0, 2, 0] == pytest.approx(0.3) and grid[0, 2, 2] == 1.0  # empty cell stays white
