@@ -153,6 +153,8 @@ class EpochBatches:
 
 def _flatten(obj: Any, prefix: str, tensors: dict[str, torch.Tensor]) -> Any:
     """JSON skeleton of ``obj`` with every tensor moved into ``tensors`` under a flat key."""
+    if prefix in tensors:
+        raise ValueError(f"two checkpoint entries flatten to the key {prefix}")
     if isinstance(obj, torch.Tensor):
         tensors[prefix] = obj.detach().cpu().contiguous()
         return {"__tensor__": prefix}
@@ -160,7 +162,12 @@ def _flatten(obj: Any, prefix: str, tensors: dict[str, torch.Tensor]) -> Any:
         tensors[prefix] = torch.from_numpy(obj.copy())
         return {"__ndarray__": prefix}
     if isinstance(obj, dict):
-        return {"__dict__": [[_flatten(k, f"{prefix}.k{i}", tensors), _flatten(v, f"{prefix}.{i}", tensors)] for i, (k, v) in enumerate(obj.items())]}
+        return {
+            "__dict__": [
+                [_flatten(k, f"{prefix}.#k{i}", tensors), _flatten(v, f"{prefix}.{k if isinstance(k, str) else f'#{i}'}", tensors)]
+                for i, (k, v) in enumerate(obj.items())
+            ]
+        }
     if isinstance(obj, tuple):
         return {"__tuple__": [_flatten(v, f"{prefix}.{i}", tensors) for i, v in enumerate(obj)]}
     if isinstance(obj, list):
@@ -224,7 +231,7 @@ def save_checkpoint(accelerator: Accelerator, state: TrainingState, output_dir: 
         return None
     tensors: dict[str, torch.Tensor] = {}
     payload = {
-        "models": {k: accelerator.unwrap_model(m).state_dict() for k, m in state.models.items()},
+        "models": {k: _trainable_state(accelerator.unwrap_model(m)) for k, m in state.models.items()},
         "optimizers": {k: o.state_dict() for k, o in state.optimizers.items()},
         "schedulers": {k: s.state_dict() for k, s in state.schedulers.items()},
         "emas": {k: e.state_dict() for k, e in state.emas.items()},
@@ -277,7 +284,8 @@ def load_checkpoint(path: Path, accelerator: Accelerator, state: TrainingState, 
         raise LdmError(f"{path} was written for a different model config; resume with the config it was trained with")
     payload = _unflatten(json.loads(meta["ldm.checkpoint"]), tensors)
     for name, model in state.models.items():
-        accelerator.unwrap_model(model).load_state_dict(payload["models"][name])
+        model = accelerator.unwrap_model(model)
+        getattr(model, "load_trainable_state_dict", model.load_state_dict)(payload["models"][name])
     for name, optimizer in state.optimizers.items():
         optimizer.load_state_dict(payload["optimizers"][name])
     for name, scheduler in state.schedulers.items():
@@ -286,6 +294,11 @@ def load_checkpoint(path: Path, accelerator: Accelerator, state: TrainingState, 
         ema.load_state_dict(payload["emas"][name])
     set_rng_state(payload["rng"])
     state.progress = Progress(**payload["progress"])
+
+
+def _trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """What a checkpoint keeps of a module: a loss module's frozen, user-supplied backbone is left out."""
+    return getattr(model, "trainable_state_dict", model.state_dict)()
 
 
 def _model_part(config: dict) -> Any:
@@ -352,8 +365,14 @@ def batches(dataset, order: EpochBatches, epoch: int, *, start: int, num_workers
     """The epoch's micro-batches from ``start`` on; item randomness is seeded by (seed, epoch, index)."""
     if hasattr(dataset, "set_epoch"):
         dataset.set_epoch(epoch)
+    # The loader's own generator: creating an iterator must not draw from the global RNG, or a resumed run
+    # (which creates one more iterator than a straight run) would drift.
     loader = torch.utils.data.DataLoader(
-        dataset, batch_sampler=order.epoch(epoch, start=start), num_workers=num_workers, collate_fn=_collate
+        dataset,
+        batch_sampler=order.epoch(epoch, start=start),
+        num_workers=num_workers,
+        collate_fn=_collate,
+        generator=torch.Generator().manual_seed(order.seed * 1_000_003 + epoch),
     )
     yield from loader
 

@@ -63,7 +63,7 @@ def test_overrides_are_type_checked(override, message):
 def test_overrides_apply_and_convert():
     cfg = apply_overrides(
         PRESETS["micro"],
-        ["unet.layers_per_block=2", "schedule.beta_schedule=linear", "schedule.beta_end=0.02", "vae.block_out_channels=[4,4,8,8]"],
+        ["unet.layers_per_block=2", "schedule.beta_schedule=linear", "schedule.beta_end=2e-2", "vae.block_out_channels=[4,4,8,8]"],
     )
     assert cfg.unet.layers_per_block == 2
     assert cfg.schedule.beta_schedule is BetaSchedule.LINEAR

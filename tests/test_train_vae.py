@@ -1,0 +1,121 @@
+"""train_vae.py on the micro preset: it learns, resumes exactly, survives a messy folder, and writes a bundle."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from planted import build_dataset
+from safetensors import safe_open
+
+import train_vae
+from ldm.bundle import load_bundle
+from ldm.data import Layout
+from ldm.errors import run_cli
+
+
+@pytest.fixture(scope="module")
+def shapes_folder(tmp_path_factory):
+    """24 captioned 64×64 pictures of coloured discs and squares on white: easy to learn, not trivial."""
+    root = tmp_path_factory.mktemp("shapes")
+    rows = []
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[:64, :64]
+    for i in range(24):
+        image = np.full((64, 64, 3), 255, np.uint8)
+        cy, cx, r = rng.integers(20, 44), rng.integers(20, 44), rng.integers(8, 18)
+        mask = (yy - cy) ** 2 + (xx - cx) ** 2 < r**2 if i % 2 else (abs(yy - cy) < r) & (abs(xx - cx) < r)
+        image[mask] = rng.integers(0, 256, 3)
+        Image.fromarray(image).save(root / f"{i:02d}.png")
+        rows.append(json.dumps({"file_name": f"{i:02d}.png", "text": "disc" if i % 2 else "square"}))
+    (root / "metadata.jsonl").write_text("\n".join(rows) + "\n")
+    return root
+
+
+def args(data, out, *extra):
+    return ["--preset", "micro", "--data", str(data), "--out", str(out), "--set", "train.batch_size=4",
+            "--set", "train.log_every=1", *extra]  # fmt: skip
+
+
+def checkpoint_tensors(path):
+    with safe_open(str(path), "pt") as f:
+        return {k: f.get_tensor(k) for k in f.keys()}
+
+
+@pytest.mark.slow
+def test_reconstruction_loss_goes_down(shapes_folder, tmp_path):
+    from ldm.vae import evaluate_batches
+    from train_vae import eval_batches
+
+    out = tmp_path / "run"
+    before = evaluate_batches(load_bundle_vae_of_preset(), eval_batches(str(shapes_folder), 64, 8))
+    assert run_cli(train_vae.main, args(shapes_folder, out, "--max-steps", "40", "--set", "train.lr=2e-3",
+                                        "--eval-data", str(shapes_folder))) == 0  # fmt: skip
+    after = json.loads((out / "eval.json").read_text())
+    assert after["psnr"] > before["psnr"] + 3  # dB
+    bundle = load_bundle(out / "bundle")
+    assert bundle.config.vae.scaling_factor != 1.0  # measured, and stored in the config
+    assert bundle.vae.config.scaling_factor == pytest.approx(bundle.config.vae.scaling_factor)
+    assert list((out / "samples").glob("reconstructions-*.png"))
+    assert list((out / "logs").rglob("events.out.tfevents.*"))
+
+
+def load_bundle_vae_of_preset():
+    from ldm.bundle import create_bundle
+    from ldm.presets import PRESETS
+
+    return create_bundle(PRESETS["micro"], seed=0).vae.eval()
+
+
+@pytest.mark.parametrize("accumulation", [1, 2])
+def test_resume_is_exact(shapes_folder, tmp_path, accumulation):
+    common = ["--set", f"train.gradient_accumulation={accumulation}", "--set", "train.ema_decay=0.9",
+              "--set", "loss.disc_start=3", "--set", "train.checkpoint_every=100"]  # fmt: skip
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    assert run_cli(train_vae.main, args(shapes_folder, straight, "--max-steps", "6", *common)) == 0
+    assert run_cli(train_vae.main, args(shapes_folder, split, "--max-steps", "3", *common)) == 0
+    assert run_cli(train_vae.main, args(shapes_folder, split, "--max-steps", "6", "--resume", "latest", *common)) == 0
+    a = checkpoint_tensors(straight / "checkpoints" / "step-00000006.safetensors")
+    b = checkpoint_tensors(split / "checkpoints" / "step-00000006.safetensors")
+    assert a.keys() == b.keys()
+    assert any(k.startswith("s.optimizers.vae.state.") for k in a)  # optimizer state is in there
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+def test_trains_on_a_folder_with_planted_problems(tmp_path, capsys):
+    data = build_dataset(tmp_path / "messy", Layout.KOHYA)
+    assert run_cli(train_vae.main, args(data, tmp_path / "run", "--max-steps", "2")) == 0
+    out = capsys.readouterr().out
+    assert "usable" in out.lower()  # the data report is printed before training
+    assert (tmp_path / "run" / "bundle" / "manifest.json").is_file()
+
+
+def test_fine_tune_decoder_only_keeps_the_encoder(shapes_folder, tmp_path, micro_bundle_dir):
+    out = tmp_path / "ft"
+    argv = ["--init-from", str(micro_bundle_dir), "--decoder-only", "--data", str(shapes_folder), "--out", str(out),
+            "--max-steps", "2", "--set", "train.batch_size=4", "--set", "train.lr=1e-2"]  # fmt: skip
+    assert run_cli(train_vae.main, argv) == 0
+    before, after = load_bundle(micro_bundle_dir), load_bundle(out / "bundle")
+    enc_a, enc_b = before.vae.encoder.state_dict(), after.vae.encoder.state_dict()
+    assert all(torch.equal(enc_a[k], enc_b[k]) for k in enc_a)
+    dec_a, dec_b = before.vae.decoder.state_dict(), after.vae.decoder.state_dict()
+    assert any(not torch.equal(dec_a[k], dec_b[k]) for k in dec_a)
+    unet_a, unet_b = before.unet.state_dict(), after.unet.state_dict()
+    assert all(torch.equal(unet_a[k], unet_b[k]) for k in unet_a)  # other parts are carried over
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--preset", "micro", "--out", "x"], "no training data; pass --data FOLDER"),
+        (["--data", "d", "--out", "x"], "pass --preset NAME to train from scratch or --init-from BUNDLE"),
+        (["--preset", "micro", "--data", "d", "--decoder-only"], "--decoder-only needs --init-from BUNDLE"),
+        (["--preset", "micro", "--data", "d", "--set", "train.lr=fast"], "'train.lr' must be a number"),
+    ],
+)
+def test_bad_arguments(argv, message, capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert run_cli(train_vae.main, argv) == 2
+    assert message in capsys.readouterr().err
