@@ -36,7 +36,7 @@ DEFAULTS = dict(negative_prompt="", steps=20, guidance_scale=7.5, sampler="dpmpp
 
 @dataclass(frozen=True)
 class Job:
-    """One image: its prompt and seed, and its place in the batch that makes it."""
+    """One image to make: its prompts and its seed."""
 
     prompt: str
     negative_prompt: str
@@ -140,6 +140,7 @@ def main(argv=None) -> int:
             f"no default model at {DEFAULT_MODEL}; pass --model PATH, or make one with `python -m ldm.bundle create micro models/micro`"
         )
     steps, guidance = pick("steps"), pick("guidance_scale")
+    # Fail fast on what the flags alone decide, before the (slow) bundle load; sizes are checked again below.
     check_settings(steps=steps, width=args.width or 8, height=args.height or 8, guidance_scale=guidance)
     bundle = load_bundle(model_path)
     width, height = pick("width") or bundle.config.default_size, pick("height") or bundle.config.default_size

@@ -50,7 +50,8 @@ from ldm.vae import evaluate_batches
 class VAERunConfig:
     model: ModelConfig
     data: DataConfig
-    train: TrainConfig = TrainConfig(output_dir="runs/vae", batch_size=16, lr=4.5e-6 * 16, max_steps=2000)
+    # The loss is summed over pixels (so kl_weight keeps its LDM meaning): no gradient-norm clipping by default.
+    train: TrainConfig = TrainConfig(output_dir="runs/vae", batch_size=16, lr=4.5e-6 * 16, max_steps=2000, grad_clip=0.0)
     loss: VAELossConfig = VAELossConfig()
     init_from: str = ""  # a bundle whose VAE is fine-tuned (and whose other parts are kept)
     decoder_only: bool = False  # fine-tune the decoder only: existing latents keep their meaning
