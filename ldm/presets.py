@@ -50,9 +50,10 @@ PRESETS: dict[str, ModelConfig] = {
             norm_num_groups=8,
         ),
     ),
-    # Trainable from scratch on 2 CPU cores: 64×64 pixels, 8×8×4 latents.
+    # Trainable from scratch on 2 CPU cores: 64×64 pixels, 8×8×4 latents. The VAE normalises groups of 4+ channels:
+    # with 32 groups, its 32-channel level became a per-channel (instance) norm and learned colour markedly slower.
     "emoji-tiny": ModelConfig(
-        vae=AutoencoderConfig(block_out_channels=(32, 64, 128, 128), layers_per_block=1, sample_size=64),
+        vae=AutoencoderConfig(block_out_channels=(32, 64, 128, 128), layers_per_block=1, norm_num_groups=8, sample_size=64),
         text_encoder=TextEncoderConfig(width=256, layers=4, heads=4, mlp_width=1024),
         unet=UNetConfig(
             sample_size=8,
