@@ -64,6 +64,8 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--grid", action="store_true", help="also write all images as one grid PNG")
     p.add_argument("--from-png", type=Path, metavar="FILE",
                    help="take prompt and settings from a PNG's parameters; flags given here override them")
+    p.add_argument("--lora", type=Path, metavar="FILE", help="LoRA file (train_unet.py --lora-rank) merged into the model")
+    p.add_argument("--lora-scale", type=float, default=None, help="strength of --lora (default 1; 0 = the base model)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p
 
@@ -78,6 +80,7 @@ def settings_from_png(path: Path) -> dict:
             sampler=get_sampler(s["Sampler"]).name, seed=int(s["Seed"]), width=width, height=height,
             batch_size=int(s.get("Batch size", 1)), batch_pos=int(s.get("Batch pos", 0)),
             dtype=s.get("Dtype", "fp32"), model_hash=s.get("Model hash"),
+            lora=s.get("Lora"), lora_scale=float(s.get("Lora scale", 1.0)),
         )  # fmt: skip
     except (KeyError, ValueError) as exc:
         raise LdmError(f"{path}: the parameters chunk lacks or garbles {exc}; it cannot be regenerated") from None
@@ -143,6 +146,13 @@ def main(argv=None) -> int:
     # Fail fast on what the flags alone decide, before the (slow) bundle load; sizes are checked again below.
     check_settings(steps=steps, width=args.width or 8, height=args.height or 8, guidance_scale=guidance)
     bundle = load_bundle(model_path)
+    lora_scale = pick("lora_scale") if pick("lora_scale") is not None else 1.0
+    if args.lora:
+        from ldm.lora import apply_lora
+
+        apply_lora(bundle, args.lora, scale=lora_scale)
+    elif recorded.get("lora"):
+        print(f"warning: {args.from_png} was made with LoRA {recorded['lora']}; pass --lora FILE to reproduce it", file=sys.stderr)
     width, height = pick("width") or bundle.config.default_size, pick("height") or bundle.config.default_size
     check_settings(steps=steps, width=width, height=height, guidance_scale=guidance)
     device = resolve_device(args.device)
@@ -185,6 +195,8 @@ def main(argv=None) -> int:
             }  # fmt: skip
             if len(batch) > 1:
                 settings |= {"Batch size": len(batch), "Batch pos": pos}
+            if args.lora:
+                settings |= {"Lora": args.lora.name, "Lora scale": lora_scale}
             settings |= {"Dtype": dtype_name, "Version": f"ldm {ldm.__version__}"}
             path = args.out / f"{index:05d}-{job.seed}.png"
             image = Image.fromarray(array)

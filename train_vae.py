@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import json
 import sys
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -24,7 +24,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ldm.bundle import Bundle, create_bundle, load_bundle, save_bundle
-from ldm.config import apply_overrides, dump_yaml, from_dict, load_yaml, to_dict
+from ldm.config import apply_overrides, dump_yaml, load_yaml
 from ldm.data import CaptionedImageDataset, DataConfig, report_dataset
 from ldm.errors import ArgumentParser, LdmError, run_cli
 from ldm.losses import VAELoss, VAELossConfig, perceptual_unavailable_message

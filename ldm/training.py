@@ -387,14 +387,18 @@ def train_loop(
     config: Any,
     sample_fn: Callable[[int], None] | None = None,
     ema_models: Sequence[tuple[EMAModel, nn.Module]] = (),
+    batch_order=None,
 ) -> Progress:
     """Run until ``cfg.max_steps`` optimizer steps or ``cfg.max_minutes``; checkpoint on the way and at the end.
 
     ``step_fn(batch, step)`` runs one micro-batch and returns float losses for logging. An optimizer step has
-    happened when ``accelerator.sync_gradients`` is true afterwards.
+    happened when ``accelerator.sync_gradients`` is true afterwards. ``batch_order`` replaces the default
+    :class:`EpochBatches` (e.g. aspect-ratio buckets); it needs ``.seed``, ``len()`` and ``.epoch(epoch, start=)``.
     """
     output_dir = Path(cfg.output_dir)
-    order = EpochBatches(len(dataset), cfg.batch_size, seed=cfg.seed, num_replicas=accelerator.num_processes, rank=accelerator.process_index)
+    order = batch_order or EpochBatches(
+        len(dataset), cfg.batch_size, seed=cfg.seed, num_replicas=accelerator.num_processes, rank=accelerator.process_index
+    )
     progress = state.progress
     started = time.monotonic()
     bar = tqdm(total=cfg.max_steps, initial=progress.step, desc="training", disable=not accelerator.is_main_process)
