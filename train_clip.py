@@ -41,7 +41,7 @@ from ldm.clip_model import (
     save_clip,
     text_encoder_from_clip,
 )
-from ldm.config import apply_overrides, dump_yaml, load_yaml
+from ldm.config import apply_overrides, load_yaml
 from ldm.data import CaptionedImageDataset, DataConfig, report_dataset
 from ldm.errors import ArgumentParser, LdmError, run_cli
 from ldm.io import write_json
@@ -52,12 +52,14 @@ from ldm.training import (
     Progress,
     TrainConfig,
     TrainingState,
-    load_checkpoint,
     make_accelerator,
     make_ema,
     make_lr_scheduler,
     make_optimizer,
+    add_run_arguments,
+    begin_run,
     resolve_resume,
+    saved_run_config,
     train_loop,
 )
 
@@ -90,18 +92,10 @@ class CLIPRunConfig:
 
 def build_parser() -> ArgumentParser:
     p = ArgumentParser(prog="train_clip.py", description=__doc__.split("\n\n")[0])
-    p.add_argument("--config", type=Path, help="run config YAML (model, data, train, ...)")
     p.add_argument("--bundle", help="bundle whose text encoder to train (its VAE and UNet are carried over)")
     p.add_argument("--preset", help="take the text config from a preset when there is no bundle yet")
-    p.add_argument("--data", help="training image folder (any layout ldm.data reads)")
-    p.add_argument("--eval-data", help="held-out image folder for retrieval accuracy")
-    p.add_argument("--resolution", type=int, help="image side in pixels (default: the model's training size)")
-    p.add_argument("--out", help="output folder: checkpoints/, logs/, bundle/, clip.safetensors, eval.json")
-    p.add_argument("--max-steps", type=int)
-    p.add_argument("--max-minutes", type=float)
-    p.add_argument("--resume", help="'latest' or a checkpoint file")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="typed config override, e.g. --set model.vision.width=192 (repeatable)")  # fmt: skip
+    add_run_arguments(p, eval_help="held-out image folder for retrieval accuracy",
+                      out_help="output folder: checkpoints/, logs/, bundle/, clip.safetensors, eval.json")  # fmt: skip
     return p
 
 
@@ -116,10 +110,10 @@ def _bundle_config(path: str) -> ModelConfig:
 
 def resolve_config(args) -> CLIPRunConfig:
     """Config file, else flags; a resumed run reads the config its checkpoints were written with."""
-    saved = Path(args.out) / "config.yaml" if args.out else None
+    saved = saved_run_config(args)
     if args.config:
         cfg = load_yaml(CLIPRunConfig, args.config)
-    elif args.resume and saved and saved.is_file():
+    elif saved:
         cfg = load_yaml(CLIPRunConfig, saved)
     else:
         if not args.data:
@@ -212,6 +206,7 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     cfg = resolve_config(args)
     out = Path(cfg.train.output_dir)
+    resume = resolve_resume(args.resume, out)
     accelerator = make_accelerator(cfg.train, log_dir=out / "logs")
     say = print if accelerator.is_main_process else (lambda *a, **k: None)
 
@@ -258,14 +253,7 @@ def main(argv=None) -> int:
         emas={"clip": ema} if ema else {},
         progress=Progress(),
     )
-    resume = resolve_resume(args.resume, out)
-    if resume is not None:
-        load_checkpoint(resume, accelerator, state, config=cfg)
-        say(f"resumed from {resume} at step {state.progress.step}")
-    if accelerator.is_main_process:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "config.yaml").write_text(dump_yaml(cfg))
-        accelerator.init_trackers("train_clip")
+    begin_run(accelerator, state, config=cfg, resume=resume, output_dir=out, name="train_clip")
 
     max_log_scale = math.log(cfg.max_logit_scale)
     if eval_set is not None:

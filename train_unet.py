@@ -39,7 +39,7 @@ from ldm.cache import (
     load_or_build_cache,
     make_buckets,
 )
-from ldm.config import apply_overrides, dump_yaml, load_yaml
+from ldm.config import apply_overrides, load_yaml
 from ldm.data import DataConfig, ScanReport, report_dataset
 from ldm.diffusion import (
     add_noise,
@@ -63,13 +63,15 @@ from ldm.training import (
     TrainConfig,
     TrainingState,
     image_grid,
-    load_checkpoint,
     log_grid,
     make_accelerator,
     make_ema,
     make_lr_scheduler,
     make_optimizer,
+    add_run_arguments,
+    begin_run,
     resolve_resume,
+    saved_run_config,
     train_loop,
 )
 
@@ -180,16 +182,10 @@ class RunResult:
 
 def build_parser() -> ArgumentParser:
     p = ArgumentParser(prog="train_unet.py", description=__doc__.split("\n\n")[0])
-    p.add_argument("--config", type=Path, help="run config YAML (model, data, bundle, train, loss, ...)")
     p.add_argument("--bundle", help="bundle whose UNet to train (from train_vae.py / train_clip.py)")
     p.add_argument("--init-from", help="the same as --bundle: fine-tune this bundle's UNet")
-    p.add_argument("--data", help="training image folder (any layout ldm.data reads)")
-    p.add_argument("--eval-data", help="held-out image folder: loss per timestep range at each validation")
-    p.add_argument("--resolution", type=int, help="training side in pixels (default: the bundle's)")
-    p.add_argument("--out", help="output folder: checkpoints/, samples/, logs/, cache/, bundle/")
-    p.add_argument("--max-steps", type=int)
-    p.add_argument("--max-minutes", type=float)
-    p.add_argument("--resume", help="'latest' or a checkpoint file")
+    add_run_arguments(p, eval_help="held-out image folder: loss per timestep range at each validation",
+                      out_help="output folder: checkpoints/, samples/, logs/, cache/, bundle/")  # fmt: skip
     p.add_argument(
         "--prediction", choices=[p.value for p in Prediction], help="train for ε or v (default: the bundle's)"
     )
@@ -206,26 +202,18 @@ def build_parser() -> ArgumentParser:
         metavar="PROMPT",
         help="prompt of the sample grids (repeatable; default: captions from the data)",
     )
-    p.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="typed config override, e.g. --set loss.min_snr_gamma=0 (repeatable)",
-    )
     return p
 
 
 def resolve_config(args) -> UNetRunConfig:
     """Config file, else flags; a resumed run reads the config its checkpoints were written with."""
-    saved = Path(args.out) / "config.yaml" if args.out else None
+    saved = saved_run_config(args)
     if args.bundle and args.init_from and args.bundle != args.init_from:
         raise LdmError("--bundle and --init-from name the same thing; pass one of them")
     bundle = args.bundle or args.init_from
     if args.config:
         cfg = load_yaml(UNetRunConfig, args.config)
-    elif args.resume and saved and saved.is_file():
+    elif saved:
         cfg = load_yaml(UNetRunConfig, saved)
     else:
         if not args.data:
@@ -451,13 +439,7 @@ def run(cfg: UNetRunConfig, *, resume: str | None = None) -> RunResult:
         models={"unet": denoiser}, optimizers={"unet": optimizer}, schedulers={"unet": lr_scheduler},
         emas={"unet": ema} if ema else {}, progress=Progress(),
     )  # fmt: skip
-    if resume_path is not None:
-        load_checkpoint(resume_path, accelerator, state, config=cfg)
-        print(f"resumed from {resume_path} at step {state.progress.step}")
-    if main_process:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "config.yaml").write_text(dump_yaml(cfg))
-        accelerator.init_trackers("train_unet")
+    begin_run(accelerator, state, config=cfg, resume=resume_path, output_dir=out, name="train_unet")
 
     ac = alphas_cumprod(schedule)  # (T,)
     scaling = base.config.vae.scaling_factor

@@ -24,7 +24,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ldm.bundle import Bundle, create_bundle, load_bundle, save_bundle
-from ldm.config import apply_overrides, dump_yaml, load_yaml
+from ldm.config import apply_overrides, load_yaml
 from ldm.data import CaptionedImageDataset, DataConfig, report_dataset
 from ldm.errors import ArgumentParser, LdmError, run_cli
 from ldm.losses import VAELoss, VAELossConfig, perceptual_unavailable_message
@@ -34,13 +34,15 @@ from ldm.training import (
     TrainConfig,
     TrainingState,
     image_grid,
-    load_checkpoint,
     log_grid,
     make_accelerator,
     make_ema,
     make_lr_scheduler,
     make_optimizer,
+    add_run_arguments,
+    begin_run,
     resolve_resume,
+    saved_run_config,
     train_loop,
 )
 from ldm.vae import evaluate_batches
@@ -75,28 +77,20 @@ class Reconstruct(nn.Module):
 
 def build_parser() -> ArgumentParser:
     p = ArgumentParser(prog="train_vae.py", description=__doc__.split("\n\n")[0])
-    p.add_argument("--config", type=Path, help="run config YAML (model, data, train, loss, ...)")
     p.add_argument("--preset", choices=sorted(PRESETS), help="model preset to train from scratch")
     p.add_argument("--init-from", help="bundle whose VAE to fine-tune")
     p.add_argument("--decoder-only", action="store_true", help="with --init-from: train the decoder only")
-    p.add_argument("--data", help="training image folder (any layout ldm.data reads)")
-    p.add_argument("--eval-data", help="held-out image folder for PSNR/SSIM at the end")
-    p.add_argument("--resolution", type=int, help="training side in pixels (default: the preset's)")
-    p.add_argument("--out", help="output folder: checkpoints/, samples/, logs/, bundle/")
-    p.add_argument("--max-steps", type=int)
-    p.add_argument("--max-minutes", type=float)
-    p.add_argument("--resume", help="'latest' or a checkpoint file")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="typed config override, e.g. --set train.lr=1e-4 (repeatable)")
+    add_run_arguments(p, eval_help="held-out image folder for PSNR/SSIM at the end",
+                      out_help="output folder: checkpoints/, samples/, logs/, bundle/")  # fmt: skip
     return p
 
 
 def resolve_config(args) -> VAERunConfig:
     """Config file, else flags; a resumed run reads the config its checkpoints were written with."""
-    saved = Path(args.out) / "config.yaml" if args.out else None
+    saved = saved_run_config(args)
     if args.config:
         cfg = load_yaml(VAERunConfig, args.config)
-    elif args.resume and saved and saved.is_file():
+    elif saved:
         cfg = load_yaml(VAERunConfig, saved)
     else:
         if not args.data:
@@ -148,6 +142,7 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     cfg = resolve_config(args)
     out = Path(cfg.train.output_dir)
+    resume = resolve_resume(args.resume, out)
     accelerator = make_accelerator(cfg.train, log_dir=out / "logs")
     torch.manual_seed(cfg.train.seed)
 
@@ -176,14 +171,7 @@ def main(argv=None) -> int:
         emas={"vae": ema} if ema else {},
         progress=Progress(),
     )
-    resume = resolve_resume(args.resume, out)
-    if resume is not None:
-        load_checkpoint(resume, accelerator, state, config=cfg)
-        print(f"resumed from {resume} at step {state.progress.step}")
-    if accelerator.is_main_process:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "config.yaml").write_text(dump_yaml(cfg))
-        accelerator.init_trackers("train_vae")
+    begin_run(accelerator, state, config=cfg, resume=resume, output_dir=out, name="train_vae")
 
     unwrapped_loss = accelerator.unwrap_model(loss_fn)
     last_layer = vae.decoder.conv_out.weight

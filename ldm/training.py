@@ -130,7 +130,7 @@ class EpochBatches:
         if size < batch_size * num_replicas:
             raise LdmError(
                 f"the dataset has {size} usable items, fewer than one batch ({batch_size} × {num_replicas} processes); "
-                "lower --train.batch_size or add data"
+                "lower --set train.batch_size=N or add data"
             )
         self.size, self.batch_size, self.seed = size, batch_size, seed
         self.num_replicas, self.rank = num_replicas, rank
@@ -304,6 +304,46 @@ def _trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
 def _model_part(config: dict) -> Any:
     """The part of a run config that must match to resume (the model's shape), ignoring run-length settings."""
     return config.get("model") if isinstance(config, dict) else config
+
+
+# --- run set-up shared by the training scripts -------------------------------------------------------------------
+
+
+def add_run_arguments(parser, *, eval_help: str, out_help: str) -> None:
+    """The flags every training script takes; the script adds its own."""
+    parser.add_argument("--config", type=Path, help="run config YAML (see OUT/config.yaml of an earlier run)")
+    parser.add_argument("--data", help="training image folder (any layout ldm.data reads)")
+    parser.add_argument("--eval-data", help=eval_help)
+    parser.add_argument("--resolution", type=int, help="training side in pixels (default: the model's)")
+    parser.add_argument("--out", help=out_help)
+    parser.add_argument("--max-steps", type=int)
+    parser.add_argument("--max-minutes", type=float)
+    parser.add_argument("--resume", help="'latest' or a checkpoint file")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="typed config override, e.g. --set train.lr=1e-4 (repeatable)")  # fmt: skip
+
+
+def saved_run_config(args) -> Path | None:
+    """``OUT/config.yaml`` when resuming a run that wrote one: a resumed run keeps the config it started with."""
+    saved = Path(args.out) / "config.yaml" if args.out else None
+    return saved if args.resume and saved is not None and saved.is_file() else None
+
+
+def begin_run(accelerator: Accelerator, state: TrainingState, *, config: Any, resume: Path | None, output_dir: Path,
+              name: str) -> None:  # fmt: skip
+    """Restore ``state`` from the checkpoint ``resume`` (from :func:`resolve_resume`, called early so that a wrong
+    path fails before any work), write ``OUT/config.yaml`` and start TensorBoard logging."""
+    path = resume
+    if path is not None:
+        load_checkpoint(path, accelerator, state, config=config)
+        if accelerator.is_main_process:
+            print(f"resumed from {path} at step {state.progress.step}")
+    if accelerator.is_main_process:
+        from ldm.config import dump_yaml
+        from ldm.io import write_text
+
+        write_text(output_dir / "config.yaml", dump_yaml(config))
+        accelerator.init_trackers(name)
 
 
 # --- logging and samples ------------------------------------------------------------------------------------------
