@@ -192,11 +192,11 @@ def main(argv=None) -> int:
             opt_g.zero_grad(set_to_none=True)
             # Discriminator update on the detached reconstruction, from loss.disc_start on.
             d_loss, d_logs = unwrapped_loss.discriminator_loss(x, x_hat.detach(), step=step)
-            if unwrapped_loss.adversarial_active(step):
+            if unwrapped_loss.adversarial_active(step):  # the discriminator's LR schedule counts its own steps
                 accelerator.backward(d_loss)
                 opt_d.step()
+                sched_d.step()
                 opt_d.zero_grad(set_to_none=True)
-            sched_d.step()
         return {k: float(v) for k, v in (logs | d_logs).items()}
 
     @torch.no_grad()
