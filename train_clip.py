@@ -41,7 +41,7 @@ from ldm.clip_model import (
     save_clip,
     text_encoder_from_clip,
 )
-from ldm.config import apply_overrides, load_yaml
+from ldm.config import apply_overrides
 from ldm.data import CaptionedImageDataset, DataConfig, report_dataset
 from ldm.errors import ArgumentParser, LdmError, run_cli
 from ldm.io import write_json
@@ -59,7 +59,7 @@ from ldm.training import (
     add_run_arguments,
     begin_run,
     resolve_resume,
-    saved_run_config,
+    load_run_config,
     train_loop,
 )
 
@@ -110,12 +110,8 @@ def _bundle_config(path: str) -> ModelConfig:
 
 def resolve_config(args) -> CLIPRunConfig:
     """Config file, else flags; a resumed run reads the config its checkpoints were written with."""
-    saved = saved_run_config(args)
-    if args.config:
-        cfg = load_yaml(CLIPRunConfig, args.config)
-    elif saved:
-        cfg = load_yaml(CLIPRunConfig, saved)
-    else:
+    cfg = load_run_config(CLIPRunConfig, args)
+    if cfg is None:
         if not args.data:
             raise LdmError("no training data; pass --data FOLDER (see `python -m ldm.data check FOLDER`)")
         if args.bundle and args.preset:

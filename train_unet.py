@@ -39,7 +39,7 @@ from ldm.cache import (
     load_or_build_cache,
     make_buckets,
 )
-from ldm.config import apply_overrides, load_yaml
+from ldm.config import apply_overrides
 from ldm.data import DataConfig, ScanReport, report_dataset
 from ldm.diffusion import (
     add_noise,
@@ -71,7 +71,7 @@ from ldm.training import (
     add_run_arguments,
     begin_run,
     resolve_resume,
-    saved_run_config,
+    load_run_config,
     train_loop,
 )
 
@@ -207,15 +207,11 @@ def build_parser() -> ArgumentParser:
 
 def resolve_config(args) -> UNetRunConfig:
     """Config file, else flags; a resumed run reads the config its checkpoints were written with."""
-    saved = saved_run_config(args)
     if args.bundle and args.init_from and args.bundle != args.init_from:
         raise LdmError("--bundle and --init-from name the same thing; pass one of them")
     bundle = args.bundle or args.init_from
-    if args.config:
-        cfg = load_yaml(UNetRunConfig, args.config)
-    elif saved:
-        cfg = load_yaml(UNetRunConfig, saved)
-    else:
+    cfg = load_run_config(UNetRunConfig, args)
+    if cfg is None:
         if not args.data:
             raise LdmError("no training data; pass --data FOLDER (see `python -m ldm.data check FOLDER`)")
         if not bundle:

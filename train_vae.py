@@ -24,7 +24,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ldm.bundle import Bundle, create_bundle, load_bundle, save_bundle
-from ldm.config import apply_overrides, load_yaml
+from ldm.config import apply_overrides
 from ldm.data import CaptionedImageDataset, DataConfig, report_dataset
 from ldm.errors import ArgumentParser, LdmError, run_cli
 from ldm.losses import VAELoss, VAELossConfig, perceptual_unavailable_message
@@ -42,7 +42,7 @@ from ldm.training import (
     add_run_arguments,
     begin_run,
     resolve_resume,
-    saved_run_config,
+    load_run_config,
     train_loop,
 )
 from ldm.vae import evaluate_batches
@@ -87,12 +87,8 @@ def build_parser() -> ArgumentParser:
 
 def resolve_config(args) -> VAERunConfig:
     """Config file, else flags; a resumed run reads the config its checkpoints were written with."""
-    saved = saved_run_config(args)
-    if args.config:
-        cfg = load_yaml(VAERunConfig, args.config)
-    elif saved:
-        cfg = load_yaml(VAERunConfig, saved)
-    else:
+    cfg = load_run_config(VAERunConfig, args)
+    if cfg is None:
         if not args.data:
             raise LdmError("no training data; pass --data FOLDER (see `python -m ldm.data check FOLDER`)")
         if args.init_from:

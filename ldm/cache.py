@@ -35,7 +35,7 @@ from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
 from ldm.data.config import DataConfig
-from ldm.data.dataset import item_seed
+from ldm.data.dataset import item_seed, read_scanned_image
 from ldm.data.images import open_rgb
 from ldm.data.scan import ScanReport
 from ldm.diffusion import drop_captions
@@ -243,12 +243,7 @@ class UNetItems(Dataset):
         if self.cache is not None:
             mean, logvar = self.cache.latent(index, flipped=plan.flip)
             return {"mean": mean, "logvar": logvar, "caption": caption, "index": index}
-        try:
-            image = open_rgb(pair.image)
-        except (OSError, SyntaxError, ValueError) as exc:
-            raise LdmError(
-                f"{pair.image} became unreadable after the scan ({exc}); re-run `python -m ldm.data check`"
-            ) from None
+        image = read_scanned_image(pair.image)
         return {"pixel_values": crop_tensor(image, plan), "caption": caption, "index": index}
 
 

@@ -323,10 +323,17 @@ def add_run_arguments(parser, *, eval_help: str, out_help: str) -> None:
                         help="typed config override, e.g. --set train.lr=1e-4 (repeatable)")  # fmt: skip
 
 
-def saved_run_config(args) -> Path | None:
-    """``OUT/config.yaml`` when resuming a run that wrote one: a resumed run keeps the config it started with."""
+def load_run_config(cls, args):
+    """The run config from ``--config FILE``, or when resuming, the ``OUT/config.yaml`` the run started with;
+    None when the script should build it from its flags."""
+    from ldm.config import load_yaml
+
+    if args.config:
+        return load_yaml(cls, args.config)
     saved = Path(args.out) / "config.yaml" if args.out else None
-    return saved if args.resume and saved is not None and saved.is_file() else None
+    if args.resume and saved is not None and saved.is_file():
+        return load_yaml(cls, saved)
+    return None
 
 
 def begin_run(accelerator: Accelerator, state: TrainingState, *, config: Any, resume: Path | None, output_dir: Path,

@@ -22,6 +22,14 @@ from ldm.data.scan import ScanReport, scan_dataset
 from ldm.errors import LdmError
 
 
+def read_scanned_image(path: Path) -> Image.Image:
+    """An image the scan found usable, as RGB; one that has broken since is a clear error, not a traceback."""
+    try:
+        return open_rgb(path)
+    except (OSError, SyntaxError, ValueError) as exc:
+        raise LdmError(f"{path} became unreadable after the scan ({exc}); re-run `python -m ldm.data check`") from None
+
+
 def item_seed(seed: int, epoch: int, index: int) -> int:
     """A 63-bit seed for one sample of one epoch, independent of every other sample's."""
     digest = hashlib.blake2b(f"{seed}:{epoch}:{index}".encode(), digest_size=8).digest()
@@ -87,12 +95,7 @@ class CaptionedImageDataset(Dataset):
 
     def __getitem__(self, index: int) -> dict:
         pair = self.report.pairs[index]
-        try:
-            image = open_rgb(pair.image)
-        except (OSError, SyntaxError, ValueError) as exc:
-            raise LdmError(
-                f"{pair.image} became unreadable after the scan ({exc}); re-run `python -m ldm.data check`"
-            ) from None
+        image = read_scanned_image(pair.image)
         generator = torch.Generator().manual_seed(item_seed(self.seed, self.epoch, index))
         pixel_values = square_tensor(
             image, resolution=self.config.resolution, center_crop=self.config.center_crop,
