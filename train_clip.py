@@ -52,14 +52,14 @@ from ldm.training import (
     Progress,
     TrainConfig,
     TrainingState,
+    add_run_arguments,
+    begin_run,
+    load_run_config,
     make_accelerator,
     make_ema,
     make_lr_scheduler,
     make_optimizer,
-    add_run_arguments,
-    begin_run,
     resolve_resume,
-    load_run_config,
     train_loop,
 )
 

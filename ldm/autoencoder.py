@@ -10,7 +10,6 @@ import warnings
 from dataclasses import dataclass
 
 import torch
-
 from diffusers import AutoencoderKL
 
 

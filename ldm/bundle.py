@@ -35,7 +35,7 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 from ldm.autoencoder import AutoencoderConfig, build_autoencoder
 from ldm.config import dump_yaml, from_dict
 from ldm.errors import BundleError, ConfigError, LdmError
-from ldm.io import umask, load_tensors, save_tensors, sha256_file, write_json, write_text
+from ldm.io import load_tensors, save_tensors, sha256_file, umask, write_json, write_text
 from ldm.presets import ModelConfig
 from ldm.schedule import ScheduleConfig
 from ldm.text_encoder import Padding, TextEncoder, TextEncoderConfig, build_text_encoder, fit_state_dict

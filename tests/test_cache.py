@@ -8,7 +8,6 @@ from test_train_unet import args, write_shapes
 
 import train_unet
 from ldm.bundle import load_bundle, save_bundle
-from ldm.training import batches
 from ldm.cache import (
     BucketBatches,
     UNetItems,
@@ -21,6 +20,7 @@ from ldm.cache import (
 )
 from ldm.data import DataConfig, scan_dataset, square_tensor
 from ldm.errors import run_cli
+from ldm.training import batches
 
 # Mixed sizes, including a 1000×50 strip, a 50×1000 one and an 8×8 image (usable with data.min_side=1).
 MIXED = [(64, 64), (80, 64), (100, 100), (1000, 50), (50, 1000), (8, 8), (128, 40), (40, 128), (300, 200), (200, 300),

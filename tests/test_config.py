@@ -1,4 +1,5 @@
 import dataclasses
+from pathlib import Path
 
 import pytest
 
@@ -6,7 +7,6 @@ from ldm.config import apply_overrides, dump_yaml, from_dict, load_yaml, to_dict
 from ldm.errors import ConfigError
 from ldm.presets import PRESETS, ModelConfig, get_preset
 from ldm.schedule import BetaSchedule, Prediction
-from pathlib import Path
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
