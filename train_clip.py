@@ -61,6 +61,7 @@ from ldm.training import (
     make_optimizer,
     resolve_resume,
     train_loop,
+    with_run_flags,
 )
 
 __all__ = ["CLIPRunConfig", "build_parser", "evaluate", "main", "resolve_config", "retrieval_metrics"]
@@ -132,13 +133,7 @@ def resolve_config(args) -> CLIPRunConfig:
             preset=args.preset or "",
             eval_data=args.eval_data or "",
         )
-    train = {}
-    for flag, key in (("out", "output_dir"), ("max_steps", "max_steps"), ("max_minutes", "max_minutes")):
-        if getattr(args, flag) is not None:
-            train[key] = getattr(args, flag)
-    if train:
-        cfg = replace(cfg, train=replace(cfg.train, **train))
-    cfg = apply_overrides(cfg, args.overrides)
+    cfg = apply_overrides(with_run_flags(cfg, args), args.overrides)
     check_config(cfg)
     return cfg
 

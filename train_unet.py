@@ -73,6 +73,7 @@ from ldm.training import (
     make_optimizer,
     resolve_resume,
     train_loop,
+    with_run_flags,
 )
 
 
@@ -226,10 +227,7 @@ def resolve_config(args) -> UNetRunConfig:
             data=DataConfig(path=args.data, resolution=args.resolution or model.default_size, center_crop=True),
             bundle=str(bundle),
         )
-    train = {key: getattr(args, flag) for flag, key in (("out", "output_dir"), ("max_steps", "max_steps"),
-             ("max_minutes", "max_minutes")) if getattr(args, flag) is not None}  # fmt: skip
-    if train:
-        cfg = replace(cfg, train=replace(cfg.train, **train))
+    cfg = with_run_flags(cfg, args)
     if args.eval_data is not None:
         cfg = replace(cfg, eval_data=args.eval_data)
     if args.prediction:

@@ -44,6 +44,7 @@ from ldm.training import (
     make_optimizer,
     resolve_resume,
     train_loop,
+    with_run_flags,
 )
 from ldm.vae import evaluate_batches
 
@@ -105,13 +106,7 @@ def resolve_config(args) -> VAERunConfig:
             decoder_only=args.decoder_only,
             eval_data=args.eval_data or "",
         )
-    train = {}
-    for flag, key in (("out", "output_dir"), ("max_steps", "max_steps"), ("max_minutes", "max_minutes")):
-        if getattr(args, flag) is not None:
-            train[key] = getattr(args, flag)
-    if train:
-        cfg = replace(cfg, train=replace(cfg.train, **train))
-    cfg = apply_overrides(cfg, args.overrides)
+    cfg = apply_overrides(with_run_flags(cfg, args), args.overrides)
     if cfg.decoder_only and not cfg.init_from:
         raise LdmError("--decoder-only needs --init-from BUNDLE: a fresh encoder has to be trained")
     return cfg

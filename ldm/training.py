@@ -336,6 +336,16 @@ def load_run_config(cls, args):
     return None
 
 
+def with_run_flags(cfg, args):
+    """``cfg`` with ``--out``, ``--max-steps`` and ``--max-minutes`` applied to its ``train`` section (they may
+    change on resume: a run is extended or moved without touching the rest of its config)."""
+    from dataclasses import replace
+
+    train = {key: getattr(args, flag) for flag, key in (("out", "output_dir"), ("max_steps", "max_steps"),
+             ("max_minutes", "max_minutes")) if getattr(args, flag) is not None}  # fmt: skip
+    return replace(cfg, train=replace(cfg.train, **train)) if train else cfg
+
+
 def begin_run(accelerator: Accelerator, state: TrainingState, *, config: Any, resume: Path | None, output_dir: Path,
               name: str) -> None:  # fmt: skip
     """Restore ``state`` from the checkpoint ``resume`` (from :func:`resolve_resume`, called early so that a wrong
