@@ -10,8 +10,9 @@ The model is open_clip's ``CLIP`` with random weights (nothing is downloaded): a
 open_clip's ``ClipLoss`` (symmetric InfoNCE over the batch, learnable temperature clamped at 100). Captions are
 tokenized by the pipeline's own tokenizer and pad id. At the end:
 
-    OUT/bundle/          the input bundle (VAE, UNet, tokenizer) with the trained text encoder; from a preset,
-                         a new bundle whose other parts are freshly initialised
+    OUT/bundle/          the input bundle (VAE, UNet, tokenizer) with the trained text encoder and a copy of
+                         clip.safetensors (the default scorer of ``python -m ldm.evaluate``); from a preset, a
+                         new bundle whose other parts are freshly initialised
     OUT/clip.safetensors the whole CLIP, image tower included, config in the metadata (``ldm.clip_model.load_clip``)
     OUT/eval.json        held-out image→text and text→image top-1/top-5 retrieval accuracy
 
@@ -29,7 +30,7 @@ from pathlib import Path
 import torch
 from open_clip.loss import ClipLoss
 
-from ldm.bundle import Bundle, create_bundle, load_bundle, save_bundle
+from ldm.bundle import CLIP_FILE, Bundle, create_bundle, load_bundle, save_bundle
 from ldm.clip_model import (
     CLIPModelConfig,
     ContrastivePair,
@@ -298,12 +299,13 @@ def main(argv=None) -> int:
         print(format_metrics(metrics))
 
     clip = clip.float().cpu()
-    save_clip(clip, cfg.model, out / "clip.safetensors", extra={"step": step})
+    clip_path = save_clip(clip, cfg.model, out / CLIP_FILE, extra={"step": step})
     text_encoder = text_encoder_from_clip(clip, cfg.model.text)
     if base is None:
         model_config = replace(get_preset(cfg.preset), text_encoder=cfg.model.text)
         base = create_bundle(model_config, seed=cfg.train.seed, name=out.name)
-    save_bundle(replace(base, text_encoder=text_encoder), out / "bundle")
+    # The bundle carries the whole CLIP too: `python -m ldm.evaluate` scores with it by default.
+    save_bundle(replace(base, text_encoder=text_encoder, extras={**base.extras, CLIP_FILE: clip_path}), out / "bundle")
     print(
         f"CLIP written to {out / 'clip.safetensors'}; bundle with the trained text encoder written to {out / 'bundle'}"
     )

@@ -7,7 +7,11 @@ Layout::
     text_encoder.safetensors   CLIPTextModel weights
     unet.safetensors           UNet2DConditionModel weights
     tokenizer/                 vocab.json, merges.txt, tokenizer_config.json, special_tokens_map.json
+    clip.safetensors           optional: the whole CLIP of train_clip.py, the default scorer of ``ldm.evaluate``
     manifest.json              format version, package versions, sha256 of every file above
+
+Optional files (:data:`EXTRAS`) are listed under the manifest's ``extras`` with their sha256 and checked on load
+like the rest, but they are not part of the bundle hash: that names the weights that make the pictures.
 
 Every file is written atomically and the manifest last, so a folder with a manifest is complete. Loading checks
 each file's sha256 against the manifest. A bundle exports to a diffusers Stable Diffusion folder and imports from
@@ -35,7 +39,7 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 from ldm.autoencoder import AutoencoderConfig, build_autoencoder
 from ldm.config import dump_yaml, from_dict
 from ldm.errors import BundleError, ConfigError, LdmError
-from ldm.io import load_tensors, save_tensors, sha256_file, umask, write_json, write_text
+from ldm.io import atomic_write, load_tensors, save_tensors, sha256_file, umask, write_json, write_text
 from ldm.presets import ModelConfig
 from ldm.schedule import ScheduleConfig
 from ldm.text_encoder import Padding, TextEncoder, TextEncoderConfig, build_text_encoder, fit_state_dict
@@ -45,6 +49,8 @@ from ldm.unet import UNetConfig, build_unet
 FORMAT = "ldm-bundle"
 FORMAT_VERSION = 1
 PARTS = ("vae", "text_encoder", "unet")
+CLIP_FILE = "clip.safetensors"
+EXTRAS = (CLIP_FILE,)  # optional files a bundle may carry beside its parts
 PACKAGES = ("ldm", "torch", "diffusers", "transformers", "safetensors", "open_clip_torch")
 
 
@@ -59,6 +65,8 @@ class Bundle:
     tokenizer: CLIPTokenizer
     name: str = "model"
     manifest: dict = field(default_factory=dict)
+    extras: dict[str, Path] = field(default_factory=dict)  # optional file name (EXTRAS) → where it is now
+
 
     def modules(self) -> dict[str, nn.Module]:
         return {"vae": self.vae, "text_encoder": self.text_encoder.model, "unet": self.unet}
@@ -101,10 +109,27 @@ def _combined_hash(files: dict[str, str]) -> str:
     return hashlib.sha256("".join(f"{k}={files[k]}\n" for k in sorted(files)).encode()).hexdigest()
 
 
+def _copy_extra(name: str, source: Path, folder: Path) -> Path:
+    """Copy one optional file into ``folder`` atomically (nothing to do when it is already there)."""
+    if name not in EXTRAS:
+        raise ValueError(f"unknown optional bundle file {name!r}; known: {', '.join(EXTRAS)}")
+    target = folder / name
+    if not source.is_file():
+        raise BundleError(f"cannot put {source} into bundle {folder}: no such file")
+    if not (target.exists() and target.samefile(source)):
+        atomic_write(target, lambda tmp: shutil.copyfile(source, tmp))
+    return target
+
+
 def save_bundle(bundle: Bundle, folder: str | Path) -> Path:
-    """Write ``bundle`` to ``folder`` (each file atomically, the manifest last) and update its manifest."""
+    """Write ``bundle`` to ``folder`` (each file atomically, the manifest last) and update its manifest.
+
+    ``bundle.extras`` (optional files such as ``clip.safetensors``) are copied in and listed under ``extras``;
+    afterwards ``bundle.extras`` points at the copies.
+    """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
+    extras = {name: _copy_extra(name, Path(source), folder) for name, source in sorted(bundle.extras.items())}
     config_yaml = dump_yaml(bundle.config)
     write_text(folder / "model.yaml", config_yaml)
     for part, module in bundle.modules().items():
@@ -130,8 +155,10 @@ def save_bundle(bundle: Bundle, folder: str | Path) -> Path:
         "files": files,
         "hash": _combined_hash(files),
     }
+    if extras:
+        manifest["extras"] = {name: sha256_file(path) for name, path in extras.items()}
     write_json(folder / "manifest.json", manifest)
-    bundle.manifest = manifest
+    bundle.manifest, bundle.extras = manifest, extras
     return folder
 
 
@@ -151,7 +178,19 @@ def read_manifest(folder: Path) -> dict:
         raise BundleError(f"{path} is not an {FORMAT} manifest; pass the folder that save_bundle wrote")
     if manifest.get("format_version", 0) > FORMAT_VERSION:
         raise BundleError(f"{folder} was written by a newer ldm (format {manifest['format_version']}); upgrade ldm")
+    if not isinstance(manifest.get("extras", {}), dict):
+        raise BundleError(f"{path} has a damaged 'extras' entry; the bundle is damaged, save or copy it again")
     return manifest
+
+
+def verify_files(folder: Path, manifest: dict) -> None:
+    """Check every listed file, optional ones included, against its sha256 in the manifest."""
+    for rel, digest in {**manifest["files"], **manifest.get("extras", {})}.items():
+        path = folder / rel
+        if not path.is_file():
+            raise BundleError(f"bundle {folder} is missing {rel}; copy the whole folder again")
+        if sha256_file(path) != digest:
+            raise BundleError(f"bundle file {path} does not match its sha256 in manifest.json (damaged or edited)")
 
 
 def _instantiate(build, config, state: dict[str, torch.Tensor], what: str) -> nn.Module:
@@ -177,12 +216,7 @@ def load_bundle(folder: str | Path, *, verify: bool = True) -> Bundle:
     folder = Path(folder)
     manifest = read_manifest(folder)
     if verify:
-        for rel, digest in manifest["files"].items():
-            path = folder / rel
-            if not path.is_file():
-                raise BundleError(f"bundle {folder} is missing {rel}; copy the whole folder again")
-            if sha256_file(path) != digest:
-                raise BundleError(f"bundle file {path} does not match its sha256 in manifest.json (damaged or edited)")
+        verify_files(folder, manifest)
     try:
         import yaml
 
@@ -207,7 +241,11 @@ def load_bundle(folder: str | Path, *, verify: bool = True) -> Bundle:
         tokenizer = load_tokenizer(folder / "tokenizer")
     except (OSError, ValueError) as exc:
         raise BundleError(f"cannot load the tokenizer in {folder / 'tokenizer'} ({exc})") from None
-    return Bundle(config=config, tokenizer=tokenizer, name=manifest.get("name", folder.name), manifest=manifest, **parts)
+    extras = {name: folder / name for name in manifest.get("extras", {}) if name in EXTRAS}
+    return Bundle(
+        config=config, tokenizer=tokenizer, name=manifest.get("name", folder.name), manifest=manifest, extras=extras,
+        **parts,
+    )  # fmt: skip
 
 
 # --- diffusers folders -------------------------------------------------------------------------------------------
@@ -371,7 +409,9 @@ def main(argv=None) -> int:
     elif args.command == "info":
         bundle_manifest = read_manifest(args.bundle)
         print((args.bundle / "model.yaml").read_text(), end="")
-        print(json.dumps({k: v for k, v in bundle_manifest.items() if k != "files"}, indent=2))
+        print(json.dumps({k: v for k, v in bundle_manifest.items() if k not in ("files", "extras")}, indent=2))
+        if bundle_manifest.get("extras"):
+            print(f"optional files: {', '.join(sorted(bundle_manifest['extras']))}")
     elif args.command == "export":
         export_diffusers(load_bundle(args.bundle), args.out)
         print(f"exported {args.bundle} to diffusers folder {args.out}")

@@ -1,4 +1,5 @@
-"""Image-reconstruction metrics (PSNR, SSIM, MAE) and the Fréchet distance behind FID, as pure tensor functions.
+"""Image-reconstruction metrics (PSNR, SSIM, MAE), the Fréchet distance behind FID, KID and the CLIP score, as pure
+tensor functions.
 
 Images are (B, C, H, W) tensors with values in ``[0, data_range]`` (``data_range=1`` for [0, 1] images); every
 image metric returns one value per image, shape (B,). Nothing here touches files, models or global state.
@@ -127,3 +128,69 @@ def frechet_distance(mu1: torch.Tensor, sigma1: torch.Tensor, mu2: torch.Tensor,
     trace_sqrt = torch.linalg.eigvalsh((cross + cross.T) / 2).clamp(min=0).sqrt().sum()
     distance = (mu1 - mu2).square().sum() + sigma1.trace() + sigma2.trace() - 2 * trace_sqrt
     return float(distance.clamp(min=0))
+
+
+# Kernel Inception Distance: Bińkowski et al. 2018, "Demystifying MMD GANs", §4 and appendix D.
+KID_SUBSETS = 100  # subsets averaged over (their code's and torchmetrics' default)
+KID_SUBSET_SIZE = 1000  # features per side in each subset (capped at the smaller set)
+
+
+def polynomial_kernel(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Cubic polynomial kernel k(x, y) = (x·y / d + 1)³ of KID; (N, D) × (M, D) → (N, M)."""
+    return (x @ y.T / x.shape[1] + 1) ** 3
+
+
+def mmd2_unbiased(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Unbiased estimate of the squared maximum mean discrepancy (Gretton et al. 2012, eq. 3) under
+    :func:`polynomial_kernel`; (N, D) × (M, D) → () with N, M ≥ 2.
+
+    MMD²_u = Σ_{i≠j} k(x_i, x_j) / N(N−1) + Σ_{i≠j} k(y_i, y_j) / M(M−1) − 2 Σ_{i,j} k(x_i, y_j) / NM.
+    It can be slightly negative when the two distributions are alike.
+    """
+    n, m = x.shape[0], y.shape[0]
+    k_xx, k_yy, k_xy = polynomial_kernel(x, x), polynomial_kernel(y, y), polynomial_kernel(x, y)
+    within_x = (k_xx.sum() - k_xx.diagonal().sum()) / (n * (n - 1))
+    within_y = (k_yy.sum() - k_yy.diagonal().sum()) / (m * (m - 1))
+    return within_x + within_y - 2 * k_xy.mean()
+
+
+def kernel_inception_distance(
+    real: torch.Tensor, fake: torch.Tensor, *, subsets: int = KID_SUBSETS, subset_size: int = KID_SUBSET_SIZE,
+    seed: int = 0,
+) -> tuple[float, float]:  # fmt: skip
+    """KID (Bińkowski et al. 2018): :func:`mmd2_unbiased` averaged over random subsets; returns (mean, std).
+
+    ``real`` (N, D) and ``fake`` (M, D) features. Each of ``subsets`` rounds draws min(``subset_size``, N, M)
+    features from each side without replacement (a generator seeded with ``seed``: the same call gives the same
+    number). The std is over subsets (0 for one subset).
+    """
+    if real.dim() != 2 or fake.dim() != 2 or real.shape[1] != fake.shape[1]:
+        raise ValueError(f"expected (N, D) and (M, D) features, got {tuple(real.shape)} and {tuple(fake.shape)}")
+    size = min(subset_size, real.shape[0], fake.shape[0])
+    if size < 2 or subsets < 1:
+        raise ValueError(f"KID needs at least 2 features a side and 1 subset, got {size} and {subsets}")
+    real, fake = real.detach().double().cpu(), fake.detach().double().cpu()
+    generator = torch.Generator().manual_seed(seed)
+    values = torch.stack([
+        mmd2_unbiased(
+            real[torch.randperm(real.shape[0], generator=generator)[:size]],
+            fake[torch.randperm(fake.shape[0], generator=generator)[:size]],
+        )
+        for _ in range(subsets)
+    ])  # (subsets,)
+    std = values.std(unbiased=False) if subsets > 1 else torch.zeros(())
+    return float(values.mean()), float(std)
+
+
+def clip_score(image_features: torch.Tensor, text_features: torch.Tensor) -> torch.Tensor:
+    """CLIP score (Hessel et al. 2021, with w = 100 as in torchmetrics): 100 · max(cos(image, text), 0) per pair.
+
+    ``image_features`` (N, E) and ``text_features`` (N, E), row i of each a pair, not necessarily normalised;
+    returns (N,). Average it for the usual single number.
+    """
+    if image_features.dim() != 2 or image_features.shape != text_features.shape:
+        raise ValueError(
+            f"expected two (N, E) feature matrices, got {tuple(image_features.shape)} and {tuple(text_features.shape)}"
+        )
+    cos = torch.nn.functional.cosine_similarity(image_features.double(), text_features.double(), dim=-1)  # (N,)
+    return 100 * cos.clamp(min=0)
