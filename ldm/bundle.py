@@ -41,6 +41,7 @@ from ldm.config import dump_yaml, from_dict
 from ldm.errors import BundleError, ConfigError, LdmError
 from ldm.io import atomic_write, load_tensors, save_tensors, sha256_file, umask, write_json, write_text
 from ldm.presets import ModelConfig
+from ldm.runtime import DTYPES
 from ldm.schedule import ScheduleConfig
 from ldm.text_encoder import Padding, TextEncoder, TextEncoderConfig, build_text_encoder, fit_state_dict
 from ldm.tokenizer import build_tokenizer, load_tokenizer, save_tokenizer
@@ -393,6 +394,12 @@ def main(argv=None) -> int:
     export = sub.add_parser("export", help="write a diffusers Stable Diffusion folder")
     export.add_argument("bundle", type=Path)
     export.add_argument("out", type=Path)
+    convert = sub.add_parser("convert", help="write a copy with its weights in another precision (fp16 to ship)")
+    convert.add_argument("bundle", type=Path)
+    convert.add_argument("out", type=Path)
+    convert.add_argument("--dtype", required=True, choices=sorted(DTYPES), help="precision of the stored weights")
+    convert.add_argument("--no-extras", action="store_true", help="leave optional files (the CLIP) behind")
+    convert.add_argument("--force", action="store_true", help="overwrite an existing bundle")
     imp = sub.add_parser("import", help="read a local diffusers Stable Diffusion folder into a bundle")
     imp.add_argument("diffusers_folder", type=Path)
     imp.add_argument("out", type=Path)
@@ -415,6 +422,17 @@ def main(argv=None) -> int:
     elif args.command == "export":
         export_diffusers(load_bundle(args.bundle), args.out)
         print(f"exported {args.bundle} to diffusers folder {args.out}")
+    elif args.command == "convert":
+        if (args.out / "manifest.json").exists() and not args.force:
+            raise LdmError(f"{args.out} already holds a bundle; pass --force to overwrite it or choose another path")
+        if args.out.resolve() == args.bundle.resolve():
+            raise LdmError("convert writes a new bundle; choose an output folder other than the input")
+        bundle = load_bundle(args.bundle).to(dtype=DTYPES[args.dtype])
+        if args.no_extras:
+            bundle.extras = {}
+        save_bundle(bundle, args.out)
+        size = sum(f.stat().st_size for f in args.out.rglob("*") if f.is_file())
+        print(f"wrote {args.dtype} bundle {args.out} ({size / 1e6:.1f} MB, hash {bundle.short_hash})")
     elif args.command == "import":
         if (args.out / "manifest.json").exists():
             raise LdmError(f"{args.out} already holds a bundle; choose another path")

@@ -136,3 +136,23 @@ def test_cli_create_info_export_import(tmp_path, capsys):
     assert run_cli(main, ["export", str(tmp_path / "b"), str(tmp_path / "sd")]) == 0
     assert run_cli(main, ["import", str(tmp_path / "sd"), str(tmp_path / "b2")]) == 0
     assert_same_weights(load_bundle(tmp_path / "b"), load_bundle(tmp_path / "b2"))
+
+
+def test_cli_convert_to_fp16(tmp_path, micro_bundle_dir, capsys):
+    out = tmp_path / "half"
+    assert run_cli(main, ["convert", str(micro_bundle_dir), str(out), "--dtype", "fp16"]) == 0
+    assert f"wrote fp16 bundle {out}" in capsys.readouterr().out
+    full, half = load_bundle(micro_bundle_dir), load_bundle(out)
+    assert half.config == full.config and half.unet.dtype == torch.float16
+    for name, module in full.modules().items():
+        ours = half.modules()[name].state_dict()
+        for key, value in module.state_dict().items():
+            expected = value.half() if value.is_floating_point() else value
+            assert torch.equal(ours[key], expected), (name, key)
+    weights = [f"{part}.safetensors" for part in ("vae", "text_encoder", "unet")]
+    for name in weights:  # floating weights take half the bytes (headers aside)
+        assert (out / name).stat().st_size < 0.6 * (micro_bundle_dir / name).stat().st_size
+    assert run_cli(main, ["convert", str(micro_bundle_dir), str(out), "--dtype", "fp16"]) == 2
+    assert "already holds a bundle; pass --force" in capsys.readouterr().err
+    assert run_cli(main, ["convert", str(out), str(out), "--dtype", "fp32", "--force"]) == 2
+    assert "choose an output folder other than the input" in capsys.readouterr().err

@@ -1,0 +1,50 @@
+#!/usr/bin/env bash
+# The recipe of the shipped default model, models/emoji-tiny: VAE, CLIP text encoder and UNet trained from
+# scratch on the emoji dataset with the project's own scripts, then written as an fp16 bundle.
+#
+#     bash recipes/emoji-tiny.sh                 # about 2 hours on 2 CPU cores
+#     OUT=runs/mine bash recipes/emoji-tiny.sh   # somewhere else
+#
+# Each stage stops on its own clock (--max-minutes) as well as its step count; the step counts were chosen so
+# that the cosine learning-rate schedule runs to its end within that time on 2 cores (AVX-512 BF16 / AMX).
+# On a slower machine lower --max-steps rather than raising --max-minutes, so the schedule still completes.
+# A stage that was killed continues exactly where it stopped: python train_X.py --out OUT/X --resume latest,
+# then run the later stages by hand.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+OUT=${OUT:-runs/emoji-tiny}
+DATA=${DATA:-data/emoji}
+SHIP=${SHIP:-models/emoji-tiny}
+RESUME=${RESUME:+--resume}
+
+# 1. Data: 64×64 renders of Noto Color Emoji with CLDR names; a fixed ~5 % held-out split.
+[ -f "$DATA/train/metadata.jsonl" ] || python -m ldm.data.emoji "$DATA" --size 64
+
+# 2. VAE (~30 min): L1 + KL 1e-6, bf16 autocast, EMA; measures the latent scaling factor at the end.
+python train_vae.py --preset emoji-tiny --data "$DATA/train" --eval-data "$DATA/test" --out "$OUT/vae" \
+    --max-steps 3300 --max-minutes 29 \
+    --set train.batch_size=16 --set train.lr=6e-4 --set train.warmup_steps=100 --set train.lr_schedule=cosine \
+    --set train.mixed_precision=bf16 --set train.ema_decay=0.999 \
+    --set train.checkpoint_every=500 --set train.sample_every=500
+
+# 3. CLIP (~14 min): contrastive text + image towers; the text tower goes into the bundle.
+python train_clip.py --bundle "$OUT/vae/bundle" --data "$DATA/train" --eval-data "$DATA/test" --out "$OUT/clip" \
+    --max-steps 1000 --max-minutes 14 \
+    --set train.batch_size=64 --set train.lr=5e-4 --set train.warmup_steps=50 --set train.weight_decay=0.1
+
+# 4. UNet (~60 min): ε-prediction, Min-SNR-5, 10 % caption dropout, cached latents and text embeddings.
+python train_unet.py --bundle "$OUT/clip/bundle" --data "$DATA/train" --eval-data "$DATA/test" --out "$OUT/unet" \
+    --max-steps 4800 --max-minutes 58 \
+    --cache-dir "$OUT/cache" --set train.batch_size=64 --set train.lr=6e-4 --set train.warmup_steps=200 \
+    --set train.weight_decay=0.01 --set train.grad_clip=1.0 --set train.mixed_precision=bf16 \
+    --set train.ema_decay=0.999 --set train.checkpoint_every=1000 --set train.sample_every=1000 \
+    --set loss.min_snr_gamma=5.0 --set loss.caption_dropout=0.1 --validation-prompt "red apple" \
+    --validation-prompt "cat face" --validation-prompt rocket --validation-prompt pizza \
+    --validation-prompt "grinning face" --validation-prompt "red heart" --validation-prompt snowman \
+    --validation-prompt banana
+
+# 5. Ship: fp16 weights, under 32 MB with the tokenizer. The full CLIP (image tower too) stays in $OUT/clip for
+#    python -m ldm.evaluate --clip $OUT/clip/clip.safetensors.
+python -m ldm.bundle convert "$OUT/unet/bundle" "$SHIP" --dtype fp16 --no-extras --force
+python -m ldm.bundle info "$SHIP"
