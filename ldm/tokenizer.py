@@ -71,8 +71,13 @@ _VOLATILE = ("is_local", "local_files_only", "name_or_path")
 
 
 def save_tokenizer(tokenizer: CLIPTokenizer, folder: Path) -> None:
-    """``save_pretrained`` without the keys that record where the tokenizer was loaded from."""
+    """``save_pretrained`` without the keys that record where the tokenizer was loaded from, and with its
+    vocabulary file written compactly (a third smaller than transformers' indented JSON)."""
     tokenizer.save_pretrained(str(folder))
+    vocab_path = Path(folder, "tokenizer.json")
+    if vocab_path.is_file():
+        vocab = json.loads(vocab_path.read_text(encoding="utf-8"))
+        vocab_path.write_text(json.dumps(vocab, ensure_ascii=False, separators=(",", ":")) + "\n", encoding="utf-8")
     config_path = Path(folder, "tokenizer_config.json")
     config = json.loads(config_path.read_text(encoding="utf-8"))
     for key in _VOLATILE:
