@@ -53,10 +53,14 @@ def check_settings(*, steps: int, width: int, height: int, guidance_scale: float
 
 @torch.no_grad()
 def encode_prompts(bundle: Bundle, prompts: list[str]) -> torch.Tensor:
-    """(B,) prompts → (B, L, D) text hidden states in the UNet's dtype."""
+    """(B,) prompts → (B, L, D) text hidden states in the UNet's dtype; each distinct prompt is encoded once."""
     cfg = bundle.config.text_encoder
-    ids = tokenize(bundle.tokenizer, prompts, context_length=cfg.context_length, pad_id=cfg.pad_id)  # (B, L)
-    return bundle.text_encoder(ids).hidden_states.to(bundle.unet.dtype)  # (B, L, D)
+    row = {prompt: i for i, prompt in enumerate(dict.fromkeys(prompts))}  # distinct prompts, first-seen order
+    ids = tokenize(bundle.tokenizer, list(row), context_length=cfg.context_length, pad_id=cfg.pad_id)  # (U, L)
+    hidden = bundle.text_encoder(ids).hidden_states.to(bundle.unet.dtype)  # (U, L, D)
+    if len(row) == len(prompts):
+        return hidden
+    return hidden[torch.tensor([row[p] for p in prompts], device=hidden.device)]  # (B, L, D)
 
 
 @torch.no_grad()
@@ -66,10 +70,10 @@ def generate(bundle: Bundle, request: Request, *, progress: bool = True) -> torc
     batch = len(request.prompts)
     guided = request.guidance_scale > 1.0
 
-    # Text: the unconditional (negative) half first, then the conditional half, as one UNet batch.
-    context = encode_prompts(bundle, request.prompts)  # (B, L, D)
-    if guided:
-        context = torch.cat([encode_prompts(bundle, request.negative_prompts), context])  # (2B, L, D)
+    # Text: the unconditional (negative) half first, then the conditional half, as one UNet batch; one text
+    # encoder call for both halves, each distinct prompt once.
+    texts = (request.negative_prompts + request.prompts) if guided else request.prompts
+    context = encode_prompts(bundle, texts)  # (2B or B, L, D)
 
     scheduler = build_scheduler(bundle.config.schedule, request.sampler)
     scheduler.set_timesteps(request.steps, device=device)

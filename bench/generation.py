@@ -1,0 +1,220 @@
+"""Generation speed: ldm.pipeline.generate (fp32, and the fast path) against diffusers' StableDiffusionPipeline.
+
+Each contender runs in its own subprocess (so its memory peak is its own) on the same bundle: ours reads the bundle,
+diffusers the bundle's export (ldm.bundle.export_diffusers). All run the same request: the prompt "red apple" ×B
+with an empty negative prompt, seeds 0…B-1, DPM++ 2M, guidance 7.5. One warm-up run of 2 steps (same batch and
+size) comes first; then ``--repeats`` timed runs; seconds per image = median wall time / B.
+
+    python bench/generation.py --threads 2 [--skip-sd] [--repeats 3] [--sd-repeats 1]   # prints a Markdown section
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import (  # noqa: E402
+    DEFAULT_WORKDIR,
+    ROOT,
+    Timer,
+    bench_bundle,
+    exported,
+    machine,
+    machine_markdown,
+    peak_rss_mib,
+    run_worker,
+    set_threads,
+    table,
+)
+
+CONTENDERS = {
+    "diffusers": "diffusers StableDiffusionPipeline, fp32",
+    "ours": "ldm generate, fp32",
+    "fast": "ldm generate, fast path (`--fast`)",
+    "fast-compile": "ldm generate, fast path + torch.compile",
+}
+PROMPT, SAMPLER, GUIDANCE = "red apple", "dpmpp_2m", 7.5
+
+
+# --- worker: one contender, one batch size ------------------------------------------------------------------------
+
+
+def make_runner(contender: str, model: Path, export: Path):
+    """Load the contender's model; returns run(batch, steps, size) → (B, 3, H, W) float32 in [0, 1]."""
+    import torch
+
+    from ldm.schedule import get_sampler
+
+    sampler = get_sampler(SAMPLER)
+    if contender == "diffusers":
+        from diffusers import StableDiffusionPipeline
+
+        pipe = StableDiffusionPipeline.from_pretrained(
+            export, safety_checker=None, feature_extractor=None, requires_safety_checker=False, local_files_only=True,
+            torch_dtype=torch.float32,
+        )
+        pipe.scheduler = sampler.scheduler.from_config(pipe.scheduler.config, **dict(sampler.options))
+        pipe.set_progress_bar_config(disable=True)
+
+        def run(batch: int, steps: int, size: int) -> torch.Tensor:
+            out = pipe(
+                [PROMPT] * batch, negative_prompt=[""] * batch, num_inference_steps=steps, guidance_scale=GUIDANCE,
+                generator=[torch.Generator().manual_seed(s) for s in range(batch)], height=size, width=size,
+                output_type="np",
+            )  # fmt: skip
+            return torch.from_numpy(out.images).permute(0, 3, 1, 2)
+
+        return run, pipe.unet
+
+    from ldm.bundle import load_bundle
+    from ldm.fast import FastConfig, speed_up
+    from ldm.pipeline import Request, generate
+
+    bundle = load_bundle(model).to(dtype=torch.float32)  # as generate.py does (a bundle may ship in fp16)
+    if contender.startswith("fast"):
+        speed_up(bundle, FastConfig(threads=torch.get_num_threads(), compile=contender == "fast-compile"))
+
+    def run(batch: int, steps: int, size: int) -> torch.Tensor:
+        request = Request(
+            prompts=[PROMPT] * batch, negative_prompts=[""] * batch, seeds=list(range(batch)), steps=steps,
+            guidance_scale=GUIDANCE, sampler=sampler, width=size, height=size,
+        )  # fmt: skip
+        return generate(bundle, request, progress=False)
+
+    return run, bundle.unet
+
+
+def worker(args) -> dict:
+    import numpy as np
+    import torch
+
+    from ldm.fast import attention_processors
+
+    set_threads(args.threads)
+    torch.set_grad_enabled(False)
+    with Timer() as load:
+        run, unet = make_runner(args.contender, Path(args.model), Path(args.export))
+    with Timer() as warmup:
+        run(args.batch, 2, args.size)
+    walls, cpus = [], []
+    for _ in range(args.repeats):
+        with Timer() as t:
+            images = run(args.batch, args.steps, args.size)
+        walls.append(t.wall)
+        cpus.append(t.cpu)
+    np.save(args.save, images.numpy())
+    return {
+        "contender": args.contender, "batch": args.batch, "load_s": load.wall, "warmup_s": warmup.wall,
+        "wall": walls, "cpu": cpus, "s_per_image": statistics.median(walls) / args.batch,
+        "cpu_s_per_image": statistics.median(cpus) / args.batch, "peak_rss_mib": peak_rss_mib(),
+        "attention": sorted(attention_processors(getattr(unet, "_orig_mod", unet))), "unet_dtype": str(unet.dtype),
+    }  # fmt: skip
+
+
+# --- the section ------------------------------------------------------------------------------------------------------
+
+
+def compare(a: Path, b: Path) -> tuple[float, int]:
+    """max |Δ| of two saved image batches in [0, 1], and max |Δ| of their uint8 renderings."""
+    import numpy as np
+
+    x, y = np.load(a).astype(np.float64), np.load(b).astype(np.float64)
+    as_uint8 = lambda v: np.round(v * 255)  # noqa: E731 - as ldm.pipeline.to_uint8 and diffusers' numpy_to_pil
+    return float(np.abs(x - y).max()), int(np.abs(as_uint8(x) - as_uint8(y)).max())
+
+
+def section(args, workdir: Path) -> tuple[str, dict]:
+    script = Path(__file__).resolve()
+    models = [("emoji-tiny", args.emoji_size, args.batches, args.repeats, args.emoji_model)]
+    if not args.skip_sd:
+        models.append(("sd-v1", args.sd_size, args.sd_batches, args.sd_repeats, None))
+    contenders = ["diffusers", "ours", "fast"] + (["fast-compile"] if args.compile else [])
+    results, lines = {}, []
+    for preset, size, batches, repeats, model_dir in models:
+        bundle_dir, origin = bench_bundle(preset, workdir, model_dir=model_dir)
+        export = exported(bundle_dir, workdir)
+        rows, checks = [], []
+        for batch in batches:
+            base = {}
+            for contender in contenders:
+                save = workdir / "images" / f"{preset}-{size}-b{batch}-{contender}.npy"
+                save.parent.mkdir(parents=True, exist_ok=True)
+                r = run_worker(script, ["--contender", contender, "--model", bundle_dir, "--export", export,
+                                        "--batch", batch, "--size", size, "--steps", args.steps, "--repeats", repeats,
+                                        "--save", save], threads=args.threads, log=workdir / "generation.log")  # fmt: skip
+                r["save"] = str(save)
+                base[contender] = r
+                results[f"{preset}/b{batch}/{contender}"] = r
+            ref = base["diffusers"]
+            for contender in contenders:
+                r = base[contender]
+                speedup = ref["s_per_image"] / r["s_per_image"]
+                rows.append([f"{batch}", CONTENDERS[contender], f"{r['s_per_image']:.3f}", f"{r['cpu_s_per_image']:.3f}",
+                             f"{speedup:.2f}×", f"{r['peak_rss_mib']:.0f}", f"{r['load_s']:.1f}", f"{r['warmup_s']:.1f}",
+                             r["unet_dtype"].removeprefix("torch."), ", ".join(r["attention"])])  # fmt: skip
+                if contender != "diffusers":
+                    diff, diff8 = compare(Path(r["save"]), Path(ref["save"]))
+                    r["max_abs_diff"], r["max_uint8_diff"] = diff, diff8
+                    checks.append([f"{batch}", CONTENDERS[contender], f"{diff:.2e}", f"{diff * 255:.3f}", f"{diff8}"])
+        lines += [
+            f"### {preset} at {size}×{size}: {origin}",
+            "",
+            f"{args.steps} steps DPM++ 2M, guidance {GUIDANCE}; {repeats} timed run(s) after a 2-step warm-up; "
+            "speed-up = diffusers' seconds per image / this row's.",
+            "",
+            table(["batch", "contender", "s / image (wall)", "CPU s / image", "speed-up", "peak RSS MiB", "load s",
+                   "warm-up s", "UNet dtype", "attention"], rows),  # fmt: skip
+            "",
+            "Output against diffusers' fp32 output (same seeds): max |Δ| over all pixels in [0, 1], the same in 1/255 "
+            "steps, and max |Δ| of the uint8 images.",
+            "",
+            table(["batch", "contender", "max abs Δ", "max abs Δ × 255", "max uint8 Δ"], checks),
+            "",
+        ]
+    return "\n".join(lines), results
+
+
+def add_section_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--batches", type=int, nargs="+", default=[1, 4], help="emoji-tiny batch sizes")
+    p.add_argument("--repeats", type=int, default=5, help="timed runs per emoji-tiny contender")
+    p.add_argument("--emoji-size", type=int, default=64)
+    p.add_argument("--emoji-model", type=Path, default=ROOT / "models" / "emoji-tiny",
+                   help="trained emoji-tiny bundle, used when it exists (else random weights)")
+    p.add_argument("--skip-sd", action="store_true", help="skip the sd-v1 architecture (slow: ~1B parameters)")
+    p.add_argument("--sd-size", type=int, default=256)
+    p.add_argument("--sd-batches", type=int, nargs="+", default=[1, 4])
+    p.add_argument("--sd-repeats", type=int, default=1)
+    p.add_argument("--compile", action="store_true", help="also time the fast path with torch.compile")
+
+
+def main() -> None:
+    from ldm.fast import physical_cores
+
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--threads", type=int, default=physical_cores())
+    p.add_argument("--workdir", type=Path, default=DEFAULT_WORKDIR)
+    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--contender", choices=sorted(CONTENDERS))
+    p.add_argument("--model")
+    p.add_argument("--export")
+    p.add_argument("--batch", type=int)
+    p.add_argument("--size", type=int)
+    p.add_argument("--save")
+    add_section_arguments(p)
+    args = p.parse_args()
+    if args.worker:
+        import json
+
+        print(json.dumps(worker(args)))
+        return
+    args.workdir.mkdir(parents=True, exist_ok=True)
+    text, _ = section(args, args.workdir)
+    print(machine_markdown(machine(args.threads)) + "\n\n" + text)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,184 @@
+"""UNet training speed: train_unet.py with its feature cache against the reference loop that encodes every step.
+
+Both run ``train_unet.run`` on the same bundle, data and batch; the reference is ``--no-cache``, which VAE-encodes the
+batch's images and text-encodes its captions at every step, as diffusers' ``train_text_to_image.py`` does. Each
+runs in its own subprocess. A step's time is the interval between the starts of consecutive steps (so the next
+batch's loading counts); the first ``--warmup`` steps and the last one (its interval holds the final checkpoint) are
+left out. The data: 64 rendered 64×64 shapes with captions, written once to an imagefolder in the work folder.
+
+    python bench/training.py --threads 2 [--steps 30] [--batch-size 16]   # prints a Markdown section
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import (  # noqa: E402
+    DEFAULT_WORKDIR,
+    ROOT,
+    Timer,
+    bench_bundle,
+    machine,
+    machine_markdown,
+    peak_rss_mib,
+    run_worker,
+    set_threads,
+    table,
+)
+
+MODES = {
+    "no-cache": "reference: VAE + text encoder every step (`--no-cache`)",
+    "cache": "train_unet.py with the latent/text cache (default)",
+}
+COLOURS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220), "yellow": (240, 200, 30)}
+SHAPES = ("circle", "square", "triangle", "ring")
+
+
+def write_data(folder: Path, *, count: int = 64, size: int = 64) -> Path:
+    """``count`` pictures of coloured shapes on white, with captions ("big red ring"), as an imagefolder."""
+    from PIL import Image, ImageDraw
+
+    if (folder / "metadata.jsonl").is_file():
+        return folder
+    folder.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for i in range(count):
+        colour, shape = list(COLOURS)[i % 4], SHAPES[(i // 4) % 4]
+        big = (i // 16) % 2 == 0
+        r = size * (0.4 if big else 0.25)
+        c = size / 2 + (i // 32) * size / 10
+        image = Image.new("RGB", (size, size), "white")
+        draw = ImageDraw.Draw(image)
+        box = (c - r, c - r, c + r, c + r)
+        fill = COLOURS[colour]
+        if shape == "circle":
+            draw.ellipse(box, fill=fill)
+        elif shape == "square":
+            draw.rectangle(box, fill=fill)
+        elif shape == "triangle":
+            draw.polygon([(c, c - r), (c - r, c + r), (c + r, c + r)], fill=fill)
+        else:
+            draw.ellipse(box, outline=fill, width=max(2, size // 12))
+        name = f"{i:03d}.png"
+        image.save(folder / name)
+        rows.append({"file_name": name, "text": f"{'big' if big else 'small'} {colour} {shape}"})
+    (folder / "metadata.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return folder
+
+
+# --- worker: one mode ---------------------------------------------------------------------------------------------
+
+
+def worker(args) -> dict:
+    import train_unet
+    from ldm import training
+
+    set_threads(args.threads)
+    starts: list[float] = []
+    build = Timer()
+
+    def timed_loop(**kwargs):  # the real loop, with a time stamp at the start of every step
+        step_fn = kwargs["step_fn"]
+
+        def timed(batch, step):
+            starts.append(time.perf_counter())
+            return step_fn(batch, step)
+
+        return training.train_loop(**kwargs | {"step_fn": timed})
+
+    def timed_cache(*a, **kw):
+        with build:
+            return real_cache(*a, **kw)
+
+    real_cache = train_unet.load_or_build_cache
+    train_unet.train_loop, train_unet.load_or_build_cache = timed_loop, timed_cache
+    out = Path(args.out)
+    shutil.rmtree(out, ignore_errors=True)
+    argv = ["--bundle", args.bundle, "--data", args.data, "--out", out, "--max-steps", args.steps,
+            "--set", f"train.batch_size={args.batch_size}", "--set", "train.checkpoint_every=1000000",
+            "--set", "train.sample_every=1000000", "--set", "validation.steps=1", "--set", "validation.num_prompts=1"]
+    if args.mode == "no-cache":
+        argv.append("--no-cache")
+    cfg = train_unet.resolve_config(train_unet.build_parser().parse_args([str(a) for a in argv]))  # fmt: skip
+    train_unet.run(cfg)
+    intervals = [b - a for a, b in zip(starts, starts[1:])][args.warmup :]
+    step_s = sum(intervals) / len(intervals)
+    return {
+        "mode": args.mode, "steps_timed": len(intervals), "s_per_step": step_s,
+        "images_per_s": args.batch_size / step_s, "cache_build_s": build.wall if args.mode == "cache" else 0.0,
+        "peak_rss_mib": peak_rss_mib(),
+    }  # fmt: skip
+
+
+# --- the section ------------------------------------------------------------------------------------------------------
+
+
+def section(args, workdir: Path) -> tuple[str, dict]:
+    script = Path(__file__).resolve()
+    bundle_dir, origin = bench_bundle("emoji-tiny", workdir, model_dir=args.emoji_model)
+    data = write_data(workdir / "train-shapes")
+    results = {}
+    for mode in MODES:
+        results[mode] = run_worker(script, ["--mode", mode, "--bundle", bundle_dir, "--data", data, "--steps",
+                                            args.train_steps, "--warmup", args.train_warmup, "--batch-size",
+                                            args.batch_size, "--out", workdir / f"train-{mode}"],
+                                   threads=args.threads, log=workdir / "training.log")  # fmt: skip
+    ref = results["no-cache"]
+    rows = [
+        [MODES[m], f"{r['s_per_step']:.3f}", f"{r['images_per_s']:.1f}", f"{ref['s_per_step'] / r['s_per_step']:.2f}×",
+         f"{r['cache_build_s']:.1f}" if m == "cache" else "–", f"{r['peak_rss_mib']:.0f}"]
+        for m, r in results.items()
+    ]  # fmt: skip
+    text = "\n".join(
+        [
+            f"### UNet training, emoji-tiny ({origin})",
+            "",
+            f"64 rendered 64×64 images with captions, batch {args.batch_size}, fp32, AdamW; {args.train_steps} steps, "
+            f"the first {args.train_warmup} and the last left out of the timing.",
+            "",
+            table(["loop", "s / step", "images / s", "speed-up", "cache build s (once)", "peak RSS MiB"], rows),
+            "",
+        ]
+    )
+    return text, results
+
+
+def add_section_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--train-steps", type=int, default=30)
+    p.add_argument("--train-warmup", type=int, default=5)
+    p.add_argument("--batch-size", type=int, default=16)
+    if not any(a.dest == "emoji_model" for a in p._actions):
+        p.add_argument("--emoji-model", type=Path, default=ROOT / "models" / "emoji-tiny")
+
+
+def main() -> None:
+    from ldm.fast import physical_cores
+
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--threads", type=int, default=physical_cores())
+    p.add_argument("--workdir", type=Path, default=DEFAULT_WORKDIR)
+    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--mode", choices=sorted(MODES))
+    p.add_argument("--bundle")
+    p.add_argument("--data")
+    p.add_argument("--out")
+    p.add_argument("--steps", type=int)
+    p.add_argument("--warmup", type=int, default=5)
+    add_section_arguments(p)
+    args = p.parse_args()
+    if args.worker:
+        print(json.dumps(worker(args)))
+        return
+    args.workdir.mkdir(parents=True, exist_ok=True)
+    text, _ = section(args, args.workdir)
+    print(machine_markdown(machine(args.threads)) + "\n\n" + text)
+
+
+if __name__ == "__main__":
+    main()

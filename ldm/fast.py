@@ -1,0 +1,243 @@
+"""The fast sampling path: the same loop (``ldm.pipeline.generate``) with the UNet prepared for speed.
+
+What :func:`speed_up` does (each measured in ``bench/``, see BENCHMARKS.md):
+
+- **bf16 UNet at low noise** for a big UNet on hardware that computes bf16 natively (x86 AVX512-BF16 or AMX, CUDA
+  GPUs): a bf16 copy of the UNet runs the steps with t < ``fp32_from`` · T, the fp32 UNet the high-noise steps before
+  them. Why those in fp32: a sampler step moves the latents by about (σ_next − σ)·ε̂, σ falls fastest in the first
+  steps, and every later step carries what they did, so a bf16 error there costs the most. On random-weight
+  emoji-tiny (20 steps DPM++ 2M) bf16 in every step gave a max pixel error of 2.9/255, bf16 from step 3 on 1.3/255,
+  from step 10 on 0.2/255. The latents, guidance and scheduler arithmetic, the text encoder and the VAE stay fp32.
+- **channels_last** weights in the UNet and the VAE decoder (oneDNN's native layout).
+- **threads**: one per physical core, unless ``OMP_NUM_THREADS`` says otherwise.
+- **torch.compile** (inductor, weights frozen into the graph), only when asked for: it costs a minute or more the
+  first time in a process (later processes reuse inductor's on-disk cache, but still trace).
+
+Attention already runs through ``F.scaled_dot_product_attention`` (diffusers' ``AttnProcessor2_0``);
+:func:`attention_processors` reports what is in use. Text embeddings are computed once per distinct prompt on every
+path (``ldm.pipeline.encode_prompts``).
+
+A sped-up bundle is for sampling only: save the bundle it came from, not it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import os
+import platform
+from dataclasses import dataclass
+from functools import cache
+from pathlib import Path
+
+import torch
+from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
+from torch import nn
+
+from ldm.bundle import Bundle
+
+# Below this the UNet's matmuls are too small for bf16 to pay: emoji-tiny's UNet (7M) ran slower in bf16 than in
+# fp32 (per-call overhead dominates), sd-v1's (860M) about 3× faster. See BENCHMARKS.md.
+BF16_MIN_PARAMETERS = 100_000_000
+
+
+@dataclass(frozen=True, kw_only=True)
+class FastConfig:
+    bf16: bool | None = None  # bf16 UNet at low noise; None = for a big UNet on hardware with native bf16
+    fp32_from: float = 0.85  # steps at t ≥ fp32_from · T run in fp32 (1.0: none; 0.0: all, i.e. no bf16)
+    pack: bool | None = None  # oneDNN-prepacked conv/linear weights; None = on CPUs with oneDNN (not with compile)
+    compile: bool = False  # torch.compile the UNet(s) (inductor, weights frozen into the graph); slow to start
+    threads: int | None = None  # torch.set_num_threads; None = physical cores, unless OMP_NUM_THREADS is set
+
+    def __post_init__(self):
+        if not 0.0 <= self.fp32_from <= 1.0:
+            raise ValueError(f"fp32_from is a fraction of the training timesteps, in [0, 1]; got {self.fp32_from}")
+
+
+@cache
+def cpu_flags() -> frozenset[str]:
+    """The CPU feature flags of /proc/cpuinfo (empty where there is none, e.g. macOS)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return frozenset(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return frozenset()
+
+
+def has_native_bf16(device: torch.device) -> bool:
+    """Whether bf16 matmuls and convolutions run natively (faster than fp32) on ``device``.
+
+    On x86 CPUs that is AVX512-BF16 or AMX: without them oneDNN emulates bf16, which is slower than fp32.
+    """
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type != "cpu" or platform.machine().lower() not in ("x86_64", "amd64"):
+        return False
+    return torch.backends.cpu.get_cpu_capability().startswith("AVX512") and bool(
+        {"avx512_bf16", "amx_bf16"} & cpu_flags()
+    )
+
+
+@cache
+def physical_cores() -> int:
+    """Physical cores (hyper-threads share one core's FMA units, so more threads than cores do not help)."""
+    try:
+        pairs, physical = set(), "0"
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "physical id":
+                physical = value.strip()
+            elif key.strip() == "core id":
+                pairs.add((physical, value.strip()))
+        if pairs:
+            return len(pairs)
+    except OSError:
+        pass
+    return os.cpu_count() or 1
+
+
+def attention_processors(module: nn.Module) -> set[str]:
+    """Class names of the attention processors in ``module`` (``AttnProcessor2_0`` = PyTorch SDPA)."""
+    return {type(m.processor).__name__ for m in module.modules() if hasattr(m, "processor")}
+
+
+def can_pack(device: torch.device) -> bool:
+    """Whether oneDNN's prepacked convolution and linear ops (the ones inductor's freezing uses) are here."""
+    if device.type != "cpu" or not torch.backends.mkldnn.is_available():
+        return False
+    try:
+        torch.ops.mkldnn._convolution_pointwise, torch.ops.mkldnn._linear_pointwise  # noqa: B018 - lookup only
+    except (AttributeError, RuntimeError):
+        return False
+    return True
+
+
+class PackedConv2d(nn.Module):
+    """A frozen ``nn.Conv2d`` whose weight is reordered once into oneDNN's blocked layout.
+
+    An ordinary CPU convolution reorders its weight at every call; for the UNet's deep levels (1280 channels on a
+    4×4 or 8×8 grid) that costs more than the arithmetic. Same results as the ``nn.Conv2d`` (bit for bit in bf16);
+    the output is channels_last.
+    """
+
+    def __init__(self, conv: nn.Conv2d):
+        super().__init__()
+        if conv.padding_mode != "zeros" or isinstance(conv.padding, str):
+            raise ValueError("only zero padding given as numbers can be packed")
+        self.args = (list(conv.padding), list(conv.stride), list(conv.dilation), conv.groups)
+        weight = conv.weight.detach()
+        self.packed = torch.ops.mkldnn._reorder_convolution_weight(weight, *self.args, None)  # opaque, not a buffer
+        self.bias = None if conv.bias is None else conv.bias.detach()
+        self.dtype = weight.dtype
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.mkldnn._convolution_pointwise(x, self.packed, self.bias, *self.args, "none", [], "")
+
+
+class PackedLinear(nn.Module):
+    """A frozen ``nn.Linear`` with its weight reordered once for oneDNN (see :class:`PackedConv2d`)."""
+
+    def __init__(self, linear: nn.Linear):
+        super().__init__()
+        weight = linear.weight.detach()
+        self.packed = torch.ops.mkldnn._reorder_linear_weight(weight, None)
+        self.bias = None if linear.bias is None else linear.bias.detach()
+        self.dtype = weight.dtype
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (..., in) → (..., out)
+        return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
+
+
+def pack_weights(module: nn.Module, *, linear: bool = True) -> nn.Module:
+    """Replace, in place, every ``nn.Conv2d`` (and ``nn.Linear``) of an inference-only ``module`` by its packed form.
+
+    Small fp32 linears ran slower packed than through MKL's sgemm (28 µs against 12 µs for 2×256 @ 256×128), so fp32
+    modules pack their convolutions only.
+    """
+    kinds = (nn.Conv2d, nn.Linear) if linear else (nn.Conv2d,)
+    for name, child in list(module.named_modules()):
+        if type(child) in kinds:
+            parent, _, attr = name.rpartition(".")
+            packed = PackedConv2d(child) if isinstance(child, nn.Conv2d) else PackedLinear(child)
+            setattr(module.get_submodule(parent) if parent else module, attr, packed)
+    return module
+
+
+class MixedPrecisionUNet(nn.Module):
+    """fp32 in, fp32 out: ``low_noise`` (bf16) for timesteps below ``fp32_from``, ``high_noise`` (fp32) from it on.
+
+    Which one runs depends on the timestep only, so an image is the same at any batch size and in any order.
+    """
+
+    def __init__(self, *, low_noise: nn.Module, high_noise: nn.Module | None, fp32_from: float):
+        super().__init__()
+        self.low_noise, self.high_noise, self.fp32_from = low_noise, high_noise, fp32_from
+
+    @property
+    def config(self):
+        return self.low_noise.config
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return torch.float32
+
+    @property
+    def device(self) -> torch.device:
+        return self.low_noise.device
+
+    def forward(self, sample: torch.Tensor, timestep, encoder_hidden_states: torch.Tensor, **kwargs):
+        if self.high_noise is not None and float(torch.as_tensor(timestep).max()) >= self.fp32_from:
+            return self.high_noise(sample, timestep, encoder_hidden_states=encoder_hidden_states, **kwargs)
+        out = self.low_noise(
+            sample.to(torch.bfloat16), timestep, encoder_hidden_states=encoder_hidden_states.to(torch.bfloat16), **kwargs
+        )
+        return UNet2DConditionOutput(sample=out.sample.float())  # (B, C, h, w)
+
+
+@contextlib.contextmanager
+def _quiet_diffusers():
+    from diffusers.utils import logging
+
+    level = logging.get_verbosity()
+    logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        logging.set_verbosity(level)
+
+
+def speed_up(bundle: Bundle, config: FastConfig = FastConfig()) -> Bundle:
+    """Prepare an fp32 ``bundle`` in place for fast sampling with ``ldm.pipeline.generate``; returns it.
+
+    Only the UNet changes (the text encoder and the VAE run once per image): see the module docstring.
+    """
+    unet = bundle.unet
+    if unet.dtype != torch.float32 or bundle.vae.dtype != torch.float32:
+        raise ValueError("the fast path starts from an fp32 bundle; load it without --dtype")
+    device = unet.device
+    if device.type == "cpu":
+        threads = config.threads or (None if os.environ.get("OMP_NUM_THREADS") else physical_cores())
+        if threads:
+            torch.set_num_threads(threads)
+    bf16 = config.bf16
+    if bf16 is None:
+        bf16 = has_native_bf16(device) and sum(p.numel() for p in unet.parameters()) >= BF16_MIN_PARAMETERS
+    pack = (can_pack(device) if config.pack is None else config.pack) and not config.compile  # inductor packs itself
+
+    def prepare(module: nn.Module) -> nn.Module:
+        if pack:
+            module = pack_weights(module, linear=module.dtype == torch.bfloat16)
+        return torch.compile(module, options={"freezing": True}) if config.compile else module
+
+    if bf16 and config.fp32_from > 0:
+        with _quiet_diffusers():  # its notice about casting with .to() rather than from_pretrained(torch_dtype=)
+            low_noise = copy.deepcopy(unet).to(torch.bfloat16, memory_format=torch.channels_last)
+        fp32_from = config.fp32_from * bundle.config.schedule.num_train_timesteps
+        bundle.unet = MixedPrecisionUNet(
+            low_noise=prepare(low_noise), high_noise=prepare(unet) if config.fp32_from < 1 else None, fp32_from=fp32_from
+        )
+    else:
+        bundle.unet = prepare(unet)
+    return bundle

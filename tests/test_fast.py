@@ -1,0 +1,154 @@
+"""The fast sampling path (ldm.fast) and prompt dedupe, on the micro bundle; speed is measured in bench/, not here."""
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import generate as generate_cli
+import ldm.pipeline
+from ldm.bundle import load_bundle
+from ldm.errors import run_cli
+from ldm.fast import FastConfig, MixedPrecisionUNet, attention_processors, physical_cores, speed_up
+from ldm.pipeline import Request, encode_prompts, generate, to_uint8
+from ldm.pngmeta import parse_parameters, read_png_parameters
+from ldm.schedule import get_sampler
+
+def request(prompts, *, steps=8, seeds=None):
+    return Request(
+        prompts=prompts, negative_prompts=["blurry"] * len(prompts), seeds=seeds or list(range(len(prompts))),
+        steps=steps, guidance_scale=7.5, sampler=get_sampler("dpmpp_2m"), width=64, height=64,
+    )  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def bundle(micro_bundle_dir):
+    return load_bundle(micro_bundle_dir)
+
+
+@pytest.fixture(scope="module")
+def exact(bundle):
+    return generate(bundle, request(["red apple", "cat face"]), progress=False)
+
+
+THREADS = torch.get_num_threads()  # speed_up sets the thread count; keep the session's
+
+
+@pytest.mark.parametrize(
+    "config, tolerance",
+    [
+        # micro's UNet is far too small for bf16 to pay, so the default keeps fp32 (and channels_last).
+        (FastConfig(threads=THREADS), 1e-5),
+        # bf16 forced, fp32 at high noise. micro's 32-channel layers round the most, and 8 steps leave only one
+        # in fp32: 3/255 here; the 2/255 goal holds for emoji-tiny and sd-v1 (bench/generation.py).
+        (FastConfig(bf16=True, threads=THREADS), 6 / 255),
+    ],
+    ids=["default", "bf16"],
+)
+def test_fast_path_within_tolerance_of_fp32(micro_bundle_dir, exact, config, tolerance):
+    fast = speed_up(load_bundle(micro_bundle_dir), config)
+    assert fast.vae.dtype == fast.text_encoder.model.dtype == fast.unet.dtype == torch.float32
+    assert isinstance(fast.unet, MixedPrecisionUNet) == bool(config.bf16)
+    if config.bf16:
+        assert fast.unet.low_noise.dtype == torch.bfloat16 and fast.unet.high_noise.dtype == torch.float32
+    images = generate(fast, request(["red apple", "cat face"]), progress=False)
+    assert images.dtype == torch.float32 and images.shape == exact.shape
+    assert (images - exact).abs().max().item() <= tolerance
+
+
+def test_mixed_precision_picks_by_timestep(micro_bundle_dir):
+    """bf16 below the switch, the exact fp32 UNet from it on; bf16 in every step with fp32_from=1."""
+    bundle = load_bundle(micro_bundle_dir)
+    unet = bundle.unet
+    x, context = torch.randn(2, 4, 8, 8), torch.randn(2, 77, 32)
+    fast = speed_up(load_bundle(micro_bundle_dir), FastConfig(bf16=True, threads=THREADS)).unet
+    with torch.no_grad():
+        high, low = torch.tensor(900), torch.tensor(100)
+        exact = unet(x, high, encoder_hidden_states=context).sample  # channels_last changes the rounding only
+        torch.testing.assert_close(fast(x, high, encoder_hidden_states=context).sample, exact, atol=1e-5, rtol=0)
+        approx = fast(x, low, encoder_hidden_states=context).sample
+        exact = unet(x, low, encoder_hidden_states=context).sample
+        assert approx.dtype == torch.float32 and 0 < (approx - exact).abs().max() < 0.1
+    always = speed_up(load_bundle(micro_bundle_dir), FastConfig(bf16=True, fp32_from=1.0, threads=THREADS)).unet
+    assert always.high_noise is None
+    with pytest.raises(ValueError, match="fp32_from is a fraction"):
+        FastConfig(fp32_from=850)
+
+
+def test_fast_path_keeps_sdpa_attention(micro_bundle_dir):
+    fast = speed_up(load_bundle(micro_bundle_dir), FastConfig(bf16=True, threads=THREADS))
+    assert attention_processors(fast.unet) == {"AttnProcessor2_0"}
+
+
+def test_fast_path_needs_an_fp32_bundle(micro_bundle_dir):
+    with pytest.raises(ValueError, match="starts from an fp32 bundle"):
+        speed_up(load_bundle(micro_bundle_dir).to(dtype=torch.bfloat16))
+
+
+def test_physical_cores():
+    assert 1 <= physical_cores() <= (__import__("os").cpu_count() or 1)
+
+
+def test_encode_prompts_encodes_each_distinct_prompt_once(bundle, monkeypatch):
+    seen = []
+    encoder = bundle.text_encoder
+
+    def counting(ids):
+        seen.append(len(ids))
+        return type(encoder).forward(encoder, ids)
+
+    monkeypatch.setattr(encoder, "forward", counting)
+    prompts = ["red apple", "", "red apple", "cat face", ""]
+    hidden = encode_prompts(bundle, prompts)
+    assert seen == [3] and hidden.shape[0] == 5
+    for i, prompt in enumerate(prompts):
+        torch.testing.assert_close(hidden[i : i + 1], encode_prompts(bundle, [prompt]), atol=1e-6, rtol=0)
+
+
+def test_prompt_dedupe_gives_the_same_images(bundle, monkeypatch):
+    prompts = ["red apple", "red apple", "cat face", "red apple"]
+    deduped = generate(bundle, request(prompts, steps=4), progress=False)
+
+    def one_by_one(bundle, prompts):  # the reference: every prompt encoded on its own, no sharing
+        return torch.cat([encode_prompts_once(bundle, [p]) for p in prompts])
+
+    encode_prompts_once = ldm.pipeline.encode_prompts
+    monkeypatch.setattr(ldm.pipeline, "encode_prompts", one_by_one)
+    separate = generate(bundle, request(prompts, steps=4), progress=False)
+    assert torch.equal(to_uint8(deduped), to_uint8(separate))
+    assert (deduped - separate).abs().max().item() <= 1e-5
+
+
+# --- generate.py --fast -----------------------------------------------------------------------------------------------
+
+
+def run(argv):
+    return run_cli(generate_cli.main, [str(a) for a in argv])
+
+
+def pixels(path):
+    return np.asarray(Image.open(path).convert("RGB"), dtype=np.int16)
+
+
+def test_cli_fast_flag(micro_bundle_dir, tmp_path):
+    common = ["red apple", "--seed", "3", "--steps", "4", "--model", micro_bundle_dir, "--quiet"]
+    assert run([*common, "--out", tmp_path / "exact"]) == 0
+    assert run([*common, "--out", tmp_path / "fast", "--fast"]) == 0
+    (exact,), (fast,) = (tmp_path / "exact").glob("0*.png"), (tmp_path / "fast").glob("0*.png")
+    assert np.abs(pixels(fast) - pixels(exact)).max() <= 3  # 2/255 in floats, plus rounding to uint8
+    settings = parse_parameters(read_png_parameters(fast))[2]
+    assert settings["Fast"] == "on" and settings["Dtype"] == "fp32"
+    assert "Fast" not in parse_parameters(read_png_parameters(exact))[2]
+    # --from-png takes the fast path again (and --no-fast turns it off).
+    assert run(["--from-png", fast, "--model", micro_bundle_dir, "--out", tmp_path / "again", "--quiet"]) == 0
+    (again,) = (tmp_path / "again").glob("0*.png")
+    assert np.array_equal(pixels(again), pixels(fast))
+    assert parse_parameters(read_png_parameters(again))[2]["Fast"] == "on"
+    assert run(["--from-png", fast, "--no-fast", "--model", micro_bundle_dir, "--out", tmp_path / "off", "--quiet"]) == 0
+    (off,) = (tmp_path / "off").glob("0*.png")
+    assert np.array_equal(pixels(off), pixels(exact))
+
+
+def test_cli_fast_refuses_other_dtypes(micro_bundle_dir, tmp_path, capsys):
+    assert run(["x", "--fast", "--dtype", "bf16", "--model", micro_bundle_dir, "--out", tmp_path, "--quiet"]) == 2
+    assert "--fast sets the UNet's precision itself" in capsys.readouterr().err
