@@ -26,6 +26,7 @@ from common import (  # noqa: E402
     table,
 )
 
+PEAK_KEY = {"float32": "fp32", "bfloat16": "bf16"}  # torch dtype names → the peak table's keys
 MATMUL_SIZE = 2048
 
 
@@ -92,7 +93,7 @@ def section(args, workdir: Path) -> tuple[str, dict]:
         for label, seconds, dtype in (("fp32", r["fp32_s"], "fp32"), ("fast path", r["fast_s"], r["fast_dtype"])):
             achieved = r["gflop"] / seconds
             rows.append([f"{preset} @ {size}×{size}", label, f"{r['gflop']:.2f}", f"{seconds * 1e3:.1f}",
-                         f"{achieved:.1f}", f"{100 * achieved / peak[dtype]:.1f} % of {dtype} peak"])  # fmt: skip
+                         f"{achieved:.1f}", f"{100 * achieved / peak[PEAK_KEY.get(dtype, dtype)]:.1f} % of {PEAK_KEY.get(dtype, dtype)} peak"])  # fmt: skip
     text = "\n".join(
         [
             "### UNet efficiency",
