@@ -3,7 +3,7 @@
     python generate.py "red apple"
     python generate.py "red apple" "cat face" -n 4 --batch-size 4 --sampler euler_a --seed 7 --grid
     python generate.py --from-png outputs/00000-7.png       # the same image again, from its own metadata
-    python generate.py "red apple" --fast                   # bf16 UNet where the CPU has bf16 units (AMX, AVX512-BF16)
+    python generate.py "red apple" --fast                   # faster on CPUs; see ldm/fast.py
 
 Each PNG carries an A1111-style ``parameters`` text chunk. Prompts longer than the text encoder's context
 (77 tokens with the start and end tokens) are truncated, with a warning.
@@ -63,8 +63,11 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N, mps")
     p.add_argument("--dtype", default=None, choices=sorted(DTYPES), help=f"weights and activations (default {DEFAULTS['dtype']})")
     p.add_argument("--fast", action=argparse.BooleanOptionalAction, default=None,
-                   help="fast path: bf16 UNet where the hardware computes bf16 natively, channels_last, one thread per "
-                        "core; pixels within 2/255 of the fp32 path (see ldm/fast.py)")
+                   help="fast path: a big UNet runs in bf16 after the high-noise steps where the hardware computes "
+                        "bf16 natively; prepacked weights, one thread per core (see ldm/fast.py, BENCHMARKS.md)")
+    p.add_argument("--compile", action="store_true",
+                   help="with --fast: torch.compile the UNet; a minute or more to start (cached on disk), then faster "
+                        "steps, so for long runs")
     p.add_argument("--out", type=Path, default=Path("outputs"), help="output folder (default outputs/)")
     p.add_argument("--grid", action="store_true", help="also write all images as one grid PNG")
     p.add_argument("--from-png", type=Path, metavar="FILE",
@@ -151,6 +154,8 @@ def main(argv=None) -> int:
     # Fail fast on what the flags alone decide, before the (slow) bundle load; sizes are checked again below.
     check_settings(steps=steps, width=args.width or 8, height=args.height or 8, guidance_scale=guidance)
     fast = pick("fast")
+    if args.compile and not fast:
+        raise LdmError("--compile speeds up the fast path; add --fast")
     if fast and pick("dtype") != "fp32":
         raise LdmError(f"--fast sets the UNet's precision itself and needs fp32 weights, not --dtype {pick('dtype')}")
     bundle = load_bundle(model_path)
@@ -170,9 +175,9 @@ def main(argv=None) -> int:
         dtype = resolve_dtype(dtype_name, device)
     bundle.to(device, dtype)
     if fast:
-        from ldm.fast import speed_up
+        from ldm.fast import FastConfig, speed_up
 
-        speed_up(bundle)
+        speed_up(bundle, FastConfig(compile=args.compile))
     if recorded.get("model_hash") and recorded["model_hash"] != bundle.short_hash:
         print(f"warning: {args.from_png} was made with model hash {recorded['model_hash']}, this is {bundle.short_hash}", file=sys.stderr)
 

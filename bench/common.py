@@ -53,9 +53,11 @@ def machine(threads: int) -> dict:
 def machine_markdown(info: dict) -> str:
     return "\n".join(
         [
-            f"- CPU: {info['cpu']}, {info['physical_cores']} physical cores, {info['logical_cpus']} logical CPUs "
-            f"(torch CPU capability {info['cpu_capability']}; flags: {info['cpu_flags'] or 'none of note'}; "
-            f"native bf16: {'yes' if info['native_bf16'] else 'no'})",
+            (
+                f"- CPU: {info['cpu']}, {info['physical_cores']} physical cores, {info['logical_cpus']} logical CPUs "
+                f"(torch CPU capability {info['cpu_capability']}; flags: {info['cpu_flags'] or 'none of note'}; "
+                f"native bf16: {'yes' if info['native_bf16'] else 'no'})"
+            ),
             f"- threads used: {info['threads']} (torch.set_num_threads and OMP_NUM_THREADS in every worker)",
             f"- torch {info['torch']}, diffusers {info['diffusers']}, Python {info['python']}",
             f"- load average at the start: {info['load_average']}",
@@ -76,7 +78,7 @@ class Timer:
     wall: float = 0.0
     cpu: float = 0.0
 
-    def __enter__(self) -> Timer:
+    def __enter__(self) -> Timer:  # noqa: PYI034 - typing.Self needs Python 3.11
         self._wall, self._cpu = time.perf_counter(), time.process_time()
         return self
 
@@ -98,7 +100,7 @@ def run_worker(script: Path, args: list[str], *, threads: int, log: Path | None 
                TRANSFORMERS_OFFLINE="1", PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))  # fmt: skip
     cmd = [sys.executable, str(script), "--worker", *map(str, args), "--threads", str(threads)]
     print("  $", " ".join(cmd[1:]), flush=True)
-    proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True)
+    proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, check=False)
     if log is not None:
         log.parent.mkdir(parents=True, exist_ok=True)
         with log.open("a") as f:

@@ -2,8 +2,9 @@
 
 Each contender runs in its own subprocess (so its memory peak is its own) on the same bundle: ours reads the bundle,
 diffusers the bundle's export (ldm.bundle.export_diffusers). All run the same request: the prompt "red apple" ×B
-with an empty negative prompt, seeds 0…B-1, DPM++ 2M, guidance 7.5. One warm-up run of 2 steps (same batch and
-size) comes first; then ``--repeats`` timed runs; seconds per image = median wall time / B.
+with an empty negative prompt, seeds 0…B-1, DPM++ 2M, guidance 7.5. In each worker one warm-up run of 2 steps (same
+batch and size) comes first, then ``--repeats`` timed runs; emoji-tiny's contenders take turns for ``--rounds``
+rounds. Seconds per image = median wall time over all timed runs / B.
 
     python bench/generation.py --threads 2 [--skip-sd] [--repeats 3] [--sd-repeats 1]   # prints a Markdown section
 """
@@ -16,7 +17,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import (  # noqa: E402
+from common import (
     DEFAULT_WORKDIR,
     ROOT,
     Timer,
@@ -37,6 +38,8 @@ CONTENDERS = {
     "fast-compile": "ldm generate, fast path + torch.compile",
 }
 PROMPT, SAMPLER, GUIDANCE = "red apple", "dpmpp_2m", 7.5
+COLUMNS = ["batch", "contender", "s / image (wall)", "CPU s / image", "speed-up", "peak RSS MiB", "load s", "warm-up s",
+           "UNet precision", "attention"]  # fmt: skip
 
 
 # --- worker: one contender, one batch size ------------------------------------------------------------------------
@@ -53,7 +56,11 @@ def make_runner(contender: str, model: Path, export: Path):
         from diffusers import StableDiffusionPipeline
 
         pipe = StableDiffusionPipeline.from_pretrained(
-            export, safety_checker=None, feature_extractor=None, requires_safety_checker=False, local_files_only=True,
+            export,
+            safety_checker=None,
+            feature_extractor=None,
+            requires_safety_checker=False,
+            local_files_only=True,
             torch_dtype=torch.float32,
         )
         pipe.scheduler = sampler.scheduler.from_config(pipe.scheduler.config, **dict(sampler.options))
@@ -110,11 +117,33 @@ def worker(args) -> dict:
         "contender": args.contender, "batch": args.batch, "load_s": load.wall, "warmup_s": warmup.wall,
         "wall": walls, "cpu": cpus, "s_per_image": statistics.median(walls) / args.batch,
         "cpu_s_per_image": statistics.median(cpus) / args.batch, "peak_rss_mib": peak_rss_mib(),
-        "attention": sorted(attention_processors(getattr(unet, "_orig_mod", unet))), "unet_dtype": str(unet.dtype),
+        "attention": sorted(attention_processors(unet)), "unet_dtype": precision(unet),
     }  # fmt: skip
 
 
+def precision(unet) -> str:
+    """What the UNet computes in: "fp32", or for the fast path's mixed-precision UNet "bf16, fp32 at t ≥ 850"."""
+    name = lambda dtype: {"torch.float32": "fp32", "torch.bfloat16": "bf16"}.get(str(dtype), str(dtype))
+    low = getattr(unet, "low_noise", None)
+    if low is None:
+        return name(unet.dtype)
+    return name(low.dtype) + (f", fp32 at t ≥ {unet.fp32_from:.0f}" if unet.high_noise is not None else "")
+
+
 # --- the section ------------------------------------------------------------------------------------------------------
+
+
+def pool(earlier: dict | None, new: dict, batch: int) -> dict:
+    """One contender's results over several worker processes: all timed runs, the highest memory peak."""
+    if earlier is None:
+        return new
+    walls, cpus = earlier["wall"] + new["wall"], earlier["cpu"] + new["cpu"]
+    return new | {
+        "wall": walls, "cpu": cpus, "s_per_image": statistics.median(walls) / batch,
+        "cpu_s_per_image": statistics.median(cpus) / batch,
+        "peak_rss_mib": max(earlier["peak_rss_mib"], new["peak_rss_mib"]),
+        "load_s": max(earlier["load_s"], new["load_s"]), "warmup_s": max(earlier["warmup_s"], new["warmup_s"]),
+    }  # fmt: skip
 
 
 def compare(a: Path, b: Path) -> tuple[float, int]:
@@ -122,39 +151,44 @@ def compare(a: Path, b: Path) -> tuple[float, int]:
     import numpy as np
 
     x, y = np.load(a).astype(np.float64), np.load(b).astype(np.float64)
-    as_uint8 = lambda v: np.round(v * 255)  # noqa: E731 - as ldm.pipeline.to_uint8 and diffusers' numpy_to_pil
+    as_uint8 = lambda v: np.round(v * 255)  # as ldm.pipeline.to_uint8 and diffusers' numpy_to_pil round
     return float(np.abs(x - y).max()), int(np.abs(as_uint8(x) - as_uint8(y)).max())
 
 
 def section(args, workdir: Path) -> tuple[str, dict]:
     script = Path(__file__).resolve()
-    models = [("emoji-tiny", args.emoji_size, args.batches, args.repeats, args.emoji_model)]
+    models = [("emoji-tiny", args.emoji_size, args.batches, args.repeats, args.rounds, args.emoji_model)]
     if not args.skip_sd:
-        models.append(("sd-v1", args.sd_size, args.sd_batches, args.sd_repeats, None))
-    contenders = ["diffusers", "ours", "fast"] + (["fast-compile"] if args.compile else [])
+        models.append(("sd-v1", args.sd_size, args.sd_batches, args.sd_repeats, 1, None))
     results, lines = {}, []
-    for preset, size, batches, repeats, model_dir in models:
+    for preset, size, batches, repeats, rounds, model_dir in models:
+        # Compiling sd-v1's two UNets (fp32 and bf16) takes many minutes on a few cores: emoji-tiny only.
+        contenders = ["diffusers", "ours", "fast"] + (["fast-compile"] if args.compile and preset != "sd-v1" else [])
         bundle_dir, origin = bench_bundle(preset, workdir, model_dir=model_dir)
         export = exported(bundle_dir, workdir)
         rows, checks = [], []
         for batch in batches:
             base = {}
+            # Rounds take turns (diffusers, ours, fast, diffusers, ...), so a slow spell of a shared machine hits
+            # every contender alike; the medians pool all rounds' runs.
+            for _ in range(rounds):
+                for contender in contenders:
+                    save = workdir / "images" / f"{preset}-{size}-b{batch}-{contender}.npy"
+                    save.parent.mkdir(parents=True, exist_ok=True)
+                    r = run_worker(script, ["--contender", contender, "--model", bundle_dir, "--export", export,
+                                            "--batch", batch, "--size", size, "--steps", args.steps, "--repeats", repeats,
+                                            "--save", save], threads=args.threads, log=workdir / "generation.log")  # fmt: skip
+                    r["save"] = str(save)
+                    base[contender] = pool(base.get(contender), r, batch)
             for contender in contenders:
-                save = workdir / "images" / f"{preset}-{size}-b{batch}-{contender}.npy"
-                save.parent.mkdir(parents=True, exist_ok=True)
-                r = run_worker(script, ["--contender", contender, "--model", bundle_dir, "--export", export,
-                                        "--batch", batch, "--size", size, "--steps", args.steps, "--repeats", repeats,
-                                        "--save", save], threads=args.threads, log=workdir / "generation.log")  # fmt: skip
-                r["save"] = str(save)
-                base[contender] = r
-                results[f"{preset}/b{batch}/{contender}"] = r
+                results[f"{preset}/b{batch}/{contender}"] = base[contender]
             ref = base["diffusers"]
             for contender in contenders:
                 r = base[contender]
                 speedup = ref["s_per_image"] / r["s_per_image"]
                 rows.append([f"{batch}", CONTENDERS[contender], f"{r['s_per_image']:.3f}", f"{r['cpu_s_per_image']:.3f}",
                              f"{speedup:.2f}×", f"{r['peak_rss_mib']:.0f}", f"{r['load_s']:.1f}", f"{r['warmup_s']:.1f}",
-                             r["unet_dtype"].removeprefix("torch."), ", ".join(r["attention"])])  # fmt: skip
+                             r["unet_dtype"], ", ".join(r["attention"])])  # fmt: skip
                 if contender != "diffusers":
                     diff, diff8 = compare(Path(r["save"]), Path(ref["save"]))
                     r["max_abs_diff"], r["max_uint8_diff"] = diff, diff8
@@ -162,14 +196,18 @@ def section(args, workdir: Path) -> tuple[str, dict]:
         lines += [
             f"### {preset} at {size}×{size}: {origin}",
             "",
-            f"{args.steps} steps DPM++ 2M, guidance {GUIDANCE}; {repeats} timed run(s) after a 2-step warm-up; "
-            "speed-up = diffusers' seconds per image / this row's.",
+            (
+                f"{args.steps} steps DPM++ 2M, guidance {GUIDANCE}; {rounds} round(s) of one process per contender, "
+                f"each {repeats} timed run(s) after a 2-step warm-up; s / image = median run / batch; speed-up = "
+                "diffusers' seconds per image / this row's."
+            ),
             "",
-            table(["batch", "contender", "s / image (wall)", "CPU s / image", "speed-up", "peak RSS MiB", "load s",
-                   "warm-up s", "UNet dtype", "attention"], rows),  # fmt: skip
+            table(COLUMNS, rows),
             "",
-            "Output against diffusers' fp32 output (same seeds): max |Δ| over all pixels in [0, 1], the same in 1/255 "
-            "steps, and max |Δ| of the uint8 images.",
+            (
+                "Output against diffusers' fp32 output (same seeds): max |Δ| over all pixels in [0, 1], the same in "
+                "1/255 steps, and max |Δ| of the uint8 images."
+            ),
             "",
             table(["batch", "contender", "max abs Δ", "max abs Δ × 255", "max uint8 Δ"], checks),
             "",
@@ -180,15 +218,20 @@ def section(args, workdir: Path) -> tuple[str, dict]:
 def add_section_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--batches", type=int, nargs="+", default=[1, 4], help="emoji-tiny batch sizes")
-    p.add_argument("--repeats", type=int, default=5, help="timed runs per emoji-tiny contender")
+    p.add_argument("--repeats", type=int, default=5, help="timed runs per emoji-tiny worker process")
+    p.add_argument("--rounds", type=int, default=3, help="emoji-tiny worker processes per contender, taking turns")
     p.add_argument("--emoji-size", type=int, default=64)
-    p.add_argument("--emoji-model", type=Path, default=ROOT / "models" / "emoji-tiny",
-                   help="trained emoji-tiny bundle, used when it exists (else random weights)")
+    p.add_argument(
+        "--emoji-model",
+        type=Path,
+        default=ROOT / "models" / "emoji-tiny",
+        help="trained emoji-tiny bundle, used when it exists (else random weights)",
+    )
     p.add_argument("--skip-sd", action="store_true", help="skip the sd-v1 architecture (slow: ~1B parameters)")
     p.add_argument("--sd-size", type=int, default=256)
     p.add_argument("--sd-batches", type=int, nargs="+", default=[1, 4])
     p.add_argument("--sd-repeats", type=int, default=1)
-    p.add_argument("--compile", action="store_true", help="also time the fast path with torch.compile")
+    p.add_argument("--compile", action="store_true", help="also time the fast path with torch.compile (emoji-tiny)")
 
 
 def main() -> None:

@@ -19,10 +19,10 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import efficiency  # noqa: E402
-import generation  # noqa: E402
-import training  # noqa: E402
-from common import DEFAULT_WORKDIR, ROOT, machine, machine_markdown  # noqa: E402
+import efficiency
+import generation
+import training
+from common import DEFAULT_WORKDIR, ROOT, machine, machine_markdown
 
 SECTIONS = {"generation": generation, "training": training, "efficiency": efficiency}
 
@@ -53,8 +53,7 @@ def main() -> None:
     header = [
         "# Benchmarks",
         "",
-        f"Written by `bench/run.py` on {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC in {minutes:.0f} minutes. "
-        "Re-run with:",
+        f"Written by `bench/run.py` on {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC in {minutes:.0f} minutes. Re-run with:",
         "",
         "```bash",
         command,
@@ -64,8 +63,10 @@ def main() -> None:
         "",
         machine_markdown(info),
         "",
-        "Wall-clock seconds are the figures of merit; CPU seconds are shown beside them because a machine shared with "
-        "other jobs stretches wall time but hardly CPU time (at one thread, CPU ≈ wall on an idle machine).",
+        (
+            "Wall-clock seconds are the figures of merit; CPU seconds are shown beside them because a machine shared "
+            "with other jobs stretches wall time more than CPU time (at one thread, CPU ≈ wall on an idle machine)."
+        ),
         "",
         "## Results",
         "",

@@ -12,6 +12,7 @@ left out. The data: 64 rendered 64×64 shapes with captions, written once to an 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import shutil
 import sys
@@ -19,7 +20,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import (  # noqa: E402
+from common import (
     DEFAULT_WORKDIR,
     ROOT,
     Timer,
@@ -100,14 +101,16 @@ def worker(args) -> dict:
     train_unet.train_loop, train_unet.load_or_build_cache = timed_loop, timed_cache
     out = Path(args.out)
     shutil.rmtree(out, ignore_errors=True)
-    argv = ["--bundle", args.bundle, "--data", args.data, "--out", out, "--max-steps", args.steps,
-            "--set", f"train.batch_size={args.batch_size}", "--set", "train.checkpoint_every=1000000",
-            "--set", "train.sample_every=1000000", "--set", "validation.steps=1", "--set", "validation.num_prompts=1"]
+    argv = [
+        "--bundle", args.bundle, "--data", args.data, "--out", out, "--max-steps", args.steps,
+        "--set", f"train.batch_size={args.batch_size}", "--set", "train.checkpoint_every=1000000",
+        "--set", "train.sample_every=1000000", "--set", "validation.steps=1", "--set", "validation.num_prompts=1",
+    ]  # fmt: skip
     if args.mode == "no-cache":
         argv.append("--no-cache")
     cfg = train_unet.resolve_config(train_unet.build_parser().parse_args([str(a) for a in argv]))  # fmt: skip
     train_unet.run(cfg)
-    intervals = [b - a for a, b in zip(starts, starts[1:])][args.warmup :]
+    intervals = [b - a for a, b in itertools.pairwise(starts)][args.warmup :]
     step_s = sum(intervals) / len(intervals)
     return {
         "mode": args.mode, "steps_timed": len(intervals), "s_per_step": step_s,
@@ -139,8 +142,10 @@ def section(args, workdir: Path) -> tuple[str, dict]:
         [
             f"### UNet training, emoji-tiny ({origin})",
             "",
-            f"64 rendered 64×64 images with captions, batch {args.batch_size}, fp32, AdamW; {args.train_steps} steps, "
-            f"the first {args.train_warmup} and the last left out of the timing.",
+            (
+                f"64 rendered 64×64 images with captions, batch {args.batch_size}, fp32, AdamW; {args.train_steps} "
+                f"steps, the first {args.train_warmup} and the last left out of the timing."
+            ),
             "",
             table(["loop", "s / step", "images / s", "speed-up", "cache build s (once)", "peak RSS MiB"], rows),
             "",

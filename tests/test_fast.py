@@ -14,6 +14,7 @@ from ldm.pipeline import Request, encode_prompts, generate, to_uint8
 from ldm.pngmeta import parse_parameters, read_png_parameters
 from ldm.schedule import get_sampler
 
+
 def request(prompts, *, steps=8, seeds=None):
     return Request(
         prompts=prompts, negative_prompts=["blurry"] * len(prompts), seeds=seeds or list(range(len(prompts))),
@@ -144,11 +145,17 @@ def test_cli_fast_flag(micro_bundle_dir, tmp_path):
     (again,) = (tmp_path / "again").glob("0*.png")
     assert np.array_equal(pixels(again), pixels(fast))
     assert parse_parameters(read_png_parameters(again))[2]["Fast"] == "on"
-    assert run(["--from-png", fast, "--no-fast", "--model", micro_bundle_dir, "--out", tmp_path / "off", "--quiet"]) == 0
+    assert (
+        run(["--from-png", fast, "--no-fast", "--model", micro_bundle_dir, "--out", tmp_path / "off", "--quiet"]) == 0
+    )
     (off,) = (tmp_path / "off").glob("0*.png")
     assert np.array_equal(pixels(off), pixels(exact))
 
 
-def test_cli_fast_refuses_other_dtypes(micro_bundle_dir, tmp_path, capsys):
-    assert run(["x", "--fast", "--dtype", "bf16", "--model", micro_bundle_dir, "--out", tmp_path, "--quiet"]) == 2
-    assert "--fast sets the UNet's precision itself" in capsys.readouterr().err
+@pytest.mark.parametrize(
+    "flags, message",
+    [(["--fast", "--dtype", "bf16"], "--fast sets the UNet's precision itself"), (["--compile"], "add --fast")],
+)
+def test_cli_fast_bad_flags(micro_bundle_dir, tmp_path, capsys, flags, message):
+    assert run(["x", *flags, "--model", micro_bundle_dir, "--out", tmp_path, "--quiet"]) == 2
+    assert message in capsys.readouterr().err
