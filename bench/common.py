@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import json
 import os
@@ -10,6 +11,7 @@ import resource
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -148,3 +150,24 @@ def table(header: list[str], rows: list[list]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join(" --- " for _ in header) + "|"]
     lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
     return "\n".join(lines)
+
+
+def script_parser(doc: str) -> argparse.ArgumentParser:
+    """The flags every bench script takes: threads, work folder, and the hidden --worker of its subprocesses."""
+    from ldm.fast import physical_cores
+
+    p = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    p.add_argument("--threads", type=int, default=physical_cores())
+    p.add_argument("--workdir", type=Path, default=DEFAULT_WORKDIR)
+    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    return p
+
+
+def script_main(args: argparse.Namespace, worker: Callable[[argparse.Namespace], dict], section: Callable) -> None:
+    """A worker prints its measurement as one JSON line; otherwise the script runs its section on its own."""
+    if args.worker:
+        print(json.dumps(worker(args)))
+        return
+    args.workdir.mkdir(parents=True, exist_ok=True)
+    text, _ = section(args, args.workdir)
+    print(machine_markdown(machine(args.threads)) + "\n\n" + text)

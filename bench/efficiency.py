@@ -9,19 +9,17 @@ same thread count. A UNet forward here is one sampling step of one image with gu
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (
-    DEFAULT_WORKDIR,
     ROOT,
     Timer,
     bench_bundle,
-    machine,
-    machine_markdown,
     run_worker,
+    script_main,
+    script_parser,
     set_threads,
     table,
 )
@@ -126,24 +124,13 @@ def add_section_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def main() -> None:
-    from ldm.fast import physical_cores
-
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--threads", type=int, default=physical_cores())
-    p.add_argument("--workdir", type=Path, default=DEFAULT_WORKDIR)
-    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    p = script_parser(__doc__)
     p.add_argument("--what", choices=["peak", "unet"])
     p.add_argument("--bundle")
     p.add_argument("--size", type=int)
     p.add_argument("--repeats", type=int, default=5)
     add_section_arguments(p)
-    args = p.parse_args()
-    if args.worker:
-        print(json.dumps(peak_worker(args) if args.what == "peak" else unet_worker(args)))
-        return
-    args.workdir.mkdir(parents=True, exist_ok=True)
-    text, _ = section(args, args.workdir)
-    print(machine_markdown(machine(args.threads)) + "\n\n" + text)
+    script_main(p.parse_args(), lambda args: peak_worker(args) if args.what == "peak" else unet_worker(args), section)
 
 
 if __name__ == "__main__":

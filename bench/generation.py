@@ -18,15 +18,14 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (
-    DEFAULT_WORKDIR,
     ROOT,
     Timer,
     bench_bundle,
     exported,
-    machine,
-    machine_markdown,
     peak_rss_mib,
     run_worker,
+    script_main,
+    script_parser,
     set_threads,
     table,
 )
@@ -235,12 +234,7 @@ def add_section_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def main() -> None:
-    from ldm.fast import physical_cores
-
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--threads", type=int, default=physical_cores())
-    p.add_argument("--workdir", type=Path, default=DEFAULT_WORKDIR)
-    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    p = script_parser(__doc__)
     p.add_argument("--contender", choices=sorted(CONTENDERS))
     p.add_argument("--model")
     p.add_argument("--export")
@@ -248,15 +242,7 @@ def main() -> None:
     p.add_argument("--size", type=int)
     p.add_argument("--save")
     add_section_arguments(p)
-    args = p.parse_args()
-    if args.worker:
-        import json
-
-        print(json.dumps(worker(args)))
-        return
-    args.workdir.mkdir(parents=True, exist_ok=True)
-    text, _ = section(args, args.workdir)
-    print(machine_markdown(machine(args.threads)) + "\n\n" + text)
+    script_main(p.parse_args(), worker, section)
 
 
 if __name__ == "__main__":

@@ -33,14 +33,14 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, PngImagePlugin
+from PIL import Image
 from tqdm.auto import tqdm
 
 from ldm.bundle import CLIP_FILE, Bundle, load_bundle
 from ldm.clip_model import IMAGE_RANGE, encode_text, load_clip, read_clip_metadata
 from ldm.data import DataConfig, list_dataset, open_rgb, scan_dataset
 from ldm.errors import ArgumentParser, LdmError, run_cli
-from ldm.io import atomic_write, write_json, write_text
+from ldm.io import write_json, write_text
 from ldm.metrics import (
     KID_SUBSET_SIZE,
     KID_SUBSETS,
@@ -50,8 +50,7 @@ from ldm.metrics import (
     kernel_inception_distance,
 )
 from ldm.pipeline import Request, check_settings, generate
-from ldm.pngmeta import KEY as PNG_PARAMETERS_KEY
-from ldm.pngmeta import format_parameters
+from ldm.pngmeta import format_parameters, save_png
 from ldm.runtime import DTYPES, resolve_device, resolve_dtype
 from ldm.schedule import SAMPLERS, get_sampler
 from ldm.tokenizer import build_tokenizer, tokenize
@@ -362,14 +361,6 @@ def prompt_grids(samples: Samples, *, rows_per_page: int = GRID_ROWS) -> list[tu
     return pages
 
 
-def save_png(path: Path, image: Image.Image, parameters: str | None = None) -> Path:
-    """A PNG written atomically, with an A1111 ``parameters`` chunk when given."""
-    info = PngImagePlugin.PngInfo()
-    if parameters is not None:
-        info.add_text(PNG_PARAMETERS_KEY, parameters)
-    return atomic_write(path, lambda tmp: image.save(tmp, format="PNG", pnginfo=info))
-
-
 def save_generated(samples: Samples, folder: Path, *, bundle: Bundle, settings: GenerationSettings) -> list[dict]:
     """Every generated image as ``folder/NNNNN-SEED.png`` (with its generation parameters) and a metadata.jsonl."""
     sampler = get_sampler(settings.sampler)
@@ -380,7 +371,7 @@ def save_generated(samples: Samples, folder: Path, *, bundle: Bundle, settings: 
             "Steps": settings.steps, "Sampler": sampler.label, "CFG scale": settings.guidance_scale, "Seed": seed,
             "Size": f"{image.shape[-1]}x{image.shape[-2]}", "Model hash": bundle.short_hash, "Model": bundle.name,
         })  # fmt: skip
-        save_png(folder / name, Image.fromarray(image.permute(1, 2, 0).numpy()), params)
+        save_png(Image.fromarray(image.permute(1, 2, 0).numpy()), folder / name, params)
         rows.append({"file_name": name, "text": prompt, "seed": seed})
     write_text(folder / "metadata.jsonl", "".join(json.dumps(row) + "\n" for row in rows))
     return rows
@@ -540,7 +531,7 @@ def evaluate(cfg: EvalConfig) -> dict:
         report["prompts"] = per_prompt(samples, scores)
         for k, (page, grid) in enumerate(prompt_grids(samples)):
             name = f"grid-{k:03d}.png"
-            save_png(cfg.out / name, grid)
+            save_png(grid, cfg.out / name)
             report["grids"].append({"file": name, "prompts": page})
 
     if cfg.reference is not None and extractor is not None and samples is not None:

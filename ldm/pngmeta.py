@@ -13,6 +13,7 @@ from pathlib import Path
 from PIL import Image, PngImagePlugin
 
 from ldm.errors import LdmError
+from ldm.io import atomic_write
 
 KEY = "parameters"
 _NEGATIVE = "Negative prompt: "
@@ -56,10 +57,12 @@ def parse_parameters(text: str) -> tuple[str, str, dict[str, str]]:
     return "\n".join(prompt_lines), "\n".join(negative_lines), settings
 
 
-def save_png(image: Image.Image, path: str | Path, parameters: str) -> None:
+def save_png(image: Image.Image, path: str | Path, parameters: str | None = None) -> Path:
+    """A PNG written atomically, with the A1111 ``parameters`` chunk when given."""
     info = PngImagePlugin.PngInfo()
-    info.add_text(KEY, parameters)
-    image.save(path, pnginfo=info)
+    if parameters is not None:
+        info.add_text(KEY, parameters)
+    return atomic_write(Path(path), lambda tmp: image.save(tmp, format="PNG", pnginfo=info))
 
 
 def read_png_parameters(path: str | Path) -> str:
