@@ -15,18 +15,22 @@ cd "$(dirname "$0")/.."
 
 OUT=${OUT:-runs/emoji-tiny}
 DATA=${DATA:-data/emoji}
+BASE=${BASE:-data/emoji-base}
 SHIP=${SHIP:-models/emoji-tiny}
-RESUME=${RESUME:+--resume}
 
-# 1. Data: 64×64 renders of Noto Color Emoji with CLDR names; a fixed ~5 % held-out split.
+# 1. Data: 64×64 renders of Noto Color Emoji with CLDR names; a fixed ~5 % held-out split. The VAE and CLIP see
+#    every emoji; the UNet sees the default-tone ones only: skin-tone variants are half of the data but near copies
+#    of each other, and leaving them out doubles how often the UNet sees each distinct emoji in its hour.
 [ -f "$DATA/train/metadata.jsonl" ] || python -m ldm.data.emoji "$DATA" --size 64
+[ -f "$BASE/train/metadata.jsonl" ] || python -m ldm.data.emoji "$BASE" --size 64 --no-skin-tones
 
-# 2. VAE (~30 min): L1 + KL 1e-6, bf16 autocast, EMA; measures the latent scaling factor at the end.
+# 2. VAE (~30 min): L1 + KL 1e-6, bf16 autocast, EMA; measures the latent scaling factor at the end. Batches of 8:
+#    as many images per second as batches of 16 here, twice the updates, +1.3 dB in a side-by-side run.
 python train_vae.py --preset emoji-tiny --data "$DATA/train" --eval-data "$DATA/test" --out "$OUT/vae" \
-    --max-steps 3300 --max-minutes 29 \
-    --set train.batch_size=16 --set train.lr=6e-4 --set train.warmup_steps=100 --set train.lr_schedule=cosine \
+    --max-steps 7400 --max-minutes 29 \
+    --set train.batch_size=8 --set train.lr=6e-4 --set train.warmup_steps=100 --set train.lr_schedule=cosine \
     --set train.mixed_precision=bf16 --set train.ema_decay=0.999 \
-    --set train.checkpoint_every=500 --set train.sample_every=500
+    --set train.checkpoint_every=1000 --set train.sample_every=2000
 
 # 3. CLIP (~14 min): contrastive text + image towers; the text tower goes into the bundle.
 python train_clip.py --bundle "$OUT/vae/bundle" --data "$DATA/train" --eval-data "$DATA/test" --out "$OUT/clip" \
@@ -34,8 +38,8 @@ python train_clip.py --bundle "$OUT/vae/bundle" --data "$DATA/train" --eval-data
     --set train.batch_size=64 --set train.lr=5e-4 --set train.warmup_steps=50 --set train.weight_decay=0.1
 
 # 4. UNet (~60 min): ε-prediction, Min-SNR-5, 10 % caption dropout, cached latents and text embeddings.
-python train_unet.py --bundle "$OUT/clip/bundle" --data "$DATA/train" --eval-data "$DATA/test" --out "$OUT/unet" \
-    --max-steps 4800 --max-minutes 58 \
+python train_unet.py --bundle "$OUT/clip/bundle" --data "$BASE/train" --eval-data "$BASE/test" --out "$OUT/unet" \
+    --max-steps 5000 --max-minutes 58 \
     --cache-dir "$OUT/cache" --set train.batch_size=64 --set train.lr=6e-4 --set train.warmup_steps=200 \
     --set train.weight_decay=0.01 --set train.grad_clip=1.0 --set train.mixed_precision=bf16 \
     --set train.ema_decay=0.999 --set train.checkpoint_every=1000 --set train.sample_every=1000 \
