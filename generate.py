@@ -25,7 +25,7 @@ from PIL import Image
 
 import ldm
 from ldm.bundle import Bundle, load_bundle
-from ldm.errors import ArgumentParser, LdmError, run_cli
+from ldm.errors import ArgumentParser, LdmError, exit_now, run_cli
 from ldm.pipeline import Request, check_settings, generate, to_uint8
 from ldm.pngmeta import format_parameters, parse_parameters, read_png_parameters, save_png
 from ldm.runtime import DTYPES, resolve_device, resolve_dtype
@@ -232,4 +232,4 @@ def main(argv=None) -> int:
 if __name__ == "__main__":
     torch.set_grad_enabled(False)
     diffusers_logging.set_verbosity_error()  # its dtype-cast notices are noise here
-    raise SystemExit(run_cli(main))
+    exit_now(run_cli(main))

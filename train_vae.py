@@ -61,6 +61,10 @@ class VAERunConfig:
     eval_data: str = ""  # held-out folder: PSNR/SSIM at the end
     scale_samples: int = 1024  # images used to measure the latent scaling factor
     sample_images: int = 8  # reconstructions in each sample grid
+    # From scratch only: the posterior log-variance the encoder starts with. A freshly built encoder emits
+    # log σ² ≈ 0, so its sampled latents carry unit noise that it must first learn to shrink; starting low
+    # (e.g. -6, σ ≈ 0.05) skips that phase. None keeps diffusers' initialisation.
+    posterior_logvar_init: float | None = None
 
 
 class Reconstruct(nn.Module):
@@ -74,6 +78,16 @@ class Reconstruct(nn.Module):
         posterior = self.vae.encode(x).latent_dist
         z = posterior.sample()  # (B, 4, H/8, W/8)
         return self.vae.decode(z).sample, posterior.mean, posterior.logvar
+
+
+@torch.no_grad()
+def init_posterior_logvar(vae, value: float) -> None:
+    """Make a new encoder's posterior log-variance start at ``value``: the log-variance half of quant_conv
+    (or of the encoder's last conv when there is no quant_conv) gets that bias and its weights are scaled down."""
+    conv = vae.quant_conv if vae.quant_conv is not None else vae.encoder.conv_out
+    half = conv.out_channels // 2
+    conv.weight[half:] *= 0.1
+    conv.bias[half:] = value
 
 
 def build_parser() -> ArgumentParser:
@@ -144,6 +158,8 @@ def main(argv=None) -> int:
 
     base: Bundle = load_bundle(cfg.init_from) if cfg.init_from else create_bundle(cfg.model, seed=cfg.train.seed, name=out.name)
     vae = base.vae.float().train()
+    if cfg.posterior_logvar_init is not None and not cfg.init_from and resume is None:
+        init_posterior_logvar(vae, cfg.posterior_logvar_init)
     if cfg.decoder_only:
         for module in (vae.encoder, vae.quant_conv):
             module.requires_grad_(False)

@@ -1,5 +1,6 @@
 """generate.py end to end on the micro bundle: files, metadata, --from-png, bad input."""
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -124,3 +125,17 @@ def test_subprocess_exit_status_and_no_traceback(micro_bundle_dir, tmp_path):
     )
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert result.stderr.strip().splitlines()[-1].startswith("generate.py: error: unrecognized arguments")
+
+
+def test_subprocess_success_prints_the_paths(micro_bundle_dir, tmp_path):
+    """generate.py ends with exit_now: what it printed to a pipe still arrives, and the PNG is whole."""
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "generate.py"), "a", "b", "--steps", "2", "--seed", "3", "--quiet",
+         "--model", str(micro_bundle_dir), "--out", str(tmp_path / "out")],
+        capture_output=True, text=True, timeout=300, env={k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"},
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    paths = [Path(line) for line in result.stdout.splitlines()]
+    assert [p.name for p in paths] == ["00000-3.png", "00001-4.png"]
+    for path, prompt in zip(paths, ["a", "b"]):
+        assert read_png_parameters(path).splitlines()[0] == prompt

@@ -119,3 +119,19 @@ def test_bad_arguments(argv, message, capsys, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     assert run_cli(train_vae.main, argv) == 2
     assert message in capsys.readouterr().err
+
+
+def test_posterior_logvar_init_sets_the_starting_noise():
+    from ldm.bundle import create_bundle
+    from ldm.presets import PRESETS
+
+    vae = create_bundle(PRESETS["micro"], seed=0).vae.eval()
+    x = torch.rand(2, 3, 64, 64) * 2 - 1
+    with torch.no_grad():
+        before = vae.encode(x).latent_dist
+        train_vae.init_posterior_logvar(vae, -6.0)
+        after = vae.encode(x).latent_dist
+    assert before.logvar.mean().abs() < 2  # diffusers' initialisation: log σ² near 0
+    assert after.logvar.mean().item() == pytest.approx(-6.0, abs=0.5)
+    assert after.logvar.std() < before.logvar.std()
+    torch.testing.assert_close(after.mean, before.mean)  # the means are untouched
