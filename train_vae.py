@@ -123,6 +123,8 @@ def resolve_config(args) -> VAERunConfig:
     cfg = apply_overrides(with_run_flags(cfg, args), args.overrides)
     if cfg.decoder_only and not cfg.init_from:
         raise LdmError("--decoder-only needs --init-from BUNDLE: a fresh encoder has to be trained")
+    if cfg.posterior_logvar_init is not None and cfg.init_from:
+        raise LdmError("posterior_logvar_init sets up a new encoder; drop it when fine-tuning with --init-from")
     return cfg
 
 
@@ -158,7 +160,7 @@ def main(argv=None) -> int:
 
     base: Bundle = load_bundle(cfg.init_from) if cfg.init_from else create_bundle(cfg.model, seed=cfg.train.seed, name=out.name)
     vae = base.vae.float().train()
-    if cfg.posterior_logvar_init is not None and not cfg.init_from and resume is None:
+    if cfg.posterior_logvar_init is not None and resume is None:
         init_posterior_logvar(vae, cfg.posterior_logvar_init)
     if cfg.decoder_only:
         for module in (vae.encoder, vae.quant_conv):

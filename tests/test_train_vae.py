@@ -121,6 +121,12 @@ def test_bad_arguments(argv, message, capsys, tmp_path, monkeypatch):
     assert message in capsys.readouterr().err
 
 
+def test_posterior_logvar_init_is_for_new_encoders_only(micro_bundle_dir, tmp_path, capsys):
+    argv = ["--init-from", str(micro_bundle_dir), "--data", "d", "--out", str(tmp_path / "x"), "--set", "posterior_logvar_init=-6"]
+    assert run_cli(train_vae.main, argv) == 2
+    assert "drop it when fine-tuning with --init-from" in capsys.readouterr().err
+
+
 def test_posterior_logvar_init_sets_the_starting_noise():
     from ldm.bundle import create_bundle
     from ldm.presets import PRESETS
