@@ -63,8 +63,9 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N, mps")
     p.add_argument("--dtype", default=None, choices=sorted(DTYPES), help=f"weights and activations (default {DEFAULTS['dtype']})")
     p.add_argument("--fast", action=argparse.BooleanOptionalAction, default=None,
-                   help="fast path: a big UNet runs in bf16 after the high-noise steps where the hardware computes "
-                        "bf16 natively; prepacked weights, one thread per core (see ldm/fast.py, BENCHMARKS.md)")
+                   help="fast path: a small UNet runs as traced graphs on long jobs, a big one in bf16 after the "
+                        "high-noise steps where the hardware computes bf16 natively; prepacked weights, one thread "
+                        "per core (see ldm/fast.py, BENCHMARKS.md)")
     p.add_argument("--compile", action="store_true",
                    help="with --fast: torch.compile the UNet; a minute or more to start (cached on disk), then faster "
                         "steps, so for long runs")
@@ -174,10 +175,6 @@ def main(argv=None) -> int:
         warnings.simplefilter("ignore" if args.quiet else "default")
         dtype = resolve_dtype(dtype_name, device)
     bundle.to(device, dtype)
-    if fast:
-        from ldm.fast import FastConfig, speed_up
-
-        speed_up(bundle, FastConfig(compile=args.compile))
     if recorded.get("model_hash") and recorded["model_hash"] != bundle.short_hash:
         print(f"warning: {args.from_png} was made with model hash {recorded['model_hash']}, this is {bundle.short_hash}", file=sys.stderr)
 
@@ -192,6 +189,11 @@ def main(argv=None) -> int:
         jobs = plan_jobs(prompts, pick("negative_prompt"), seed=seed, per_prompt=args.num_images)
         batch_size, keep = args.batch_size, set(range(len(jobs)))
     warn_long_prompts(bundle, [j.prompt for j in jobs] + [j.negative_prompt for j in jobs])
+    if fast:
+        from ldm.fast import GRAPH_MIN_CALLS, FastConfig, speed_up
+
+        unet_calls = steps * -(-len(jobs) // batch_size)  # tracing the UNet's graphs pays on long jobs only
+        speed_up(bundle, FastConfig(compile=args.compile, graph=None if unet_calls >= GRAPH_MIN_CALLS else False))
 
     args.out.mkdir(parents=True, exist_ok=True)
     index, written = next_index(args.out), []

@@ -10,9 +10,15 @@ What :func:`speed_up` does (measured with ``bench/``; numbers in BENCHMARKS.md):
   1.6/255 with the first 2 steps in fp32, 0.9/255 with the first 3 (the default, t ≥ 850). The latents, guidance
   and scheduler arithmetic, the text encoder and the VAE stay fp32. Small UNets stay fp32: emoji-tiny's (7M
   parameters) ran no faster in bf16, and its trained weights were far more sensitive (27/255 max with bf16).
-- **Prepacked weights** (CPU): convolutions (and bf16 linears) keep their weights in oneDNN's blocked layout instead
-  of reordering them at every call, which for sd-v1's deep 1280-channel levels costs more than the arithmetic:
-  1.5× for the bf16 UNet, 1.2× for the fp32 one, results unchanged (bit for bit in bf16).
+- **Prepacked weights** (CPU, big UNets): convolutions (and bf16 linears) keep their weights in oneDNN's blocked
+  layout instead of reordering them at every call, which for sd-v1's deep 1280-channel levels costs more than the
+  arithmetic: 1.5× for the bf16 UNet, 1.2× for the fp32 one, results unchanged (bit for bit in bf16).
+- **Traced graphs** (``ldm.graph``), for a small UNet on CPU, where per-op overhead rather than arithmetic sets the
+  pace: the UNet traced once per input shape into aten calls without the module tree, weights-only work folded,
+  the cross-attention keys and values computed once per prompt, convolutions on tiny grids run as one matrix
+  product. emoji-tiny's UNet: 12.7 against 25 ms per guided step at batch 1 (2 threads). Tracing takes about 2 s,
+  so generate.py uses it only for jobs of ``GRAPH_MIN_CALLS`` UNet calls or more. Summation order changes in the
+  rewritten convolutions only (about 1e-6 in fp32).
 - **threads**: one per physical core, unless ``OMP_NUM_THREADS`` says otherwise.
 - **torch.compile** (inductor, weights frozen into the graph), only when asked for: it removes the per-op overhead
   that dominates small UNets (emoji-tiny's UNet 1.5× faster) but costs about a minute on first use; later processes
@@ -44,6 +50,9 @@ from ldm.bundle import Bundle
 # Below this the UNet's matmuls are too small for bf16 to pay: emoji-tiny's UNet (7M) ran slower in bf16 than in
 # fp32 (per-call overhead dominates), sd-v1's (860M) about 3× faster. See BENCHMARKS.md.
 BF16_MIN_PARAMETERS = 100_000_000
+# Tracing a UNet into graphs (ldm.graph) costs about 2 s on 2 cores and saves about 11 ms per call of emoji-tiny's
+# UNet at batch 2 (6 ms at batch 8): it pays from a few hundred calls on (generate.py counts steps × batches).
+GRAPH_MIN_CALLS = 200
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -52,6 +61,7 @@ class FastConfig:
     fp32_from: float = 0.85  # steps at t ≥ fp32_from · T run in fp32 (1.0: none; 0.0: all, i.e. no bf16)
     pack: bool | None = None  # oneDNN-prepacked conv/linear weights; None = on CPUs with oneDNN (not with compile)
     compile: bool = False  # torch.compile the UNet(s) (inductor, weights frozen into the graph); slow to start
+    graph: bool | None = None  # traced aten graphs (ldm.graph); None = on CPU for UNets below BF16_MIN_PARAMETERS
     threads: int | None = None  # torch.set_num_threads; None = physical cores, unless OMP_NUM_THREADS is set
 
     def __post_init__(self):
@@ -131,14 +141,21 @@ class PackedConv2d(nn.Module):
         super().__init__()
         if conv.padding_mode != "zeros" or isinstance(conv.padding, str):
             raise ValueError("only zero padding given as numbers can be packed")
-        self.args = (list(conv.padding), list(conv.stride), list(conv.dilation), conv.groups)
         weight = conv.weight.detach()
-        self.packed = torch.ops.mkldnn._reorder_convolution_weight(weight, *self.args, None)  # opaque, not a buffer
+        self.args, self.packed = pack_convolution(
+            weight, padding=conv.padding, stride=conv.stride, dilation=conv.dilation, groups=conv.groups
+        )  # the packed weight is opaque, not a buffer
         self.bias = None if conv.bias is None else conv.bias.detach()
         self.dtype = weight.dtype
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.ops.mkldnn._convolution_pointwise(x, self.packed, self.bias, *self.args, "none", [], "")
+
+
+def pack_convolution(weight: torch.Tensor, *, padding, stride, dilation, groups: int) -> tuple[tuple, torch.Tensor]:
+    """A convolution weight reordered for oneDNN, and the arguments that go with it into ``_convolution_pointwise``."""
+    args = (list(padding), list(stride), list(dilation), groups)
+    return args, torch.ops.mkldnn._reorder_convolution_weight(weight, *args, None)
 
 
 class PackedLinear(nn.Module):
@@ -229,12 +246,17 @@ def speed_up(bundle: Bundle, config: FastConfig = FastConfig()) -> Bundle:
         threads = config.threads or (None if os.environ.get("OMP_NUM_THREADS") else physical_cores())
         if threads:
             torch.set_num_threads(threads)
-    bf16 = config.bf16
-    if bf16 is None:
-        bf16 = has_native_bf16(device) and sum(p.numel() for p in unet.parameters()) >= BF16_MIN_PARAMETERS
-    pack = (can_pack(device) if config.pack is None else config.pack) and not config.compile  # inductor packs itself
+    small = sum(p.numel() for p in unet.parameters()) < BF16_MIN_PARAMETERS
+    bf16 = has_native_bf16(device) and not small if config.bf16 is None else config.bf16
+    graph = (device.type == "cpu" and small if config.graph is None else config.graph) and not config.compile
+    # inductor packs weights itself, and the traced graphs choose per convolution
+    pack = (can_pack(device) if config.pack is None else config.pack) and not config.compile and not graph
 
     def prepare(module: nn.Module) -> nn.Module:
+        if graph:
+            from ldm.graph import GraphUNet
+
+            return GraphUNet(module)
         if pack:
             module = pack_weights(module, linear=module.dtype == torch.bfloat16)
         return torch.compile(module, options={"freezing": True}) if config.compile else module

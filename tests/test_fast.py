@@ -159,3 +159,27 @@ def test_cli_fast_flag(micro_bundle_dir, tmp_path):
 def test_cli_fast_bad_flags(micro_bundle_dir, tmp_path, capsys, flags, message):
     assert run(["x", *flags, "--model", micro_bundle_dir, "--out", tmp_path, "--quiet"]) == 2
     assert message in capsys.readouterr().err
+
+
+def test_cli_traces_the_unet_only_for_jobs_that_earn_it_back(micro_bundle_dir, tmp_path, monkeypatch):
+    import ldm.fast
+    import ldm.graph
+
+    traced = []
+    monkeypatch.setattr(ldm.graph.TracedUNet, "__init__", counting(ldm.graph.TracedUNet.__init__, traced))
+    common = ["red apple", "--seed", "3", "--steps", "4", "--model", micro_bundle_dir, "--quiet", "--fast"]
+    assert run([*common, "--out", tmp_path / "short"]) == 0
+    assert traced == []  # 4 UNet calls: tracing would cost more than it saves
+    monkeypatch.setattr(ldm.fast, "GRAPH_MIN_CALLS", 4)
+    assert run([*common, "--out", tmp_path / "long"]) == 0
+    assert len(traced) == 1
+    (short,), (long,) = (tmp_path / "short").glob("0*.png"), (tmp_path / "long").glob("0*.png")
+    assert np.abs(pixels(short) - pixels(long)).max() <= 1
+
+
+def counting(function, calls):
+    def wrapper(*args, **kwargs):
+        calls.append(1)
+        return function(*args, **kwargs)
+
+    return wrapper

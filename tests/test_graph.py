@@ -1,0 +1,163 @@
+"""Traced UNet graphs (ldm.graph): the rewritten graphs against the UNet they came from; speed is measured in bench/."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.fx.experimental.proxy_tensor import make_fx
+
+import ldm.graph
+from ldm.bundle import load_bundle
+from ldm.fast import FastConfig, MixedPrecisionUNet, speed_up
+from ldm.graph import GraphUNet, fold_constants, rewrite_convolutions, split_prompt
+
+aten = torch.ops.aten
+
+
+@pytest.fixture(scope="module")
+def unet(micro_bundle_dir):
+    return load_bundle(micro_bundle_dir).unet.eval()
+
+
+def inputs(batch, *, seed=0, size=8):
+    g = torch.Generator().manual_seed(seed)
+    sample = torch.randn(batch, 4, size, size, generator=g)  # (B, 4, h, w)
+    context = torch.randn(batch, 77, 32, generator=g)  # (B, L, D)
+    return sample, context
+
+
+def exact(unet, sample, t, context):
+    with torch.no_grad():
+        return unet(sample, t, encoder_hidden_states=context).sample
+
+
+def test_graph_matches_the_unet_at_each_shape_and_timestep(unet):
+    graph = GraphUNet(unet)
+    with torch.no_grad():
+        for batch, size in ((2, 8), (4, 8), (2, 4)):
+            sample, context = inputs(batch, size=size)
+            for t in (torch.tensor(999), torch.tensor(10), 500, 500.0):
+                out = graph(sample, t, encoder_hidden_states=context).sample
+                torch.testing.assert_close(out, exact(unet, sample, t, context), atol=1e-5, rtol=0)
+    assert len(graph.traces) == 3 * 2  # three shapes × (int64 from a tensor or a Python int, float64 from a float)
+    stats = [traced.stats for traced in graph.traces.values()]
+    assert all(s.folded > 0 and s.prompt_cached > 0 and s.nodes_left < s.nodes_traced for s in stats)
+    assert all(s.pointwise_convs > 0 and s.packed_convs + s.dense_convs > 0 for s in stats)
+    assert stats[-1].dense_convs > 0  # a 4×4 latent: the 64-channel level's grid is 2×2
+
+
+def test_prompt_values_are_computed_once_per_context_tensor(unet, monkeypatch):
+    graph = GraphUNet(unet)
+    sample, context = inputs(2)
+    with torch.no_grad():
+        graph(sample, torch.tensor(900), encoder_hidden_states=context)
+        (traced,) = graph.traces.values()
+        calls = []
+        prompt = traced.prompt
+        monkeypatch.setattr(traced, "prompt", lambda c: calls.append(1) or prompt(c))
+        for t in (800, 700, 600):  # a sampling loop: same context tensor every step
+            graph(sample, torch.tensor(t), encoder_hidden_states=context)
+        assert calls == []
+        other = torch.randn_like(context)  # another prompt
+        torch.testing.assert_close(
+            graph(sample, torch.tensor(600), encoder_hidden_states=other).sample,
+            exact(unet, sample, torch.tensor(600), other), atol=1e-5, rtol=0,
+        )  # fmt: skip
+        context.mul_(2)  # changed in place: the cache must notice
+        torch.testing.assert_close(
+            graph(sample, torch.tensor(600), encoder_hidden_states=context).sample,
+            exact(unet, sample, torch.tensor(600), context), atol=1e-5, rtol=0,
+        )  # fmt: skip
+    assert len(calls) == 2
+
+
+def test_gradients_and_extra_arguments_run_the_unet_itself(unet):
+    graph = GraphUNet(unet)
+    sample, context = inputs(2)
+    out = graph(sample, torch.tensor(500), encoder_hidden_states=context).sample
+    assert out.requires_grad and not graph.traces
+    with torch.no_grad():
+        graph(sample, torch.tensor(500), encoder_hidden_states=context, cross_attention_kwargs={"scale": 1.0})
+    assert not graph.traces
+
+
+def test_a_graph_that_strays_is_not_used(unet, monkeypatch):
+    monkeypatch.setitem(ldm.graph.TOLERANCE, torch.float32, -1.0)  # nothing can pass
+    graph = GraphUNet(unet)
+    sample, context = inputs(2)
+    with pytest.warns(UserWarning, match="running the UNet itself"), torch.no_grad():
+        out = graph(sample, torch.tensor(500), encoder_hidden_states=context).sample
+    assert torch.equal(out, exact(unet, sample, torch.tensor(500), context))
+    assert list(graph.traces.values()) == [None]
+
+
+class Convs(nn.Module):
+    """One convolution of each kind the rewrite handles, and one it leaves alone."""
+
+    def __init__(self):
+        super().__init__()
+        g = torch.Generator().manual_seed(0)
+        self.small = nn.Conv2d(16, 16, 3, padding=1)  # 2×2 grid: dense matrix
+        self.down = nn.Conv2d(16, 16, 3, stride=2, padding=1)  # 2×2 → 1×1: dense
+        self.pointwise = nn.Conv2d(16, 8, 1)  # batched matmul
+        self.large = nn.Conv2d(8, 8, 3, padding=1)  # 32×32 grid: oneDNN
+        self.grouped = nn.Conv2d(8, 8, 3, padding=1, groups=2)  # left as it is
+        for p in self.parameters():
+            p.data = torch.randn(p.shape, generator=g) * 0.3
+
+    def forward(self, x, y):  # x: (B, 16, 2, 2), y: (B, 8, 32, 32)
+        a = self.small(x)
+        b = self.down(a)
+        c = self.pointwise(a)
+        return a, b, c, self.grouped(self.large(y))
+
+
+def test_rewritten_convolutions_match_conv2d():
+    module = Convs().eval()
+    x, y = torch.randn(3, 16, 2, 2), torch.randn(3, 8, 32, 32)
+    with torch.no_grad():
+        gm = make_fx(module)(x, y)
+        counts = rewrite_convolutions(gm)
+        expected, got = module(x, y), gm(x, y)
+    dense, pointwise, packed = counts
+    assert (dense, pointwise) == (2, 1) and packed in (0, 1)  # packed where oneDNN is available
+    assert sum(n.target is aten.convolution.default for n in gm.graph.nodes) == 2 - packed
+    for e, g in zip(expected, got):
+        assert g.shape == e.shape and g.is_contiguous()
+        torch.testing.assert_close(g, e, atol=1e-5, rtol=0)
+
+
+def test_fold_constants_and_split_prompt():
+    w, table = torch.randn(8, 4), torch.arange(8.0)
+
+    def f(x, context):  # x: (B, 8), context: (B, 4)
+        keys = context @ w.t() * 2  # context and constants only
+        return x * keys + torch.exp(table / 8)  # the exp of a constant folds
+
+    x, context = torch.randn(2, 8), torch.randn(2, 4)
+    gm = make_fx(f)(x, context)
+    assert fold_constants(gm) >= 2  # w.t() and exp(table / 8)
+    prompt, moved = split_prompt(gm, [n for n in gm.graph.nodes if n.op == "placeholder"][1])
+    assert moved >= 2
+    assert [n.target for n in gm.graph.nodes if n.op == "placeholder"][-1] == "prompt_0"
+    torch.testing.assert_close(gm(x, *prompt(context)), f(x, context))
+
+
+def test_fast_path_uses_graphs_for_small_unets_on_cpu(micro_bundle_dir):
+    threads = torch.get_num_threads()
+    fast = speed_up(load_bundle(micro_bundle_dir), FastConfig(threads=threads))
+    assert isinstance(fast.unet, GraphUNet)
+    plain = speed_up(load_bundle(micro_bundle_dir), FastConfig(threads=threads, graph=False))
+    assert not isinstance(plain.unet, GraphUNet)
+    mixed = speed_up(load_bundle(micro_bundle_dir), FastConfig(threads=threads, bf16=True))
+    assert isinstance(mixed.unet, MixedPrecisionUNet) and isinstance(mixed.unet.low_noise, GraphUNet)
+    compiled = speed_up(load_bundle(micro_bundle_dir), FastConfig(threads=threads, compile=True))
+    assert not isinstance(compiled.unet, GraphUNet)
+
+
+def test_dense_matrix_is_the_convolution():
+    weight = torch.randn(5, 3, 3, 3)
+    x = torch.randn(4, 3, 3, 2)
+    matrix = ldm.graph._dense_matrix(weight, [2, 1], [1, 1], (3, 3, 2))
+    expected = F.conv2d(x, weight, None, [2, 1], [1, 1])
+    torch.testing.assert_close((x.flatten(1) @ matrix).view(expected.shape), expected, atol=1e-5, rtol=0)
