@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import functools
 import warnings
+import weakref
 from collections import OrderedDict
 from dataclasses import dataclass
 
@@ -53,6 +54,7 @@ class GraphStats:
     nodes_traced: int
     nodes_left: int
     folded: int
+    identities: int
     prompt_cached: int
     dense_convs: int
     pointwise_convs: int
@@ -88,8 +90,10 @@ def fold_constants(gm: fx.GraphModule) -> int:
         if node.op == "get_attr":
             values[node] = _constant(gm, node)
         elif node.op == "call_function" and all(a in values for a in node.all_input_nodes):
+            if torch.Tag.nondeterministic_seeded in getattr(node.target, "tags", ()):
+                continue  # random ops stay random
             if not node.all_input_nodes and node.target is not aten.arange.start:
-                continue  # creation ops other than arange (e.g. random ones) stay in the graph
+                continue  # creation ops other than arange stay in the graph
             args, kwargs = fx.node.map_arg((node.args, node.kwargs), lambda a: values[a])
             values[node] = node.target(*args, **kwargs)
     folded = 0
@@ -107,13 +111,16 @@ def fold_constants(gm: fx.GraphModule) -> int:
 
 def drop_identities(gm: fx.GraphModule) -> int:
     """Remove multiplications and divisions by 1 (diffusers' default output scale factors); returns how many."""
+    if any(_is_mutating(n) for n in gm.graph.nodes):
+        return 0  # an in-place op on the result would then write into the operand
     dropped = 0
     for node in list(gm.graph.nodes):
         if node.target in (aten.mul.Tensor, aten.div.Tensor) and len(node.args) == 2 and not node.kwargs:
             x, one = node.args
             if isinstance(x, fx.Node) and isinstance(one, (int, float)) and one == 1 and "val" in x.meta:
                 before, after = x.meta["val"], node.meta.get("val")
-                if after is not None and before.dtype == after.dtype and before.shape == after.shape:
+                same = after is not None and (before.dtype, before.shape) == (after.dtype, after.shape)
+                if same and before.stride() == after.stride():
                     node.replace_all_uses_with(x)
                     gm.graph.erase_node(node)
                     dropped += 1
@@ -190,6 +197,8 @@ def rewrite_convolutions(gm: fx.GraphModule) -> tuple[int, int, int]:
         if transposed or groups != 1 or list(dilation) != [1, 1] or "val" not in x.meta:
             continue
         w, b = _constant(gm, weight), None if bias is None else _constant(gm, bias)
+        if w.device.type != "cpu":  # CUDA convolutions may run in TF32 where matmuls do not: keep them as traced
+            continue
         pack = can_pack(w.device)
         batch, *in_shape = x.meta["val"].shape
         out = node.meta["val"]
@@ -233,7 +242,8 @@ def rewrite_convolutions(gm: fx.GraphModule) -> tuple[int, int, int]:
                 counts[2] += 1
             else:
                 continue
-            y = graph.call_function(aten.view.default, (y, [batch, *out_shape]))
+            if not (pack and not pointwise and n_in * n_out > DENSE_CONV_MAX_ENTRIES):  # the matmuls' flat output
+                y = graph.call_function(aten.view.default, (y, [batch, *out_shape]))
         y.meta = dict(node.meta)
         node.replace_all_uses_with(y)
         graph.erase_node(node)
@@ -251,29 +261,31 @@ class TracedUNet:
 
         with torch.no_grad():
             gm = make_fx(call)(sample, timestep, context)
-        traced = len(gm.graph.nodes)
-        folded = fold_constants(gm)
-        drop_identities(gm)
-        context_node = [n for n in gm.graph.nodes if n.op == "placeholder"][2]
-        self.prompt, moved = split_prompt(gm, context_node)
-        dense, pointwise, packed = rewrite_convolutions(gm)
+            traced = len(gm.graph.nodes)
+            folded = fold_constants(gm)
+            dropped = drop_identities(gm)
+            context_node = [n for n in gm.graph.nodes if n.op == "placeholder"][2]
+            self.prompt, moved = split_prompt(gm, context_node)
+            dense, pointwise, packed = rewrite_convolutions(gm)
         self.main = gm
-        self.takes_context = any(n.op == "placeholder" and n.name == context_node.name for n in gm.graph.nodes)
+        self.takes_context = context_node in gm.graph.nodes
         self.stats = GraphStats(
-            nodes_traced=traced, nodes_left=len(gm.graph.nodes), folded=folded, prompt_cached=moved,
-            dense_convs=dense, pointwise_convs=pointwise, packed_convs=packed,
+            nodes_traced=traced, nodes_left=len(gm.graph.nodes), folded=folded, identities=dropped,
+            prompt_cached=moved, dense_convs=dense, pointwise_convs=pointwise, packed_convs=packed,
         )  # fmt: skip
-        self._context: torch.Tensor | None = None
-        self._context_version = -1
-        self._cached: tuple = ()
+        # (weak reference to the context tensor, its version, the prompt graph's outputs for it): replaced as a whole.
+        # A write that bypasses the version counter (``context.data``, through NumPy) is not seen: pass a new tensor.
+        self._prompt_cache: tuple = (lambda: None, -1, ())
 
     def __call__(self, sample: torch.Tensor, timestep: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-        stale = context is not self._context or context._version != self._context_version
-        if self.prompt is not None and stale:
-            self._cached = tuple(self.prompt(context))
-            self._context, self._context_version = context, context._version
+        cached = ()
+        if self.prompt is not None:
+            source, version, cached = self._prompt_cache
+            if source() is not context or version != context._version:
+                cached = tuple(self.prompt(context))
+                self._prompt_cache = (weakref.ref(context), context._version, cached)
         inputs = (sample, timestep) + ((context,) if self.takes_context else ())
-        return self.main(*inputs, *self._cached)
+        return self.main(*inputs, *cached)
 
 
 def _as_tensor(timestep) -> torch.Tensor:
@@ -303,17 +315,22 @@ class GraphUNet(nn.Module):
     def device(self) -> torch.device:
         return self.unet.device
 
-    def forward(
-        self, sample: torch.Tensor, timestep, encoder_hidden_states: torch.Tensor, return_dict: bool = True, **kwargs
-    ):
-        if torch.is_grad_enabled() or any(v is not None for v in kwargs.values()):
-            return self.unet(
-                sample, timestep, encoder_hidden_states=encoder_hidden_states, return_dict=return_dict, **kwargs
-            )
+    def forward(self, sample: torch.Tensor, timestep, encoder_hidden_states: torch.Tensor, *args, **kwargs):
+        return_dict = kwargs.pop("return_dict", True)
+        eager = args or any(v is not None for v in kwargs.values()) or self.unet.training
+        # inference tensors carry no version counter, which the prompt cache needs
+        if (
+            eager
+            or torch.is_grad_enabled()
+            or torch.is_inference_mode_enabled()
+            or encoder_hidden_states.is_inference()
+        ):
+            return self.unet(sample, timestep, encoder_hidden_states, *args, return_dict=return_dict, **kwargs)
         timestep = _as_tensor(timestep)
-        key = tuple(
-            (tuple(t.shape), t.dtype, t.device, t.is_contiguous()) for t in (sample, timestep, encoder_hidden_states)
-        )
+        inputs = (sample, timestep, encoder_hidden_states)
+        # the weights' version counters: an in-place change of a weight (load_state_dict, an optimizer) retraces
+        weights = sum(p._version for p in self.unet.parameters())
+        key = (weights, *((tuple(t.shape), t.stride(), t.dtype, t.device) for t in inputs))
         if key not in self.traces:
             self.traces[key] = self._trace(sample, timestep, encoder_hidden_states)
             if len(self.traces) > MAX_TRACES:
@@ -327,7 +344,11 @@ class GraphUNet(nn.Module):
 
     def _trace(self, sample: torch.Tensor, timestep: torch.Tensor, context: torch.Tensor) -> TracedUNet | None:
         """Trace and rewrite for these inputs' shapes, then check the graph against the UNet on them."""
-        traced = TracedUNet(self.unet, sample, timestep, context)
+        try:
+            traced = TracedUNet(self.unet, sample, timestep, context)
+        except Exception as error:  # noqa: BLE001 - an op or hook the tracer cannot take; the UNet itself can
+            warnings.warn(f"could not trace the UNet ({type(error).__name__}: {error}); running the UNet itself")
+            return None
         reference = self.unet(sample, timestep, encoder_hidden_states=context).sample
         error = (traced(sample, timestep, context) - reference).abs().max().item()
         bound = TOLERANCE.get(sample.dtype, 1e-2) * max(1.0, reference.abs().max().item())

@@ -78,7 +78,42 @@ def test_gradients_and_extra_arguments_run_the_unet_itself(unet):
     assert out.requires_grad and not graph.traces
     with torch.no_grad():
         graph(sample, torch.tensor(500), encoder_hidden_states=context, cross_attention_kwargs={"scale": 1.0})
+        graph(sample, torch.tensor(500), context, None)  # class_labels, positionally
     assert not graph.traces
+
+
+def test_inference_mode_runs_the_unet_itself(unet):
+    graph = GraphUNet(unet)
+    sample, context = inputs(2)
+    with torch.inference_mode():  # its tensors have no version counter for the prompt cache
+        out = graph(sample, torch.tensor(500), encoder_hidden_states=context).sample
+    assert not graph.traces
+    assert torch.equal(out, exact(unet, sample, torch.tensor(500), context))
+
+
+def test_changed_weights_are_traced_again(micro_bundle_dir):
+    unet = load_bundle(micro_bundle_dir).unet.eval()
+    graph = GraphUNet(unet)
+    sample, context = inputs(2)
+    with torch.no_grad():
+        graph(sample, torch.tensor(500), encoder_hidden_states=context)
+        state = {k: v * 1.5 if v.dtype.is_floating_point else v for k, v in unet.state_dict().items()}
+        unet.load_state_dict(state)  # in place: folded constants and dense matrices of the old trace are stale
+        out = graph(sample, torch.tensor(500), encoder_hidden_states=context).sample
+    assert len(graph.traces) == 2
+    torch.testing.assert_close(out, exact(unet, sample, torch.tensor(500), context), atol=1e-4, rtol=1e-5)
+
+
+def test_a_unet_that_cannot_be_traced_still_runs(unet, monkeypatch):
+    def fail(*args, **kwargs):
+        raise RuntimeError("unsupported op")
+
+    monkeypatch.setattr(ldm.graph.TracedUNet, "__init__", fail)
+    graph = GraphUNet(unet)
+    sample, context = inputs(2)
+    with pytest.warns(UserWarning, match=r"could not trace the UNet \(RuntimeError: unsupported op\)"), torch.no_grad():
+        out = graph(sample, torch.tensor(500), encoder_hidden_states=context).sample
+    assert torch.equal(out, exact(unet, sample, torch.tensor(500), context))
 
 
 def test_a_graph_that_strays_is_not_used(unet, monkeypatch):
