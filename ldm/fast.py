@@ -59,7 +59,7 @@ GRAPH_MIN_CALLS = 200
 class FastConfig:
     bf16: bool | None = None  # bf16 UNet at low noise; None = for a big UNet on hardware with native bf16
     fp32_from: float = 0.85  # steps at t ≥ fp32_from · T run in fp32 (1.0: none; 0.0: all, i.e. no bf16)
-    pack: bool | None = None  # oneDNN-prepacked conv/linear weights; None = on CPUs with oneDNN (not with compile)
+    pack: bool | None = None  # oneDNN-prepacked conv/linear weights; None = on CPUs with oneDNN, unless compile/graph
     compile: bool = False  # torch.compile the UNet(s) (inductor, weights frozen into the graph); slow to start
     graph: bool | None = None  # traced aten graphs (ldm.graph); None = on CPU for UNets below BF16_MIN_PARAMETERS
     threads: int | None = None  # torch.set_num_threads; None = physical cores, unless OMP_NUM_THREADS is set

@@ -16,9 +16,10 @@ rewrites it:
   a batched matmul; the others keep oneDNN with prepacked weights (``ldm.fast.PackedConv2d``).
 
 Only the convolutions change the arithmetic (their summation order: about 1e-6 relative in fp32); everything else
-is the traced calls themselves. The graph is specialised to the shapes, dtypes and device it was traced with;
-another shape is traced anew (about a second), and calls the graph cannot take (gradients enabled, extra keyword
-arguments) run the UNet itself.
+is the traced calls themselves. The graph is specialised to the shapes, strides, dtypes and device it was traced
+with; another shape is traced anew (about 2 s on 2 cores), a change of the UNet's weights in place drops every
+trace, and calls the graph cannot take (gradients or inference mode on, extra arguments, a UNet in train mode) run
+the UNet itself.
 """
 
 from __future__ import annotations
@@ -71,7 +72,7 @@ def _constant(gm: fx.GraphModule, node: fx.Node):
 
 
 def _add_constant(gm: fx.GraphModule, before: fx.Node, prefix: str, value) -> fx.Node:
-    name = f"{prefix}{len(gm._buffers)}_{before.name}"
+    name = f"{prefix}_{before.name}"  # one constant of each kind per node
     if isinstance(value, torch.Tensor) and value.layout == torch.strided:
         gm.register_buffer(name, value)
     else:  # oneDNN's packed weights are opaque tensors that cannot be buffers
@@ -218,6 +219,7 @@ def rewrite_convolutions(gm: fx.GraphModule) -> tuple[int, int, int]:
                         gm, node, "_bias", b.view(1, -1, 1).expand(batch, -1, in_shape[1] * in_shape[2])
                     )
                     y = graph.call_function(aten.baddbmm.default, (shift, matrix, flat))
+                y = graph.call_function(aten.view.default, (y, [batch, *out_shape]))
                 counts[1] += 1
             elif n_in * n_out <= DENSE_CONV_MAX_ENTRIES:  # (B, C·H·W) @ (C·H·W, Co·Ho·Wo)
                 flat = graph.call_function(aten.view.default, (x, [batch, n_in]))
@@ -229,6 +231,7 @@ def rewrite_convolutions(gm: fx.GraphModule) -> tuple[int, int, int]:
                         gm, node, "_bias", b.view(-1, 1).expand(-1, n_out // b.numel()).reshape(1, n_out)
                     )
                     y = graph.call_function(aten.addmm.default, (shift, flat, matrix))
+                y = graph.call_function(aten.view.default, (y, [batch, *out_shape]))
                 counts[0] += 1
             elif pack:  # oneDNN may answer in channels_last: then a copy gives back the traced layout
                 args, packed = pack_convolution(w, padding=padding, stride=stride, dilation=dilation, groups=groups)
@@ -242,8 +245,6 @@ def rewrite_convolutions(gm: fx.GraphModule) -> tuple[int, int, int]:
                 counts[2] += 1
             else:
                 continue
-            if not (pack and not pointwise and n_in * n_out > DENSE_CONV_MAX_ENTRIES):  # the matmuls' flat output
-                y = graph.call_function(aten.view.default, (y, [batch, *out_shape]))
         y.meta = dict(node.meta)
         node.replace_all_uses_with(y)
         graph.erase_node(node)
@@ -301,7 +302,12 @@ class GraphUNet(nn.Module):
     def __init__(self, unet: nn.Module):
         super().__init__()
         self.unet = unet
-        self.traces: OrderedDict[tuple, TracedUNet] = OrderedDict()
+        self.traces: OrderedDict[tuple, TracedUNet | None] = OrderedDict()
+        self._weights_version = self._version_of_weights()
+
+    def _version_of_weights(self) -> int:
+        """Grows with every in-place change of a weight (load_state_dict, an optimizer step)."""
+        return sum(p._version for p in self.unet.parameters())
 
     @property
     def config(self):
@@ -328,9 +334,11 @@ class GraphUNet(nn.Module):
             return self.unet(sample, timestep, encoder_hidden_states, *args, return_dict=return_dict, **kwargs)
         timestep = _as_tensor(timestep)
         inputs = (sample, timestep, encoder_hidden_states)
-        # the weights' version counters: an in-place change of a weight (load_state_dict, an optimizer) retraces
-        weights = sum(p._version for p in self.unet.parameters())
-        key = (weights, *((tuple(t.shape), t.stride(), t.dtype, t.device) for t in inputs))
+        weights = self._version_of_weights()
+        if weights != self._weights_version:  # folded constants and dense matrices hold the old weights
+            self.traces.clear()
+            self._weights_version = weights
+        key = tuple((tuple(t.shape), t.stride(), t.dtype, t.device) for t in inputs)
         if key not in self.traces:
             self.traces[key] = self._trace(sample, timestep, encoder_hidden_states)
             if len(self.traces) > MAX_TRACES:
