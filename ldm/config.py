@@ -68,6 +68,8 @@ def _convert(value: Any, tp: Any, where: str) -> Any:
     if isinstance(tp, type) and issubclass(tp, enum.Enum):
         if isinstance(value, tp):
             return value
+        if isinstance(value, bool):  # YAML 1.1 reads an unquoted no/off/yes/on as a bool: map it back
+            value = next((m.value for m in tp if isinstance(m.value, str) and yaml.safe_load(m.value) is value), value)
         try:
             return tp(value)
         except ValueError:

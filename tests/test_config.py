@@ -7,6 +7,7 @@ from ldm.config import apply_overrides, dump_yaml, from_dict, load_yaml, to_dict
 from ldm.errors import ConfigError
 from ldm.presets import PRESETS, ModelConfig, get_preset
 from ldm.schedule import BetaSchedule, Prediction
+from ldm.training import Precision, TrainConfig
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
@@ -70,6 +71,16 @@ def test_overrides_apply_and_convert():
     assert cfg.schedule.beta_end == 0.02
     assert cfg.vae.block_out_channels == (4, 4, 8, 8)
     assert cfg.schedule.prediction is Prediction.EPSILON
+
+
+def test_enum_value_that_yaml_reads_as_a_bool(tmp_path):
+    # YAML 1.1 reads an unquoted `no` as false: `--set train.mixed_precision=no` must still mean Precision.NO.
+    assert apply_overrides(TrainConfig(), ["mixed_precision=no"]).mixed_precision is Precision.NO
+    path = tmp_path / "train.yaml"
+    path.write_text("mixed_precision: no\n")
+    assert load_yaml(TrainConfig, path).mixed_precision is Precision.NO
+    with pytest.raises(ConfigError, match="'mixed_precision' must be one of 'no', 'bf16', 'fp16', got True"):
+        apply_overrides(TrainConfig(), ["mixed_precision=yes"])  # no member reads as true
 
 
 def test_cross_part_consistency_is_checked():

@@ -19,9 +19,34 @@ from ldm.training import (
     load_checkpoint,
     make_accelerator,
     make_lr_scheduler,
+    make_optimizer,
     resolve_resume,
     save_checkpoint,
 )
+
+
+def test_optimizer_is_fused_on_cpu_and_matches_the_loop():
+    torch.manual_seed(0)
+    weights = [torch.randn(5, 3), torch.randn(3)]
+    grads = [torch.randn_like(w) for w in weights]
+    cfg = TrainConfig(lr=1e-2, weight_decay=0.1)
+    fused_params = [torch.nn.Parameter(w.clone()) for w in weights]
+    groups = [{"params": fused_params[:1]}, {"params": fused_params[1:], "weight_decay": 0.0}]
+    fused = make_optimizer(groups, cfg)  # param groups as train_unet passes them
+    assert fused.defaults["fused"] is True
+    loop_params = [torch.nn.Parameter(w.clone()) for w in weights]
+    loop = torch.optim.AdamW(
+        [{"params": loop_params[:1]}, {"params": loop_params[1:], "weight_decay": 0.0}],
+        lr=1e-2, weight_decay=0.1, foreach=False,
+    )  # fmt: skip
+    for _ in range(3):
+        for params, opt in ((fused_params, fused), (loop_params, loop)):
+            for p, g in zip(params, grads):
+                p.grad = g.clone()
+            opt.step()
+    for a, b in zip(fused_params, loop_params):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+    assert not torch.equal(fused_params[0], weights[0])  # it moved
 
 
 def test_flatten_round_trip_keeps_types_and_values():
