@@ -4,7 +4,8 @@ Both run ``train_unet.run`` on the same bundle, data and batch; the reference is
 batch's images and text-encodes its captions at every step, as diffusers' ``train_text_to_image.py`` does. Each
 runs in its own subprocess. A step's time is the interval between the starts of consecutive steps (so the next
 batch's loading counts); the first ``--warmup`` steps and the last one (its interval holds the final checkpoint) are
-left out. The data: 64 rendered 64×64 shapes with captions, written once to an imagefolder in the work folder.
+left out. A third row runs the cached loop under bf16 autocast, to show what that precision costs or saves here.
+The data: 64 rendered 64×64 shapes with captions, written once to an imagefolder in the work folder.
 
     python bench/training.py --threads 2 [--steps 30] [--batch-size 16]   # prints a Markdown section
 """
@@ -35,6 +36,7 @@ from common import (
 MODES = {
     "no-cache": "reference: VAE + text encoder every step (`--no-cache`)",
     "cache": "train_unet.py with the latent/text cache (default)",
+    "cache-bf16": "the same with bf16 autocast (`--set train.mixed_precision=bf16`)",
 }
 COLOURS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220), "yellow": (240, 200, 30)}
 SHAPES = ("circle", "square", "triangle", "ring")
@@ -107,13 +109,15 @@ def worker(args) -> dict:
     ]  # fmt: skip
     if args.mode == "no-cache":
         argv.append("--no-cache")
+    if args.mode == "cache-bf16":
+        argv += ["--set", "train.mixed_precision=bf16"]
     cfg = train_unet.resolve_config(train_unet.build_parser().parse_args([str(a) for a in argv]))  # fmt: skip
     train_unet.run(cfg)
     intervals = [b - a for a, b in itertools.pairwise(starts)][args.warmup :]
     step_s = sum(intervals) / len(intervals)
     return {
         "mode": args.mode, "steps_timed": len(intervals), "s_per_step": step_s,
-        "images_per_s": args.batch_size / step_s, "cache_build_s": build.wall if args.mode == "cache" else 0.0,
+        "images_per_s": args.batch_size / step_s, "cache_build_s": build.wall if args.mode != "no-cache" else 0.0,
         "peak_rss_mib": peak_rss_mib(),
     }  # fmt: skip
 
@@ -134,7 +138,7 @@ def section(args, workdir: Path) -> tuple[str, dict]:
     ref = results["no-cache"]
     rows = [
         [MODES[m], f"{r['s_per_step']:.3f}", f"{r['images_per_s']:.1f}", f"{ref['s_per_step'] / r['s_per_step']:.2f}×",
-         f"{r['cache_build_s']:.1f}" if m == "cache" else "–", f"{r['peak_rss_mib']:.0f}"]
+         f"{r['cache_build_s']:.1f}" if m != "no-cache" else "–", f"{r['peak_rss_mib']:.0f}"]
         for m, r in results.items()
     ]  # fmt: skip
     text = "\n".join(
@@ -142,8 +146,8 @@ def section(args, workdir: Path) -> tuple[str, dict]:
             f"### UNet training, emoji-tiny ({origin})",
             "",
             (
-                f"64 rendered 64×64 images with captions, batch {args.batch_size}, fp32, AdamW; {args.train_steps} "
-                f"steps, the first {args.train_warmup} and the last left out of the timing."
+                f"64 rendered 64×64 images with captions, batch {args.batch_size}, fp32 unless the row says bf16, "
+                f"AdamW; {args.train_steps} steps, the first {args.train_warmup} and the last left out of the timing."
             ),
             "",
             table(["loop", "s / step", "images / s", "speed-up", "cache build s (once)", "peak RSS MiB"], rows),
