@@ -31,9 +31,10 @@ def test_optimizer_is_fused_on_cpu_and_matches_the_loop():
     grads = [torch.randn_like(w) for w in weights]
     cfg = TrainConfig(lr=1e-2, weight_decay=0.1)
     fused_params = [torch.nn.Parameter(w.clone()) for w in weights]
-    groups = [{"params": fused_params[:1]}, {"params": fused_params[1:], "weight_decay": 0.0}]
-    fused = make_optimizer(groups, cfg)  # param groups as train_unet passes them
+    groups = [{"params": iter(fused_params[:1])}, {"params": fused_params[1:], "weight_decay": 0.0}]
+    fused = make_optimizer(groups, cfg)  # param groups as train_unet passes them; a generator is not spent
     assert fused.defaults["fused"] is True
+    assert [len(g["params"]) for g in fused.param_groups] == [1, 1]
     loop_params = [torch.nn.Parameter(w.clone()) for w in weights]
     loop = torch.optim.AdamW(
         [{"params": loop_params[:1]}, {"params": loop_params[1:], "weight_decay": 0.0}],
