@@ -58,7 +58,11 @@ class TrainConfig:
     lr_schedule: LRSchedule = LRSchedule.CONSTANT
     warmup_steps: int = 0
     max_steps: int = 1000  # optimizer steps
-    max_minutes: float = 0.0  # stop (with a checkpoint) after this much wall time; 0 = no limit
+    max_minutes: float = 0.0  # stop (with a checkpoint) after this much wall time of this invocation; 0 = no limit
+    # The run's training time, summed over resumes: training stops when it is spent, and a cosine schedule decays
+    # over it as well as over max_steps (its progress is the larger of the two fractions), so it reaches its end
+    # however fast the machine is. 0 = no budget. Resuming such a run repeats its steps only up to the clock.
+    budget_minutes: float = 0.0
     grad_clip: float = 1.0  # max gradient norm; 0 = off
     mixed_precision: Precision = Precision.NO
     ema_decay: float = 0.0  # 0 = no EMA
@@ -75,15 +79,20 @@ class TrainConfig:
                 raise ValueError(f"train.{name} must be at least 1")
         if not 0 <= self.ema_decay < 1:
             raise ValueError("train.ema_decay must be in [0, 1)")
+        for name in ("max_minutes", "budget_minutes"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"train.{name} must be at least 0 (0 = no limit)")
 
 
 @dataclass
 class Progress:
-    """Where training stands: optimizer steps done, and the next micro-batch of the current epoch."""
+    """Where training stands: optimizer steps done, the next micro-batch of the current epoch, and the training
+    time spent so far (seconds, summed over resumes)."""
 
     step: int = 0
     epoch: int = 0
     batch_in_epoch: int = 0
+    seconds: float = 0.0
 
 
 def make_accelerator(cfg: TrainConfig, *, log_dir: Path | None = None) -> Accelerator:
@@ -118,16 +127,44 @@ def _listed(item):
     return item | {"params": [members] if isinstance(members, torch.Tensor) else list(members)}
 
 
+@dataclass
+class BudgetClock:
+    """The fraction of ``train.budget_minutes`` spent, which :func:`train_loop` advances and the schedule reads."""
+
+    spent: float = 0.0
+
+
 def make_lr_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig) -> torch.optim.lr_scheduler.LambdaLR:
+    """Linear warm-up over ``warmup_steps``, then constant or cosine. With a time budget the cosine's progress is
+    the larger of the step fraction and the budget fraction (``scheduler.budget_clock``, set by :func:`train_loop`)."""
+    clock = BudgetClock()
+
     def factor(step: int) -> float:
         if step < cfg.warmup_steps:
             return (step + 1) / cfg.warmup_steps
         if cfg.lr_schedule is LRSchedule.COSINE:
-            done = (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps)
+            done = max((step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps), clock.spent)
             return 0.5 * (1 + math.cos(math.pi * min(done, 1.0)))
         return 1.0
 
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+    return _BudgetLR(optimizer, factor, clock)
+
+
+class _BudgetLR(torch.optim.lr_scheduler.LambdaLR):
+    """A LambdaLR that carries the budget clock its factor reads; the clock is not part of its saved state
+    (the time spent is :class:`Progress`'s)."""
+
+    def __init__(self, optimizer, factor, clock: BudgetClock):
+        self.budget_clock = clock
+        super().__init__(optimizer, factor)
+
+    def state_dict(self) -> dict:
+        return {k: v for k, v in super().state_dict().items() if k != "budget_clock"}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        clock = self.budget_clock
+        super().load_state_dict(state_dict)
+        self.budget_clock = clock
 
 
 def make_ema(model: nn.Module, cfg: TrainConfig) -> EMAModel | None:
@@ -335,7 +372,9 @@ def add_run_arguments(parser, *, eval_help: str, out_help: str) -> None:
     parser.add_argument("--resolution", type=int, help="training side in pixels (default: the model's)")
     parser.add_argument("--out", help=out_help)
     parser.add_argument("--max-steps", type=int)
-    parser.add_argument("--max-minutes", type=float)
+    parser.add_argument("--max-minutes", type=float, help="stop this invocation after so much wall time")
+    parser.add_argument("--budget-minutes", type=float,
+                        help="training time of the whole run (over resumes); a cosine schedule anneals within it")  # fmt: skip
     parser.add_argument("--resume", help="'latest' or a checkpoint file")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="typed config override, e.g. --set train.lr=1e-4 (repeatable)")  # fmt: skip
@@ -355,12 +394,13 @@ def load_run_config(cls, args):
 
 
 def with_run_flags(cfg, args):
-    """``cfg`` with ``--out``, ``--max-steps`` and ``--max-minutes`` applied to its ``train`` section (they may
-    change on resume: a run is extended or moved without touching the rest of its config)."""
+    """``cfg`` with ``--out``, ``--max-steps``, ``--max-minutes`` and ``--budget-minutes`` applied to its ``train``
+    section (they may change on resume: a run is extended or moved without touching the rest of its config)."""
     from dataclasses import replace
 
     train = {key: getattr(args, flag) for flag, key in (("out", "output_dir"), ("max_steps", "max_steps"),
-             ("max_minutes", "max_minutes")) if getattr(args, flag) is not None}  # fmt: skip
+             ("max_minutes", "max_minutes"), ("budget_minutes", "budget_minutes"))
+             if getattr(args, flag, None) is not None}  # fmt: skip
     return replace(cfg, train=replace(cfg.train, **train)) if train else cfg
 
 
@@ -464,7 +504,9 @@ def train_loop(
     ema_models: Sequence[tuple[EMAModel, nn.Module]] = (),
     batch_order=None,
 ) -> Progress:
-    """Run until ``cfg.max_steps`` optimizer steps or ``cfg.max_minutes``; checkpoint on the way and at the end.
+    """Run until ``cfg.max_steps`` optimizer steps, ``cfg.max_minutes`` of this call or ``cfg.budget_minutes`` of
+    the whole run; checkpoint on the way and at the end. Under several processes the main process's clock decides,
+    so that every process stops after the same step and sees the same learning rate.
 
     ``step_fn(batch, step)`` runs one micro-batch and returns float losses for logging. An optimizer step has
     happened when ``accelerator.sync_gradients`` is true afterwards. ``batch_order`` replaces the default
@@ -475,14 +517,27 @@ def train_loop(
         len(dataset), cfg.batch_size, seed=cfg.seed, num_replicas=accelerator.num_processes, rank=accelerator.process_index
     )
     progress = state.progress
-    started = time.monotonic()
+    clocks = [s.budget_clock for s in state.schedulers.values() if hasattr(s, "budget_clock")]
+    started, spent_before = time.monotonic(), progress.seconds
     bar = tqdm(total=cfg.max_steps, initial=progress.step, desc="training", disable=not accelerator.is_main_process)
     running: dict[str, list[float]] = {}
 
-    def out_of_time() -> bool:
-        return cfg.max_minutes > 0 and time.monotonic() - started > cfg.max_minutes * 60
+    def tick() -> bool:
+        """Advance the training clock after an optimizer step; True when time is up."""
+        elapsed = _main_process_value(accelerator, time.monotonic() - started)
+        progress.seconds = spent_before + elapsed
+        if cfg.budget_minutes > 0:
+            for clock in clocks:
+                clock.spent = progress.seconds / (cfg.budget_minutes * 60)
+        return (cfg.max_minutes > 0 and elapsed > cfg.max_minutes * 60) or (
+            cfg.budget_minutes > 0 and progress.seconds >= cfg.budget_minutes * 60
+        )
 
-    stop = progress.step >= cfg.max_steps
+    if cfg.budget_minutes > 0:  # a resumed run's schedule continues from the time already spent
+        for clock in clocks:
+            clock.spent = progress.seconds / (cfg.budget_minutes * 60)
+
+    stop = progress.step >= cfg.max_steps or (cfg.budget_minutes > 0 and progress.seconds >= cfg.budget_minutes * 60)
     while not stop:
         for batch in batches(dataset, order, progress.epoch, start=progress.batch_in_epoch, num_workers=cfg.num_workers):
             logs = step_fn(batch, progress.step)
@@ -509,7 +564,8 @@ def train_loop(
                 running.clear()
             if sample_fn is not None and progress.step % cfg.sample_every == 0:
                 sample_fn(progress.step)
-            stop = progress.step >= cfg.max_steps or out_of_time()
+            out_of_time = tick()
+            stop = progress.step >= cfg.max_steps or out_of_time
             if stop or progress.step % cfg.checkpoint_every == 0:
                 save_checkpoint(accelerator, state, output_dir, config=config, keep=cfg.keep_checkpoints)
             if stop:
@@ -519,3 +575,12 @@ def train_loop(
             progress.batch_in_epoch = 0
     bar.close()
     return progress
+
+
+def _main_process_value(accelerator: Accelerator, value: float) -> float:
+    """``value`` as the main process has it (a broadcast when there are several processes)."""
+    if accelerator.num_processes == 1:
+        return value
+    from accelerate.utils import broadcast
+
+    return float(broadcast(torch.tensor([value], dtype=torch.float64, device=accelerator.device), from_process=0).item())

@@ -8,8 +8,8 @@
 # Each stage stops on its own clock (--max-minutes) as well as its step count. The commands are the ones that
 # made the shipped model. On its 2 cores (AVX-512 BF16 / AMX) the clock stopped the VAE at step 6,169 of 7,400
 # and the UNet at 4,472 of 5,000, with the cosine learning rate at 7 % and 3 % of its peak rather than 0.
-# The cosine schedule follows --max-steps, not the clock. On a slower machine, lower --max-steps rather than
-# raising --max-minutes, so that the schedule still gets near its end.
+# Here the cosine schedule follows --max-steps, not the clock. To make a stage anneal within its minutes on any
+# machine, replace --max-minutes M by --budget-minutes M and raise --max-steps out of the way.
 # A stage that was killed continues exactly where it stopped: python train_X.py --out OUT/X --resume latest,
 # then run the later stages by hand.
 set -euo pipefail

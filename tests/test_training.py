@@ -1,5 +1,6 @@
 import math
 import random
+import types
 
 import numpy as np
 import pytest
@@ -22,6 +23,7 @@ from ldm.training import (
     make_optimizer,
     resolve_resume,
     save_checkpoint,
+    train_loop,
 )
 
 
@@ -93,6 +95,57 @@ def test_cosine_schedule_with_warmup():
     assert lrs[-1] < 0.05
 
 
+def test_cosine_schedule_follows_the_budget_clock():
+    cfg = TrainConfig(lr=1.0, warmup_steps=2, max_steps=1000, lr_schedule=LRSchedule.COSINE, budget_minutes=1)
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=cfg.lr)
+    sched = make_lr_scheduler(opt, cfg)
+    for spent, expected in ((0.0, 1.0), (0.5, 0.5), (0.9, 0.5 * (1 + math.cos(math.pi * 0.9))), (1.5, 0.0)):
+        sched.budget_clock.spent = spent
+        opt.step()
+        sched.step()
+        assert opt.param_groups[0]["lr"] == pytest.approx(expected)  # steps 1-4: warm-up over, clock ahead
+
+
+def _timed_run(tmp_path, monkeypatch, *, budget, resume=None):
+    """train_loop on a 1-parameter model with a fake clock that advances 10 s per reading; the LR of each step."""
+    readings = iter(range(0, 10_000, 10))
+    monkeypatch.setattr("ldm.training.time", types.SimpleNamespace(monotonic=lambda: float(next(readings))))
+    cfg = TrainConfig(output_dir=str(tmp_path), lr=1.0, batch_size=1, max_steps=10**6, lr_schedule=LRSchedule.COSINE,
+                      budget_minutes=budget, checkpoint_every=10**6)  # fmt: skip
+    accelerator = make_accelerator(cfg)
+    param = torch.nn.Parameter(torch.zeros(1))
+    opt = torch.optim.SGD([param], lr=cfg.lr)
+    sched = make_lr_scheduler(opt, cfg)
+    state = TrainingState(models={"m": torch.nn.ParameterList([param])}, optimizers={"o": opt}, schedulers={"s": sched})
+    if resume is not None:
+        load_checkpoint(resume, accelerator, state, config=cfg)
+    lrs = []
+
+    def step_fn(batch, step):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+        return {}
+
+    progress = train_loop(accelerator=accelerator, cfg=cfg, state=state, dataset=[{"x": torch.zeros(1)}] * 4,
+                          step_fn=step_fn, config=cfg)  # fmt: skip
+    return progress, lrs
+
+
+def test_budget_stops_training_and_anneals_within_it_across_a_resume(tmp_path, monkeypatch):
+    progress, lrs = _timed_run(tmp_path, monkeypatch, budget=1.0)  # one minute: six steps of 10 s
+    assert (progress.step, progress.seconds) == (6, 60.0)
+    # Each step's LR was set at the end of the step before, from the clock read after the step before that.
+    spent = [0, 0, 10, 20, 30, 40]
+    assert lrs == pytest.approx([0.5 * (1 + math.cos(math.pi * s / 60)) for s in spent])
+    # Spent: resuming with the same budget does nothing; a doubled budget continues the schedule from halfway.
+    latest = list_checkpoints(tmp_path)[-1]
+    assert _timed_run(tmp_path, monkeypatch, budget=1.0, resume=latest)[0].step == 6
+    progress, lrs = _timed_run(tmp_path, monkeypatch, budget=2.0, resume=latest)
+    assert (progress.step, progress.seconds) == (12, 120.0)
+    assert lrs[1] == pytest.approx(0.5 * (1 + math.cos(math.pi * 60 / 120)))
+
+
 def test_checkpoint_restores_everything(tmp_path):
     cfg = TrainConfig(output_dir=str(tmp_path), keep_checkpoints=2)
     accelerator = make_accelerator(cfg)
@@ -111,7 +164,7 @@ def test_checkpoint_restores_everything(tmp_path):
     fresh = TrainingState(models={"m": fresh_model}, optimizers={"o": fresh_opt})
     load_checkpoint(path, accelerator, fresh, config=cfg)
     assert (random.random(), torch.rand(1), np.random.rand()) == expected_draw  # RNG streams continue
-    assert vars(fresh.progress) == {"step": 7, "epoch": 1, "batch_in_epoch": 3}
+    assert vars(fresh.progress) == {"step": 7, "epoch": 1, "batch_in_epoch": 3, "seconds": 0.0}
     for a, b in zip(model.state_dict().values(), fresh_model.state_dict().values()):
         assert torch.equal(a, b)
     sa, sb = opt.state_dict(), fresh_opt.state_dict()
