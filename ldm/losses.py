@@ -30,7 +30,7 @@ from torchvision.models.vgg import make_layers as _vgg_make_layers
 from ldm.errors import LdmError
 from ldm.io import load_tensors, save_tensors
 
-PERCEPTUAL_FLAG = "--vae.perceptual_weights"
+PERCEPTUAL_FLAG = "--set loss.perceptual_weights=FILE"  # how train_vae.py is given the backbone
 
 # ---------------------------------------------------------------------------------------------------------------
 # Reconstruction and KL
@@ -104,14 +104,14 @@ VGG16_TAP_CHANNELS = (64, 128, 256, 512, 512)
 def perceptual_unavailable_message() -> str:
     """The sentence to print when training runs without the perceptual loss."""
     return (
-        f"perceptual loss off: no backbone weights given ({PERCEPTUAL_FLAG} FILE: a VGG16 safetensors file); "
+        f"perceptual loss off: no backbone weights given ({PERCEPTUAL_FLAG}, a VGG16 safetensors file); "
         "training uses L1/L2 + KL only"
     )
 
 
 def _weights_error(path: Path, problem: str) -> LdmError:
     return LdmError(
-        f"perceptual weights {path}: {problem}; pass {PERCEPTUAL_FLAG} a safetensors file of torchvision vgg16 "
+        f"perceptual weights {path}: {problem}; pass {PERCEPTUAL_FLAG} with a safetensors file of torchvision vgg16 "
         "'features.*' weights (optionally with LPIPS 'lin0.weight' … 'lin4.weight'), or leave it unset to train "
         "without the perceptual loss"
     )

@@ -179,16 +179,22 @@ def test_bad_weights_file_is_a_clear_error(tmp_path, vgg_tensors):
             PerceptualLoss.from_file(path)
         message = str(info.value)
         assert problem in message and str(path) in message, message
-        assert "--vae.perceptual_weights" in message and "\n" not in message
+        assert "--set loss.perceptual_weights=FILE" in message and "\n" not in message
     with pytest.raises(LdmError, match="no such file"):
         VAELoss(VAELossConfig(perceptual_weights=str(tmp_path / "nope.safetensors")))
 
 
 def test_perceptual_off_message():
     assert perceptual_unavailable_message() == (
-        "perceptual loss off: no backbone weights given (--vae.perceptual_weights FILE: a VGG16 safetensors file); "
-        "training uses L1/L2 + KL only"
+        "perceptual loss off: no backbone weights given (--set loss.perceptual_weights=FILE, a VGG16 safetensors "
+        "file); training uses L1/L2 + KL only"
     )
+    # The override the message names reaches the field that train_vae.py reads.
+    from train_vae import VAERunConfig, build_parser, resolve_config
+
+    cfg = resolve_config(build_parser().parse_args(
+        ["--preset", "micro", "--data", "d", "--out", "o", "--set", "loss.perceptual_weights=vgg.safetensors"]))
+    assert isinstance(cfg, VAERunConfig) and cfg.loss.perceptual_weights == "vgg.safetensors"
     assert VAELoss(VAELossConfig(disc_channels=8)).perceptual is None
 
 
