@@ -52,7 +52,7 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--negative-prompt", default=None, help="what to steer away from (default: nothing)")
     p.add_argument("--steps", type=int, default=None, help=f"sampling steps (default {DEFAULTS['steps']})")
     p.add_argument("--guidance-scale", "--cfg", type=float, default=None,
-                   help=f"classifier-free guidance scale; 1 turns it off (default {DEFAULTS['guidance_scale']})")
+                   help=f"classifier-free guidance scale; ≤ 1 turns it off (default {DEFAULTS['guidance_scale']})")
     p.add_argument("--sampler", default=None, metavar="NAME",
                    help=f"one of {', '.join(SAMPLERS)} (default {DEFAULTS['sampler']})")
     p.add_argument("--seed", type=int, default=None, help="seed of the first image; image i uses seed+i (default: random)")

@@ -104,7 +104,7 @@ def build_parser() -> ArgumentParser:
 def _bundle_config(path: str) -> ModelConfig:
     if not (Path(path) / "manifest.json").is_file():
         raise LdmError(
-            f"no model bundle at {path}; pass --bundle with a folder save_bundle wrote (e.g. runs/vae-emoji/bundle) "
+            f"no model bundle at {path}; pass --bundle with a bundle folder (e.g. runs/vae-emoji/bundle, which train_vae.py writes) "
             "or --preset NAME to start a new one"
         )
     return load_bundle(path, verify=False).config
@@ -144,7 +144,7 @@ def check_config(cfg: CLIPRunConfig) -> None:
     if cfg.model.vision.image_size != cfg.data.resolution:
         raise LdmError(
             f"model.vision.image_size ({cfg.model.vision.image_size}) must equal data.resolution "
-            f"({cfg.data.resolution}); pass --resolution N or set both"
+            f"({cfg.data.resolution}); set them equal, e.g. --set model.vision.image_size={cfg.data.resolution}"
         )
     if bool(cfg.bundle) == bool(cfg.preset):
         raise LdmError("the run config needs exactly one of bundle and preset; pass --bundle BUNDLE or --preset NAME")
@@ -208,9 +208,7 @@ def main(argv=None) -> int:
         say(f"note: {dup} training items share their caption with another; in a batch they are false negatives")
     eval_set = None
     if cfg.eval_data:
-        eval_set = CaptionedImageDataset(
-            DataConfig(path=cfg.eval_data, resolution=cfg.data.resolution, center_crop=True)
-        )
+        eval_set = CaptionedImageDataset(cfg.data.held_out(cfg.eval_data))
         dup = _duplicates(eval_set.captions)
         say(f"held-out: {len(eval_set)} pairs in {cfg.eval_data}" + (f" ({dup} with a shared caption)" if dup else ""))
 

@@ -116,6 +116,17 @@ class ValidationConfig:
     timestep_buckets: int = 5  # held-out loss reported per this many ranges of t
     eval_images: int = 64  # at most this many held-out images
 
+    def __post_init__(self):  # checked when the config is read, not at the first validation mid-run
+        for name, fix in (("num_prompts", 4), ("steps", 20), ("timestep_buckets", 5), ("eval_images", 64)):
+            if getattr(self, name) < 1:
+                raise ValueError(f"validation.{name} must be at least 1, got {getattr(self, name)}; try {fix}")
+        if self.guidance_scale < 0:
+            raise ValueError(f"validation.guidance_scale must be at least 0 (≤ 1: no guidance), got {self.guidance_scale}")
+        try:
+            get_sampler(self.sampler)
+        except LdmError as exc:
+            raise ValueError(f"validation.sampler: {exc}") from None
+
 
 @dataclass(frozen=True, kw_only=True)
 class UNetRunConfig:
@@ -385,7 +396,7 @@ def run(cfg: UNetRunConfig, *, resume: str | None = None) -> RunResult:
     # Held-out set: fixed latents (posterior means), timesteps and noise, drawn once.
     eval_set = eval_features = None
     if cfg.eval_data and main_process:
-        eval_data = DataConfig(path=cfg.eval_data, resolution=cfg.data.resolution, min_side=cfg.data.min_side)
+        eval_data = cfg.data.held_out(cfg.eval_data)
         eval_report = report_dataset(eval_data, progress=False)
         eval_report = replace(eval_report, pairs=eval_report.pairs[: cfg.validation.eval_images])
         r = cfg.data.resolution

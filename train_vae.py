@@ -139,8 +139,8 @@ def measure_scaling_factor(vae, dataset, *, samples: int, batch_size: int, devic
     return 1.0 / torch.cat(values).std().item()
 
 
-def eval_batches(folder: str, resolution: int, batch_size: int):
-    dataset = CaptionedImageDataset(DataConfig(path=folder, resolution=resolution, center_crop=True), seed=0)
+def eval_batches(config: DataConfig, batch_size: int):
+    dataset = CaptionedImageDataset(config, seed=0)
     for start in range(0, len(dataset), batch_size):
         yield torch.stack([dataset[i]["pixel_values"] for i in range(start, min(start + batch_size, len(dataset)))])
 
@@ -238,7 +238,7 @@ def main(argv=None) -> int:
     print(f"latent scaling factor {scale:.5f}; bundle written to {out / 'bundle'}")
 
     if cfg.eval_data:
-        metrics = evaluate_batches(vae, eval_batches(cfg.eval_data, cfg.data.resolution, cfg.train.batch_size))
+        metrics = evaluate_batches(vae, eval_batches(cfg.data.held_out(cfg.eval_data), cfg.train.batch_size))
         (out / "eval.json").write_text(json.dumps(metrics, indent=2) + "\n")
         print("held-out: " + ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items()))
     accelerator.end_training()

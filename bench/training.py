@@ -7,7 +7,7 @@ batch's loading counts); the first ``--warmup`` steps and the last one (its inte
 left out. A third row runs the cached loop under bf16 autocast, to show what that precision costs or saves here.
 The data: 64 rendered 64×64 shapes with captions, written once to an imagefolder in the work folder.
 
-    python bench/training.py --threads 2 [--steps 30] [--batch-size 16]   # prints a Markdown section
+    python bench/training.py --threads 2 [--train-steps 30] [--batch-size 16]   # prints a Markdown section
 """
 
 from __future__ import annotations

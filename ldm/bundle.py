@@ -166,17 +166,17 @@ def save_bundle(bundle: Bundle, folder: str | Path) -> Path:
 def read_manifest(folder: Path) -> dict:
     if not folder.is_dir():
         raise BundleError(
-            f"no model bundle at {folder}; pass --model PATH, or create one with `python -m ldm.bundle create micro {folder}`"
+            f"no model bundle at {folder}; check the path, or create one with `python -m ldm.bundle create micro {folder}`"
         )
     path = folder / "manifest.json"
     if not path.is_file():
-        raise BundleError(f"{folder} is not a model bundle (no manifest.json); pass the folder that save_bundle wrote")
+        raise BundleError(f"{folder} is not a model bundle (no manifest.json); pass a bundle folder, as the training scripts and `python -m ldm.bundle` write them")
     try:
         manifest = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError):
         raise BundleError(f"{path} is not valid JSON; the bundle is damaged, save or copy it again") from None
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT or not isinstance(manifest.get("files"), dict):
-        raise BundleError(f"{path} is not an {FORMAT} manifest; pass the folder that save_bundle wrote")
+        raise BundleError(f"{path} is not an {FORMAT} manifest; pass a bundle folder, as the training scripts and `python -m ldm.bundle` write them")
     if manifest.get("format_version", 0) > FORMAT_VERSION:
         raise BundleError(f"{folder} was written by a newer ldm (format {manifest['format_version']}); upgrade ldm")
     if not isinstance(manifest.get("extras", {}), dict):

@@ -38,7 +38,7 @@ from tqdm.auto import tqdm
 
 from ldm.bundle import CLIP_FILE, Bundle, load_bundle
 from ldm.clip_model import IMAGE_RANGE, encode_text, load_clip, read_clip_metadata
-from ldm.data import DataConfig, list_dataset, open_rgb, scan_dataset
+from ldm.data import DataConfig, add_layout_arguments, layout_settings, list_dataset, open_rgb, scan_dataset
 from ldm.errors import ArgumentParser, LdmError, run_cli
 from ldm.io import write_json, write_text
 from ldm.metrics import (
@@ -91,10 +91,12 @@ class EvalConfig:
     model: Path | None = None
     prompts: tuple[str, ...] = ()
     images: Path | None = None  # captioned folder of ready images (any ldm.data layout) instead of generating
+    layout: tuple[tuple[str, object], ...] = ()  # DataConfig layout settings for --images (and a --prompts folder)
     clip: Path | None = None  # None: the bundle's clip.safetensors, if it has one
     reference: Path | None = None  # images for FID/KID
     inception: Path | None = None  # torchvision Inception-v3 state dict; None: CLIP image features
     vae_data: Path | None = None  # images for the VAE's PSNR/SSIM/MAE
+    vae_size: int | None = None  # resize/crop vae_data images to this square side; None: as they are
     generation: GenerationSettings = GenerationSettings()
     kid_subsets: int = KID_SUBSETS
     kid_subset_size: int = KID_SUBSET_SIZE
@@ -163,12 +165,13 @@ def square_resize(images: torch.Tensor, size: int) -> torch.Tensor:
     return F.interpolate(images, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
 
 
-def read_prompts(source: str | Path, *, limit: int | None = None) -> list[str]:
+def read_prompts(source: str | Path, *, limit: int | None = None, layout: dict | None = None) -> list[str]:
     """Prompts from a text file (one per line, blank lines skipped) or the captions of a dataset folder (distinct,
-    in file order); the first ``limit`` of them."""
+    in file order; ``layout``: its DataConfig layout settings, default detected); the first ``limit`` of them."""
     path = Path(source)
     if path.is_dir():
-        prompts = list(dict.fromkeys(pair.caption for pair in list_dataset(DataConfig(path=str(path))).pairs))
+        listing = list_dataset(DataConfig(path=str(path), **(layout or {})))
+        prompts = list(dict.fromkeys(pair.caption for pair in listing.pairs))
     elif path.is_file():
         try:
             prompts = [line.strip() for line in path.read_text(encoding="utf-8-sig").splitlines() if line.strip()]
@@ -181,9 +184,10 @@ def read_prompts(source: str | Path, *, limit: int | None = None) -> list[str]:
     return prompts[:limit]
 
 
-def read_samples(folder: Path, *, progress: bool = True) -> Samples:
-    """The usable (image, caption) pairs of a captioned folder (any :mod:`ldm.data` layout), images as uint8."""
-    report = scan_dataset(DataConfig(path=str(folder), min_side=1), progress=progress)
+def read_samples(folder: Path, *, progress: bool = True, layout: dict | None = None) -> Samples:
+    """The usable (image, caption) pairs of a captioned folder (any :mod:`ldm.data` layout; ``layout``: its
+    DataConfig layout settings, default detected), images as uint8."""
+    report = scan_dataset(DataConfig(path=str(folder), min_side=1, **(layout or {})), progress=progress)
     if not report.pairs:
         raise LdmError(f"no usable image/caption pairs in {folder}; run `python -m ldm.data check {folder}`")
     images = [read_rgb(pair.image) for pair in tqdm(report.pairs, desc="reading images", disable=not progress)]
@@ -444,9 +448,11 @@ def check_inputs(cfg: EvalConfig) -> None:
     if cfg.images is None and not cfg.prompts and cfg.vae_data is None:
         raise LdmError("no prompts; pass --prompts FILE (one prompt per line) or --prompt TEXT, or --images DIR")
     if cfg.images is not None and not cfg.images.is_dir():
-        raise LdmError(f"image folder {cfg.images} not found; pass a captioned image folder (metadata.jsonl)")
+        raise LdmError(f"image folder {cfg.images} not found; pass a captioned image folder (any ldm.data layout)")
     if cfg.vae_data is not None and cfg.model is None:
         raise LdmError("--vae-data needs a bundle whose VAE to measure; pass --model BUNDLE")
+    if cfg.vae_size is not None and (cfg.vae_size < 16 or cfg.vae_size % 8):
+        raise LdmError(f"--vae-size must be a multiple of 8 of at least 16 (the SSIM window), got {cfg.vae_size}")
     if cfg.kid_subsets < 1 or cfg.kid_subset_size < 2:
         raise LdmError("--kid-subsets must be at least 1 and --kid-subset-size at least 2; try 100 and 1000")
     for flag, folder in (("--reference", cfg.reference), ("--vae-data", cfg.vae_data)):
@@ -504,7 +510,7 @@ def evaluate(cfg: EvalConfig) -> dict:
     }  # fmt: skip
     samples = None
     if cfg.images is not None:
-        samples = read_samples(cfg.images, progress=cfg.progress)
+        samples = read_samples(cfg.images, progress=cfg.progress, layout=dict(cfg.layout))
         report["source"] = {"kind": "folder", "folder": str(cfg.images), "images": len(samples),
                             "prompts": len(set(samples.prompts)), "skipped": samples.skipped}  # fmt: skip
         if samples.skipped:
@@ -553,7 +559,8 @@ def evaluate(cfg: EvalConfig) -> dict:
                              "biased upwards with few images; compare only runs with the same counts")  # fmt: skip
 
     if cfg.vae_data is not None:
-        vae = evaluate_folder(bundle, cfg.vae_data, batch_size=cfg.feature_batch_size, progress=cfg.progress)
+        vae = evaluate_folder(bundle, cfg.vae_data, size=cfg.vae_size, batch_size=cfg.feature_batch_size,
+                              progress=cfg.progress)  # fmt: skip
         report["vae"] = {**vae, "folder": str(cfg.vae_data)}
 
     write_json(cfg.out / "eval.json", report)
@@ -573,7 +580,7 @@ def build_parser() -> ArgumentParser:
     what.add_argument("--prompt", action="append", default=[], metavar="TEXT", help="a prompt (repeatable)")
     what.add_argument("--max-prompts", type=int, default=None, metavar="N", help="the first N prompts of --prompts")
     what.add_argument("--images", type=Path, metavar="DIR",
-                      help="score these images instead of generating: a captioned folder (metadata.jsonl)")
+                      help="score these images instead of generating: a captioned folder (any ldm.data layout)")
     against = p.add_argument_group("metrics")
     against.add_argument("--clip", type=Path, metavar="FILE",
                          help=f"train_clip.py's clip.safetensors for CLIP scores (default: the bundle's {CLIP_FILE})")
@@ -581,6 +588,8 @@ def build_parser() -> ArgumentParser:
     against.add_argument("--inception", type=Path, metavar="FILE",
                          help="torchvision inception_v3 state dict (safetensors) for FID/KID (default: CLIP features)")
     against.add_argument("--vae-data", type=Path, metavar="DIR", help="images for the VAE's PSNR/SSIM/MAE")
+    against.add_argument("--vae-size", type=int, metavar="N",
+                         help="resize and centre-crop the --vae-data images to N×N (default: as they are)")
     against.add_argument("--kid-subsets", type=int, default=KID_SUBSETS, help=f"KID subsets (default {KID_SUBSETS})")
     against.add_argument("--kid-subset-size", type=int, default=KID_SUBSET_SIZE,
                          help=f"features per side in a KID subset (default {KID_SUBSET_SIZE}, capped at the set sizes)")
@@ -599,6 +608,7 @@ def build_parser() -> ArgumentParser:
     gen.add_argument("--negative-prompt", default="", help="the unconditional half of guidance (default: empty)")
     gen.add_argument("--width", type=int, default=None, help="multiple of 8 (default: the bundle's training size)")
     gen.add_argument("--height", type=int, default=None, help="multiple of 8 (default: the bundle's training size)")
+    add_layout_arguments(p)  # for --images and a --prompts folder
     p.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N, mps")
     p.add_argument("--dtype", default="fp32", choices=sorted(DTYPES), help="the bundle's dtype (default fp32)")
     p.add_argument("--out", type=Path, required=True, help="output folder: eval.json, eval.md, grid-*.png, images/")
@@ -610,14 +620,16 @@ def config_from_args(args) -> EvalConfig:
     prompts = list(args.prompt)
     if args.max_prompts is not None and args.max_prompts < 1:
         raise LdmError(f"--max-prompts must be at least 1, got {args.max_prompts}")
+    layout = layout_settings(args)
     if args.prompts is not None:
-        prompts += read_prompts(args.prompts, limit=args.max_prompts)
+        prompts += read_prompts(args.prompts, limit=args.max_prompts, layout=layout)
     if any(not p.strip() for p in args.prompt):
         raise LdmError("--prompt was given an empty prompt; pass some text")
     prompts = list(dict.fromkeys(prompts))  # a repeated prompt would only repeat its images (same seeds)
     return EvalConfig(
-        out=args.out, model=args.model, prompts=tuple(prompts), images=args.images, clip=args.clip,
-        reference=args.reference, inception=args.inception, vae_data=args.vae_data,
+        out=args.out, model=args.model, prompts=tuple(prompts), images=args.images, layout=tuple(layout.items()),
+        clip=args.clip,
+        reference=args.reference, inception=args.inception, vae_data=args.vae_data, vae_size=args.vae_size,
         generation=GenerationSettings(
             images_per_prompt=args.images_per_prompt, batch_size=args.batch_size, steps=args.steps,
             guidance_scale=args.guidance, sampler=args.sampler, seed=args.seed, width=args.width, height=args.height,

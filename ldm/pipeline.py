@@ -48,7 +48,7 @@ def check_settings(*, steps: int, width: int, height: int, guidance_scale: float
             fix = max(8, value // 8 * 8)
             raise LdmError(f"{name} must be a positive multiple of 8 (the VAE's downsampling factor), got {value}; try {fix}")
     if guidance_scale < 0:
-        raise LdmError(f"guidance scale must be ≥ 0, got {guidance_scale}; 1 turns guidance off, 5–9 is usual")
+        raise LdmError(f"guidance scale must be ≥ 0, got {guidance_scale}; ≤ 1 turns guidance off, 5–9 is usual")
 
 
 @torch.no_grad()

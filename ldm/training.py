@@ -32,6 +32,7 @@ from tqdm.auto import tqdm
 
 from ldm.bundle import package_versions
 from ldm.config import to_dict
+from ldm.data.config import add_layout_arguments, layout_settings
 from ldm.errors import LdmError
 from ldm.io import save_tensors
 
@@ -378,6 +379,7 @@ def add_run_arguments(parser, *, eval_help: str, out_help: str) -> None:
     parser.add_argument("--resume", help="'latest' or a checkpoint file")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="typed config override, e.g. --set train.lr=1e-4 (repeatable)")  # fmt: skip
+    add_layout_arguments(parser)  # for --data and --eval-data alike
 
 
 def load_run_config(cls, args):
@@ -395,13 +397,20 @@ def load_run_config(cls, args):
 
 def with_run_flags(cfg, args):
     """``cfg`` with ``--out``, ``--max-steps``, ``--max-minutes`` and ``--budget-minutes`` applied to its ``train``
-    section (they may change on resume: a run is extended or moved without touching the rest of its config)."""
+    section (they may change on resume: a run is extended or moved without touching the rest of its config), and
+    the dataset layout flags (``--layout``, ``--metadata``, ...) to its ``data`` section."""
     from dataclasses import replace
 
     train = {key: getattr(args, flag) for flag, key in (("out", "output_dir"), ("max_steps", "max_steps"),
              ("max_minutes", "max_minutes"), ("budget_minutes", "budget_minutes"))
              if getattr(args, flag, None) is not None}  # fmt: skip
-    return replace(cfg, train=replace(cfg.train, **train)) if train else cfg
+    layout = layout_settings(args)
+    try:
+        if train:
+            cfg = replace(cfg, train=replace(cfg.train, **train))
+        return replace(cfg, data=replace(cfg.data, **layout)) if layout else cfg
+    except ValueError as exc:  # a flag's value the config refuses, e.g. --budget-minutes -1
+        raise LdmError(str(exc)) from None
 
 
 def begin_run(accelerator: Accelerator, state: TrainingState, *, config: Any, resume: Path | None, output_dir: Path,
@@ -517,7 +526,7 @@ def train_loop(
         len(dataset), cfg.batch_size, seed=cfg.seed, num_replicas=accelerator.num_processes, rank=accelerator.process_index
     )
     progress = state.progress
-    clocks = [s.budget_clock for s in state.schedulers.values() if hasattr(s, "budget_clock")]
+    clocks = [clock for s in state.schedulers.values() if (clock := _budget_clock(s)) is not None]
     started, spent_before = time.monotonic(), progress.seconds
     bar = tqdm(total=cfg.max_steps, initial=progress.step, desc="training", disable=not accelerator.is_main_process)
     running: dict[str, list[float]] = {}
@@ -560,7 +569,10 @@ def train_loop(
                 for name, scheduler in state.schedulers.items():
                     means[f"lr/{name}"] = scheduler.get_last_lr()[0]
                 accelerator.log(means, step=progress.step)
-                bar.set_postfix({k: f"{v:.4g}" for k, v in means.items() if not k.startswith("lr/")})
+                postfix = {k: f"{v:.4g}" for k, v in means.items() if not k.startswith("lr/")}
+                if cfg.budget_minutes > 0:  # the step bar's total is only an upper bound then
+                    postfix["budget"] = f"{progress.seconds / 60:.1f}/{cfg.budget_minutes:g} min"
+                bar.set_postfix(postfix)
                 running.clear()
             if sample_fn is not None and progress.step % cfg.sample_every == 0:
                 sample_fn(progress.step)
@@ -575,6 +587,11 @@ def train_loop(
             progress.batch_in_epoch = 0
     bar.close()
     return progress
+
+
+def _budget_clock(scheduler) -> BudgetClock | None:
+    """The budget clock of a scheduler from :func:`make_lr_scheduler`, through accelerate's wrapper."""
+    return getattr(getattr(scheduler, "scheduler", scheduler), "budget_clock", None)
 
 
 def _main_process_value(accelerator: Accelerator, value: float) -> float:

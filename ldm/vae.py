@@ -49,6 +49,7 @@ IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".webp"})
 LATENTS_KEY = "latents"
 LATENTS_FORMAT = "ldm-latents"
 SSIM_MIN_SIDE = 11  # the SSIM window
+SIZE_FLAGS = "--size N (python -m ldm.evaluate: --vae-size N)"  # the flags that resize images on the way in
 
 FeatureExtractor = Callable[[torch.Tensor], torch.Tensor]  # (B, 3, H, W) in [0, 1] → (B, D)
 
@@ -170,7 +171,7 @@ def encode_posterior(
     """
     height, width = pixels.shape[-2:]
     if height % FACTOR or width % FACTOR:
-        raise LdmError(f"image size {width}×{height} is not a multiple of {FACTOR}; resize with --size N or crop it")
+        raise LdmError(f"image size {width}×{height} is not a multiple of {FACTOR}; resize with {SIZE_FLAGS} or crop it")
     cells, over = _cells(tile, overlap, max(height, width) // FACTOR)
     pixels = pixels.to(device=vae.device, dtype=vae.dtype)
     params = run_tiled(
@@ -261,7 +262,7 @@ def evaluate_batches(
     for pixels in batches:
         if min(pixels.shape[-2:]) < SSIM_MIN_SIDE:
             width, height = pixels.shape[-1], pixels.shape[-2]
-            raise LdmError(f"images of {width}×{height} are too small for SSIM; use --size 16 or more")
+            raise LdmError(f"images of {width}×{height} are too small for SSIM; resize with {SIZE_FLAGS}, N ≥ 16")
         recon = reconstruct(vae, pixels, scaling_factor=scaling_factor, tile=tile, overlap=overlap)
         real, fake = to_unit(pixels), to_unit(recon)  # (B, 3, H, W) in [0, 1]
         sums.psnr += psnr(real, fake).double().sum().item()
@@ -411,7 +412,7 @@ def load_image(path: str | Path, *, size: int | None = None) -> tuple[torch.Tens
     if width % FACTOR or height % FACTOR:
         fix = f"{max(FACTOR, width // FACTOR * FACTOR)}×{max(FACTOR, height // FACTOR * FACTOR)}"
         raise LdmError(
-            f"{path} is {width}×{height}, not a multiple of {FACTOR} on each side; resize with --size N or crop to "
+            f"{path} is {width}×{height}, not a multiple of {FACTOR} on each side; resize with {SIZE_FLAGS} or crop to "
             f"{fix}"
         )
     pixels = torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1)  # (3, H, W) uint8

@@ -13,7 +13,7 @@ from PIL import Image
 import train_clip
 from ldm.bundle import CLIP_FILE, load_bundle
 from ldm.clip_model import encode_text, load_clip
-from ldm.errors import run_cli
+from ldm.errors import LdmError, run_cli
 from ldm.evaluate import EvalConfig, evaluate, main, prompt_grids, read_prompts, read_samples, square_resize
 from ldm.metrics import (
     clip_score,
@@ -331,6 +331,22 @@ def test_read_prompts_from_a_file_or_a_dataset_folder(tmp_path):
     assert read_prompts(tmp_path / "p.txt", limit=1) == ["red apple"]
     folder = write_folder(tmp_path / "data", *colour_pictures(6, seed=0))
     assert read_prompts(folder) == ["red", "green", "blue", "yellow"]  # distinct captions, in file order
+    (folder / "metadata.jsonl").rename(folder / "captions.jsonl")  # a table the layout flags have to name
+    with pytest.raises(LdmError, match="pass --metadata captions.jsonl"):
+        read_prompts(folder)
+    assert read_prompts(folder, layout={"metadata": "captions.jsonl"}) == ["red", "green", "blue", "yellow"]
+
+
+def test_vae_size_resizes_images_the_vae_cannot_take_as_they_are(micro_bundle_dir, tmp_path, capsys):
+    folder = tmp_path / "odd"
+    folder.mkdir()
+    for i in range(2):
+        Image.fromarray(np.full((20, 20, 3), 60 * i, np.uint8)).save(folder / f"{i}.png")
+    argv = ["--model", str(micro_bundle_dir), "--vae-data", str(folder), "--out", str(tmp_path / "out"), "--quiet"]
+    assert run_cli(main, argv) == 2
+    assert "resize with --size N (python -m ldm.evaluate: --vae-size N)" in capsys.readouterr().err
+    assert run_cli(main, [*argv, "--vae-size", "16"]) == 0
+    assert json.loads((tmp_path / "out" / "eval.json").read_text())["vae"]["count"] == 2
 
 
 @pytest.mark.parametrize(
@@ -355,6 +371,8 @@ def test_read_prompts_from_a_file_or_a_dataset_folder(tmp_path):
         (["--images", "nowhere", "--out", "OUT"], "image folder nowhere not found"),
         (["--images", "EMPTYDIR", "--prompt", "red", "--out", "OUT"], "not both"),
         (["--images", "EMPTYDIR", "--vae-data", "EMPTYDIR", "--out", "OUT"], "--vae-data needs a bundle"),
+        (["--model", "BUNDLE", "--vae-data", "EMPTYDIR", "--vae-size", "12", "--out", "OUT"],
+         "--vae-size must be a multiple of 8"),
         (["--model", "BUNDLE", "--prompt", "red"], "the following arguments are required: --out"),
     ],
 )

@@ -176,6 +176,11 @@ def test_full_fine_tune_with_the_text_encoder(
             "LoRA adapters keep the base",
         ),
         (["--bundle", "B", "--data", "missing"], "dataset folder .*missing not found; check the path"),
+        (["--bundle", "B", "--data", "D", "--budget-minutes", "-1"], "train.budget_minutes must be at least 0"),
+        (["--bundle", "B", "--data", "D", "--caption-extension", "txt"], "caption_extension must start with '.'"),
+        # Validation settings are checked when the config is read, not at the first validation mid-run.
+        (["--bundle", "B", "--data", "D", "--set", "validation.steps=0"], "validation.steps must be at least 1"),
+        (["--bundle", "B", "--data", "D", "--set", "validation.sampler=foo"], "validation.sampler: unknown sampler 'foo'"),
         (["--bundle", "B", "--data", "D", "--set", "train.batch_size=64"], "fewer than one batch"),
         (
             ["--bundle", "B", "--data", "D", "--bucketing", "--set", "train.batch_size=64"],

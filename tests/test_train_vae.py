@@ -92,6 +92,25 @@ def test_trains_on_a_folder_with_planted_problems(tmp_path, capsys):
     assert (tmp_path / "run" / "bundle" / "manifest.json").is_file()
 
 
+def test_layout_flags_reach_the_training_and_held_out_folders(shapes_folder, tmp_path, capsys):
+    # A csv table under another name with other column names: the error's hint is a flag this script takes.
+    data = tmp_path / "csv"
+    data.mkdir()
+    rows = [json.loads(line) for line in (shapes_folder / "metadata.jsonl").read_text().splitlines()]
+    lines = ["path,label"] + [f"{row['file_name']},{row['text']}" for row in rows]
+    (data / "captions.csv").write_text("\n".join(lines) + "\n")
+    for row in rows:
+        (data / row["file_name"]).write_bytes((shapes_folder / row["file_name"]).read_bytes())
+    assert run_cli(train_vae.main, args(data, tmp_path / "no", "--max-steps", "1")) == 2
+    assert "pass --metadata captions.csv" in capsys.readouterr().err
+    layout = ["--metadata", "captions.csv", "--image-column", "path", "--caption-column", "label"]
+    run = tmp_path / "run"
+    assert run_cli(train_vae.main, args(data, run, "--max-steps", "1", "--eval-data", str(data), *layout)) == 0
+    assert json.loads((run / "eval.json").read_text())["count"] == 24  # the held-out folder read the same way
+    saved = (run / "config.yaml").read_text()
+    assert "metadata: captions.csv" in saved and "caption_column: label" in saved
+
+
 def test_fine_tune_decoder_only_keeps_the_encoder(shapes_folder, tmp_path, micro_bundle_dir):
     out = tmp_path / "ft"
     argv = ["--init-from", str(micro_bundle_dir), "--decoder-only", "--data", str(shapes_folder), "--out", str(out),

@@ -115,7 +115,7 @@ def _timed_run(tmp_path, monkeypatch, *, budget, resume=None):
     accelerator = make_accelerator(cfg)
     param = torch.nn.Parameter(torch.zeros(1))
     opt = torch.optim.SGD([param], lr=cfg.lr)
-    sched = make_lr_scheduler(opt, cfg)
+    opt, sched = accelerator.prepare(opt, make_lr_scheduler(opt, cfg))  # wrapped, as the training scripts have them
     state = TrainingState(models={"m": torch.nn.ParameterList([param])}, optimizers={"o": opt}, schedulers={"s": sched})
     if resume is not None:
         load_checkpoint(resume, accelerator, state, config=cfg)
@@ -197,3 +197,13 @@ def test_image_grid_layout():
     assert grid.shape == (3, 4, 4)
     assert grid[0, 0, 0] == pytest.approx(0.1) and grid[0, 0, 2] == pytest.approx(0.2)
     assert grid[0, 2, 0] == pytest.approx(0.3) and grid[0, 2, 2] == 1.0  # empty cell stays white
+
+
+def test_held_out_folder_config_keeps_the_layout_and_drops_augmentation():
+    from ldm.data import DataConfig, Layout
+
+    train = DataConfig(path="a", layout=Layout.CSV, metadata="m.csv", caption_column="c", resolution=32,
+                       center_crop=False, random_flip=0.5)  # fmt: skip
+    held = train.held_out("b")
+    assert (held.path, held.layout, held.metadata, held.caption_column, held.resolution) == ("b", Layout.CSV, "m.csv", "c", 32)
+    assert held.center_crop and held.random_flip == 0.0

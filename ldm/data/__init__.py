@@ -12,7 +12,7 @@ so ``python -m ldm.data check`` starts without loading torch.
 
 import importlib
 
-from ldm.data.config import DataConfig, Layout
+from ldm.data.config import DataConfig, Layout, add_layout_arguments, layout_settings
 from ldm.data.images import ImageInfo, Problem, inspect_image, open_rgb, to_rgb
 from ldm.data.layouts import IMAGE_EXTENSIONS, Listing, Pair, detect_layout, list_dataset
 from ldm.data.scan import ScanReport, report_dataset, scan_dataset
@@ -27,9 +27,11 @@ __all__ = [
     "Pair",
     "Problem",
     "ScanReport",
+    "add_layout_arguments",
     "detect_layout",
     "inspect_image",
     "item_seed",
+    "layout_settings",
     "list_dataset",
     "open_rgb",
     "report_dataset",

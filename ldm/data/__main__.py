@@ -9,7 +9,7 @@ from __future__ import annotations
 import sys
 from collections.abc import Sequence
 
-from ldm.data.config import DataConfig, Layout
+from ldm.data.config import DataConfig, add_layout_arguments, layout_settings
 from ldm.data.scan import report_dataset
 from ldm.errors import ArgumentParser, run_cli
 
@@ -19,11 +19,7 @@ def build_parser() -> ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
     check = commands.add_parser("check", help="scan a dataset folder and print what is usable and what is wrong")
     check.add_argument("path", metavar="DIR", help="dataset folder")
-    check.add_argument("--layout", choices=[layout.value for layout in Layout], help="default: detect")
-    check.add_argument("--metadata", help="caption table inside DIR (default metadata.jsonl / metadata.csv)")
-    check.add_argument("--image-column", help="default file_name (imagefolder) / image (csv)")
-    check.add_argument("--caption-column", help="default text (imagefolder) / caption (csv)")
-    check.add_argument("--caption-extension", default=".txt", help="kohya caption files (default .txt)")
+    add_layout_arguments(check)
     check.add_argument("--min-side", type=int, default=32, help="skip images whose shorter side is below this (px)")
     check.add_argument("--resolution", type=int, default=512, help="training resolution, to count upscaled images")
     check.add_argument("--workers", type=int, default=None, help="decoding threads (default min(8, CPUs))")
@@ -33,11 +29,7 @@ def build_parser() -> ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        config = DataConfig(
-            path=args.path, layout=Layout(args.layout) if args.layout else None, metadata=args.metadata,
-            image_column=args.image_column, caption_column=args.caption_column,
-            caption_extension=args.caption_extension, min_side=args.min_side, resolution=args.resolution,
-        )  # fmt: skip
+        config = DataConfig(path=args.path, min_side=args.min_side, resolution=args.resolution, **layout_settings(args))
     except ValueError as exc:
         build_parser().error(str(exc))
     report_dataset(config, workers=args.workers, progress=sys.stderr.isatty())

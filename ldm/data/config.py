@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 
 class Layout(enum.Enum):
@@ -48,6 +48,11 @@ class DataConfig:
         if not self.caption_extension.startswith("."):
             raise ValueError(f"caption_extension must start with '.', got {self.caption_extension!r}")
 
+    def held_out(self, path: str) -> DataConfig:
+        """The config of a held-out folder laid out like this one: same layout settings and size, no random
+        augmentation."""
+        return replace(self, path=path, center_crop=True, random_flip=0.0)
+
     def metadata_name(self, layout: Layout) -> str | None:
         return self.metadata or DEFAULT_METADATA.get(layout)
 
@@ -56,3 +61,34 @@ class DataConfig:
 
     def caption_column_for(self, layout: Layout) -> str:
         return self.caption_column or DEFAULT_CAPTION_COLUMN[layout]
+
+
+# The layout flags, shared by ``python -m ldm.data check``, the training scripts and ``python -m ldm.evaluate``,
+# so that an error message's "pass --layout" holds wherever it is raised.
+LAYOUT_FLAGS = {  # flag → DataConfig field
+    "--layout": "layout",
+    "--metadata": "metadata",
+    "--image-column": "image_column",
+    "--caption-column": "caption_column",
+    "--caption-extension": "caption_extension",
+}
+
+
+def add_layout_arguments(parser) -> None:
+    """The flags that say how a dataset folder is laid out (default: detected)."""
+    group = parser.add_argument_group("dataset layout (default: detected from the folder)")
+    group.add_argument("--layout", choices=[layout.value for layout in Layout], help="default: detect")
+    group.add_argument("--metadata", help="caption table inside the folder (default metadata.jsonl / metadata.csv)")
+    group.add_argument("--image-column", help="default file_name (imagefolder) / image (csv)")
+    group.add_argument("--caption-column", help="default text (imagefolder) / caption (csv)")
+    group.add_argument("--caption-extension", help="kohya caption files (default .txt)")
+
+
+def layout_settings(args) -> dict:
+    """The DataConfig fields the layout flags in ``args`` set (the ones given)."""
+    settings = {}
+    for flag, name in LAYOUT_FLAGS.items():
+        value = getattr(args, flag[2:].replace("-", "_"), None)
+        if value is not None:
+            settings[name] = Layout(value) if name == "layout" else value
+    return settings

@@ -27,7 +27,7 @@ def read_scanned_image(path: Path) -> Image.Image:
     try:
         return open_rgb(path)
     except (OSError, SyntaxError, ValueError) as exc:
-        raise LdmError(f"{path} became unreadable after the scan ({exc}); re-run `python -m ldm.data check`") from None
+        raise LdmError(f"{path} became unreadable after the scan ({exc}); replace or remove it and start again") from None
 
 
 def item_seed(seed: int, epoch: int, index: int) -> int:
