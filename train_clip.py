@@ -233,7 +233,7 @@ def main(argv=None) -> int:
     model = ContrastivePair(clip).train()
     loss_fn = ClipLoss(rank=accelerator.process_index, world_size=accelerator.num_processes, gather_with_grad=True)
     optimizer = make_optimizer(parameter_groups(model, cfg.train.weight_decay), cfg.train)
-    scheduler = make_lr_scheduler(optimizer, cfg.train)
+    scheduler = make_lr_scheduler(optimizer, cfg.train, processes=accelerator.num_processes)
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     ema = make_ema(clip, cfg.train)
     state = TrainingState(

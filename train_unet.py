@@ -437,7 +437,7 @@ def run(cfg: UNetRunConfig, *, resume: str | None = None) -> RunResult:
         groups.append({"params": text_params, "lr": cfg.text_encoder_lr or cfg.train.lr})
     denoiser = Denoiser(unet, text_encoder if cfg.train_text_encoder else None)
     optimizer = make_unet_optimizer(groups, cfg, cuda=device.type == "cuda")
-    lr_scheduler = make_lr_scheduler(optimizer, cfg.train)
+    lr_scheduler = make_lr_scheduler(optimizer, cfg.train, processes=accelerator.num_processes)
     denoiser, optimizer, lr_scheduler = accelerator.prepare(denoiser, optimizer, lr_scheduler)
     ema = make_ema(unet, cfg.train)
     state = TrainingState(

@@ -170,7 +170,7 @@ def main(argv=None) -> int:
     trainable = [p for p in vae.parameters() if p.requires_grad] + list(loss_fn.generator_parameters())
     opt_g = make_optimizer(trainable, cfg.train)
     opt_d = make_optimizer(loss_fn.discriminator_parameters(), cfg.train)
-    sched_g, sched_d = make_lr_scheduler(opt_g, cfg.train), make_lr_scheduler(opt_d, cfg.train)
+    sched_g, sched_d = (make_lr_scheduler(o, cfg.train, processes=accelerator.num_processes) for o in (opt_g, opt_d))
     model, loss_fn, opt_g, opt_d, sched_g, sched_d = accelerator.prepare(model, loss_fn, opt_g, opt_d, sched_g, sched_d)
     ema = make_ema(vae, cfg.train)
     state = TrainingState(

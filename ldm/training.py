@@ -135,12 +135,17 @@ class BudgetClock:
     spent: float = 0.0
 
 
-def make_lr_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig) -> torch.optim.lr_scheduler.LambdaLR:
-    """Linear warm-up over ``warmup_steps``, then constant or cosine. With a time budget the cosine's progress is
-    the larger of the step fraction and the budget fraction (``scheduler.budget_clock``, set by :func:`train_loop`)."""
+def make_lr_scheduler(
+    optimizer: torch.optim.Optimizer, cfg: TrainConfig, *, processes: int = 1
+) -> torch.optim.lr_scheduler.LambdaLR:
+    """Linear warm-up over ``warmup_steps``, then constant or cosine, in optimizer steps. With a time budget the
+    cosine's progress is the larger of the step fraction and the budget fraction (``scheduler.budget_clock``, set by
+    :func:`train_loop`; warm-up time counts in it). ``processes``: ``accelerator.num_processes``; accelerate steps a
+    prepared scheduler once per process at every optimizer step, which the factor divides out."""
     clock = BudgetClock()
 
-    def factor(step: int) -> float:
+    def factor(calls: int) -> float:
+        step = calls // processes
         if step < cfg.warmup_steps:
             return (step + 1) / cfg.warmup_steps
         if cfg.lr_schedule is LRSchedule.COSINE:
@@ -408,6 +413,12 @@ def with_run_flags(cfg, args):
     try:
         if train:
             cfg = replace(cfg, train=replace(cfg.train, **train))
+        started = (Path(cfg.train.output_dir) / "config.yaml").is_file()  # a run that began reading its data
+        if layout and getattr(args, "resume", None) and started and any(getattr(cfg.data, k) != v for k, v in layout.items()):
+            raise LdmError(
+                "the dataset layout flags would change the data of a run being resumed (its batches are positions "
+                "in that listing); drop them, or start a new run with --out"
+            )
         return replace(cfg, data=replace(cfg.data, **layout)) if layout else cfg
     except ValueError as exc:  # a flag's value the config refuses, e.g. --budget-minutes -1
         raise LdmError(str(exc)) from None
@@ -533,7 +544,9 @@ def train_loop(
 
     def tick() -> bool:
         """Advance the training clock after an optimizer step; True when time is up."""
-        elapsed = _main_process_value(accelerator, time.monotonic() - started)
+        elapsed = time.monotonic() - started
+        if cfg.max_minutes > 0 or cfg.budget_minutes > 0:  # the main process's clock decides for all
+            elapsed = _main_process_value(accelerator, elapsed)
         progress.seconds = spent_before + elapsed
         if cfg.budget_minutes > 0:
             for clock in clocks:

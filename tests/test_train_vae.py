@@ -11,7 +11,7 @@ from safetensors import safe_open
 
 import train_vae
 from ldm.bundle import load_bundle
-from ldm.data import Layout
+from ldm.data import DataConfig, Layout
 from ldm.errors import run_cli
 
 
@@ -49,7 +49,7 @@ def test_reconstruction_loss_goes_down(shapes_folder, tmp_path):
     from train_vae import eval_batches
 
     out = tmp_path / "run"
-    before = evaluate_batches(load_bundle_vae_of_preset(), eval_batches(str(shapes_folder), 64, 8))
+    before = evaluate_batches(load_bundle_vae_of_preset(), eval_batches(DataConfig(path=str(shapes_folder), resolution=64), 8))
     assert run_cli(train_vae.main, args(shapes_folder, out, "--max-steps", "40", "--set", "train.lr=2e-3",
                                         "--eval-data", str(shapes_folder))) == 0  # fmt: skip
     after = json.loads((out / "eval.json").read_text())
@@ -109,6 +109,16 @@ def test_layout_flags_reach_the_training_and_held_out_folders(shapes_folder, tmp
     assert json.loads((run / "eval.json").read_text())["count"] == 24  # the held-out folder read the same way
     saved = (run / "config.yaml").read_text()
     assert "metadata: captions.csv" in saved and "caption_column: label" in saved
+    # A held-out folder in the standard layout, which the training folder's settings do not fit, is detected.
+    other = tmp_path / "other"
+    assert run_cli(train_vae.main, args(data, other, "--max-steps", "1", "--eval-data", str(shapes_folder), *layout)) == 0
+    assert json.loads((other / "eval.json").read_text())["count"] == 24
+    # Resuming with other layout settings would move the saved data position to another listing.
+    capsys.readouterr()
+    resume = ["--out", str(run), "--resume", "latest", "--max-steps", "2"]
+    assert run_cli(train_vae.main, [*resume, "--caption-column", "path"]) == 2
+    assert "would change the data of a run being resumed" in capsys.readouterr().err
+    assert run_cli(train_vae.main, [*resume, *layout]) == 0  # the same settings are no change
 
 
 def test_fine_tune_decoder_only_keeps_the_encoder(shapes_folder, tmp_path, micro_bundle_dir):

@@ -95,15 +95,34 @@ def test_cosine_schedule_with_warmup():
     assert lrs[-1] < 0.05
 
 
-def test_cosine_schedule_follows_the_budget_clock():
-    cfg = TrainConfig(lr=1.0, warmup_steps=2, max_steps=1000, lr_schedule=LRSchedule.COSINE, budget_minutes=1)
-    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=cfg.lr)
-    sched = make_lr_scheduler(opt, cfg)
-    for spent, expected in ((0.0, 1.0), (0.5, 0.5), (0.9, 0.5 * (1 + math.cos(math.pi * 0.9))), (1.5, 0.0)):
-        sched.budget_clock.spent = spent
-        opt.step()
-        sched.step()
-        assert opt.param_groups[0]["lr"] == pytest.approx(expected)  # steps 1-4: warm-up over, clock ahead
+def test_cosine_schedule_follows_the_budget_clock_and_a_constant_one_does_not():
+    cases = ((0.25, 0.5 * (1 + math.cos(math.pi * 0.25))), (0.5, 0.5), (0.9, 0.5 * (1 + math.cos(math.pi * 0.9))),
+             (1.5, 0.0))  # fmt: skip
+    for schedule in LRSchedule:
+        cfg = TrainConfig(lr=1.0, warmup_steps=1, max_steps=1000, lr_schedule=schedule, budget_minutes=1)
+        opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=cfg.lr)
+        sched = make_lr_scheduler(opt, cfg)
+        for spent, expected in cases:  # steps 1-4: warm-up over, the clock far ahead of the steps
+            sched.budget_clock.spent = spent
+            opt.step()
+            sched.step()
+            assert opt.param_groups[0]["lr"] == pytest.approx(expected if schedule is LRSchedule.COSINE else 1.0)
+
+
+def test_schedule_counts_optimizer_steps_when_accelerate_steps_it_once_per_process():
+    cfg = TrainConfig(lr=1.0, warmup_steps=3, max_steps=10, lr_schedule=LRSchedule.COSINE)
+    curves = []
+    for processes in (1, 2):
+        opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=cfg.lr)
+        sched = make_lr_scheduler(opt, cfg, processes=processes)
+        curve = []
+        for _ in range(10):
+            curve.append(opt.param_groups[0]["lr"])
+            opt.step()
+            for _ in range(processes):  # what AcceleratedScheduler.step does without split_batches
+                sched.step()
+        curves.append(curve)
+    assert curves[0] == curves[1] and curves[0][:3] == pytest.approx([1 / 3, 2 / 3, 1.0]) and curves[0][-1] < 0.05
 
 
 def _timed_run(tmp_path, monkeypatch, *, budget, resume=None):
