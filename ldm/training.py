@@ -3,7 +3,8 @@
 A script supplies its models, optimizers and a ``step_fn`` that runs one micro-batch (forward, backward,
 optimizer step under ``accelerator.accumulate``); :func:`train_loop` owns the rest. Resuming is exact: a
 checkpoint holds the models, optimizers, LR schedulers, EMA, RNG states and the data position, and the data
-order is a pure function of (seed, epoch), so "5 steps, stop, resume 5" equals "10 steps".
+order is a pure function of (seed, epoch), so "5 steps, stop, resume 5" equals "10 steps". A run with a time
+budget (``TrainConfig.budget_minutes``) follows its clock instead, which no two runs share.
 
 Checkpoints are one safetensors file each (never a pickle), written atomically: tensors under flat keys, the
 rest of the state as JSON in the header.
