@@ -137,7 +137,7 @@ class BudgetClock:
 
 
 def make_lr_scheduler(
-    optimizer: torch.optim.Optimizer, cfg: TrainConfig, *, processes: int = 1
+    optimizer: torch.optim.Optimizer, cfg: TrainConfig, *, processes: int
 ) -> torch.optim.lr_scheduler.LambdaLR:
     """Linear warm-up over ``warmup_steps``, then constant or cosine, in optimizer steps. With a time budget the
     cosine's progress is the larger of the step fraction and the budget fraction (``scheduler.budget_clock``, set by
@@ -165,13 +165,8 @@ class _BudgetLR(torch.optim.lr_scheduler.LambdaLR):
         self.budget_clock = clock
         super().__init__(optimizer, factor)
 
-    def state_dict(self) -> dict:
+    def state_dict(self) -> dict:  # loading then leaves the clock in place: it is not in the state
         return {k: v for k, v in super().state_dict().items() if k != "budget_clock"}
-
-    def load_state_dict(self, state_dict: dict) -> None:
-        clock = self.budget_clock
-        super().load_state_dict(state_dict)
-        self.budget_clock = clock
 
 
 def make_ema(model: nn.Module, cfg: TrainConfig) -> EMAModel | None:
@@ -411,18 +406,18 @@ def with_run_flags(cfg, args):
              ("max_minutes", "max_minutes"), ("budget_minutes", "budget_minutes"))
              if getattr(args, flag, None) is not None}  # fmt: skip
     layout = layout_settings(args)
+    data_before = cfg.data  # on resume: the data the run was started with
     try:
-        if train:
-            cfg = replace(cfg, train=replace(cfg.train, **train))
-        started = (Path(cfg.train.output_dir) / "config.yaml").is_file()  # a run that began reading its data
-        if layout and getattr(args, "resume", None) and started and any(getattr(cfg.data, k) != v for k, v in layout.items()):
-            raise LdmError(
-                "the dataset layout flags would change the data of a run being resumed (its batches are positions "
-                "in that listing); drop them, or start a new run with --out"
-            )
-        return replace(cfg, data=replace(cfg.data, **layout)) if layout else cfg
+        cfg = replace(cfg, train=replace(cfg.train, **train), data=replace(cfg.data, **layout))
     except ValueError as exc:  # a flag's value the config refuses, e.g. --budget-minutes -1
         raise LdmError(str(exc)) from None
+    started = (Path(cfg.train.output_dir) / "config.yaml").is_file()  # written once a run has read its data
+    if args.resume and started and cfg.data != data_before:
+        raise LdmError(
+            "the dataset layout flags would change the data of a run being resumed (its batches are positions "
+            "in that listing); drop them, or start a new run with --out"
+        )
+    return cfg
 
 
 def begin_run(accelerator: Accelerator, state: TrainingState, *, config: Any, resume: Path | None, output_dir: Path,
@@ -540,27 +535,26 @@ def train_loop(
     progress = state.progress
     clocks = [clock for s in state.schedulers.values() if (clock := _budget_clock(s)) is not None]
     started, spent_before = time.monotonic(), progress.seconds
+    budget_s = cfg.budget_minutes * 60  # 0: no budget
     bar = tqdm(total=cfg.max_steps, initial=progress.step, desc="training", disable=not accelerator.is_main_process)
     running: dict[str, list[float]] = {}
+
+    def budget_spent() -> bool:
+        """Set the schedules' clocks from ``progress.seconds``; True when the budget is used up."""
+        for clock in clocks:
+            clock.spent = progress.seconds / budget_s if budget_s else 0.0
+        return budget_s > 0 and progress.seconds >= budget_s
 
     def tick() -> bool:
         """Advance the training clock after an optimizer step; True when time is up."""
         elapsed = time.monotonic() - started
-        if cfg.max_minutes > 0 or cfg.budget_minutes > 0:  # the main process's clock decides for all
+        if cfg.max_minutes > 0 or budget_s:  # the main process's clock decides for all
             elapsed = _main_process_value(accelerator, elapsed)
         progress.seconds = spent_before + elapsed
-        if cfg.budget_minutes > 0:
-            for clock in clocks:
-                clock.spent = progress.seconds / (cfg.budget_minutes * 60)
-        return (cfg.max_minutes > 0 and elapsed > cfg.max_minutes * 60) or (
-            cfg.budget_minutes > 0 and progress.seconds >= cfg.budget_minutes * 60
-        )
+        return budget_spent() or (cfg.max_minutes > 0 and elapsed > cfg.max_minutes * 60)
 
-    if cfg.budget_minutes > 0:  # a resumed run's schedule continues from the time already spent
-        for clock in clocks:
-            clock.spent = progress.seconds / (cfg.budget_minutes * 60)
-
-    stop = progress.step >= cfg.max_steps or (cfg.budget_minutes > 0 and progress.seconds >= cfg.budget_minutes * 60)
+    # A resumed run's schedule continues from the time already spent; a spent budget trains no more.
+    stop = budget_spent() or progress.step >= cfg.max_steps
     while not stop:
         for batch in batches(dataset, order, progress.epoch, start=progress.batch_in_epoch, num_workers=cfg.num_workers):
             logs = step_fn(batch, progress.step)

@@ -84,7 +84,7 @@ def test_epoch_batches_are_deterministic_and_disjoint_across_processes():
 def test_cosine_schedule_with_warmup():
     cfg = TrainConfig(lr=1.0, warmup_steps=2, max_steps=12, lr_schedule=LRSchedule.COSINE)
     opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=cfg.lr)
-    sched = make_lr_scheduler(opt, cfg)
+    sched = make_lr_scheduler(opt, cfg, processes=1)
     lrs = []
     for _ in range(12):
         lrs.append(opt.param_groups[0]["lr"])
@@ -101,7 +101,7 @@ def test_cosine_schedule_follows_the_budget_clock_and_a_constant_one_does_not():
     for schedule in LRSchedule:
         cfg = TrainConfig(lr=1.0, warmup_steps=1, max_steps=1000, lr_schedule=schedule, budget_minutes=1)
         opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=cfg.lr)
-        sched = make_lr_scheduler(opt, cfg)
+        sched = make_lr_scheduler(opt, cfg, processes=1)
         for spent, expected in cases:  # steps 1-4: warm-up over, the clock far ahead of the steps
             sched.budget_clock.spent = spent
             opt.step()
@@ -134,7 +134,7 @@ def _timed_run(tmp_path, monkeypatch, *, budget, resume=None):
     accelerator = make_accelerator(cfg)
     param = torch.nn.Parameter(torch.zeros(1))
     opt = torch.optim.SGD([param], lr=cfg.lr)
-    opt, sched = accelerator.prepare(opt, make_lr_scheduler(opt, cfg))  # wrapped, as the training scripts have them
+    opt, sched = accelerator.prepare(opt, make_lr_scheduler(opt, cfg, processes=1))  # wrapped, as the training scripts have them
     state = TrainingState(models={"m": torch.nn.ParameterList([param])}, optimizers={"o": opt}, schedulers={"s": sched})
     if resume is not None:
         load_checkpoint(resume, accelerator, state, config=cfg)
