@@ -111,8 +111,8 @@ class ValidationConfig:
     num_prompts: int = 4
     seed: int = 0  # image i uses seed + i; the held-out noise is drawn from this seed too
     steps: int = 20
-    guidance_scale: float = 5.0
-    sampler: str = "ddim"
+    guidance_scale: float = 7.5  # generate.py's defaults, so the grids show what the bundle will draw for users
+    sampler: str = "dpmpp_2m"
     timestep_buckets: int = 5  # held-out loss reported per this many ranges of t
     eval_images: int = 64  # at most this many held-out images
 
