@@ -204,3 +204,10 @@ def test_bad_input_is_one_line_and_exit_2(
     lines = [line for line in re.split(r"[\r\n]", err) if line.strip()]  # progress bars end with \r
     assert lines[-1].startswith("error: ") and sum("error" in line for line in lines) == 1, err
     assert re.search(message, lines[-1]), err
+
+
+def test_validation_grids_sample_as_generate_does_by_default():
+    validation = train_unet.ValidationConfig()
+    assert (validation.sampler, validation.guidance_scale, validation.steps) == (
+        generate.DEFAULTS["sampler"], generate.DEFAULTS["guidance_scale"], generate.DEFAULTS["steps"]
+    )
