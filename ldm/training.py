@@ -349,6 +349,7 @@ def load_checkpoint(path: Path, accelerator: Accelerator, state: TrainingState, 
         scheduler.load_state_dict(payload["schedulers"][name])
     for name, ema in state.emas.items():
         ema.load_state_dict(payload["emas"][name])
+        ema.to(device=accelerator.device)  # the checkpoint's tensors load on the CPU; the shadow follows the model
     set_rng_state(payload["rng"])
     state.progress = Progress(**payload["progress"])
 

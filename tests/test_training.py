@@ -19,6 +19,7 @@ from ldm.training import (
     list_checkpoints,
     load_checkpoint,
     make_accelerator,
+    make_ema,
     make_lr_scheduler,
     make_optimizer,
     resolve_resume,
@@ -191,6 +192,32 @@ def test_checkpoint_restores_everything(tmp_path):
     for k in sa["state"]:
         for name in sa["state"][k]:
             assert torch.equal(sa["state"][k][name], sb["state"][k][name])
+
+
+def test_resumed_ema_matches_and_sits_on_the_accelerator_device(tmp_path):
+    # A checkpoint's tensors load on the CPU; on a GPU run the EMA step then mixed devices. The "meta" device
+    # stands in for the GPU: the restored shadow weights must move to wherever the accelerator trains.
+    cfg = TrainConfig(output_dir=str(tmp_path), ema_decay=0.9)
+    accelerator = make_accelerator(cfg)
+    model = torch.nn.Linear(3, 2)
+    ema = make_ema(model, cfg)
+    with torch.no_grad():
+        model.weight.add_(1.0)
+    ema.step(model.parameters())
+    state = TrainingState(models={"m": model}, optimizers={}, emas={"m": ema})
+    path = save_checkpoint(accelerator, state, tmp_path, config=cfg, keep=1)
+
+    fresh_model = torch.nn.Linear(3, 2)
+    fresh = TrainingState(models={"m": fresh_model}, optimizers={}, emas={"m": make_ema(fresh_model, cfg)})
+    load_checkpoint(path, accelerator, fresh, config=cfg)
+    for a, b in zip(ema.shadow_params, fresh.emas["m"].shadow_params):
+        assert torch.equal(a, b)
+    assert fresh.emas["m"].optimization_step == ema.optimization_step == 1
+
+    elsewhere = types.SimpleNamespace(device=torch.device("meta"), unwrap_model=lambda m: m)
+    fresh = TrainingState(models={"m": torch.nn.Linear(3, 2)}, optimizers={}, emas={"m": make_ema(fresh_model, cfg)})
+    load_checkpoint(path, elsewhere, fresh, config=cfg)
+    assert {p.device.type for p in fresh.emas["m"].shadow_params} == {"meta"}
 
 
 def test_checkpoints_are_pruned_and_resolved(tmp_path):
