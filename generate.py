@@ -26,14 +26,14 @@ from PIL import Image
 import ldm
 from ldm.bundle import Bundle, load_bundle
 from ldm.errors import ArgumentParser, LdmError, exit_now, run_cli
-from ldm.pipeline import Request, check_settings, generate, to_uint8
+from ldm.pipeline import DEFAULT_GUIDANCE, DEFAULT_SAMPLER, DEFAULT_STEPS, Request, check_settings, generate, to_uint8
 from ldm.pngmeta import format_parameters, parse_parameters, read_png_parameters, save_png
 from ldm.runtime import DTYPES, resolve_device, resolve_dtype
 from ldm.schedule import SAMPLERS, get_sampler
 from ldm.tokenizer import token_count
 
 DEFAULT_MODEL = Path("models/emoji-tiny")
-DEFAULTS = dict(negative_prompt="", steps=20, guidance_scale=7.5, sampler="dpmpp_2m", dtype="fp32", fast=False)
+DEFAULTS = dict(negative_prompt="", steps=DEFAULT_STEPS, guidance_scale=DEFAULT_GUIDANCE, sampler=DEFAULT_SAMPLER, dtype="fp32", fast=False)
 
 
 @dataclass(frozen=True)

@@ -52,7 +52,7 @@ from ldm.diffusion import (
     weighted_mse,
 )
 from ldm.errors import ArgumentParser, LdmError, run_cli
-from ldm.pipeline import Request, generate
+from ldm.pipeline import DEFAULT_GUIDANCE, DEFAULT_SAMPLER, DEFAULT_STEPS, Request, generate
 from ldm.presets import ModelConfig
 from ldm.schedule import Prediction, get_sampler
 from ldm.tokenizer import tokenize
@@ -110,9 +110,10 @@ class ValidationConfig:
     prompts: tuple[str, ...] = ()  # () = the first num_prompts distinct captions of the training data
     num_prompts: int = 4
     seed: int = 0  # image i uses seed + i; the held-out noise is drawn from this seed too
-    steps: int = 20
-    guidance_scale: float = 7.5  # generate.py's defaults, so the grids show what the bundle will draw for users
-    sampler: str = "dpmpp_2m"
+    # generate.py's defaults, so the grids show what the bundle will draw for users
+    steps: int = DEFAULT_STEPS
+    guidance_scale: float = DEFAULT_GUIDANCE
+    sampler: str = DEFAULT_SAMPLER
     timestep_buckets: int = 5  # held-out loss reported per this many ranges of t
     eval_images: int = 64  # at most this many held-out images
 

@@ -19,6 +19,11 @@ from ldm.errors import LdmError
 from ldm.schedule import Sampler, build_scheduler
 from ldm.tokenizer import tokenize
 
+# What generate.py draws with unless told otherwise; train_unet's validation grids use the same.
+DEFAULT_STEPS = 20
+DEFAULT_GUIDANCE = 7.5
+DEFAULT_SAMPLER = "dpmpp_2m"
+
 
 @dataclass(frozen=True, kw_only=True)
 class Request:

@@ -215,7 +215,8 @@ def test_resumed_ema_matches_and_sits_on_the_accelerator_device(tmp_path):
     assert fresh.emas["m"].optimization_step == ema.optimization_step == 1
 
     elsewhere = types.SimpleNamespace(device=torch.device("meta"), unwrap_model=lambda m: m)
-    fresh = TrainingState(models={"m": torch.nn.Linear(3, 2)}, optimizers={}, emas={"m": make_ema(fresh_model, cfg)})
+    other = torch.nn.Linear(3, 2)
+    fresh = TrainingState(models={"m": other}, optimizers={}, emas={"m": make_ema(other, cfg)})
     load_checkpoint(path, elsewhere, fresh, config=cfg)
     assert {p.device.type for p in fresh.emas["m"].shadow_params} == {"meta"}
 
