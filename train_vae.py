@@ -65,6 +65,9 @@ class VAERunConfig:
     # log σ² ≈ 0, so its sampled latents carry unit noise that it must first learn to shrink; starting low
     # (e.g. -6, σ ≈ 0.05) skips that phase. None keeps diffusers' initialisation.
     posterior_logvar_init: float | None = None
+    # From scratch only: start every residual block (and the mid-block attention) as the identity by zeroing
+    # its last layer, so a new autoencoder begins as a shallow one and its depth joins in as it trains.
+    zero_init_residual: bool = False
 
 
 class Reconstruct(nn.Module):
@@ -88,6 +91,22 @@ def init_posterior_logvar(vae, value: float) -> None:
     half = conv.out_channels // 2
     conv.weight[half:] *= 0.1
     conv.bias[half:] = value
+
+
+@torch.no_grad()
+def zero_residual_branches(vae) -> int:
+    """Zero the last layer of every residual branch of ``vae`` (resnet ``conv2``, attention ``to_out``); the count."""
+    from diffusers.models.attention_processor import Attention
+    from diffusers.models.resnet import ResnetBlock2D
+
+    count = 0
+    for module in vae.modules():
+        last = module.conv2 if isinstance(module, ResnetBlock2D) else module.to_out[0] if isinstance(module, Attention) else None
+        if last is not None:
+            last.weight.zero_()
+            last.bias.zero_()
+            count += 1
+    return count
 
 
 def build_parser() -> ArgumentParser:
@@ -123,6 +142,8 @@ def resolve_config(args) -> VAERunConfig:
     cfg = apply_overrides(with_run_flags(cfg, args), args.overrides)
     if cfg.decoder_only and not cfg.init_from:
         raise LdmError("--decoder-only needs --init-from BUNDLE: a fresh encoder has to be trained")
+    if cfg.zero_init_residual and cfg.init_from:
+        raise LdmError("zero_init_residual sets up a new autoencoder; drop it when fine-tuning with --init-from")
     if cfg.posterior_logvar_init is not None and cfg.init_from:
         raise LdmError("posterior_logvar_init sets up a new encoder; drop it when fine-tuning with --init-from")
     return cfg
@@ -162,6 +183,8 @@ def main(argv=None) -> int:
     vae = base.vae.float().train()
     if cfg.posterior_logvar_init is not None and resume is None:
         init_posterior_logvar(vae, cfg.posterior_logvar_init)
+    if cfg.zero_init_residual and resume is None:
+        zero_residual_branches(vae)
     if cfg.decoder_only:
         for module in (vae.encoder, vae.quant_conv):
             module.requires_grad_(False)

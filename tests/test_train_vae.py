@@ -170,3 +170,36 @@ def test_posterior_logvar_init_sets_the_starting_noise():
     assert after.logvar.mean().item() == pytest.approx(-6.0, abs=0.5)
     assert after.logvar.std() < before.logvar.std()
     torch.testing.assert_close(after.mean, before.mean)  # the means are untouched
+
+
+def test_zero_init_residual_is_for_new_autoencoders_only(micro_bundle_dir, tmp_path, capsys):
+    argv = ["--init-from", str(micro_bundle_dir), "--data", "d", "--out", str(tmp_path / "x"), "--set", "zero_init_residual=true"]
+    assert run_cli(train_vae.main, argv) == 2
+    assert "drop it when fine-tuning with --init-from" in capsys.readouterr().err
+
+
+def test_zero_init_residual_makes_every_residual_block_start_as_the_identity():
+    from diffusers.models.attention_processor import Attention
+    from diffusers.models.resnet import ResnetBlock2D
+
+    from ldm.bundle import create_bundle
+    from ldm.presets import PRESETS
+
+    vae = create_bundle(PRESETS["micro"], seed=0).vae.eval()
+    resnets = [m for m in vae.modules() if isinstance(m, ResnetBlock2D)]
+    attentions = [m for m in vae.modules() if isinstance(m, Attention)]
+    same_width = [m for m in resnets if m.conv_shortcut is None]
+    assert same_width and attentions
+    x = torch.randn(2, same_width[0].in_channels, 8, 8)
+    with torch.no_grad():
+        assert not torch.allclose(same_width[0](x, None), x)  # diffusers' initialisation: not the identity
+        assert train_vae.zero_residual_branches(vae) == len(resnets) + len(attentions)
+        for block in same_width:
+            x = torch.randn(2, block.in_channels, 8, 8)
+            torch.testing.assert_close(block(x, None), x)
+        for attention in attentions:
+            x = torch.randn(2, attention.inner_dim, 4, 4)
+            torch.testing.assert_close(attention(x), x)  # residual_connection: x + to_out(...) = x
+        assert all(p.grad is None for p in vae.parameters())
+        out = vae.decode(vae.encode(torch.rand(1, 3, 64, 64) * 2 - 1).latent_dist.mean).sample
+    assert out.shape == (1, 3, 64, 64) and torch.isfinite(out).all()

@@ -96,18 +96,32 @@ def test_cosine_schedule_with_warmup():
     assert lrs[-1] < 0.05
 
 
-def test_cosine_schedule_follows_the_budget_clock_and_a_constant_one_does_not():
-    cases = ((0.25, 0.5 * (1 + math.cos(math.pi * 0.25))), (0.5, 0.5), (0.9, 0.5 * (1 + math.cos(math.pi * 0.9))),
-             (1.5, 0.0))  # fmt: skip
+def test_linear_schedule_with_warmup_decays_to_zero_in_a_straight_line():
+    cfg = TrainConfig(lr=1.0, warmup_steps=2, max_steps=12, lr_schedule=LRSchedule.LINEAR)
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=cfg.lr)
+    sched = make_lr_scheduler(opt, cfg, processes=1)
+    lrs = []
+    for _ in range(13):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert lrs[:3] == [0.5, 1.0, 1.0]
+    assert lrs[2:] == pytest.approx([1.0 - k / 10 for k in range(11)])  # steps 2..12: 1.0, 0.9, ..., 0.0
+
+
+def test_decays_follow_the_budget_clock_and_a_constant_schedule_does_not():
+    cases = ((0.25, 0.5 * (1 + math.cos(math.pi * 0.25)), 0.75), (0.5, 0.5, 0.5),
+             (0.9, 0.5 * (1 + math.cos(math.pi * 0.9)), 0.1), (1.5, 0.0, 0.0))  # fmt: skip
     for schedule in LRSchedule:
         cfg = TrainConfig(lr=1.0, warmup_steps=1, max_steps=1000, lr_schedule=schedule, budget_minutes=1)
         opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=cfg.lr)
         sched = make_lr_scheduler(opt, cfg, processes=1)
-        for spent, expected in cases:  # steps 1-4: warm-up over, the clock far ahead of the steps
+        for spent, cosine, linear in cases:  # steps 1-4: warm-up over, the clock far ahead of the steps
             sched.budget_clock.spent = spent
             opt.step()
             sched.step()
-            assert opt.param_groups[0]["lr"] == pytest.approx(expected if schedule is LRSchedule.COSINE else 1.0)
+            expected = {LRSchedule.COSINE: cosine, LRSchedule.LINEAR: linear, LRSchedule.CONSTANT: 1.0}[schedule]
+            assert opt.param_groups[0]["lr"] == pytest.approx(expected)
 
 
 def test_schedule_counts_optimizer_steps_when_accelerate_steps_it_once_per_process():
