@@ -150,10 +150,11 @@ def test_bad_arguments(argv, message, capsys, tmp_path, monkeypatch):
     assert message in capsys.readouterr().err
 
 
-def test_posterior_logvar_init_is_for_new_encoders_only(micro_bundle_dir, tmp_path, capsys):
-    argv = ["--init-from", str(micro_bundle_dir), "--data", "d", "--out", str(tmp_path / "x"), "--set", "posterior_logvar_init=-6"]
+@pytest.mark.parametrize("setting", ["posterior_logvar_init=-6", "zero_init_residual=true"])
+def test_initialisations_are_for_new_autoencoders_only(setting, micro_bundle_dir, tmp_path, capsys):
+    argv = ["--init-from", str(micro_bundle_dir), "--data", "d", "--out", str(tmp_path / "x"), "--set", setting]
     assert run_cli(train_vae.main, argv) == 2
-    assert "drop it when fine-tuning with --init-from" in capsys.readouterr().err
+    assert f"{setting.split('=')[0]} sets up a new" in capsys.readouterr().err
 
 
 def test_posterior_logvar_init_sets_the_starting_noise():
@@ -170,12 +171,6 @@ def test_posterior_logvar_init_sets_the_starting_noise():
     assert after.logvar.mean().item() == pytest.approx(-6.0, abs=0.5)
     assert after.logvar.std() < before.logvar.std()
     torch.testing.assert_close(after.mean, before.mean)  # the means are untouched
-
-
-def test_zero_init_residual_is_for_new_autoencoders_only(micro_bundle_dir, tmp_path, capsys):
-    argv = ["--init-from", str(micro_bundle_dir), "--data", "d", "--out", str(tmp_path / "x"), "--set", "zero_init_residual=true"]
-    assert run_cli(train_vae.main, argv) == 2
-    assert "drop it when fine-tuning with --init-from" in capsys.readouterr().err
 
 
 def test_zero_init_residual_makes_every_residual_block_start_as_the_identity():
