@@ -101,11 +101,15 @@ def zero_residual_branches(vae) -> int:
 
     count = 0
     for module in vae.modules():
-        last = module.conv2 if isinstance(module, ResnetBlock2D) else module.to_out[0] if isinstance(module, Attention) else None
-        if last is not None:
-            last.weight.zero_()
-            last.bias.zero_()
-            count += 1
+        if isinstance(module, ResnetBlock2D):
+            last = module.conv2
+        elif isinstance(module, Attention):
+            last = module.to_out[0]
+        else:
+            continue
+        last.weight.zero_()
+        last.bias.zero_()
+        count += 1
     return count
 
 

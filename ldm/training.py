@@ -64,7 +64,8 @@ class TrainConfig:
     max_minutes: float = 0.0  # stop (with a checkpoint) after this much wall time of this invocation; 0 = no limit
     # The run's training time, summed over resumes: training stops when it is spent, and a cosine or linear
     # schedule decays over it as well as over max_steps (its progress is the larger of the two fractions), so it
-    # reaches its end however fast the machine is. 0 = no budget. Resuming such a run repeats its steps only up to the clock.
+    # reaches its end however fast the machine is. 0 = no budget. Resuming such a run repeats its steps only up to
+    # the clock.
     budget_minutes: float = 0.0
     grad_clip: float = 1.0  # max gradient norm; 0 = off
     mixed_precision: Precision = Precision.NO
@@ -141,9 +142,10 @@ def make_lr_scheduler(
     optimizer: torch.optim.Optimizer, cfg: TrainConfig, *, processes: int
 ) -> torch.optim.lr_scheduler.LambdaLR:
     """Linear warm-up over ``warmup_steps``, then constant, cosine or linear decay, in optimizer steps. With a time
-    budget a decay's progress is the larger of the step fraction and the budget fraction (``scheduler.budget_clock``, set by
-    :func:`train_loop`; warm-up time counts in it). ``processes``: ``accelerator.num_processes``; accelerate steps a
-    prepared scheduler once per process at every optimizer step, which the factor divides out."""
+    budget a decay's progress is the larger of the step fraction and the budget fraction
+    (``scheduler.budget_clock``, set by :func:`train_loop`; warm-up time counts in it). ``processes``:
+    ``accelerator.num_processes``; accelerate steps a prepared scheduler once per process at every optimizer step,
+    which the factor divides out."""
     clock = BudgetClock()
 
     def factor(calls: int) -> float:
@@ -380,7 +382,7 @@ def add_run_arguments(parser, *, eval_help: str, out_help: str) -> None:
     parser.add_argument("--max-steps", type=int)
     parser.add_argument("--max-minutes", type=float, help="stop this invocation after so much wall time")
     parser.add_argument("--budget-minutes", type=float,
-                        help="training time of the whole run (over resumes); a decaying LR schedule anneals within it")  # fmt: skip
+                        help="training time of the whole run (over resumes); a decaying LR anneals within it")  # fmt: skip
     parser.add_argument("--resume", help="'latest' or a checkpoint file")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="typed config override, e.g. --set train.lr=1e-4 (repeatable)")  # fmt: skip
