@@ -33,7 +33,10 @@ from ldm.schedule import SAMPLERS, get_sampler
 from ldm.tokenizer import token_count
 
 DEFAULT_MODEL = Path("models/emoji-tiny")
-DEFAULTS = dict(negative_prompt="", steps=DEFAULT_STEPS, guidance_scale=DEFAULT_GUIDANCE, sampler=DEFAULT_SAMPLER, dtype="fp32", fast=False)
+DEFAULTS = dict(
+    negative_prompt="", steps=DEFAULT_STEPS, guidance_scale=DEFAULT_GUIDANCE, sampler=DEFAULT_SAMPLER, dtype="fp32",
+    fast=False,
+)
 
 
 @dataclass(frozen=True)

@@ -195,6 +195,5 @@ def test_zero_init_residual_makes_every_residual_block_start_as_the_identity():
         for attention in attentions:
             x = torch.randn(2, attention.inner_dim, 4, 4)
             torch.testing.assert_close(attention(x), x)  # residual_connection: x + to_out(...) = x
-        assert all(p.grad is None for p in vae.parameters())
         out = vae.decode(vae.encode(torch.rand(1, 3, 64, 64) * 2 - 1).latent_dist.mean).sample
     assert out.shape == (1, 3, 64, 64) and torch.isfinite(out).all()
