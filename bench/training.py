@@ -5,7 +5,9 @@ batch's images and text-encodes its captions at every step, as diffusers' ``trai
 runs in its own subprocess. A step's time is the interval between the starts of consecutive steps (so the next
 batch's loading counts); the first ``--warmup`` steps and the last one (its interval holds the final checkpoint) are
 left out. A third row runs the cached loop under bf16 autocast, to show what that precision costs or saves here.
-The data: 64 rendered 64×64 shapes with captions, written once to an imagefolder in the work folder.
+The data: 64 rendered 64×64 shapes with captions, written once to an imagefolder in the work folder. A last worker
+times one part of every step on its own: the EMA update of the UNet's weights, diffusers' ``EMAModel.step`` against
+``ldm.training.make_ema``'s, taking turns in one process.
 
     python bench/training.py --threads 2 [--train-steps 30] [--batch-size 16]   # prints a Markdown section
 """
@@ -16,6 +18,7 @@ import argparse
 import itertools
 import json
 import shutil
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -40,6 +43,7 @@ MODES = {
 }
 COLOURS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220), "yellow": (240, 200, 30)}
 SHAPES = ("circle", "square", "triangle", "ring")
+EMA_ROUNDS, EMA_STEPS = 5, 20  # EMA worker: rounds of turns, timed updates per turn (after 3 untimed)
 
 
 def write_data(folder: Path, *, count: int = 64, size: int = 64) -> Path:
@@ -78,6 +82,8 @@ def write_data(folder: Path, *, count: int = 64, size: int = 64) -> Path:
 
 
 def worker(args) -> dict:
+    if args.mode == "ema":
+        return ema_worker(args)
     import train_unet
     from ldm import training
 
@@ -122,6 +128,31 @@ def worker(args) -> dict:
     }  # fmt: skip
 
 
+def ema_worker(args) -> dict:
+    from diffusers.training_utils import EMAModel
+
+    from ldm.bundle import load_bundle
+    from ldm.training import TrainConfig, make_ema
+
+    set_threads(args.threads)
+    unet = load_bundle(args.bundle).unet.float()
+    params = list(unet.parameters())
+    updates = {"diffusers": EMAModel(params, decay=0.9999, foreach=True),
+               "ours": make_ema(unet, TrainConfig(ema_decay=0.9999))}  # fmt: skip
+    ms: dict[str, list[float]] = {name: [] for name in updates}
+    for _ in range(EMA_ROUNDS):
+        for name, ema in updates.items():
+            for _ in range(3):
+                ema.step(params)
+            with Timer() as t:
+                for _ in range(EMA_STEPS):
+                    ema.step(params)
+            ms[name].append(t.wall / EMA_STEPS * 1e3)
+    return {"parameters": sum(p.numel() for p in params), "tensors": len(params)} | {
+        f"{name}_ms": statistics.median(v) for name, v in ms.items()
+    }
+
+
 # --- the section ------------------------------------------------------------------------------------------------------
 
 
@@ -135,11 +166,20 @@ def section(args, workdir: Path) -> tuple[str, dict]:
                                             args.train_steps, "--warmup", args.train_warmup, "--batch-size",
                                             args.batch_size, "--out", workdir / f"train-{mode}"],
                                    threads=args.threads, log=workdir / "training.log")  # fmt: skip
+    ema = run_worker(script, ["--mode", "ema", "--bundle", bundle_dir], threads=args.threads,
+                     log=workdir / "training.log")  # fmt: skip
+    results["ema"] = ema
     ref = results["no-cache"]
     rows = [
         [MODES[m], f"{r['s_per_step']:.3f}", f"{r['images_per_s']:.1f}", f"{ref['s_per_step'] / r['s_per_step']:.2f}×",
          f"{r['cache_build_s']:.1f}" if m != "no-cache" else "–", f"{r['peak_rss_mib']:.0f}"]
         for m, r in results.items()
+        if m in MODES
+    ]  # fmt: skip
+    ema_rows = [
+        ["diffusers `EMAModel.step` (foreach)", f"{ema['diffusers_ms']:.1f}", "1.00×"],
+        ["`ldm.training.make_ema` (one lerp per tensor)", f"{ema['ours_ms']:.1f}",
+         f"{ema['diffusers_ms'] / ema['ours_ms']:.2f}×"],
     ]  # fmt: skip
     text = "\n".join(
         [
@@ -151,6 +191,14 @@ def section(args, workdir: Path) -> tuple[str, dict]:
             ),
             "",
             table(["loop", "s / step", "images / s", "speed-up", "cache build s (once)", "peak RSS MiB"], rows),
+            "",
+            (
+                f"One part of every step on its own: the EMA update of the UNet's {ema['parameters'] / 1e6:.1f}M "
+                f"weights ({ema['tensors']} tensors), the two taking turns in one process, median of {EMA_ROUNDS} "
+                f"turns of {EMA_STEPS} updates each."
+            ),
+            "",
+            table(["EMA update", "ms / step", "speed-up"], ema_rows),
             "",
         ]
     )
@@ -167,7 +215,7 @@ def add_section_arguments(p: argparse.ArgumentParser) -> None:
 
 def main() -> None:
     p = script_parser(__doc__)
-    p.add_argument("--mode", choices=sorted(MODES))
+    p.add_argument("--mode", choices=[*MODES, "ema"])
     p.add_argument("--bundle")
     p.add_argument("--data")
     p.add_argument("--out")

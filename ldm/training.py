@@ -174,8 +174,30 @@ class _BudgetLR(torch.optim.lr_scheduler.LambdaLR):
         return {k: v for k, v in super().state_dict().items() if k != "budget_clock"}
 
 
+class LerpEMA(EMAModel):
+    """diffusers' EMAModel (decay warm-up, state dict, copy_to, store/restore) with a cheaper update.
+
+    EMAModel's update is ``s -= (1 - d)·(s - p)``: a temporary ``s - p`` per tensor, then a second pass. Here it is
+    one ``lerp_`` per tensor, ``s += (1 - d)·(p - s)``, with no temporary: the same value up to rounding, in about
+    half the time on a CPU, where torch runs foreach ops tensor by tensor (bench/training.py, BENCHMARKS.md).
+    """
+
+    @torch.no_grad()
+    def step(self, parameters) -> None:
+        parameters = list(parameters)
+        self.optimization_step += 1
+        decay = self.get_decay(self.optimization_step)
+        self.cur_decay_value = decay
+        trained = [(s, p) for s, p in zip(self.shadow_params, parameters, strict=True) if p.requires_grad]
+        frozen = [(s, p) for s, p in zip(self.shadow_params, parameters) if not p.requires_grad]
+        if frozen:
+            torch._foreach_copy_([s for s, _ in frozen], [p for _, p in frozen])
+        if trained:
+            torch._foreach_lerp_([s for s, _ in trained], [p for _, p in trained], 1 - decay)
+
+
 def make_ema(model: nn.Module, cfg: TrainConfig) -> EMAModel | None:
-    return EMAModel(model.parameters(), decay=cfg.ema_decay, foreach=True) if cfg.ema_decay > 0 else None
+    return LerpEMA(model.parameters(), decay=cfg.ema_decay, foreach=True) if cfg.ema_decay > 0 else None
 
 
 # --- data order ---------------------------------------------------------------------------------------------------

@@ -198,6 +198,31 @@ def test_checkpoint_restores_everything(tmp_path):
             assert torch.equal(sa["state"][k][name], sb["state"][k][name])
 
 
+def test_ema_update_matches_diffusers_ema_model():
+    # make_ema's one-pass update against diffusers' EMAModel: same shadow weights (to rounding), same decay warm-up,
+    # frozen parameters copied rather than averaged.
+    from diffusers.training_utils import EMAModel
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Linear(8, 2))
+    model[1].bias.requires_grad_(False)
+    cfg = TrainConfig(ema_decay=0.99)
+    ours = make_ema(model, cfg)
+    reference = EMAModel(model.parameters(), decay=0.99, foreach=True)
+    assert type(ours) is not EMAModel
+    for _ in range(6):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn_like(p))
+        ours.step(model.parameters())
+        reference.step(model.parameters())
+        assert ours.cur_decay_value == reference.cur_decay_value < 0.99  # still warming up
+    assert ours.optimization_step == 6
+    for s, r, p in zip(ours.shadow_params, reference.shadow_params, model.parameters()):
+        torch.testing.assert_close(s, r, rtol=1e-6, atol=1e-6)
+        assert torch.equal(s, p) == (not p.requires_grad)
+
+
 def test_resumed_ema_matches_and_sits_on_the_accelerator_device(tmp_path):
     # A checkpoint's tensors load on the CPU; on a GPU run the EMA step then mixed devices. The "meta" device
     # stands in for the GPU: the restored shadow weights must move to wherever the accelerator trains.
