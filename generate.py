@@ -4,6 +4,7 @@
     python generate.py "red apple" "cat face" -n 4 --batch-size 4 --sampler euler_a --seed 7 --grid
     python generate.py --from-png outputs/00000-7.png       # the same image again, from its own metadata
     python generate.py "red apple" --fast                   # faster on CPUs; see ldm/fast.py
+    python generate.py "red apple" --deep-cache 2           # faster still, approximate: see ldm/deepcache.py
 
 Each PNG carries an A1111-style ``parameters`` text chunk. Prompts longer than the text encoder's context
 (77 tokens with the start and end tokens) are truncated, with a warning.
@@ -35,7 +36,7 @@ from ldm.tokenizer import token_count
 DEFAULT_MODEL = Path("models/emoji-tiny")
 DEFAULTS = dict(
     negative_prompt="", steps=DEFAULT_STEPS, guidance_scale=DEFAULT_GUIDANCE, sampler=DEFAULT_SAMPLER, dtype="fp32",
-    fast=False,
+    fast=False, deep_cache=0,
 )
 
 
@@ -72,6 +73,9 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--compile", action="store_true",
                    help="with --fast: torch.compile the UNet; a minute or more to start (cached on disk), then faster "
                         "steps, so for long runs")
+    p.add_argument("--deep-cache", type=int, default=None, metavar="N",
+                   help="approximate: the whole UNet on every N-th step only, the steps between reuse its deep "
+                        "features (DeepCache); faster, and the images change (see BENCHMARKS.md); N ≥ 2")
     p.add_argument("--out", type=Path, default=Path("outputs"), help="output folder (default outputs/)")
     p.add_argument("--grid", action="store_true", help="also write all images as one grid PNG")
     p.add_argument("--from-png", type=Path, metavar="FILE",
@@ -93,6 +97,7 @@ def settings_from_png(path: Path) -> dict:
             batch_size=int(s.get("Batch size", 1)), batch_pos=int(s.get("Batch pos", 0)),
             dtype=s.get("Dtype", "fp32"), model_hash=s.get("Model hash"),
             lora=s.get("Lora"), lora_scale=float(s.get("Lora scale", 1.0)), fast=s.get("Fast") == "on",
+            deep_cache=int(s.get("Deep cache", 0)),
         )  # fmt: skip
     except (KeyError, ValueError) as exc:
         raise LdmError(f"{path}: the parameters chunk lacks or garbles {exc}; it cannot be regenerated") from None
@@ -160,6 +165,11 @@ def main(argv=None) -> int:
     fast = pick("fast")
     if args.compile and not fast:
         raise LdmError("--compile speeds up the fast path; add --fast")
+    deep_cache = pick("deep_cache")
+    if deep_cache == 1 or deep_cache < 0:
+        raise LdmError(f"--deep-cache N runs the whole UNet every N-th step; N must be 2 or more, not {deep_cache}")
+    if deep_cache and args.compile:
+        raise LdmError("--deep-cache and --compile do not combine; drop one")
     if fast and pick("dtype") != "fp32":
         raise LdmError(f"--fast sets the UNet's precision itself and needs fp32 weights, not --dtype {pick('dtype')}")
     bundle = load_bundle(model_path)
@@ -196,7 +206,12 @@ def main(argv=None) -> int:
         from ldm.fast import GRAPH_MIN_CALLS, FastConfig, speed_up
 
         unet_calls = steps * -(-len(jobs) // batch_size)  # tracing the UNet's graphs pays on long jobs only
-        speed_up(bundle, FastConfig(compile=args.compile, graph=None if unet_calls >= GRAPH_MIN_CALLS else False))
+        graph = None if unet_calls >= GRAPH_MIN_CALLS else False
+        speed_up(bundle, FastConfig(compile=args.compile, graph=graph, deep_cache=deep_cache))
+    elif deep_cache:
+        from ldm.deepcache import DeepCacheUNet
+
+        bundle.unet = DeepCacheUNet(bundle.unet, interval=deep_cache)
 
     args.out.mkdir(parents=True, exist_ok=True)
     index, written = next_index(args.out), []
@@ -220,6 +235,7 @@ def main(argv=None) -> int:
             if args.lora:
                 settings |= {"Lora": args.lora.name, "Lora scale": lora_scale}
             settings |= {"Dtype": dtype_name} | ({"Fast": "on"} if fast else {})
+            settings |= {"Deep cache": deep_cache} if deep_cache else {}
             settings |= {"Version": f"ldm {ldm.__version__}"}
             path = args.out / f"{index:05d}-{job.seed}.png"
             image = Image.fromarray(array)

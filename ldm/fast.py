@@ -20,6 +20,8 @@ What :func:`speed_up` does (measured with ``bench/``; numbers in BENCHMARKS.md):
   so generate.py uses it only for jobs of ``GRAPH_MIN_CALLS`` UNet calls or more. Summation order changes in the
   rewritten convolutions only (about 1e-6 in fp32).
 - **threads**: one per physical core, unless ``OMP_NUM_THREADS`` says otherwise.
+- **Deep-feature reuse** (``deep_cache``, ``ldm.deepcache``), only when asked for: an approximation that changes
+  the images, with its speed and image change measured per model in BENCHMARKS.md.
 - **torch.compile** (inductor, weights frozen into the graph), only when asked for: it removes the per-op overhead
   that dominates small UNets (emoji-tiny's UNet 1.5× faster) but costs about a minute on first use; later processes
   reuse inductor's on-disk cache, but still trace.
@@ -63,10 +65,17 @@ class FastConfig:
     compile: bool = False  # torch.compile the UNet(s) (inductor, weights frozen into the graph); slow to start
     graph: bool | None = None  # traced aten graphs (ldm.graph); None = on CPU for UNets below BF16_MIN_PARAMETERS
     threads: int | None = None  # torch.set_num_threads; None = physical cores, unless OMP_NUM_THREADS is set
+    # An approximation, off unless asked for: the whole UNet on every deep_cache-th step only, the steps between
+    # reusing its deep features (ldm.deepcache). 0 = off; it turns the traced graphs off (it needs the module tree).
+    deep_cache: int = 0
 
     def __post_init__(self):
         if not 0.0 <= self.fp32_from <= 1.0:
             raise ValueError(f"fp32_from is a fraction of the training timesteps, in [0, 1]; got {self.fp32_from}")
+        if self.deep_cache == 1 or self.deep_cache < 0:
+            raise ValueError(f"deep_cache is an interval of 2 or more steps (0 = off); got {self.deep_cache}")
+        if self.deep_cache and self.compile:
+            raise ValueError("deep_cache and compile do not combine: the cached steps run the UNet's modules eagerly")
 
 
 @cache
@@ -249,6 +258,7 @@ def speed_up(bundle: Bundle, config: FastConfig = FastConfig()) -> Bundle:
     small = sum(p.numel() for p in unet.parameters()) < BF16_MIN_PARAMETERS
     bf16 = has_native_bf16(device) and not small if config.bf16 is None else config.bf16
     graph = (device.type == "cpu" and small if config.graph is None else config.graph) and not config.compile
+    graph = graph and not config.deep_cache
     # inductor packs weights itself, and the traced graphs choose per convolution
     pack = (can_pack(device) if config.pack is None else config.pack) and not config.compile and not graph
 
@@ -259,6 +269,10 @@ def speed_up(bundle: Bundle, config: FastConfig = FastConfig()) -> Bundle:
             return GraphUNet(module)
         if pack:
             module = pack_weights(module, linear=module.dtype == torch.bfloat16)
+        if config.deep_cache:
+            from ldm.deepcache import DeepCacheUNet
+
+            return DeepCacheUNet(module, interval=config.deep_cache)
         return torch.compile(module, options={"freezing": True}) if config.compile else module
 
     if bf16 and config.fp32_from > 0:

@@ -1,0 +1,112 @@
+"""Deep-feature reuse across sampling steps (DeepCache, Ma et al. 2024): an approximation, only when asked for.
+
+Between neighbouring sampling steps a UNet's deep, low-resolution features change little; its shallowest level, which
+sees the sample at full latent resolution, changes most. :class:`DeepCacheUNet` runs the whole UNet on every
+``interval``-th call of a sampling run and keeps the input of its last up block: all that the deeper levels
+computed. The calls in between run the shallowest level only (``conv_in``, the first down block, the last up block and
+the output layers) on that kept input. With ``interval`` 2 every other step costs the shallow part only.
+
+The result differs from the exact sampler's: ``generate.py --deep-cache N`` records N in the PNG's parameters, and
+BENCHMARKS.md gives the measured speed and the change in the images (PSNR against the exact ones) per model.
+
+A sampling run is recognised by its timesteps: a call whose timestep is above the previous call's, or whose
+shapes differ, starts a new run with a full call, so the kept features never cross from one batch to the next.
+"""
+
+from __future__ import annotations
+
+import torch
+from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
+from torch import nn
+
+
+class DeepCacheUNet(nn.Module):
+    """A UNet2DConditionModel whose calls between full ones reuse the deep features of the last full call."""
+
+    def __init__(self, unet: nn.Module, *, interval: int):
+        super().__init__()
+        if interval < 2:
+            raise ValueError("the deep-cache interval must be at least 2 (1 would run every call in full)")
+        check_supported(unet)
+        self.unet, self.interval = unet, interval
+        self.full_calls = self.shallow_calls = 0  # what ran, for tests and benchmarks
+        self._deep: torch.Tensor | None = None  # (B, C, h, w) input of the last up block at the last full call
+        self._keeping = False
+        self._since_full = 0
+        self._last: tuple | None = None  # (timestep, shapes) of the previous call
+        unet.up_blocks[-1].register_forward_pre_hook(self._keep, with_kwargs=True)
+
+    @property
+    def config(self):
+        return self.unet.config
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.unet.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.unet.device
+
+    def _keep(self, module, args, kwargs) -> None:
+        if self._keeping:
+            self._deep = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+
+    def forward(self, sample: torch.Tensor, timestep, encoder_hidden_states: torch.Tensor, return_dict: bool = True):
+        t = float(torch.as_tensor(timestep).max())
+        shapes = (sample.shape, encoder_hidden_states.shape, sample.dtype)
+        new_run = self._last is None or t > self._last[0] or shapes != self._last[1]
+        self._last = (t, shapes)
+        if new_run or self._deep is None or self._since_full + 1 >= self.interval:
+            self._keeping, self._deep = True, None
+            try:
+                out = self.unet(sample, timestep, encoder_hidden_states=encoder_hidden_states).sample
+            finally:
+                self._keeping = False
+            self._since_full = 0
+            self.full_calls += 1
+        else:
+            out = self._shallow(sample, timestep, encoder_hidden_states)
+            self._since_full += 1
+            self.shallow_calls += 1
+        return UNet2DConditionOutput(sample=out) if return_dict else (out,)
+
+    def _shallow(self, sample: torch.Tensor, timestep, context: torch.Tensor) -> torch.Tensor:
+        """The shallowest level on the kept deep features: the same calls as the UNet's forward at that level."""
+        unet = self.unet
+        emb = unet.time_embedding(unet.get_time_embed(sample=sample, timestep=timestep), None)  # (B, E)
+        if unet.time_embed_act is not None:
+            emb = unet.time_embed_act(emb)
+        hidden = unet.conv_in(sample)  # (B, C0, h, w)
+        first, last = unet.down_blocks[0], unet.up_blocks[-1]
+        if getattr(first, "has_cross_attention", False):
+            _, skips = first(hidden_states=hidden, temb=emb, encoder_hidden_states=context)
+        else:
+            _, skips = first(hidden_states=hidden, temb=emb)
+        # The last up block takes the first len(last.resnets) skip connections: conv_in's output and the first down
+        # block's resnet outputs (its downsampler's output feeds the deeper levels only).
+        skips = ((hidden,) + tuple(skips))[: len(last.resnets)]
+        if getattr(last, "has_cross_attention", False):
+            hidden = last(hidden_states=self._deep, temb=emb, res_hidden_states_tuple=skips,
+                          encoder_hidden_states=context)  # fmt: skip
+        else:
+            hidden = last(hidden_states=self._deep, temb=emb, res_hidden_states_tuple=skips)
+        if unet.conv_norm_out is not None:
+            hidden = unet.conv_act(unet.conv_norm_out(hidden))
+        return unet.conv_out(hidden)  # (B, C, h, w)
+
+
+def check_supported(unet: nn.Module) -> None:
+    """The plain text-to-image UNets this project builds; refuses what the shallow pass would silently skip."""
+    cfg = getattr(unet, "config", None)
+    if cfg is None or not hasattr(unet, "up_blocks") or len(unet.up_blocks) < 2:
+        raise ValueError("deep-cache needs a diffusers UNet2DConditionModel with two or more levels")
+    extras = {
+        "class_embed_type": cfg.class_embed_type, "addition_embed_type": cfg.addition_embed_type,
+        "encoder_hid_dim_type": cfg.encoder_hid_dim_type, "time_cond_proj_dim": cfg.time_cond_proj_dim,
+    }  # fmt: skip
+    used = [name for name, value in extras.items() if value is not None]
+    if used or cfg.center_input_sample:
+        raise ValueError(
+            f"deep-cache supports plain text-to-image UNets; this one uses {used or 'center_input_sample'}"
+        )

@@ -1,0 +1,158 @@
+"""Deep-feature reuse across sampling steps (ldm.deepcache), on the micro bundle and tiny diffusers UNets."""
+
+import numpy as np
+import pytest
+import torch
+from diffusers import UNet2DConditionModel
+from PIL import Image
+
+import generate as generate_cli
+from ldm.bundle import load_bundle
+from ldm.deepcache import DeepCacheUNet
+from ldm.errors import run_cli
+from ldm.fast import FastConfig, MixedPrecisionUNet, speed_up
+from ldm.pipeline import Request, generate
+from ldm.pngmeta import parse_parameters, read_png_parameters
+from ldm.schedule import get_sampler
+
+
+def tiny_unet(**overrides) -> UNet2DConditionModel:
+    torch.manual_seed(0)
+    config = dict(
+        sample_size=8, in_channels=4, out_channels=4, block_out_channels=(16, 32, 32), layers_per_block=2,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=8, attention_head_dim=4, norm_num_groups=8,
+    )  # fmt: skip
+    return UNet2DConditionModel(**(config | overrides)).eval()
+
+
+def inputs(batch=2, *, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(batch, 4, 8, 8, generator=g), torch.randn(batch, 5, 8, generator=g)
+
+
+@pytest.mark.parametrize("first_cross", [True, False], ids=["cross-attention-ends", "plain-ends"])
+@torch.no_grad()
+def test_shallow_call_on_the_same_input_equals_the_full_unet(first_cross):
+    # Right after a full call, a shallow call on the same sample and timestep has exactly the deep features it
+    # would compute: it must give the UNet's own output. This checks which skips feed the last up block.
+    types = ("CrossAttnDownBlock2D", "DownBlock2D") if first_cross else ("DownBlock2D", "CrossAttnDownBlock2D")
+    ups = ("UpBlock2D", "CrossAttnUpBlock2D") if first_cross else ("CrossAttnUpBlock2D", "UpBlock2D")
+    unet = tiny_unet(block_out_channels=(16, 32), down_block_types=types, up_block_types=ups)
+    sample, context = inputs()
+    t = torch.tensor(500)
+    reference = unet(sample, t, encoder_hidden_states=context).sample
+    cached = DeepCacheUNet(unet, interval=3)
+    full = cached(sample, t, encoder_hidden_states=context).sample
+    shallow = cached(sample, t, encoder_hidden_states=context).sample
+    assert (cached.full_calls, cached.shallow_calls) == (1, 1)
+    assert torch.equal(full, reference)
+    torch.testing.assert_close(shallow, reference, rtol=1e-5, atol=1e-5)
+    # and at a later step the shallow call is an approximation: close to the exact output, not equal to it
+    later, exact = sample * 0.9, unet(sample * 0.9, torch.tensor(450), encoder_hidden_states=context).sample
+    approx = cached(later, torch.tensor(450), encoder_hidden_states=context).sample
+    assert not torch.allclose(approx, exact, atol=1e-5)
+    assert (approx - exact).abs().mean() < (exact - reference).abs().mean()
+    assert (cached.full_calls, cached.shallow_calls) == (1, 2)
+
+
+@torch.no_grad()
+def test_full_calls_follow_the_interval_and_restart_with_each_run():
+    cached = DeepCacheUNet(tiny_unet(), interval=3)
+    sample, context = inputs()
+
+    def run(timesteps, x=sample, ctx=context):
+        pattern = []
+        for t in timesteps:
+            before = cached.full_calls
+            cached(x, torch.tensor(t), encoder_hidden_states=ctx)
+            pattern.append("F" if cached.full_calls > before else "s")
+        return "".join(pattern)
+
+    assert run([900, 800, 700, 600, 500, 400, 300]) == "FssFssF"
+    assert run([900, 700, 500]) == "Fss"  # a new run (the timestep went up) starts with a full call
+    assert run([300, 200]) == "Fs"  # so does a new batch shape, even mid-run
+    x, ctx = inputs(batch=3)
+    assert run([100, 50], x=x, ctx=ctx) == "Fs"
+
+
+def test_refuses_what_it_cannot_reproduce():
+    with pytest.raises(ValueError, match="at least 2"):
+        DeepCacheUNet(tiny_unet(), interval=1)
+    with pytest.raises(ValueError, match="class_embed_type"):
+        DeepCacheUNet(tiny_unet(class_embed_type="timestep"), interval=2)
+    for bad in (1, -2):
+        with pytest.raises(ValueError, match="interval of 2 or more"):
+            FastConfig(deep_cache=bad)
+    with pytest.raises(ValueError, match="do not combine"):
+        FastConfig(deep_cache=2, compile=True)
+
+
+def test_fast_path_wraps_the_module_tree_not_traced_graphs(micro_bundle_dir):
+    # The kept features come from a hook on the last up block, which traced graphs would bypass.
+    threads = torch.get_num_threads()
+    fast = speed_up(load_bundle(micro_bundle_dir), FastConfig(deep_cache=2, graph=True, threads=threads)).unet
+    assert isinstance(fast, DeepCacheUNet) and isinstance(fast.unet, UNet2DConditionModel)
+    mixed = speed_up(load_bundle(micro_bundle_dir), FastConfig(deep_cache=3, bf16=True, threads=threads)).unet
+    assert isinstance(mixed, MixedPrecisionUNet)
+    assert isinstance(mixed.low_noise, DeepCacheUNet) and isinstance(mixed.high_noise, DeepCacheUNet)
+    assert mixed.low_noise.interval == 3 and mixed.low_noise.dtype == torch.bfloat16
+
+
+@torch.no_grad()
+def test_generation_reuses_every_other_step(micro_bundle_dir):
+    bundle = load_bundle(micro_bundle_dir)
+    req = Request(
+        prompts=["red apple", "cat face"], negative_prompts=["", ""], seeds=[0, 1], steps=10, guidance_scale=7.5,
+        sampler=get_sampler("dpmpp_2m"), width=64, height=64,
+    )  # fmt: skip
+    exact = generate(bundle, req, progress=False)
+    bundle.unet = DeepCacheUNet(bundle.unet, interval=2)
+    approx = generate(bundle, req, progress=False)
+    assert (bundle.unet.full_calls, bundle.unet.shallow_calls) == (5, 5)
+    assert approx.shape == exact.shape and torch.isfinite(approx).all()
+    assert 0 < (approx - exact).abs().max() < 1
+
+
+# --- generate.py --deep-cache ----------------------------------------------------------------------------------------
+
+
+def run(argv):
+    return run_cli(generate_cli.main, [str(a) for a in argv])
+
+
+def pixels(path):
+    return np.asarray(Image.open(path).convert("RGB"), dtype=np.int16)
+
+
+@pytest.mark.parametrize("fast", [[], ["--fast"]], ids=["fp32", "fast"])
+def test_cli_deep_cache_is_recorded_and_reproduced(micro_bundle_dir, tmp_path, fast):
+    common = ["red apple", "--seed", "3", "--steps", "6", "--model", micro_bundle_dir, "--quiet", *fast]
+    assert run([*common, "--out", tmp_path / "exact"]) == 0
+    assert run([*common, "--out", tmp_path / "cached", "--deep-cache", "3"]) == 0
+    (exact,), (cached,) = (tmp_path / "exact").glob("0*.png"), (tmp_path / "cached").glob("0*.png")
+    assert not np.array_equal(pixels(cached), pixels(exact))
+    assert parse_parameters(read_png_parameters(cached))[2]["Deep cache"] == "3"
+    assert "Deep cache" not in parse_parameters(read_png_parameters(exact))[2]
+    # --from-png reuses the deep features again; --deep-cache 0 turns it off
+    assert run(["--from-png", cached, "--model", micro_bundle_dir, "--out", tmp_path / "again", "--quiet"]) == 0
+    (again,) = (tmp_path / "again").glob("0*.png")
+    assert np.array_equal(pixels(again), pixels(cached))
+    off = ["--from-png", cached, "--deep-cache", "0", "--model", micro_bundle_dir, "--out", tmp_path / "off", "--quiet"]
+    assert run(off) == 0
+    (off,) = (tmp_path / "off").glob("0*.png")
+    assert np.array_equal(pixels(off), pixels(exact))
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--deep-cache", "1"], "N must be 2 or more, not 1"),
+        (["--deep-cache", "2", "--fast", "--compile"], "--deep-cache and --compile do not combine"),
+    ],
+)
+def test_cli_deep_cache_bad_flags(micro_bundle_dir, tmp_path, capsys, flags, message):
+    assert run(["x", *flags, "--model", micro_bundle_dir, "--out", tmp_path, "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1
