@@ -4,7 +4,9 @@ Each contender runs in its own subprocess (so its memory peak is its own) on the
 diffusers the bundle's export (ldm.bundle.export_diffusers). All run the same request: the prompt "red apple" ×B
 with an empty negative prompt, seeds 0…B-1, DPM++ 2M, guidance 7.5. In each worker one warm-up run of 2 steps (same
 batch and size) comes first, then ``--repeats`` timed runs; emoji-tiny's contenders take turns for ``--rounds``
-rounds. Seconds per image = median wall time over all timed runs / B.
+rounds. Seconds per image = median wall time over all timed runs / B. The fast path with ``--deep-cache N``
+(``--deep-cache`` here, default 2 and 3) runs as further contenders: an approximation, so its rows come with the
+change in the images (mean |Δ|, PSNR against diffusers' exact output) beside the speed.
 
     python bench/generation.py --threads 2 [--skip-sd] [--repeats 3] [--sd-repeats 1]   # prints a Markdown section
 """
@@ -39,6 +41,14 @@ CONTENDERS = {
 PROMPT, SAMPLER, GUIDANCE = "red apple", "dpmpp_2m", 7.5
 COLUMNS = ["batch", "contender", "s / image (wall)", "CPU s / image", "speed-up", "peak RSS MiB", "load s", "warm-up s",
            "UNet precision", "attention"]  # fmt: skip
+CHECK_COLUMNS = ["batch", "contender", "max abs Δ", "max abs Δ × 255", "max uint8 Δ", "mean abs Δ × 255", "PSNR dB"]
+DEEP_CACHE = "fast-dc"  # + N: the fast path with --deep-cache N, an approximation (ldm.deepcache)
+
+
+def label(contender: str) -> str:
+    if contender.startswith(DEEP_CACHE):
+        return f"ldm generate, fast path + `--deep-cache {contender.removeprefix(DEEP_CACHE)}` (approximate)"
+    return CONTENDERS[contender]
 
 
 # --- worker: one contender, one batch size ------------------------------------------------------------------------
@@ -81,7 +91,9 @@ def make_runner(contender: str, model: Path, export: Path):
 
     bundle = load_bundle(model).to(dtype=torch.float32)  # as generate.py does (a bundle may ship in fp16)
     if contender.startswith("fast"):
-        speed_up(bundle, FastConfig(threads=torch.get_num_threads(), compile=contender == "fast-compile"))
+        deep_cache = int(contender.removeprefix(DEEP_CACHE)) if contender.startswith(DEEP_CACHE) else 0
+        config = FastConfig(threads=torch.get_num_threads(), compile=contender == "fast-compile", deep_cache=deep_cache)
+        speed_up(bundle, config)
 
     def run(batch: int, steps: int, size: int) -> torch.Tensor:
         request = Request(
@@ -145,13 +157,16 @@ def pool(earlier: dict | None, new: dict, batch: int) -> dict:
     }  # fmt: skip
 
 
-def compare(a: Path, b: Path) -> tuple[float, int]:
-    """max |Δ| of two saved image batches in [0, 1], and max |Δ| of their uint8 renderings."""
+def compare(a: Path, b: Path) -> tuple[float, int, float, float]:
+    """Two saved image batches in [0, 1]: max |Δ|, max |Δ| of their uint8 renderings, mean |Δ|, and PSNR in dB
+    (inf when equal)."""
     import numpy as np
 
     x, y = np.load(a).astype(np.float64), np.load(b).astype(np.float64)
     as_uint8 = lambda v: np.round(v * 255)  # as ldm.pipeline.to_uint8 and diffusers' numpy_to_pil round
-    return float(np.abs(x - y).max()), int(np.abs(as_uint8(x) - as_uint8(y)).max())
+    mse = float(np.mean((x - y) ** 2))
+    psnr = float("inf") if mse == 0 else 10 * np.log10(1 / mse)
+    return float(np.abs(x - y).max()), int(np.abs(as_uint8(x) - as_uint8(y)).max()), float(np.abs(x - y).mean()), psnr
 
 
 def section(args, workdir: Path) -> tuple[str, dict]:
@@ -163,6 +178,7 @@ def section(args, workdir: Path) -> tuple[str, dict]:
     for preset, size, batches, repeats, rounds, model_dir in models:
         # Compiling sd-v1's two UNets (fp32 and bf16) takes many minutes on a few cores: emoji-tiny only.
         contenders = ["diffusers", "ours", "fast"] + (["fast-compile"] if args.compile and preset != "sd-v1" else [])
+        contenders += [f"{DEEP_CACHE}{n}" for n in args.deep_cache]
         bundle_dir, origin = bench_bundle(preset, workdir, model_dir=model_dir)
         export = exported(bundle_dir, workdir)
         rows, checks = [], []
@@ -185,13 +201,14 @@ def section(args, workdir: Path) -> tuple[str, dict]:
             for contender in contenders:
                 r = base[contender]
                 speedup = ref["s_per_image"] / r["s_per_image"]
-                rows.append([f"{batch}", CONTENDERS[contender], f"{r['s_per_image']:.3f}", f"{r['cpu_s_per_image']:.3f}",
+                rows.append([f"{batch}", label(contender), f"{r['s_per_image']:.3f}", f"{r['cpu_s_per_image']:.3f}",
                              f"{speedup:.2f}×", f"{r['peak_rss_mib']:.0f}", f"{r['load_s']:.1f}", f"{r['warmup_s']:.1f}",
                              r["unet_dtype"], ", ".join(r["attention"])])  # fmt: skip
                 if contender != "diffusers":
-                    diff, diff8 = compare(Path(r["save"]), Path(ref["save"]))
-                    r["max_abs_diff"], r["max_uint8_diff"] = diff, diff8
-                    checks.append([f"{batch}", CONTENDERS[contender], f"{diff:.2e}", f"{diff * 255:.3f}", f"{diff8}"])
+                    diff, diff8, mean, psnr = compare(Path(r["save"]), Path(ref["save"]))
+                    r |= {"max_abs_diff": diff, "max_uint8_diff": diff8, "mean_abs_diff": mean, "psnr_db": psnr}
+                    checks.append([f"{batch}", label(contender), f"{diff:.2e}", f"{diff * 255:.3f}", f"{diff8}",
+                                   f"{mean * 255:.3f}", "identical" if psnr == float("inf") else f"{psnr:.1f}"])  # fmt: skip
         lines += [
             f"### {preset} at {size}×{size}: {origin}",
             "",
@@ -205,10 +222,10 @@ def section(args, workdir: Path) -> tuple[str, dict]:
             "",
             (
                 "Output against diffusers' fp32 output (same seeds): max |Δ| over all pixels in [0, 1], the same in "
-                "1/255 steps, and max |Δ| of the uint8 images."
+                "1/255 steps, max |Δ| of the uint8 images, mean |Δ| in 1/255 steps, and PSNR."
             ),
             "",
-            table(["batch", "contender", "max abs Δ", "max abs Δ × 255", "max uint8 Δ"], checks),
+            table(CHECK_COLUMNS, checks),
             "",
         ]
     return "\n".join(lines), results
@@ -231,11 +248,13 @@ def add_section_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sd-batches", type=int, nargs="+", default=[1, 4])
     p.add_argument("--sd-repeats", type=int, default=1)
     p.add_argument("--compile", action="store_true", help="also time the fast path with torch.compile (emoji-tiny)")
+    p.add_argument("--deep-cache", type=int, nargs="*", default=[2, 3], metavar="N",
+                   help="also time the fast path with --deep-cache N, an approximation (default: 2 3; none: no N)")  # fmt: skip
 
 
 def main() -> None:
     p = script_parser(__doc__)
-    p.add_argument("--contender", choices=sorted(CONTENDERS))
+    p.add_argument("--contender", help=f"one of {', '.join(CONTENDERS)}, or {DEEP_CACHE}N")
     p.add_argument("--model")
     p.add_argument("--export")
     p.add_argument("--batch", type=int)
