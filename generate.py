@@ -169,7 +169,8 @@ def main(argv=None) -> int:
     if deep_cache == 1 or deep_cache < 0:
         raise LdmError(f"--deep-cache N runs the whole UNet every N-th step; N must be 2 or more, not {deep_cache}")
     if deep_cache and args.compile:
-        raise LdmError("--deep-cache and --compile do not combine; drop one")
+        drop = "--deep-cache" if args.deep_cache else "add --deep-cache 0 (the interval came from the PNG)"
+        raise LdmError(f"--deep-cache and --compile do not combine; drop --compile or {drop}")
     if fast and pick("dtype") != "fp32":
         raise LdmError(f"--fast sets the UNet's precision itself and needs fp32 weights, not --dtype {pick('dtype')}")
     bundle = load_bundle(model_path)

@@ -45,6 +45,13 @@ CHECK_COLUMNS = ["batch", "contender", "max abs Δ", "max abs Δ × 255", "max u
 DEEP_CACHE = "fast-dc"  # + N: the fast path with --deep-cache N, an approximation (ldm.deepcache)
 
 
+def contender_name(text: str) -> str:
+    deep = text.startswith(DEEP_CACHE) and text.removeprefix(DEEP_CACHE).isdigit()
+    if text not in CONTENDERS and not deep:
+        raise argparse.ArgumentTypeError(f"{text!r} is none of {', '.join(CONTENDERS)} or {DEEP_CACHE}N")
+    return text
+
+
 def label(contender: str) -> str:
     if contender.startswith(DEEP_CACHE):
         return f"ldm generate, fast path + `--deep-cache {contender.removeprefix(DEEP_CACHE)}` (approximate)"
@@ -207,8 +214,9 @@ def section(args, workdir: Path) -> tuple[str, dict]:
                 if contender != "diffusers":
                     diff, diff8, mean, psnr = compare(Path(r["save"]), Path(ref["save"]))
                     r |= {"max_abs_diff": diff, "max_uint8_diff": diff8, "mean_abs_diff": mean, "psnr_db": psnr}
+                    psnr_text = "identical" if psnr == float("inf") else f"{psnr:.1f}"
                     checks.append([f"{batch}", label(contender), f"{diff:.2e}", f"{diff * 255:.3f}", f"{diff8}",
-                                   f"{mean * 255:.3f}", "identical" if psnr == float("inf") else f"{psnr:.1f}"])  # fmt: skip
+                                   f"{mean * 255:.3f}", psnr_text])  # fmt: skip
         lines += [
             f"### {preset} at {size}×{size}: {origin}",
             "",
@@ -249,12 +257,13 @@ def add_section_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sd-repeats", type=int, default=1)
     p.add_argument("--compile", action="store_true", help="also time the fast path with torch.compile (emoji-tiny)")
     p.add_argument("--deep-cache", type=int, nargs="*", default=[2, 3], metavar="N",
-                   help="also time the fast path with --deep-cache N, an approximation (default: 2 3; none: no N)")  # fmt: skip
+                   help="also time the fast path with --deep-cache N, an approximation, on both models (default: 2 "
+                        "3; none: --deep-cache with no N)")  # fmt: skip
 
 
 def main() -> None:
     p = script_parser(__doc__)
-    p.add_argument("--contender", help=f"one of {', '.join(CONTENDERS)}, or {DEEP_CACHE}N")
+    p.add_argument("--contender", type=contender_name, help=f"one of {', '.join(CONTENDERS)}, or {DEEP_CACHE}N")
     p.add_argument("--model")
     p.add_argument("--export")
     p.add_argument("--batch", type=int)

@@ -9,8 +9,11 @@ the output layers) on that kept input. With ``interval`` 2 every other step cost
 The result differs from the exact sampler's: ``generate.py --deep-cache N`` records N in the PNG's parameters, and
 BENCHMARKS.md gives the measured speed and the change in the images (PSNR against the exact ones) per model.
 
-A sampling run is recognised by its timesteps: a call whose timestep is above the previous call's, or whose
-shapes differ, starts a new run with a full call, so the kept features never cross from one batch to the next.
+Each sampling run starts with a full call, so kept features never cross from one batch to the next:
+``ldm.pipeline.generate`` says when a run starts (:func:`start_run`), and a call whose timestep is above the previous
+call's, or whose shapes or dtype differ, starts one too (for callers that do not say). The shallow pass runs the first
+down block whole, its downsampler included, whose output only the deeper levels read: one strided convolution more
+than the least it could run, in exchange for calling diffusers' blocks as they are.
 """
 
 from __future__ import annotations
@@ -19,6 +22,8 @@ import torch
 from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
 from torch import nn
 
+from ldm.errors import LdmError
+
 
 class DeepCacheUNet(nn.Module):
     """A UNet2DConditionModel whose calls between full ones reuse the deep features of the last full call."""
@@ -26,7 +31,7 @@ class DeepCacheUNet(nn.Module):
     def __init__(self, unet: nn.Module, *, interval: int):
         super().__init__()
         if interval < 2:
-            raise ValueError("the deep-cache interval must be at least 2 (1 would run every call in full)")
+            raise LdmError(f"the deep-cache interval is the steps per full UNet call, 2 or more; got {interval}")
         check_supported(unet)
         self.unet, self.interval = unet, interval
         self.full_calls = self.shallow_calls = 0  # what ran, for tests and benchmarks
@@ -47,6 +52,10 @@ class DeepCacheUNet(nn.Module):
     @property
     def device(self) -> torch.device:
         return self.unet.device
+
+    def start_run(self) -> None:
+        """The next call begins a new sampling run: it runs in full."""
+        self._last = None
 
     def _keep(self, module, args, kwargs) -> None:
         if self._keeping:
@@ -96,17 +105,27 @@ class DeepCacheUNet(nn.Module):
         return unet.conv_out(hidden)  # (B, C, h, w)
 
 
+def start_run(unet: nn.Module) -> None:
+    """Tell every DeepCacheUNet in ``unet`` (it may be one, or hold some) that a new sampling run begins."""
+    for module in unet.modules():
+        if isinstance(module, DeepCacheUNet):
+            module.start_run()
+
+
 def check_supported(unet: nn.Module) -> None:
     """The plain text-to-image UNets this project builds; refuses what the shallow pass would silently skip."""
     cfg = getattr(unet, "config", None)
     if cfg is None or not hasattr(unet, "up_blocks") or len(unet.up_blocks) < 2:
-        raise ValueError("deep-cache needs a diffusers UNet2DConditionModel with two or more levels")
+        raise LdmError(
+            "deep-cache needs a UNet of two or more levels (a diffusers UNet2DConditionModel); drop --deep-cache"
+        )
     extras = {
         "class_embed_type": cfg.class_embed_type, "addition_embed_type": cfg.addition_embed_type,
         "encoder_hid_dim_type": cfg.encoder_hid_dim_type, "time_cond_proj_dim": cfg.time_cond_proj_dim,
     }  # fmt: skip
     used = [name for name, value in extras.items() if value is not None]
     if used or cfg.center_input_sample:
-        raise ValueError(
-            f"deep-cache supports plain text-to-image UNets; this one uses {used or 'center_input_sample'}"
+        raise LdmError(
+            f"deep-cache supports plain text-to-image UNets, and this one uses {used or 'center_input_sample'}; "
+            "drop --deep-cache"
         )

@@ -15,6 +15,7 @@ from tqdm.auto import tqdm
 
 from ldm.autoencoder import decode_latents
 from ldm.bundle import Bundle
+from ldm.deepcache import start_run
 from ldm.errors import LdmError
 from ldm.schedule import Sampler, build_scheduler
 from ldm.tokenizer import tokenize
@@ -80,6 +81,7 @@ def generate(bundle: Bundle, request: Request, *, progress: bool = True) -> torc
     texts = (request.negative_prompts + request.prompts) if guided else request.prompts
     context = encode_prompts(bundle, texts)  # (2B or B, L, D)
 
+    start_run(unet)  # a UNet that reuses features across steps (ldm.deepcache) starts afresh
     scheduler = build_scheduler(bundle.config.schedule, request.sampler)
     scheduler.set_timesteps(request.steps, device=device)
 

@@ -8,8 +8,8 @@ from PIL import Image
 
 import generate as generate_cli
 from ldm.bundle import load_bundle
-from ldm.deepcache import DeepCacheUNet
-from ldm.errors import run_cli
+from ldm.deepcache import DeepCacheUNet, start_run
+from ldm.errors import LdmError, run_cli
 from ldm.fast import FastConfig, MixedPrecisionUNet, speed_up
 from ldm.pipeline import Request, generate
 from ldm.pngmeta import parse_parameters, read_png_parameters
@@ -18,12 +18,12 @@ from ldm.schedule import get_sampler
 
 def tiny_unet(**overrides) -> UNet2DConditionModel:
     torch.manual_seed(0)
-    config = dict(
-        sample_size=8, in_channels=4, out_channels=4, block_out_channels=(16, 32, 32), layers_per_block=2,
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=8, attention_head_dim=4, norm_num_groups=8,
-    )  # fmt: skip
+    config = {
+        "sample_size": 8, "in_channels": 4, "out_channels": 4, "block_out_channels": (16, 32, 32),
+        "layers_per_block": 2, "down_block_types": ("CrossAttnDownBlock2D", "DownBlock2D", "CrossAttnDownBlock2D"),
+        "up_block_types": ("CrossAttnUpBlock2D", "UpBlock2D", "CrossAttnUpBlock2D"), "cross_attention_dim": 8,
+        "attention_head_dim": 4, "norm_num_groups": 8,
+    }  # fmt: skip
     return UNet2DConditionModel(**(config | overrides)).eval()
 
 
@@ -32,14 +32,19 @@ def inputs(batch=2, *, seed=1):
     return torch.randn(batch, 4, 8, 8, generator=g), torch.randn(batch, 5, 8, generator=g)
 
 
-@pytest.mark.parametrize("first_cross", [True, False], ids=["cross-attention-ends", "plain-ends"])
+@pytest.mark.parametrize(
+    "first_cross, activation", [(True, None), (False, "silu")], ids=["cross-attention-ends", "plain-ends-silu"]
+)
 @torch.no_grad()
-def test_shallow_call_on_the_same_input_equals_the_full_unet(first_cross):
+def test_shallow_call_on_the_same_input_equals_the_full_unet(first_cross, activation):
     # Right after a full call, a shallow call on the same sample and timestep has exactly the deep features it
     # would compute: it must give the UNet's own output. This checks which skips feed the last up block.
     types = ("CrossAttnDownBlock2D", "DownBlock2D") if first_cross else ("DownBlock2D", "CrossAttnDownBlock2D")
     ups = ("UpBlock2D", "CrossAttnUpBlock2D") if first_cross else ("CrossAttnUpBlock2D", "UpBlock2D")
-    unet = tiny_unet(block_out_channels=(16, 32), down_block_types=types, up_block_types=ups)
+    unet = tiny_unet(
+        block_out_channels=(16, 32), down_block_types=types, up_block_types=ups, time_embedding_act_fn=activation
+    )
+    assert (unet.time_embed_act is None) == (activation is None)
     sample, context = inputs()
     t = torch.tensor(500)
     reference = unet(sample, t, encoder_hidden_states=context).sample
@@ -55,6 +60,8 @@ def test_shallow_call_on_the_same_input_equals_the_full_unet(first_cross):
     assert not torch.allclose(approx, exact, atol=1e-5)
     assert (approx - exact).abs().mean() < (exact - reference).abs().mean()
     assert (cached.full_calls, cached.shallow_calls) == (1, 2)
+    # the shallow pass embeds its own timestep: on the same kept features, another timestep gives another output
+    assert not torch.allclose(cached._shallow(sample, torch.tensor(100), context), shallow, atol=1e-4)
 
 
 @torch.no_grad()
@@ -71,17 +78,38 @@ def test_full_calls_follow_the_interval_and_restart_with_each_run():
         return "".join(pattern)
 
     assert run([900, 800, 700, 600, 500, 400, 300]) == "FssFssF"
-    assert run([900, 700, 500]) == "Fss"  # a new run (the timestep went up) starts with a full call
-    assert run([300, 200]) == "Fs"  # so does a new batch shape, even mid-run
+    assert run([900, 700]) == "Fs"  # a new run: the timestep went up
+    start_run(cached)  # a new run as ldm.pipeline.generate announces it: the timestep alone could not tell (1 step)
+    assert run([600, 500]) == "Fs"
     x, ctx = inputs(batch=3)
-    assert run([100, 50], x=x, ctx=ctx) == "Fs"
+    assert run([400, 300], x=x, ctx=ctx) == "Fs"  # a new batch shape mid-run
+    longer = torch.randn(3, 7, 8)
+    assert run([200, 100], x=x, ctx=longer) == "Fs"  # a new prompt length
+    start_run(torch.nn.ModuleDict({"low": cached}))  # the pipeline reaches wrappers inside wrappers
+    assert run([40], x=x, ctx=longer) == "F"
+
+
+@torch.no_grad()
+def test_single_step_runs_do_not_share_features(micro_bundle_dir):
+    bundle = load_bundle(micro_bundle_dir)
+    bundle.unet = DeepCacheUNet(bundle.unet, interval=2)
+    req = lambda seed: Request(
+        prompts=["red apple"], negative_prompts=[""], seeds=[seed], steps=1, guidance_scale=7.5,
+        sampler=get_sampler("dpmpp_2m"), width=64, height=64,
+    )  # fmt: skip
+    generate(bundle, req(0), progress=False)
+    second = generate(bundle, req(1), progress=False)
+    assert (bundle.unet.full_calls, bundle.unet.shallow_calls) == (2, 0)
+    assert torch.equal(second, generate(load_bundle(micro_bundle_dir), req(1), progress=False))
 
 
 def test_refuses_what_it_cannot_reproduce():
-    with pytest.raises(ValueError, match="at least 2"):
+    with pytest.raises(LdmError, match="2 or more; got 1"):
         DeepCacheUNet(tiny_unet(), interval=1)
-    with pytest.raises(ValueError, match="class_embed_type"):
+    with pytest.raises(LdmError, match=r"uses \['class_embed_type'\]; drop --deep-cache"):
         DeepCacheUNet(tiny_unet(class_embed_type="timestep"), interval=2)
+    with pytest.raises(LdmError, match="two or more levels"):
+        DeepCacheUNet(torch.nn.Linear(2, 2), interval=2)
     for bad in (1, -2):
         with pytest.raises(ValueError, match="interval of 2 or more"):
             FastConfig(deep_cache=bad)
@@ -149,7 +177,7 @@ def test_cli_deep_cache_is_recorded_and_reproduced(micro_bundle_dir, tmp_path, f
     "flags, message",
     [
         (["--deep-cache", "1"], "N must be 2 or more, not 1"),
-        (["--deep-cache", "2", "--fast", "--compile"], "--deep-cache and --compile do not combine"),
+        (["--deep-cache", "2", "--fast", "--compile"], "do not combine; drop --compile or --deep-cache"),
     ],
 )
 def test_cli_deep_cache_bad_flags(micro_bundle_dir, tmp_path, capsys, flags, message):
