@@ -77,10 +77,14 @@ class GenerationSettings:
     width: int | None = None  # None: the bundle's training size
     height: int | None = None
     negative_prompt: str = ""
+    deep_cache: int = 0  # 0: exact sampling; N ≥ 2: the whole UNet every N-th step only (ldm.deepcache)
 
     def __post_init__(self):
         if self.images_per_prompt < 1 or self.batch_size < 1:
             raise LdmError("--images-per-prompt and --batch-size must be at least 1")
+        if self.deep_cache == 1 or self.deep_cache < 0:
+            raise LdmError(f"--deep-cache N runs the whole UNet every N-th step; N must be 0 (off) or 2 or more, not "
+                           f"{self.deep_cache}")  # fmt: skip
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -220,12 +224,20 @@ def generate_samples(
     requests = generation_requests(bundle, prompts, settings)
     samples = Samples(prompts=[], images=[], seeds=[])
     bar = tqdm(total=sum(len(r.seeds) for r in requests), desc="generating", unit="img", disable=not progress)
-    for request in requests:
-        images = generate(bundle, request, progress=False)  # (B, 3, H, W) in [0, 1]
-        samples.prompts.extend(request.prompts)
-        samples.seeds.extend(request.seeds)
-        samples.images.extend(to_uint8(images))
-        bar.update(len(request.seeds))
+    unet = bundle.unet
+    if settings.deep_cache:
+        from ldm.deepcache import DeepCacheUNet
+
+        bundle.unet = DeepCacheUNet(unet, interval=settings.deep_cache)
+    try:
+        for request in requests:
+            images = generate(bundle, request, progress=False)  # (B, 3, H, W) in [0, 1]
+            samples.prompts.extend(request.prompts)
+            samples.seeds.extend(request.seeds)
+            samples.images.extend(to_uint8(images))
+            bar.update(len(request.seeds))
+    finally:
+        bundle.unet = unet
     bar.close()
     return samples
 
@@ -374,7 +386,7 @@ def save_generated(samples: Samples, folder: Path, *, bundle: Bundle, settings: 
         params = format_parameters(prompt, settings.negative_prompt, {
             "Steps": settings.steps, "Sampler": sampler.label, "CFG scale": settings.guidance_scale, "Seed": seed,
             "Size": f"{image.shape[-1]}x{image.shape[-2]}", "Model hash": bundle.short_hash, "Model": bundle.name,
-        })  # fmt: skip
+        } | ({"Deep cache": settings.deep_cache} if settings.deep_cache else {}))  # fmt: skip
         save_png(Image.fromarray(image.permute(1, 2, 0).numpy()), folder / name, params)
         rows.append({"file_name": name, "text": prompt, "seed": seed})
     write_text(folder / "metadata.jsonl", "".join(json.dumps(row) + "\n" for row in rows))
@@ -606,6 +618,9 @@ def build_parser() -> ArgumentParser:
                      help=f"one of {', '.join(SAMPLERS)} (default {defaults.sampler})")
     gen.add_argument("--seed", type=int, default=defaults.seed, help="image j of each prompt uses seed + j (default 0)")
     gen.add_argument("--negative-prompt", default="", help="the unconditional half of guidance (default: empty)")
+    gen.add_argument("--deep-cache", type=int, default=0, metavar="N",
+                     help="approximate sampling as generate.py --deep-cache N, to score what it changes (default 0: "
+                          "exact)")  # fmt: skip
     gen.add_argument("--width", type=int, default=None, help="multiple of 8 (default: the bundle's training size)")
     gen.add_argument("--height", type=int, default=None, help="multiple of 8 (default: the bundle's training size)")
     add_layout_arguments(p)  # for --images and a --prompts folder
@@ -633,7 +648,7 @@ def config_from_args(args) -> EvalConfig:
         generation=GenerationSettings(
             images_per_prompt=args.images_per_prompt, batch_size=args.batch_size, steps=args.steps,
             guidance_scale=args.guidance, sampler=args.sampler, seed=args.seed, width=args.width, height=args.height,
-            negative_prompt=args.negative_prompt,
+            negative_prompt=args.negative_prompt, deep_cache=args.deep_cache,
         ),
         kid_subsets=args.kid_subsets, kid_subset_size=args.kid_subset_size, feature_batch_size=args.batch_size,
         device=args.device, dtype=args.dtype, progress=not args.quiet,

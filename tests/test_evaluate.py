@@ -23,6 +23,7 @@ from ldm.metrics import (
     mmd2_unbiased,
     polynomial_kernel,
 )
+from ldm.pngmeta import parse_parameters, read_png_parameters
 from ldm.tokenizer import build_tokenizer, tokenize
 
 COLOURS = {"red": (210, 30, 30), "green": (30, 170, 40), "blue": (30, 40, 210), "yellow": (225, 205, 25)}
@@ -278,6 +279,22 @@ def test_without_a_clip_the_score_is_skipped_with_a_note(micro_bundle_dir, tmp_p
     assert "skipped" in (tmp_path / "eval.md").read_text()
 
 
+def test_deep_cache_scores_the_approximate_images(micro_bundle_dir, tmp_path):
+    # The same prompts and seeds, exact and with --deep-cache 2: other images (so other scores), the interval recorded
+    # in the report and in every PNG.
+    common = ["--model", micro_bundle_dir, "--prompt", "red", "--prompt", "blue", "--steps", "4", "--quiet"]
+    assert run_cli(main, [str(a) for a in [*common, "--out", tmp_path / "exact"]]) == 0
+    assert run_cli(main, [str(a) for a in [*common, "--deep-cache", "2", "--out", tmp_path / "dc"]]) == 0
+    exact, approx = (json.loads((tmp_path / d / "eval.json").read_text()) for d in ("exact", "dc"))
+    assert exact["source"]["settings"]["deep_cache"] == 0 and approx["source"]["settings"]["deep_cache"] == 2
+    pngs = [sorted((tmp_path / d / "images").glob("*.png")) for d in ("exact", "dc")]
+    assert len(pngs[0]) == len(pngs[1]) == 2
+    for a, b in zip(*pngs, strict=True):
+        assert not np.array_equal(np.asarray(Image.open(a)), np.asarray(Image.open(b)))
+        assert parse_parameters(read_png_parameters(b))[2]["Deep cache"] == "2"
+        assert "Deep cache" not in parse_parameters(read_png_parameters(a))[2]
+
+
 @pytest.mark.slow
 def test_inception_features_from_a_local_file(tmp_path):
     from safetensors.torch import save_file
@@ -368,6 +385,7 @@ def test_vae_size_resizes_images_the_vae_cannot_take_as_they_are(micro_bundle_di
         (["--model", "BUNDLE", "--prompt", "red", "--sampler", "warp", "--out", "OUT"], "unknown sampler 'warp'"),
         (["--model", "BUNDLE", "--prompt", "red", "--width", "30", "--out", "OUT"], "multiple of 8"),
         (["--model", "BUNDLE", "--prompt", "red", "-n", "0", "--out", "OUT"], "--images-per-prompt and --batch-size"),
+        (["--model", "BUNDLE", "--prompt", "red", "--deep-cache", "1", "--out", "OUT"], "N must be 0 (off) or 2"),
         (["--images", "nowhere", "--out", "OUT"], "image folder nowhere not found"),
         (["--images", "EMPTYDIR", "--prompt", "red", "--out", "OUT"], "not both"),
         (["--images", "EMPTYDIR", "--vae-data", "EMPTYDIR", "--out", "OUT"], "--vae-data needs a bundle"),
