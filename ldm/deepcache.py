@@ -18,25 +18,36 @@ than the least it could run, in exchange for calling diffusers' blocks as they a
 
 from __future__ import annotations
 
+import warnings
+from collections import OrderedDict
+
 import torch
 from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
 from torch import nn
 
 from ldm.errors import LdmError
+from ldm.graph import MAX_TRACES, TracedUNet, as_tensor, can_run_traced, input_key, mismatch, weights_version
 
 
 class DeepCacheUNet(nn.Module):
-    """A UNet2DConditionModel whose calls between full ones reuse the deep features of the last full call."""
+    """A UNet2DConditionModel whose calls between full ones reuse the deep features of the last full call.
 
-    def __init__(self, unet: nn.Module, *, interval: int):
+    ``graph=True`` runs both kinds of call as traced graphs (``ldm.graph``, the fast path's cure for a small UNet's
+    per-op overhead): one pair per input shape, each checked against the modules when traced; a call the graphs
+    cannot take (gradients on, a UNet in train mode) runs the modules.
+    """
+
+    def __init__(self, unet: nn.Module, *, interval: int, graph: bool = False):
         super().__init__()
         if interval < 2:
             raise LdmError(f"the deep-cache interval is the steps per full UNet call, 2 or more; got {interval}")
         check_supported(unet)
-        self.unet, self.interval = unet, interval
+        self.unet, self.interval, self.graph = unet, interval, graph
         self.full_calls = self.shallow_calls = 0  # what ran, for tests and benchmarks
+        self.traces: OrderedDict[tuple, tuple | None] = OrderedDict()  # input key → (full, shallow) traced graphs
+        self._weights_version = -1
         self._deep: torch.Tensor | None = None  # (B, C, h, w) input of the last up block at the last full call
-        self._keeping = False
+        self._keeping, self._kept = False, None  # the hook's catch during a full call
         self._since_full = 0
         self._last: tuple | None = None  # (timestep, shapes) of the previous call
         unet.up_blocks[-1].register_forward_pre_hook(self._keep, with_kwargs=True)
@@ -59,28 +70,77 @@ class DeepCacheUNet(nn.Module):
 
     def _keep(self, module, args, kwargs) -> None:
         if self._keeping:
-            self._deep = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+            self._kept = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
 
     def forward(self, sample: torch.Tensor, timestep, encoder_hidden_states: torch.Tensor, return_dict: bool = True):
         t = float(torch.as_tensor(timestep).max())
         shapes = (sample.shape, encoder_hidden_states.shape, sample.dtype)
         new_run = self._last is None or t > self._last[0] or shapes != self._last[1]
         self._last = (t, shapes)
+        traced = self._traced(sample, timestep, encoder_hidden_states) if self.graph else None
         if new_run or self._deep is None or self._since_full + 1 >= self.interval:
-            self._keeping, self._deep = True, None
-            try:
-                out = self.unet(sample, timestep, encoder_hidden_states=encoder_hidden_states).sample
-            finally:
-                self._keeping = False
+            if traced is not None:
+                out, self._deep = traced[0](sample, as_tensor(timestep), encoder_hidden_states)
+            else:
+                out, self._deep = self._full(sample, timestep, encoder_hidden_states)
             self._since_full = 0
             self.full_calls += 1
         else:
-            out = self._shallow(sample, timestep, encoder_hidden_states)
+            if traced is not None:
+                out = traced[1](sample, as_tensor(timestep), encoder_hidden_states, self._deep)
+            else:
+                out = self._shallow(sample, timestep, encoder_hidden_states, self._deep)
             self._since_full += 1
             self.shallow_calls += 1
         return UNet2DConditionOutput(sample=out) if return_dict else (out,)
 
-    def _shallow(self, sample: torch.Tensor, timestep, context: torch.Tensor) -> torch.Tensor:
+    def _full(self, sample: torch.Tensor, timestep, context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The UNet's own call, and the input of its last up block."""
+        self._keeping, self._kept = True, None
+        try:
+            out = self.unet(sample, timestep, encoder_hidden_states=context, return_dict=False)[0]
+        finally:
+            self._keeping = False
+        deep, self._kept = self._kept, None
+        return out, deep
+
+    def _traced(self, sample: torch.Tensor, timestep, context: torch.Tensor) -> tuple | None:
+        """The (full, shallow) traced graphs for these inputs' shapes, traced and checked on first use; None when
+        this call must run the modules."""
+        if not can_run_traced(self.unet, context):
+            return None
+        timestep = as_tensor(timestep)
+        weights = weights_version(self.unet)
+        if weights != self._weights_version:  # the graphs hold folded copies of the old weights
+            self.traces.clear()
+            self._weights_version = weights
+        key = input_key(sample, timestep, context)
+        if key not in self.traces:
+            self.traces[key] = self._trace(sample, timestep, context)
+            if len(self.traces) > MAX_TRACES:
+                self.traces.popitem(last=False)
+        self.traces.move_to_end(key)
+        return self.traces[key]
+
+    def _trace(self, sample: torch.Tensor, timestep: torch.Tensor, context: torch.Tensor) -> tuple | None:
+        out, deep = self._full(sample, timestep, context)
+        try:
+            # plain functions: the tracer counts a bound method's self among the inputs
+            full = TracedUNet(self.unet, sample, timestep, context, call=lambda s, t, c: self._full(s, t, c))
+            shallow = TracedUNet(self.unet, sample, timestep, context, deep,
+                                 call=lambda s, t, c, d: self._shallow(s, t, c, d))  # fmt: skip
+        except Exception as error:  # noqa: BLE001 - an op or hook the tracer cannot take; the modules can
+            warnings.warn(f"could not trace the UNet ({type(error).__name__}: {error}); running its modules")
+            return None
+        traced_out, traced_deep = full(sample, timestep, context)
+        reference = self._shallow(sample, timestep, context, deep)
+        checks = [(traced_out, out), (traced_deep, deep), (shallow(sample, timestep, context, deep), reference)]
+        if problems := [p for p in (mismatch(a, b) for a, b in checks) if p]:
+            warnings.warn(f"the traced deep-cache graphs are {problems[0]}; running the UNet's modules")
+            return None
+        return full, shallow
+
+    def _shallow(self, sample: torch.Tensor, timestep, context: torch.Tensor, deep: torch.Tensor) -> torch.Tensor:
         """The shallowest level on the kept deep features: the same calls as the UNet's forward at that level."""
         unet = self.unet
         emb = unet.time_embedding(unet.get_time_embed(sample=sample, timestep=timestep), None)  # (B, E)
@@ -96,10 +156,10 @@ class DeepCacheUNet(nn.Module):
         # block's resnet outputs (its downsampler's output feeds the deeper levels only).
         skips = ((hidden,) + tuple(skips))[: len(last.resnets)]
         if getattr(last, "has_cross_attention", False):
-            hidden = last(hidden_states=self._deep, temb=emb, res_hidden_states_tuple=skips,
+            hidden = last(hidden_states=deep, temb=emb, res_hidden_states_tuple=skips,
                           encoder_hidden_states=context)  # fmt: skip
         else:
-            hidden = last(hidden_states=self._deep, temb=emb, res_hidden_states_tuple=skips)
+            hidden = last(hidden_states=deep, temb=emb, res_hidden_states_tuple=skips)
         if unet.conv_norm_out is not None:
             hidden = unet.conv_act(unet.conv_norm_out(hidden))
         return unet.conv_out(hidden)  # (B, C, h, w)

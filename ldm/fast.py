@@ -66,7 +66,7 @@ class FastConfig:
     graph: bool | None = None  # traced aten graphs (ldm.graph); None = on CPU for UNets below BF16_MIN_PARAMETERS
     threads: int | None = None  # torch.set_num_threads; None = physical cores, unless OMP_NUM_THREADS is set
     # An approximation, off unless asked for: the whole UNet on every deep_cache-th step only, the steps between
-    # reusing its deep features (ldm.deepcache). 0 = off; it turns the traced graphs off (it needs the module tree).
+    # reusing its deep features (ldm.deepcache; with graph, both kinds of step traced). 0 = off.
     deep_cache: int = 0
 
     def __post_init__(self):
@@ -258,21 +258,22 @@ def speed_up(bundle: Bundle, config: FastConfig = FastConfig()) -> Bundle:
     small = sum(p.numel() for p in unet.parameters()) < BF16_MIN_PARAMETERS
     bf16 = has_native_bf16(device) and not small if config.bf16 is None else config.bf16
     graph = (device.type == "cpu" and small if config.graph is None else config.graph) and not config.compile
-    graph = graph and not config.deep_cache
     # inductor packs weights itself, and the traced graphs choose per convolution
     pack = (can_pack(device) if config.pack is None else config.pack) and not config.compile and not graph
 
     def prepare(module: nn.Module) -> nn.Module:
+        if config.deep_cache:
+            from ldm.deepcache import DeepCacheUNet
+
+            if pack:
+                module = pack_weights(module, linear=module.dtype == torch.bfloat16)
+            return DeepCacheUNet(module, interval=config.deep_cache, graph=graph)
         if graph:
             from ldm.graph import GraphUNet
 
             return GraphUNet(module)
         if pack:
             module = pack_weights(module, linear=module.dtype == torch.bfloat16)
-        if config.deep_cache:
-            from ldm.deepcache import DeepCacheUNet
-
-            return DeepCacheUNet(module, interval=config.deep_cache)
         return torch.compile(module, options={"freezing": True}) if config.compile else module
 
     if bf16 and config.fp32_from > 0:

@@ -254,14 +254,23 @@ def rewrite_convolutions(gm: fx.GraphModule) -> tuple[int, int, int]:
 
 
 class TracedUNet:
-    """One traced and rewritten UNet call for fixed shapes: ``prompt`` (text embeddings → cached values) + ``main``."""
+    """One traced and rewritten UNet call for fixed shapes: ``prompt`` (text embeddings → cached values) + ``main``.
 
-    def __init__(self, unet: nn.Module, sample: torch.Tensor, timestep: torch.Tensor, context: torch.Tensor):
-        def call(sample, timestep, context):
-            return unet(sample, timestep, encoder_hidden_states=context, return_dict=False)[0]
+    ``call(sample, timestep, context, *extra)`` is what is traced: by default the UNet's own call; another function of
+    the UNet (a part of its forward, several outputs) works alike, with the ``extra`` tensors as further inputs.
+    """
+
+    def __init__(
+        self, unet: nn.Module, sample: torch.Tensor, timestep: torch.Tensor, context: torch.Tensor,
+        *extra: torch.Tensor, call=None,
+    ):  # fmt: skip
+        if call is None:
+
+            def call(sample, timestep, context):
+                return unet(sample, timestep, encoder_hidden_states=context, return_dict=False)[0]
 
         with torch.no_grad():
-            gm = make_fx(call)(sample, timestep, context)
+            gm = make_fx(call)(sample, timestep, context, *extra)
             traced = len(gm.graph.nodes)
             folded = fold_constants(gm)
             dropped = drop_identities(gm)
@@ -278,18 +287,35 @@ class TracedUNet:
         # A write that bypasses the version counter (``context.data``, through NumPy) is not seen: pass a new tensor.
         self._prompt_cache: tuple = (lambda: None, -1, ())
 
-    def __call__(self, sample: torch.Tensor, timestep: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+    def __call__(self, sample: torch.Tensor, timestep: torch.Tensor, context: torch.Tensor, *extra: torch.Tensor):
         cached = ()
         if self.prompt is not None:
             source, version, cached = self._prompt_cache
             if source() is not context or version != context._version:
                 cached = tuple(self.prompt(context))
                 self._prompt_cache = (weakref.ref(context), context._version, cached)
-        inputs = (sample, timestep) + ((context,) if self.takes_context else ())
+        inputs = (sample, timestep) + ((context,) if self.takes_context else ()) + extra
         return self.main(*inputs, *cached)
 
 
-def _as_tensor(timestep) -> torch.Tensor:
+def weights_version(module: nn.Module) -> int:
+    """Grows with every in-place change of a weight (load_state_dict, an optimizer step): traces of older weights
+    hold stale folded constants."""
+    return sum(p._version for p in module.parameters())
+
+
+def can_run_traced(unet: nn.Module, context: torch.Tensor) -> bool:
+    """Whether a call may run a traced graph: no gradients, no inference mode (inference tensors carry no version
+    counter, which the prompt cache needs), the UNet in eval mode."""
+    return not (unet.training or torch.is_grad_enabled() or torch.is_inference_mode_enabled() or context.is_inference())
+
+
+def input_key(*inputs: torch.Tensor) -> tuple:
+    """What a trace is specialised to: every input's shape, strides, dtype and device."""
+    return tuple((tuple(t.shape), t.stride(), t.dtype, t.device) for t in inputs)
+
+
+def as_tensor(timestep) -> torch.Tensor:
     """A timestep as the tensor diffusers' UNet would make of it (int64 for integers, float64 for floats)."""
     if isinstance(timestep, torch.Tensor):
         return timestep
@@ -303,11 +329,7 @@ class GraphUNet(nn.Module):
         super().__init__()
         self.unet = unet
         self.traces: OrderedDict[tuple, TracedUNet | None] = OrderedDict()
-        self._weights_version = self._version_of_weights()
-
-    def _version_of_weights(self) -> int:
-        """Grows with every in-place change of a weight (load_state_dict, an optimizer step)."""
-        return sum(p._version for p in self.unet.parameters())
+        self._weights_version = weights_version(unet)
 
     @property
     def config(self):
@@ -323,22 +345,15 @@ class GraphUNet(nn.Module):
 
     def forward(self, sample: torch.Tensor, timestep, encoder_hidden_states: torch.Tensor, *args, **kwargs):
         return_dict = kwargs.pop("return_dict", True)
-        eager = args or any(v is not None for v in kwargs.values()) or self.unet.training
-        # inference tensors carry no version counter, which the prompt cache needs
-        if (
-            eager
-            or torch.is_grad_enabled()
-            or torch.is_inference_mode_enabled()
-            or encoder_hidden_states.is_inference()
-        ):
+        eager = args or any(v is not None for v in kwargs.values())
+        if eager or not can_run_traced(self.unet, encoder_hidden_states):
             return self.unet(sample, timestep, encoder_hidden_states, *args, return_dict=return_dict, **kwargs)
-        timestep = _as_tensor(timestep)
-        inputs = (sample, timestep, encoder_hidden_states)
-        weights = self._version_of_weights()
+        timestep = as_tensor(timestep)
+        weights = weights_version(self.unet)
         if weights != self._weights_version:  # folded constants and dense matrices hold the old weights
             self.traces.clear()
             self._weights_version = weights
-        key = tuple((tuple(t.shape), t.stride(), t.dtype, t.device) for t in inputs)
+        key = input_key(sample, timestep, encoder_hidden_states)
         if key not in self.traces:
             self.traces[key] = self._trace(sample, timestep, encoder_hidden_states)
             if len(self.traces) > MAX_TRACES:
@@ -358,11 +373,14 @@ class GraphUNet(nn.Module):
             warnings.warn(f"could not trace the UNet ({type(error).__name__}: {error}); running the UNet itself")
             return None
         reference = self.unet(sample, timestep, encoder_hidden_states=context).sample
-        error = (traced(sample, timestep, context) - reference).abs().max().item()
-        bound = TOLERANCE.get(sample.dtype, 1e-2) * max(1.0, reference.abs().max().item())
-        if not error <= bound:  # also NaN
-            warnings.warn(
-                f"the traced UNet graph is off by {error:.3g} (more than {bound:.3g}); running the UNet itself"
-            )
+        if problem := mismatch(traced(sample, timestep, context), reference):
+            warnings.warn(f"the traced UNet graph is {problem}; running the UNet itself")
             return None
         return traced
+
+
+def mismatch(result: torch.Tensor, reference: torch.Tensor) -> str | None:
+    """How a traced graph's output strays from the module's beyond ``TOLERANCE`` (None: within it)."""
+    error = (result - reference).abs().max().item()
+    bound = TOLERANCE.get(reference.dtype, 1e-2) * max(1.0, reference.abs().max().item())
+    return None if error <= bound else f"off by {error:.3g} (more than {bound:.3g})"  # NaN is off too

@@ -11,6 +11,7 @@ from ldm.bundle import load_bundle
 from ldm.deepcache import DeepCacheUNet, start_run
 from ldm.errors import LdmError, run_cli
 from ldm.fast import FastConfig, MixedPrecisionUNet, speed_up
+from ldm.graph import TracedUNet
 from ldm.pipeline import Request, generate
 from ldm.pngmeta import parse_parameters, read_png_parameters
 from ldm.schedule import get_sampler
@@ -61,7 +62,7 @@ def test_shallow_call_on_the_same_input_equals_the_full_unet(first_cross, activa
     assert (approx - exact).abs().mean() < (exact - reference).abs().mean()
     assert (cached.full_calls, cached.shallow_calls) == (1, 2)
     # the shallow pass embeds its own timestep: on the same kept features, another timestep gives another output
-    assert not torch.allclose(cached._shallow(sample, torch.tensor(100), context), shallow, atol=1e-4)
+    assert not torch.allclose(cached._shallow(sample, torch.tensor(100), context, cached._deep), shallow, atol=1e-4)
 
 
 @torch.no_grad()
@@ -117,11 +118,25 @@ def test_refuses_what_it_cannot_reproduce():
         FastConfig(deep_cache=2, compile=True)
 
 
-def test_fast_path_wraps_the_module_tree_not_traced_graphs(micro_bundle_dir):
-    # The kept features come from a hook on the last up block, which traced graphs would bypass.
+@torch.no_grad()
+def test_fast_path_traces_both_kinds_of_call(micro_bundle_dir):
+    # With graphs the full and the shallow call run as traced graphs, within the graphs' tolerance of the modules.
     threads = torch.get_num_threads()
-    fast = speed_up(load_bundle(micro_bundle_dir), FastConfig(deep_cache=2, graph=True, threads=threads)).unet
-    assert isinstance(fast, DeepCacheUNet) and isinstance(fast.unet, UNet2DConditionModel)
+    req = Request(
+        prompts=["red apple", "cat face"], negative_prompts=["", ""], seeds=[0, 1], steps=6, guidance_scale=7.5,
+        sampler=get_sampler("dpmpp_2m"), width=64, height=64,
+    )  # fmt: skip
+    eager = load_bundle(micro_bundle_dir)
+    eager.unet = DeepCacheUNet(eager.unet, interval=2)
+    fast = speed_up(load_bundle(micro_bundle_dir), FastConfig(deep_cache=2, graph=True, threads=threads))
+    assert isinstance(fast.unet, DeepCacheUNet) and fast.unet.graph
+    expected, images = generate(eager, req, progress=False), generate(fast, req, progress=False)
+    (pair,) = fast.unet.traces.values()
+    assert pair is not None and all(isinstance(g, TracedUNet) for g in pair)
+    assert (fast.unet.full_calls, fast.unet.shallow_calls) == (3, 3)
+    assert (images - expected).abs().max() < 1e-4
+    assert not torch.equal(images, generate(load_bundle(micro_bundle_dir), req, progress=False))  # still approximate
+    # bf16: one DeepCacheUNet per UNet copy
     mixed = speed_up(load_bundle(micro_bundle_dir), FastConfig(deep_cache=3, bf16=True, threads=threads)).unet
     assert isinstance(mixed, MixedPrecisionUNet)
     assert isinstance(mixed.low_noise, DeepCacheUNet) and isinstance(mixed.high_noise, DeepCacheUNet)
