@@ -19,17 +19,16 @@ than the least it could run, in exchange for calling diffusers' blocks as they a
 from __future__ import annotations
 
 import warnings
-from collections import OrderedDict
 
 import torch
 from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
 from torch import nn
 
 from ldm.errors import LdmError
-from ldm.graph import MAX_TRACES, TracedUNet, as_tensor, can_run_traced, input_key, mismatch, weights_version
+from ldm.graph import TraceCache, TracedUNet, UNetWrapper, as_tensor, can_run_traced, input_key, mismatch
 
 
-class DeepCacheUNet(nn.Module):
+class DeepCacheUNet(UNetWrapper):
     """A UNet2DConditionModel whose calls between full ones reuse the deep features of the last full call.
 
     ``graph=True`` runs both kinds of call as traced graphs (``ldm.graph``, the fast path's cure for a small UNet's
@@ -38,31 +37,18 @@ class DeepCacheUNet(nn.Module):
     """
 
     def __init__(self, unet: nn.Module, *, interval: int, graph: bool = False):
-        super().__init__()
+        super().__init__(unet)
         if interval < 2:
             raise LdmError(f"the deep-cache interval is the steps per full UNet call, 2 or more; got {interval}")
         check_supported(unet)
-        self.unet, self.interval, self.graph = unet, interval, graph
+        self.interval, self.graph = interval, graph
         self.full_calls = self.shallow_calls = 0  # what ran, for tests and benchmarks
-        self.traces: OrderedDict[tuple, tuple | None] = OrderedDict()  # input key → (full, shallow) traced graphs
-        self._weights_version = -1
+        self.traces = TraceCache(unet)  # input key → (full, shallow) traced graphs | None
         self._deep: torch.Tensor | None = None  # (B, C, h, w) input of the last up block at the last full call
         self._keeping, self._kept = False, None  # the hook's catch during a full call
         self._since_full = 0
         self._last: tuple | None = None  # (timestep, shapes) of the previous call
         unet.up_blocks[-1].register_forward_pre_hook(self._keep, with_kwargs=True)
-
-    @property
-    def config(self):
-        return self.unet.config
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.unet.dtype
-
-    @property
-    def device(self) -> torch.device:
-        return self.unet.device
 
     def start_run(self) -> None:
         """The next call begins a new sampling run: it runs in full."""
@@ -110,17 +96,7 @@ class DeepCacheUNet(nn.Module):
         if not can_run_traced(self.unet, context):
             return None
         timestep = as_tensor(timestep)
-        weights = weights_version(self.unet)
-        if weights != self._weights_version:  # the graphs hold folded copies of the old weights
-            self.traces.clear()
-            self._weights_version = weights
-        key = input_key(sample, timestep, context)
-        if key not in self.traces:
-            self.traces[key] = self._trace(sample, timestep, context)
-            if len(self.traces) > MAX_TRACES:
-                self.traces.popitem(last=False)
-        self.traces.move_to_end(key)
-        return self.traces[key]
+        return self.traces.lookup(input_key(sample, timestep, context), lambda: self._trace(sample, timestep, context))
 
     def _trace(self, sample: torch.Tensor, timestep: torch.Tensor, context: torch.Tensor) -> tuple | None:
         out, deep = self._full(sample, timestep, context)

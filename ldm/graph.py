@@ -322,14 +322,35 @@ def as_tensor(timestep) -> torch.Tensor:
     return torch.tensor(timestep, dtype=torch.float64 if isinstance(timestep, float) else torch.int64)
 
 
-class GraphUNet(nn.Module):
-    """A UNet for sampling that runs traced graphs (see the module docstring); same call as the UNet it wraps."""
+class TraceCache(OrderedDict):
+    """Traced graphs of one module by input key (:func:`input_key`; None where tracing failed): the least recently
+    used goes past ``MAX_TRACES``, and all go when the module's weights change in place, since the graphs hold folded
+    constants and dense matrices of the old ones."""
+
+    def __init__(self, module: nn.Module):
+        super().__init__()
+        self._module, self._weights = module, weights_version(module)
+
+    def lookup(self, key: tuple, make):
+        """The entry for ``key``, made by ``make()`` when there is none."""
+        weights = weights_version(self._module)
+        if weights != self._weights:
+            self.clear()
+            self._weights = weights
+        if key not in self:
+            self[key] = make()
+            if len(self) > MAX_TRACES:
+                self.popitem(last=False)
+        self.move_to_end(key)
+        return self[key]
+
+
+class UNetWrapper(nn.Module):
+    """A module that samplers call in place of the diffusers UNet it wraps: the same config, dtype and device."""
 
     def __init__(self, unet: nn.Module):
         super().__init__()
         self.unet = unet
-        self.traces: OrderedDict[tuple, TracedUNet | None] = OrderedDict()
-        self._weights_version = weights_version(unet)
 
     @property
     def config(self):
@@ -343,23 +364,22 @@ class GraphUNet(nn.Module):
     def device(self) -> torch.device:
         return self.unet.device
 
+
+class GraphUNet(UNetWrapper):
+    """A UNet for sampling that runs traced graphs (see the module docstring); same call as the UNet it wraps."""
+
+    def __init__(self, unet: nn.Module):
+        super().__init__(unet)
+        self.traces = TraceCache(unet)  # input key → TracedUNet | None
+
     def forward(self, sample: torch.Tensor, timestep, encoder_hidden_states: torch.Tensor, *args, **kwargs):
         return_dict = kwargs.pop("return_dict", True)
         eager = args or any(v is not None for v in kwargs.values())
         if eager or not can_run_traced(self.unet, encoder_hidden_states):
             return self.unet(sample, timestep, encoder_hidden_states, *args, return_dict=return_dict, **kwargs)
         timestep = as_tensor(timestep)
-        weights = weights_version(self.unet)
-        if weights != self._weights_version:  # folded constants and dense matrices hold the old weights
-            self.traces.clear()
-            self._weights_version = weights
         key = input_key(sample, timestep, encoder_hidden_states)
-        if key not in self.traces:
-            self.traces[key] = self._trace(sample, timestep, encoder_hidden_states)
-            if len(self.traces) > MAX_TRACES:
-                self.traces.popitem(last=False)
-        self.traces.move_to_end(key)
-        traced = self.traces[key]
+        traced = self.traces.lookup(key, lambda: self._trace(sample, timestep, encoder_hidden_states))
         if traced is None:  # the graph did not match the UNet for these inputs
             return self.unet(sample, timestep, encoder_hidden_states=encoder_hidden_states, return_dict=return_dict)
         out = traced(sample, timestep, encoder_hidden_states)  # (B, C, h, w)
