@@ -11,7 +11,8 @@
 # --budget-minutes instead: its cosine schedule anneals within the hour on any machine (12,935 steps here).
 # To do the same for the VAE, replace --max-minutes M by --budget-minutes M and raise --max-steps out of the way.
 # README.md (Training the autoencoder) gives newer VAE settings: 26.3 dB held-out in the same 29 minutes, against
-# this stage's 24.7 dB; the shipped model predates them.
+# this stage's 24.7 dB; the shipped model predates them, and a rerun of this recipe with them followed its prompts
+# less often (README.md, "The default model"), so it was not shipped.
 # A stage that was killed continues exactly where it stopped: python train_X.py --out OUT/X --resume latest,
 # then run the later stages by hand.
 set -euo pipefail
