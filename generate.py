@@ -26,6 +26,7 @@ from PIL import Image
 
 import ldm
 from ldm.bundle import Bundle, load_bundle
+from ldm.deepcache import DeepCacheUNet, check_interval
 from ldm.errors import ArgumentParser, LdmError, exit_now, run_cli
 from ldm.pipeline import DEFAULT_GUIDANCE, DEFAULT_SAMPLER, DEFAULT_STEPS, Request, check_settings, generate, to_uint8
 from ldm.pngmeta import format_parameters, parse_parameters, read_png_parameters, save_png
@@ -166,8 +167,7 @@ def main(argv=None) -> int:
     if args.compile and not fast:
         raise LdmError("--compile speeds up the fast path; add --fast")
     deep_cache = pick("deep_cache")
-    if deep_cache == 1 or deep_cache < 0:
-        raise LdmError(f"--deep-cache N runs the whole UNet every N-th step; N must be 2 or more, not {deep_cache}")
+    check_interval(deep_cache)
     if deep_cache and args.compile:
         drop = "--deep-cache" if args.deep_cache else "add --deep-cache 0 (the interval came from the PNG)"
         raise LdmError(f"--deep-cache and --compile do not combine; drop --compile or {drop}")
@@ -210,8 +210,6 @@ def main(argv=None) -> int:
         graph = None if unet_calls >= GRAPH_MIN_CALLS else False
         speed_up(bundle, FastConfig(compile=args.compile, graph=graph, deep_cache=deep_cache))
     elif deep_cache:
-        from ldm.deepcache import DeepCacheUNet
-
         bundle.unet = DeepCacheUNet(bundle.unet, interval=deep_cache)
 
     args.out.mkdir(parents=True, exist_ok=True)

@@ -38,8 +38,7 @@ class DeepCacheUNet(UNetWrapper):
 
     def __init__(self, unet: nn.Module, *, interval: int, graph: bool = False):
         super().__init__(unet)
-        if interval < 2:
-            raise LdmError(f"the deep-cache interval is the steps per full UNet call, 2 or more; got {interval}")
+        check_interval(interval, off=False)
         check_supported(unet)
         self.interval, self.graph = interval, graph
         self.full_calls = self.shallow_calls = 0  # what ran, for tests and benchmarks
@@ -139,6 +138,14 @@ class DeepCacheUNet(UNetWrapper):
         if unet.conv_norm_out is not None:
             hidden = unet.conv_act(unet.conv_norm_out(hidden))
         return unet.conv_out(hidden)  # (B, C, h, w)
+
+
+def check_interval(interval: int, *, off: bool = True) -> None:
+    """The one rule for an interval, whoever takes it: 2 or more, or 0 (reuse off) where ``off``."""
+    if interval >= 2 or (off and interval == 0):
+        return
+    allowed = "0 (off) or 2 or more" if off else "2 or more"
+    raise LdmError(f"--deep-cache N runs the whole UNet every N-th step; N must be {allowed}, not {interval}")
 
 
 def start_run(unet: nn.Module) -> None:

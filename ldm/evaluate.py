@@ -39,6 +39,7 @@ from tqdm.auto import tqdm
 from ldm.bundle import CLIP_FILE, Bundle, load_bundle
 from ldm.clip_model import IMAGE_RANGE, encode_text, load_clip, read_clip_metadata
 from ldm.data import DataConfig, add_layout_arguments, layout_settings, list_dataset, open_rgb, scan_dataset
+from ldm.deepcache import DeepCacheUNet, check_interval
 from ldm.errors import ArgumentParser, LdmError, run_cli
 from ldm.io import write_json, write_text
 from ldm.metrics import (
@@ -82,9 +83,7 @@ class GenerationSettings:
     def __post_init__(self):
         if self.images_per_prompt < 1 or self.batch_size < 1:
             raise LdmError("--images-per-prompt and --batch-size must be at least 1")
-        if self.deep_cache == 1 or self.deep_cache < 0:
-            raise LdmError(f"--deep-cache N runs the whole UNet every N-th step; N must be 0 (off) or 2 or more, not "
-                           f"{self.deep_cache}")  # fmt: skip
+        check_interval(self.deep_cache)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -226,8 +225,6 @@ def generate_samples(
     bar = tqdm(total=sum(len(r.seeds) for r in requests), desc="generating", unit="img", disable=not progress)
     unet = bundle.unet
     if settings.deep_cache:
-        from ldm.deepcache import DeepCacheUNet
-
         bundle.unet = DeepCacheUNet(unet, interval=settings.deep_cache)
     try:
         for request in requests:

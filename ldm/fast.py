@@ -72,10 +72,12 @@ class FastConfig:
     def __post_init__(self):
         if not 0.0 <= self.fp32_from <= 1.0:
             raise ValueError(f"fp32_from is a fraction of the training timesteps, in [0, 1]; got {self.fp32_from}")
-        if self.deep_cache == 1 or self.deep_cache < 0:
-            raise ValueError(f"deep_cache is an interval of 2 or more steps (0 = off); got {self.deep_cache}")
+        from ldm.deepcache import check_interval
+
+        check_interval(self.deep_cache)
         if self.deep_cache and self.compile:
-            raise ValueError("deep_cache and compile do not combine: the cached steps run the UNet's modules eagerly")
+            raise ValueError("deep_cache and compile do not combine: torch.compile does not take the reuse's hook and "
+                             "state (with graph, both kinds of step run traced instead)")  # fmt: skip
 
 
 @cache
@@ -262,18 +264,16 @@ def speed_up(bundle: Bundle, config: FastConfig = FastConfig()) -> Bundle:
     pack = (can_pack(device) if config.pack is None else config.pack) and not config.compile and not graph
 
     def prepare(module: nn.Module) -> nn.Module:
+        if pack:  # never with graph
+            module = pack_weights(module, linear=module.dtype == torch.bfloat16)
         if config.deep_cache:
             from ldm.deepcache import DeepCacheUNet
 
-            if pack:
-                module = pack_weights(module, linear=module.dtype == torch.bfloat16)
             return DeepCacheUNet(module, interval=config.deep_cache, graph=graph)
         if graph:
             from ldm.graph import GraphUNet
 
             return GraphUNet(module)
-        if pack:
-            module = pack_weights(module, linear=module.dtype == torch.bfloat16)
         return torch.compile(module, options={"freezing": True}) if config.compile else module
 
     if bf16 and config.fp32_from > 0:

@@ -178,8 +178,8 @@ class LerpEMA(EMAModel):
     """diffusers' EMAModel (decay warm-up, state dict, copy_to, store/restore) with a cheaper update.
 
     EMAModel's update is ``s -= (1 - d)·(s - p)``: a temporary ``s - p`` per tensor, then a second pass. Here it is
-    one ``lerp_`` per tensor, ``s += (1 - d)·(p - s)``, with no temporary: the same value up to rounding, in about
-    half the time on a CPU, where torch runs foreach ops tensor by tensor (bench/training.py, BENCHMARKS.md).
+    one ``lerp_`` per tensor, ``s += (1 - d)·(p - s)``, with no temporary: the same value up to rounding, in less
+    than half the time on a CPU, where torch runs foreach ops tensor by tensor (bench/training.py, BENCHMARKS.md).
     """
 
     @torch.no_grad()

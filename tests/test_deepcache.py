@@ -105,14 +105,14 @@ def test_single_step_runs_do_not_share_features(micro_bundle_dir):
 
 
 def test_refuses_what_it_cannot_reproduce():
-    with pytest.raises(LdmError, match="2 or more; got 1"):
+    with pytest.raises(LdmError, match="N must be 2 or more, not 1"):
         DeepCacheUNet(tiny_unet(), interval=1)
     with pytest.raises(LdmError, match=r"uses \['class_embed_type'\]; drop --deep-cache"):
         DeepCacheUNet(tiny_unet(class_embed_type="timestep"), interval=2)
     with pytest.raises(LdmError, match="two or more levels"):
         DeepCacheUNet(torch.nn.Linear(2, 2), interval=2)
     for bad in (1, -2):
-        with pytest.raises(ValueError, match="interval of 2 or more"):
+        with pytest.raises(LdmError, match=f"N must be 0 \\(off\\) or 2 or more, not {bad}"):
             FastConfig(deep_cache=bad)
     with pytest.raises(ValueError, match="do not combine"):
         FastConfig(deep_cache=2, compile=True)
@@ -191,7 +191,7 @@ def test_cli_deep_cache_is_recorded_and_reproduced(micro_bundle_dir, tmp_path, f
 @pytest.mark.parametrize(
     "flags, message",
     [
-        (["--deep-cache", "1"], "N must be 2 or more, not 1"),
+        (["--deep-cache", "1"], "N must be 0 (off) or 2 or more, not 1"),
         (["--deep-cache", "2", "--fast", "--compile"], "do not combine; drop --compile or --deep-cache"),
     ],
 )
