@@ -72,8 +72,9 @@ def build_parser() -> ArgumentParser:
                         "high-noise steps where the hardware computes bf16 natively; prepacked weights, one thread "
                         "per core (see ldm/fast.py, BENCHMARKS.md)")
     p.add_argument("--compile", action="store_true",
-                   help="with --fast: torch.compile the UNet; a minute or more to start (cached on disk), then faster "
-                        "steps, so for long runs")
+                   help="with --fast: torch.compile the UNet's traced graphs (the UNet itself where it has none); "
+                        "up to a minute per batch shape to start (less once cached on disk), then faster steps, so "
+                        "for long runs")
     p.add_argument("--deep-cache", type=int, default=None, metavar="N",
                    help="approximate: the whole UNet on every N-th step only, the steps between reuse its deep "
                         "features (DeepCache); faster, and the images change (see BENCHMARKS.md); N ≥ 2")
@@ -168,9 +169,6 @@ def main(argv=None) -> int:
         raise LdmError("--compile speeds up the fast path; add --fast")
     deep_cache = pick("deep_cache")
     check_interval(deep_cache)
-    if deep_cache and args.compile:
-        drop = "--deep-cache" if args.deep_cache else "add --deep-cache 0 (the interval came from the PNG)"
-        raise LdmError(f"--deep-cache and --compile do not combine; drop --compile or {drop}")
     if fast and pick("dtype") != "fp32":
         raise LdmError(f"--fast sets the UNet's precision itself and needs fp32 weights, not --dtype {pick('dtype')}")
     bundle = load_bundle(model_path)
@@ -207,7 +205,7 @@ def main(argv=None) -> int:
         from ldm.fast import GRAPH_MIN_CALLS, FastConfig, speed_up
 
         unet_calls = steps * -(-len(jobs) // batch_size)  # tracing the UNet's graphs pays on long jobs only
-        graph = None if unet_calls >= GRAPH_MIN_CALLS else False
+        graph = None if unet_calls >= GRAPH_MIN_CALLS or args.compile else False  # --compile: the graphs are asked for
         speed_up(bundle, FastConfig(compile=args.compile, graph=graph, deep_cache=deep_cache))
     elif deep_cache:
         bundle.unet = DeepCacheUNet(bundle.unet, interval=deep_cache)

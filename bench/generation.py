@@ -36,26 +36,36 @@ CONTENDERS = {
     "diffusers": "diffusers StableDiffusionPipeline, fp32",
     "ours": "ldm generate, fp32",
     "fast": "ldm generate, fast path (`--fast`)",
-    "fast-compile": "ldm generate, fast path + torch.compile",
+    "fast-compile": "ldm generate, fast path + torch.compile (`--fast --compile`)",
 }
 PROMPT, SAMPLER, GUIDANCE = "red apple", "dpmpp_2m", 7.5
 COLUMNS = ["batch", "contender", "s / image (wall)", "CPU s / image", "speed-up", "peak RSS MiB", "load s", "warm-up s",
            "UNet precision", "attention"]  # fmt: skip
 CHECK_COLUMNS = ["batch", "contender", "max abs Δ", "max abs Δ × 255", "max uint8 Δ", "mean abs Δ × 255", "PSNR dB"]
-DEEP_CACHE = "fast-dc"  # + N: the fast path with --deep-cache N, an approximation (ldm.deepcache)
+DEEP_CACHE = "-dc"  # fast or fast-compile + "-dcN": with --deep-cache N, an approximation (ldm.deepcache)
+
+
+def split_contender(text: str) -> tuple[str, int]:
+    """A contender name → (its exact base, the deep-cache interval or 0): "fast-compile-dc2" → ("fast-compile", 2)."""
+    base, _, n = text.partition(DEEP_CACHE)
+    if base not in CONTENDERS or (n and not (base.startswith("fast") and n.isdigit())):
+        raise ValueError(text)
+    return base, int(n or 0)
 
 
 def contender_name(text: str) -> str:
-    deep = text.startswith(DEEP_CACHE) and text.removeprefix(DEEP_CACHE).isdigit()
-    if text not in CONTENDERS and not deep:
-        raise argparse.ArgumentTypeError(f"{text!r} is none of {', '.join(CONTENDERS)} or {DEEP_CACHE}N")
+    try:
+        split_contender(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is none of {', '.join(CONTENDERS)}, nor fast{DEEP_CACHE}N or fast-compile{DEEP_CACHE}N"
+        ) from None
     return text
 
 
 def label(contender: str) -> str:
-    if contender.startswith(DEEP_CACHE):
-        return f"ldm generate, fast path + `--deep-cache {contender.removeprefix(DEEP_CACHE)}` (approximate)"
-    return CONTENDERS[contender]
+    base, deep_cache = split_contender(contender)
+    return f"{CONTENDERS[base]} + `--deep-cache {deep_cache}` (approximate)" if deep_cache else CONTENDERS[base]
 
 
 # --- worker: one contender, one batch size ------------------------------------------------------------------------
@@ -98,8 +108,8 @@ def make_runner(contender: str, model: Path, export: Path):
 
     bundle = load_bundle(model).to(dtype=torch.float32)  # as generate.py does (a bundle may ship in fp16)
     if contender.startswith("fast"):
-        deep_cache = int(contender.removeprefix(DEEP_CACHE)) if contender.startswith(DEEP_CACHE) else 0
-        config = FastConfig(threads=torch.get_num_threads(), compile=contender == "fast-compile", deep_cache=deep_cache)
+        base, deep_cache = split_contender(contender)
+        config = FastConfig(threads=torch.get_num_threads(), compile=base == "fast-compile", deep_cache=deep_cache)
         speed_up(bundle, config)
 
     def run(batch: int, steps: int, size: int) -> torch.Tensor:
@@ -184,8 +194,8 @@ def section(args, workdir: Path) -> tuple[str, dict]:
     results, lines = {}, []
     for preset, size, batches, repeats, rounds, model_dir in models:
         # Compiling sd-v1's two UNets (fp32 and bf16) takes many minutes on a few cores: emoji-tiny only.
-        contenders = ["diffusers", "ours", "fast"] + (["fast-compile"] if args.compile and preset != "sd-v1" else [])
-        contenders += [f"{DEEP_CACHE}{n}" for n in args.deep_cache]
+        fast = ["fast"] + (["fast-compile"] if args.compile and preset != "sd-v1" else [])
+        contenders = ["diffusers", "ours", *fast] + [f"{base}{DEEP_CACHE}{n}" for base in fast for n in args.deep_cache]
         bundle_dir, origin = bench_bundle(preset, workdir, model_dir=model_dir)
         export = exported(bundle_dir, workdir)
         rows, checks = [], []
@@ -263,7 +273,8 @@ def add_section_arguments(p: argparse.ArgumentParser) -> None:
 
 def main() -> None:
     p = script_parser(__doc__)
-    p.add_argument("--contender", type=contender_name, help=f"one of {', '.join(CONTENDERS)}, or {DEEP_CACHE}N")
+    p.add_argument("--contender", type=contender_name,
+                   help=f"one of {', '.join(CONTENDERS)}, or fast{DEEP_CACHE}N, fast-compile{DEEP_CACHE}N")  # fmt: skip
     p.add_argument("--model")
     p.add_argument("--export")
     p.add_argument("--batch", type=int)

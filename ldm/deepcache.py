@@ -33,14 +33,17 @@ class DeepCacheUNet(UNetWrapper):
 
     ``graph=True`` runs both kinds of call as traced graphs (``ldm.graph``, the fast path's cure for a small UNet's
     per-op overhead): one pair per input shape, each checked against the modules when traced; a call the graphs
-    cannot take (gradients on, a UNet in train mode) runs the modules.
+    cannot take (gradients on, a UNet in train mode) runs the modules. ``compile=True`` (with ``graph``) hands both
+    graphs to torch.compile.
     """
 
-    def __init__(self, unet: nn.Module, *, interval: int, graph: bool = False):
+    def __init__(self, unet: nn.Module, *, interval: int, graph: bool = False, compile: bool = False):
         super().__init__(unet)
         check_interval(interval, off=False)
         check_supported(unet)
-        self.interval, self.graph = interval, graph
+        if compile and not graph:
+            raise ValueError("compile=True compiles the traced graphs: it needs graph=True")
+        self.interval, self.graph, self.compile = interval, graph, compile
         self.full_calls = self.shallow_calls = 0  # what ran, for tests and benchmarks
         self.traces = TraceCache(unet)  # input key → (full, shallow) traced graphs | None
         self._deep: torch.Tensor | None = None  # (B, C, h, w) input of the last up block at the last full call
@@ -101,9 +104,10 @@ class DeepCacheUNet(UNetWrapper):
         out, deep = self._full(sample, timestep, context)
         try:
             # plain functions: the tracer counts a bound method's self among the inputs
-            full = TracedUNet(self.unet, sample, timestep, context, call=lambda s, t, c: self._full(s, t, c))
+            full = TracedUNet(self.unet, sample, timestep, context, call=lambda s, t, c: self._full(s, t, c),
+                              compile=self.compile)  # fmt: skip
             shallow = TracedUNet(self.unet, sample, timestep, context, deep,
-                                 call=lambda s, t, c, d: self._shallow(s, t, c, d))  # fmt: skip
+                                 call=lambda s, t, c, d: self._shallow(s, t, c, d), compile=self.compile)  # fmt: skip
         except Exception as error:  # noqa: BLE001 - an op or hook the tracer cannot take; the modules can
             warnings.warn(f"could not trace the UNet ({type(error).__name__}: {error}); running its modules")
             return None

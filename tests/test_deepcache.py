@@ -7,6 +7,7 @@ from diffusers import UNet2DConditionModel
 from PIL import Image
 
 import generate as generate_cli
+import ldm.fast
 from ldm.bundle import load_bundle
 from ldm.deepcache import DeepCacheUNet, start_run
 from ldm.errors import LdmError, run_cli
@@ -114,8 +115,17 @@ def test_refuses_what_it_cannot_reproduce():
     for bad in (1, -2):
         with pytest.raises(LdmError, match=f"N must be 0 \\(off\\) or 2 or more, not {bad}"):
             FastConfig(deep_cache=bad)
-    with pytest.raises(ValueError, match="do not combine"):
-        FastConfig(deep_cache=2, compile=True)
+    with pytest.raises(ValueError, match="needs graph"):
+        FastConfig(deep_cache=2, compile=True, graph=False)
+    with pytest.raises(ValueError, match="needs graph=True"):
+        DeepCacheUNet(tiny_unet(), interval=2, compile=True)
+
+
+def test_compiled_reuse_needs_the_graphs(micro_bundle_dir, monkeypatch):
+    monkeypatch.setattr(ldm.fast, "BF16_MIN_PARAMETERS", 0)  # the micro UNet counts as big: no graphs
+    config = FastConfig(deep_cache=2, compile=True, threads=torch.get_num_threads())
+    with pytest.raises(LdmError, match="drop --compile, or turn the reuse off with --deep-cache 0"):
+        speed_up(load_bundle(micro_bundle_dir), config)
 
 
 @torch.no_grad()
@@ -141,6 +151,24 @@ def test_fast_path_traces_both_kinds_of_call(micro_bundle_dir):
     assert isinstance(mixed, MixedPrecisionUNet)
     assert isinstance(mixed.low_noise, DeepCacheUNet) and isinstance(mixed.high_noise, DeepCacheUNet)
     assert mixed.low_noise.interval == 3 and mixed.low_noise.dtype == torch.bfloat16
+
+
+@pytest.mark.slow
+@torch.no_grad()
+def test_fast_path_compiles_both_kinds_of_call(micro_bundle_dir, cxx_compiler):
+    threads = torch.get_num_threads()
+    req = Request(
+        prompts=["red apple"], negative_prompts=[""], seeds=[0], steps=4, guidance_scale=7.5,
+        sampler=get_sampler("dpmpp_2m"), width=64, height=64,
+    )  # fmt: skip
+    traced = speed_up(load_bundle(micro_bundle_dir), FastConfig(deep_cache=2, graph=True, threads=threads))
+    compiled = speed_up(load_bundle(micro_bundle_dir), FastConfig(deep_cache=2, compile=True, threads=threads))
+    assert compiled.unet.graph and compiled.unet.compile
+    images = generate(compiled, req, progress=False)
+    (pair,) = compiled.unet.traces.values()
+    assert all(g.compiled for g in pair)
+    assert (compiled.unet.full_calls, compiled.unet.shallow_calls) == (2, 2)
+    assert (images - generate(traced, req, progress=False)).abs().max() < 1e-4
 
 
 @torch.no_grad()
@@ -192,7 +220,7 @@ def test_cli_deep_cache_is_recorded_and_reproduced(micro_bundle_dir, tmp_path, f
     "flags, message",
     [
         (["--deep-cache", "1"], "N must be 0 (off) or 2 or more, not 1"),
-        (["--deep-cache", "2", "--fast", "--compile"], "do not combine; drop --compile or --deep-cache"),
+        (["--deep-cache", "-1", "--fast", "--compile"], "N must be 0 (off) or 2 or more, not -1"),
     ],
 )
 def test_cli_deep_cache_bad_flags(micro_bundle_dir, tmp_path, capsys, flags, message):

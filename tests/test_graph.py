@@ -128,6 +128,38 @@ def test_a_graph_that_strays_is_not_used(unet, monkeypatch):
     assert list(graph.traces.values()) == [None]
 
 
+@pytest.mark.slow
+def test_compiled_graph_matches_the_unet(unet, cxx_compiler):
+    graph = GraphUNet(unet, compile=True)
+    sample, context = inputs(2)
+    with torch.no_grad():
+        for t in (torch.tensor(900), torch.tensor(20)):  # one shape: compiled once, on the first call
+            out = graph(sample, t, encoder_hidden_states=context).sample
+            torch.testing.assert_close(out, exact(unet, sample, t, context), atol=1e-4, rtol=0)
+    (traced,) = graph.traces.values()
+    assert traced.compiled and traced.main is not traced.graph
+
+
+def test_a_graph_that_cannot_compile_runs_uncompiled(unet, monkeypatch):
+    def no_compiler(module, **options):
+        def fail(*inputs):
+            raise RuntimeError("no C++ compiler found\nlong details")
+
+        return fail
+
+    monkeypatch.setattr(torch, "compile", no_compiler)
+    graph = GraphUNet(unet, compile=True)
+    sample, context = inputs(2)
+    message = (
+        r"torch.compile could not compile the traced UNet graph \(RuntimeError: no C\+\+ compiler found\); running"
+    )
+    with pytest.warns(UserWarning, match=message), torch.no_grad():
+        out = graph(sample, torch.tensor(500), encoder_hidden_states=context).sample
+    (traced,) = graph.traces.values()
+    assert not traced.compiled and traced.main is traced.graph
+    torch.testing.assert_close(out, exact(unet, sample, torch.tensor(500), context), atol=1e-5, rtol=0)
+
+
 class Convs(nn.Module):
     """One convolution of each kind the rewrite handles, and one it leaves alone."""
 
@@ -189,7 +221,9 @@ def test_fast_path_uses_graphs_for_small_unets_on_cpu(micro_bundle_dir):
     mixed = speed_up(load_bundle(micro_bundle_dir), FastConfig(threads=threads, bf16=True))
     assert isinstance(mixed.unet, MixedPrecisionUNet) and isinstance(mixed.unet.low_noise, GraphUNet)
     compiled = speed_up(load_bundle(micro_bundle_dir), FastConfig(threads=threads, compile=True))
-    assert not isinstance(compiled.unet, GraphUNet)
+    assert isinstance(compiled.unet, GraphUNet) and compiled.unet.compile  # compile: the traced graphs
+    plain_compiled = speed_up(load_bundle(micro_bundle_dir), FastConfig(threads=threads, compile=True, graph=False))
+    assert not isinstance(plain_compiled.unet, GraphUNet)  # without graphs: the UNet module
 
 
 def test_dense_matrix_is_the_convolution():
