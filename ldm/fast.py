@@ -30,7 +30,9 @@ What :func:`speed_up` does (measured with ``bench/``; numbers in BENCHMARKS.md):
 
 Attention already runs through ``F.scaled_dot_product_attention`` (diffusers' ``AttnProcessor2_0``);
 :func:`attention_processors` reports what is in use. Text embeddings are computed once per distinct prompt on every
-path (``ldm.pipeline.encode_prompts``).
+path (``ldm.pipeline.encode_prompts``); on the fast path once per job as well (:class:`PromptCache`): a job that
+samples the same prompts batch after batch encodes them for the first batch only, and the traced graphs' cached
+cross-attention keys and values carry over with them.
 
 A sped-up bundle is for sampling only: save the bundle it came from, not it.
 """
@@ -41,6 +43,7 @@ import contextlib
 import copy
 import os
 import platform
+from collections import OrderedDict
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
@@ -235,6 +238,48 @@ class MixedPrecisionUNet(nn.Module):
         return UNet2DConditionOutput(sample=out.sample.float())  # (B, C, h, w)
 
 
+class PromptCache(nn.Module):
+    """A text encoder that keeps its last ``size`` encodings by token ids: the same batch of prompts again (the next
+    batch of a job) returns the same tensors without running the encoder.
+
+    An entry is used only while it can be trusted: the encoder's weights unchanged in place since (version counters,
+    of the parameters it had when wrapped) and the returned tensors not written into. Inference-mode calls, whose
+    tensors carry no version counter, run the encoder.
+    """
+
+    def __init__(self, text_encoder: nn.Module, *, size: int = 16):
+        super().__init__()
+        self.text_encoder, self.size = text_encoder, size
+        self._weights = tuple(text_encoder.parameters())
+        self._entries: OrderedDict = OrderedDict()  # key → (encoding, ((tensor, its version), ...))
+        self.encoder_calls = 0  # how often the encoder ran, for tests
+
+    def __getattr__(self, name: str):  # the wrapped encoder's attributes (config, model, dtype) show through
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(super().__getattr__("text_encoder"), name)
+
+    def forward(self, input_ids: torch.Tensor):  # (B, L) → the encoder's output
+        if torch.is_inference_mode_enabled() or input_ids.is_inference():
+            self.encoder_calls += 1
+            return self.text_encoder(input_ids)
+        weights = sum(p._version for p in self._weights)
+        key = (tuple(input_ids.shape), input_ids.cpu().numpy().tobytes(), weights)
+        entry = self._entries.get(key)
+        if entry is not None and all(t._version == v for t, v in entry[1]):
+            self._entries.move_to_end(key)
+            return entry[0]
+        out = self.text_encoder(input_ids)
+        self.encoder_calls += 1
+        tensors = [v for v in vars(out).values() if isinstance(v, torch.Tensor)]
+        self._entries[key] = (out, tuple((t, t._version) for t in tensors))
+        self._entries.move_to_end(key)
+        while len(self._entries) > self.size:
+            self._entries.popitem(last=False)
+        return out
+
+
 @contextlib.contextmanager
 def _quiet_diffusers():
     from diffusers.utils import logging
@@ -250,7 +295,8 @@ def _quiet_diffusers():
 def speed_up(bundle: Bundle, config: FastConfig = FastConfig()) -> Bundle:
     """Prepare an fp32 ``bundle`` in place for fast sampling with ``ldm.pipeline.generate``; returns it.
 
-    Only the UNet changes (the text encoder and the VAE run once per image): see the module docstring.
+    The UNet is prepared for speed and the text encoder keeps its encodings (:class:`PromptCache`); the VAE runs as
+    it is (once per batch). See the module docstring.
     """
     unet = bundle.unet
     if unet.dtype != torch.float32 or bundle.vae.dtype != torch.float32:
@@ -293,4 +339,6 @@ def speed_up(bundle: Bundle, config: FastConfig = FastConfig()) -> Bundle:
         )
     else:
         bundle.unet = prepare(unet)
+    if not isinstance(bundle.text_encoder, PromptCache):
+        bundle.text_encoder = PromptCache(bundle.text_encoder)
     return bundle

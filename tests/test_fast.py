@@ -9,7 +9,7 @@ import generate as generate_cli
 import ldm.pipeline
 from ldm.bundle import load_bundle
 from ldm.errors import run_cli
-from ldm.fast import FastConfig, MixedPrecisionUNet, attention_processors, physical_cores, speed_up
+from ldm.fast import FastConfig, MixedPrecisionUNet, PromptCache, attention_processors, physical_cores, speed_up
 from ldm.pipeline import Request, encode_prompts, generate, to_uint8
 from ldm.pngmeta import parse_parameters, read_png_parameters
 from ldm.schedule import get_sampler
@@ -183,3 +183,32 @@ def counting(function, calls):
         return function(*args, **kwargs)
 
     return wrapper
+
+
+@torch.no_grad()
+def test_prompt_encodings_are_kept_across_batches(micro_bundle_dir):
+    fast = speed_up(load_bundle(micro_bundle_dir), FastConfig(threads=torch.get_num_threads(), graph=False))
+    cache = fast.text_encoder
+    assert isinstance(cache, PromptCache)
+    req = Request(
+        prompts=["red apple"], negative_prompts=[""], seeds=[0], steps=2, guidance_scale=7.5,
+        sampler=get_sampler("dpmpp_2m"), width=64, height=64,
+    )  # fmt: skip
+    first, second = generate(fast, req, progress=False), generate(fast, req, progress=False)
+    assert cache.encoder_calls == 1 and torch.equal(first, second)
+    torch.testing.assert_close(first, generate(load_bundle(micro_bundle_dir), req, progress=False), atol=1e-4, rtol=0)
+    ids = torch.tensor([[1, 2, 3]])
+    kept = cache(ids).hidden_states
+    assert cache(ids).hidden_states is kept
+    kept.mul_(2)  # a caller wrote into the kept tensor: encoded again
+    assert cache(ids).hidden_states is not kept
+    calls = cache.encoder_calls
+    with torch.inference_mode():  # no version counters: not kept
+        cache(torch.tensor([[1, 2, 3]]))
+        cache(torch.tensor([[1, 2, 3]]))
+    assert cache.encoder_calls == calls + 2
+    calls = cache.encoder_calls
+    before = cache(ids).hidden_states.clone()
+    for p in cache.text_encoder.parameters():
+        p.mul_(1.5)  # weights changed in place: encoded again, with the new weights
+    assert not torch.equal(cache(ids).hidden_states, before) and cache.encoder_calls == calls + 1
