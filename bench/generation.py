@@ -4,7 +4,8 @@ Each contender runs in its own subprocess (so its memory peak is its own) on the
 diffusers the bundle's export (ldm.bundle.export_diffusers). All run the same request: the prompt "red apple" ×B
 with an empty negative prompt, seeds 0…B-1, DPM++ 2M, guidance 7.5. In each worker one warm-up run of 2 steps (same
 batch and size) comes first, then ``--repeats`` timed runs; emoji-tiny's contenders take turns for ``--rounds``
-rounds. Seconds per image = median wall time over all timed runs / B. The fast path with ``--deep-cache N``
+rounds. Seconds per image = median wall time over all timed runs / B. ``--compile`` adds the fast path with
+torch.compile (emoji-tiny). The fast path (and with ``--compile`` the compiled one) with ``--deep-cache N``
 (``--deep-cache`` here, default 2 and 3) runs as further contenders: an approximation, so its rows come with the
 change in the images (mean |Δ|, PSNR against diffusers' exact output) beside the speed.
 

@@ -39,11 +39,9 @@ A sped-up bundle is for sampling only: save the bundle it came from, not it.
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import os
 import platform
-from collections import OrderedDict
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
@@ -54,6 +52,7 @@ from torch import nn
 
 from ldm.bundle import Bundle
 from ldm.errors import LdmError
+from ldm.graph import GraphUNet, TraceCache, quiet_logger
 
 # Below this the UNet's matmuls are too small for bf16 to pay: emoji-tiny's UNet (7M) ran slower in bf16 than in
 # fp32 (per-call overhead dominates), sd-v1's (860M) about 3× faster. See BENCHMARKS.md.
@@ -82,8 +81,6 @@ class FastConfig:
         from ldm.deepcache import check_interval
 
         check_interval(self.deep_cache)
-        if self.deep_cache and self.compile and self.graph is False:
-            raise ValueError("deep_cache with compile compiles the traced graphs: it needs graph (True or None)")
 
 
 @cache
@@ -249,9 +246,9 @@ class PromptCache(nn.Module):
 
     def __init__(self, text_encoder: nn.Module, *, size: int = 16):
         super().__init__()
-        self.text_encoder, self.size = text_encoder, size
-        self._weights = tuple(text_encoder.parameters())
-        self._entries: OrderedDict = OrderedDict()  # key → (encoding, ((tensor, its version), ...))
+        self.text_encoder = text_encoder
+        # token ids → (encoding, ((each returned tensor, its version), ...)); emptied when the weights change
+        self._entries = TraceCache(text_encoder, size=size)
         self.encoder_calls = 0  # how often the encoder ran, for tests
 
     def __getattr__(self, name: str):  # the wrapped encoder's attributes (config, model, dtype) show through
@@ -260,36 +257,24 @@ class PromptCache(nn.Module):
         except AttributeError:
             return getattr(super().__getattr__("text_encoder"), name)
 
+    def _encode(self, input_ids: torch.Tensor):
+        self.encoder_calls += 1
+        return self.text_encoder(input_ids)
+
+    def _entry(self, input_ids: torch.Tensor) -> tuple:
+        out = self._encode(input_ids)
+        tensors = [v for v in vars(out).values() if isinstance(v, torch.Tensor)]
+        return out, tuple((t, t._version) for t in tensors)
+
     def forward(self, input_ids: torch.Tensor):  # (B, L) → the encoder's output
         if torch.is_inference_mode_enabled() or input_ids.is_inference():
-            self.encoder_calls += 1
-            return self.text_encoder(input_ids)
-        weights = sum(p._version for p in self._weights)
-        key = (tuple(input_ids.shape), input_ids.cpu().numpy().tobytes(), weights)
-        entry = self._entries.get(key)
-        if entry is not None and all(t._version == v for t, v in entry[1]):
-            self._entries.move_to_end(key)
-            return entry[0]
-        out = self.text_encoder(input_ids)
-        self.encoder_calls += 1
-        tensors = [v for v in vars(out).values() if isinstance(v, torch.Tensor)]
-        self._entries[key] = (out, tuple((t, t._version) for t in tensors))
-        self._entries.move_to_end(key)
-        while len(self._entries) > self.size:
-            self._entries.popitem(last=False)
+            return self._encode(input_ids)
+        key = (tuple(input_ids.shape), input_ids.cpu().numpy().tobytes())
+        out, versions = self._entries.lookup(key, lambda: self._entry(input_ids))
+        if any(t._version != v for t, v in versions):  # a caller wrote into what it was given
+            self._entries[key] = self._entry(input_ids)
+            out = self._entries[key][0]
         return out
-
-
-@contextlib.contextmanager
-def _quiet_diffusers():
-    from diffusers.utils import logging
-
-    level = logging.get_verbosity()
-    logging.set_verbosity_error()
-    try:
-        yield
-    finally:
-        logging.set_verbosity(level)
 
 
 def speed_up(bundle: Bundle, config: FastConfig = FastConfig()) -> Bundle:
@@ -323,13 +308,11 @@ def speed_up(bundle: Bundle, config: FastConfig = FastConfig()) -> Bundle:
 
             return DeepCacheUNet(module, interval=config.deep_cache, graph=graph, compile=config.compile)
         if graph:
-            from ldm.graph import GraphUNet
-
             return GraphUNet(module, compile=config.compile)
         return torch.compile(module, options={"freezing": True}) if config.compile else module
 
     if bf16 and config.fp32_from > 0:
-        with _quiet_diffusers():  # its notice about casting with .to() rather than from_pretrained(torch_dtype=)
+        with quiet_logger("diffusers"):  # its notice about casting with .to() rather than from_pretrained(torch_dtype=)
             low_noise = copy.deepcopy(unet).to(torch.bfloat16, memory_format=torch.channels_last)
         fp32_from = config.fp32_from * bundle.config.schedule.num_train_timesteps
         bundle.unet = MixedPrecisionUNet(

@@ -115,17 +115,17 @@ def test_refuses_what_it_cannot_reproduce():
     for bad in (1, -2):
         with pytest.raises(LdmError, match=f"N must be 0 \\(off\\) or 2 or more, not {bad}"):
             FastConfig(deep_cache=bad)
-    with pytest.raises(ValueError, match="needs graph"):
-        FastConfig(deep_cache=2, compile=True, graph=False)
     with pytest.raises(ValueError, match="needs graph=True"):
         DeepCacheUNet(tiny_unet(), interval=2, compile=True)
 
 
 def test_compiled_reuse_needs_the_graphs(micro_bundle_dir, monkeypatch):
+    threads, message = torch.get_num_threads(), "drop --compile, or turn the reuse off with --deep-cache 0"
+    with pytest.raises(LdmError, match=message):  # graphs turned off
+        speed_up(load_bundle(micro_bundle_dir), FastConfig(deep_cache=2, compile=True, graph=False, threads=threads))
     monkeypatch.setattr(ldm.fast, "BF16_MIN_PARAMETERS", 0)  # the micro UNet counts as big: no graphs
-    config = FastConfig(deep_cache=2, compile=True, threads=torch.get_num_threads())
-    with pytest.raises(LdmError, match="drop --compile, or turn the reuse off with --deep-cache 0"):
-        speed_up(load_bundle(micro_bundle_dir), config)
+    with pytest.raises(LdmError, match=message):
+        speed_up(load_bundle(micro_bundle_dir), FastConfig(deep_cache=2, compile=True, threads=threads))
 
 
 @torch.no_grad()
