@@ -27,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
+import operator
 import warnings
 import weakref
 from collections import OrderedDict
@@ -50,7 +51,9 @@ TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 5e-2, torch.float16: 1e-2}
 MAX_TRACES = 8  # shapes kept per GraphUNet (batch sizes, resolutions); the least recently used goes first
 # Compiling a traced graph (``compile=True``): inductor (torch.compile's compiler) with the weights frozen in as constants, and its C++
 # wrapper, which calls the kernels without a Python line per call.
-COMPILE_OPTIONS = {"freezing": True, "cpp_wrapper": True}
+# Its pattern matcher is off: it would fuse the attention that compiled graphs spell out (decompose_attention) back
+# into torch's CPU attention kernel; no other of its patterns was missed (timed side by side).
+COMPILE_OPTIONS = {"freezing": True, "cpp_wrapper": True, "pattern_matcher": False}
 
 
 @dataclass(frozen=True)
@@ -65,6 +68,7 @@ class GraphStats:
     dense_convs: int
     pointwise_convs: int
     packed_convs: int
+    attention_decomposed: int = 0
 
 
 def _is_mutating(node: fx.Node) -> bool:
@@ -132,6 +136,48 @@ def drop_identities(gm: fx.GraphModule) -> int:
                     dropped += 1
     gm.recompile()
     return dropped
+
+
+def decompose_attention(gm: fx.GraphModule) -> int:
+    """Spell out torch's CPU attention kernel as softmax(q·kᵀ·scale)·v, for a graph that inductor compiles; returns
+    how many calls were replaced.
+
+    On emoji-tiny's 16-77 token sequences the kernel's blocking costs more than the arithmetic (about 160 µs a call
+    for under 3 MFLOP); spelled out, inductor fuses the scale and softmax into one loop between two MKL batched
+    matmuls, and the compiled UNet ran 6-7 % faster at batch 2 and 8 (side by side). Calls with dropout, a mask or
+    causal masking, and any whose log-sum-exp output is used, stay as they are. The result keeps the kernel's
+    output strides.
+    """
+    graph, replaced = gm.graph, 0
+    for node in list(graph.nodes):
+        if node.target is not aten._scaled_dot_product_flash_attention_for_cpu.default or "val" not in node.meta:
+            continue
+        q, k, v, *flags = node.args
+        dropout, causal = (list(flags) + [0.0, False])[:2]
+        if dropout or causal or node.kwargs.get("attn_mask") is not None:
+            continue
+        if not all(u.target is operator.getitem and (u.args[1] == 0 or not u.users) for u in node.users):
+            continue  # the log-sum-exp is used
+        depth = q.meta["val"].shape[-1]
+        scale = node.kwargs.get("scale") or depth**-0.5
+        strides = node.meta["val"][0].stride()
+        order = sorted(range(len(strides)), key=lambda d: -strides[d])  # the output's dims, outermost first
+        with graph.inserting_before(node):
+            scores = graph.call_function(aten.matmul.default, (q, graph.call_function(aten.transpose.int, (k, -2, -1))))
+            scores = graph.call_function(aten.mul.Tensor, (scores, scale))
+            weights = graph.call_function(aten._softmax.default, (scores, -1, False))
+            out = graph.call_function(aten.matmul.default, (weights, v))
+            out = graph.call_function(aten.permute.default, (out, order))
+            out = graph.call_function(aten.clone.default, (out,), {"memory_format": torch.contiguous_format})
+            out = graph.call_function(aten.permute.default, (out, [order.index(d) for d in range(len(order))]))
+        for user in list(node.users):
+            if user.args[1] == 0:
+                user.replace_all_uses_with(out)
+            graph.erase_node(user)
+        graph.erase_node(node)
+        replaced += 1
+    gm.recompile()
+    return replaced
 
 
 def split_prompt(gm: fx.GraphModule, placeholder: fx.Node) -> tuple[fx.GraphModule | None, int]:
@@ -303,12 +349,14 @@ class TracedUNet:
             dense, pointwise, packed = rewrite_convolutions(
                 gm, dense_max_entries=0 if compile else DENSE_CONV_MAX_ENTRIES
             )
+            attention = decompose_attention(gm) if compile else 0
         self.graph = self.main = gm
         self.takes_context = context_node in gm.graph.nodes
         self.compiled = False
         self.stats = GraphStats(
             nodes_traced=traced, nodes_left=len(gm.graph.nodes), folded=folded, identities=dropped,
             prompt_cached=moved, dense_convs=dense, pointwise_convs=pointwise, packed_convs=packed,
+            attention_decomposed=attention,
         )  # fmt: skip
         # (weak reference to the context tensor, its version, the prompt graph's outputs for it): replaced as a whole.
         # A write that bypasses the version counter (``context.data``, through NumPy) is not seen: pass a new tensor.

@@ -9,7 +9,7 @@ from torch.fx.experimental.proxy_tensor import make_fx
 import ldm.graph
 from ldm.bundle import load_bundle
 from ldm.fast import FastConfig, MixedPrecisionUNet, speed_up
-from ldm.graph import GraphUNet, fold_constants, rewrite_convolutions, split_prompt
+from ldm.graph import GraphUNet, decompose_attention, fold_constants, rewrite_convolutions, split_prompt
 
 aten = torch.ops.aten
 
@@ -138,6 +138,7 @@ def test_compiled_graph_matches_the_unet(unet, cxx_compiler):
             torch.testing.assert_close(out, exact(unet, sample, t, context), atol=1e-4, rtol=0)
     (traced,) = graph.traces.values()
     assert traced.compiled and traced.main is not traced.graph
+    assert traced.stats.attention_decomposed > 0  # inductor gets the attention spelled out
 
 
 def test_a_graph_that_cannot_compile_runs_uncompiled(unet, monkeypatch):
@@ -189,6 +190,31 @@ def test_rewritten_convolutions_match_conv2d():
     for e, g in zip(expected, got):
         assert g.shape == e.shape and g.is_contiguous()
         torch.testing.assert_close(g, e, atol=1e-5, rtol=0)
+
+
+def attention(x, causal):
+    """diffusers' layout: (B, L, H·D) → heads as a transposed view → attention → back to (B, L, H·D)."""
+    b, length, _ = x.shape
+    q, k, v = (y.view(b, length, 2, 8).transpose(1, 2) for y in (x, x.flip(1), x * 2))  # (B, H, L, D)
+    out = F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+    return out.transpose(1, 2).reshape(b, length, 16)
+
+
+def test_decomposed_attention_matches_the_kernel():
+    x = torch.randn(3, 10, 16, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        gm = make_fx(lambda x: attention(x, False))(x)
+        kernel = aten._scaled_dot_product_flash_attention_for_cpu.default
+        assert [n.target for n in gm.graph.nodes].count(kernel) == 1  # what torch calls on CPU: what is looked for
+        # the traced graph takes the kernel's output back to (B, L, H·D) as a view, which only its strides allow
+        assert aten.view.default in [n.target for n in gm.graph.nodes]
+        assert decompose_attention(gm) == 1
+        assert kernel not in [n.target for n in gm.graph.nodes]
+        torch.testing.assert_close(gm(x), attention(x, False), atol=1e-6, rtol=0)
+
+        causal = make_fx(lambda x: attention(x, True))(x)
+        assert decompose_attention(causal) == 0  # masked attention stays the kernel's
+        torch.testing.assert_close(causal(x), attention(x, True), atol=1e-6, rtol=0)
 
 
 def test_fold_constants_and_split_prompt():
