@@ -72,7 +72,8 @@ def build_parser() -> ArgumentParser:
                         "high-noise steps where the hardware computes bf16 natively; prepacked weights, one thread "
                         "per core (see ldm/fast.py, BENCHMARKS.md)")
     p.add_argument("--compile", action="store_true",
-                   help="with --fast: torch.compile the UNet's traced graphs (the UNet itself where it has none); "
+                   help="with --fast: compile the UNet's traced graphs with inductor, torch.compile's compiler (the "
+                        "UNet itself, through torch.compile, where it has none); "
                         "up to a minute per batch shape to start (less once cached on disk), then faster steps, so "
                         "for long runs")
     p.add_argument("--deep-cache", type=int, default=None, metavar="N",

@@ -34,7 +34,7 @@ class DeepCacheUNet(UNetWrapper):
     ``graph=True`` runs both kinds of call as traced graphs (``ldm.graph``, the fast path's cure for a small UNet's
     per-op overhead): one pair per input shape, each checked against the modules when traced; a call the graphs
     cannot take (gradients on, a UNet in train mode) runs the modules. ``compile=True`` (with ``graph``) hands both
-    graphs to torch.compile.
+    graphs to inductor (``ldm.graph.TracedUNet``).
     """
 
     def __init__(self, unet: nn.Module, *, interval: int, graph: bool = False, compile: bool = False):

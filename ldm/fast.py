@@ -22,11 +22,13 @@ What :func:`speed_up` does (measured with ``bench/``; numbers in BENCHMARKS.md):
 - **threads**: one per physical core, unless ``OMP_NUM_THREADS`` says otherwise.
 - **Deep-feature reuse** (``deep_cache``, ``ldm.deepcache``), only when asked for: an approximation that changes
   the images, with its speed and image change measured per model in BENCHMARKS.md.
-- **torch.compile** (inductor, weights frozen into the graph, C++ wrapper), only when asked for. With traced graphs
-  it compiles each of them, which fuses the elementwise ops and normalisations between the matrix products:
-  emoji-tiny's UNet at batch 2 ran in 10.5 ms against 14.7 traced and 21.4 as modules, at batch 8 in 20 against 25
-  and 31 (side by side, 2 threads, AMD EPYC). It costs 30-60 s per input shape on first use, about 20 s in later
-  processes that find the graph in inductor's on-disk cache. Without graphs it compiles the UNet module.
+- **Compiling** (inductor, weights frozen into the graph, C++ wrapper), only when asked for. With traced graphs
+  each of them goes to inductor directly (no dynamo guards), with its attention spelled out, and inductor fuses the
+  elementwise ops, normalisations and softmaxes between the matrix products: emoji-tiny's UNet at batch 2 ran in
+  10.8 ms against 20.1 traced and 32.2 as modules, at batch 8 in 16.0 against 24.2 and 32.9 (the three taking
+  turns in one process, 2 threads, AMD EPYC: BENCHMARKS.md, run I). It costs 30-70 s per input shape on first use,
+  about 20 s in later processes that find the graph in inductor's on-disk cache. Without graphs, torch.compile
+  compiles the UNet module.
 
 Attention already runs through ``F.scaled_dot_product_attention`` (diffusers' ``AttnProcessor2_0``);
 :func:`attention_processors` reports what is in use. Text embeddings are computed once per distinct prompt on every
