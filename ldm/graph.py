@@ -49,8 +49,8 @@ DENSE_CONV_MAX_ENTRIES = 1024 * 512
 # rewritten convolutions differ in summation order only (about 1e-6).
 TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 5e-2, torch.float16: 1e-2}
 MAX_TRACES = 8  # shapes kept per GraphUNet (batch sizes, resolutions); the least recently used goes first
-# Compiling a traced graph (``compile=True``): inductor (torch.compile's compiler) with the weights frozen in as constants, and its C++
-# wrapper, which calls the kernels without a Python line per call.
+# Compiling a traced graph (``compile=True``): inductor (torch.compile's compiler) with the weights frozen in as
+# constants, and its C++ wrapper, which calls the kernels without a Python line per call.
 # Its pattern matcher is off: it would fuse the attention that compiled graphs spell out (decompose_attention) back
 # into torch's CPU attention kernel; no other of its patterns was missed (timed side by side).
 COMPILE_OPTIONS = {"freezing": True, "cpp_wrapper": True, "pattern_matcher": False}
@@ -142,7 +142,7 @@ def decompose_attention(gm: fx.GraphModule) -> int:
     """Spell out torch's CPU attention kernel as softmax(q·kᵀ·scale)·v, for a graph that inductor compiles; returns
     how many calls were replaced.
 
-    On emoji-tiny's 16-77 token sequences the kernel's blocking costs more than the arithmetic (about 160 µs a call
+    On emoji-tiny's 4-77 token sequences the kernel's blocking costs more than the arithmetic (about 160 µs a call
     for under 3 MFLOP); spelled out, inductor fuses the scale and softmax into one loop between two MKL batched
     matmuls, and the compiled UNet ran 6-7 % faster at batch 2 and 8 (side by side). Calls with dropout, a mask or
     causal masking, and any whose log-sum-exp output is used, stay as they are. The result keeps the kernel's
@@ -371,7 +371,8 @@ class TracedUNet:
         The graph goes to inductor directly rather than through ``torch.compile``: it is already one aten graph for
         fixed shapes, and dynamo's guards over its inputs and constants cost about 1 ms of a 10-20 ms call (the
         compiled graph ran 8-10 % faster without them, side by side). What the guards would check is the key the
-        trace is kept under (:func:`input_key`).
+        trace is kept under (:func:`input_key`) for the call's sample, timestep and context; the ``extra`` inputs
+        are checked at each call, and others than these run the uncompiled graph.
         """
         inputs = self._inputs(sample, timestep, context, *extra)
         for node in self.graph.graph.nodes:  # make_fx's per-tensor fake values would clash with inductor's fake mode
@@ -389,6 +390,7 @@ class TracedUNet:
                           "running it uncompiled")  # fmt: skip
         else:
             self.main, self.compiled = main, True
+            self._extra_key = input_key(*extra)
 
     def _inputs(self, sample: torch.Tensor, timestep: torch.Tensor, context: torch.Tensor, *extra: torch.Tensor):
         """The main graph's inputs: the call's, and the prompt graph's outputs for ``context`` (cached)."""
@@ -401,7 +403,10 @@ class TracedUNet:
         return (sample, timestep) + ((context,) if self.takes_context else ()) + extra + cached
 
     def __call__(self, sample: torch.Tensor, timestep: torch.Tensor, context: torch.Tensor, *extra: torch.Tensor):
-        return self.main(*self._inputs(sample, timestep, context, *extra))
+        main = self.main
+        if extra and self.compiled and input_key(*extra) != self._extra_key:
+            main = self.graph  # compiled code assumes the strides it was compiled for; the graph takes any
+        return main(*self._inputs(sample, timestep, context, *extra))
 
 
 def can_run_traced(unet: nn.Module, context: torch.Tensor) -> bool:

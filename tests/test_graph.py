@@ -9,7 +9,7 @@ from torch.fx.experimental.proxy_tensor import make_fx
 import ldm.graph
 from ldm.bundle import load_bundle
 from ldm.fast import FastConfig, MixedPrecisionUNet, speed_up
-from ldm.graph import GraphUNet, decompose_attention, fold_constants, rewrite_convolutions, split_prompt
+from ldm.graph import GraphUNet, TracedUNet, decompose_attention, fold_constants, rewrite_convolutions, split_prompt
 
 aten = torch.ops.aten
 
@@ -154,6 +154,28 @@ def test_a_graph_that_cannot_compile_runs_uncompiled(unet, monkeypatch):
     (traced,) = graph.traces.values()
     assert not traced.compiled and traced.main is traced.graph
     torch.testing.assert_close(out, exact(unet, sample, torch.tensor(500), context), atol=1e-5, rtol=0)
+
+
+def test_compiled_code_gets_extra_inputs_only_in_the_layout_it_was_compiled_for(monkeypatch):
+    compiled_calls = []
+
+    def compile_stand_in(graph, inputs, **options):  # runs the graph, and counts
+        return lambda *args: compiled_calls.append(1) or graph(*args)
+
+    monkeypatch.setattr("torch._inductor.compile", compile_stand_in)
+    sample, context, extra = torch.randn(2, 4, 3, 3), torch.randn(2, 5, 4), torch.randn(2, 4, 3, 3)
+    t = torch.tensor(1)
+    traced = TracedUNet(
+        nn.Identity(), sample, t, context, extra, call=lambda s, t, c, d: s * d + c.mean(), compile=True
+    )
+    assert traced.compiled
+    with torch.no_grad():
+        compiled_calls.clear()
+        out = traced(sample, t, context, extra)
+        assert compiled_calls == [1]
+        transposed = extra.transpose(2, 3).contiguous().transpose(2, 3)  # the same values in other strides
+        assert torch.equal(traced(sample, t, context, transposed), out)
+        assert compiled_calls == [1]  # the uncompiled graph ran
 
 
 class Convs(nn.Module):
