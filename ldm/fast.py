@@ -53,6 +53,7 @@ from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
 from torch import nn
 
 from ldm.bundle import Bundle
+from ldm.deepcache import DeepCacheUNet, check_interval
 from ldm.errors import LdmError
 from ldm.graph import GraphUNet, TraceCache, quiet_logger
 
@@ -80,8 +81,6 @@ class FastConfig:
     def __post_init__(self):
         if not 0.0 <= self.fp32_from <= 1.0:
             raise ValueError(f"fp32_from is a fraction of the training timesteps, in [0, 1]; got {self.fp32_from}")
-        from ldm.deepcache import check_interval
-
         check_interval(self.deep_cache)
 
 
@@ -306,8 +305,6 @@ def speed_up(bundle: Bundle, config: FastConfig = FastConfig()) -> Bundle:
         if pack:  # never with graph
             module = pack_weights(module, linear=module.dtype == torch.bfloat16)
         if config.deep_cache:
-            from ldm.deepcache import DeepCacheUNet
-
             return DeepCacheUNet(module, interval=config.deep_cache, graph=graph, compile=config.compile)
         if graph:
             return GraphUNet(module, compile=config.compile)

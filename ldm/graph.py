@@ -68,7 +68,7 @@ class GraphStats:
     dense_convs: int
     pointwise_convs: int
     packed_convs: int
-    attention_decomposed: int = 0
+    attention_decomposed: int
 
 
 def _is_mutating(node: fx.Node) -> bool:
@@ -372,7 +372,9 @@ class TracedUNet:
         fixed shapes, and dynamo's guards over its inputs and constants cost about 1 ms of a 10-20 ms call (the
         compiled graph ran 8-10 % faster without them, side by side). What the guards would check is the key the
         trace is kept under (:func:`input_key`) for the call's sample, timestep and context; the ``extra`` inputs
-        are checked at each call, and others than these run the uncompiled graph.
+        are checked at each call, and others than these run the uncompiled graph. That graph, also what a failed
+        compile leaves, has the rewrites made for inductor (attention spelled out, no dense-matrix convolutions):
+        the same values, a little slower than an uncompiled trace.
         """
         inputs = self._inputs(sample, timestep, context, *extra)
         for node in self.graph.graph.nodes:  # make_fx's per-tensor fake values would clash with inductor's fake mode
