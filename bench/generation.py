@@ -1,15 +1,19 @@
 """Generation speed: ldm.pipeline.generate (fp32, and the fast path) against diffusers' StableDiffusionPipeline.
 
-Each contender runs in its own subprocess (so its memory peak is its own) on the same bundle: ours reads the bundle,
-diffusers the bundle's export (ldm.bundle.export_diffusers). All run the same request: the prompt "red apple" ×B
-with an empty negative prompt, seeds 0…B-1, DPM++ 2M, guidance 7.5. In each worker one warm-up run of 2 steps (same
-batch and size) comes first, then ``--repeats`` timed runs; emoji-tiny's contenders take turns for ``--rounds``
-rounds. Seconds per image = median wall time over all timed runs / B. ``--compile`` adds the fast path with
-torch.compile (emoji-tiny). The fast path (and with ``--compile`` the compiled one) with ``--deep-cache N``
-(``--deep-cache`` here, default 2 and 3) runs as further contenders: an approximation, so its rows come with the
-change in the images (mean |Δ|, PSNR against diffusers' exact output) beside the speed.
+All contenders run the same bundle: ours reads the bundle, diffusers the bundle's export
+(ldm.bundle.export_diffusers), with the same request: the prompt "red apple" ×B with an empty negative prompt, seeds
+0…B-1, DPM++ 2M, guidance 7.5. Each contender first runs in a subprocess of its own (so its memory peak is its own):
+a warm-up run of 2 steps (same batch and size; tracing and compiling happen here), then ``--repeats`` timed runs,
+whose images the output check compares. emoji-tiny's times come from one more process in which all its
+contenders, each warmed up, take ``--turns`` turns (one run each per turn, the order rotated every turn), so a slow
+spell of a shared machine hits them alike: s / image = median over the turns / B, speed-up = median over the turns
+of diffusers' time in that turn / the contender's. sd-v1's times (too slow for turns) are the medians of its
+own processes' runs. ``--compile`` adds the fast path with the graphs compiled (emoji-tiny). The fast path (and with
+``--compile`` the compiled one) with ``--deep-cache N`` (``--deep-cache`` here, default 2 and 3) runs as further
+contenders: an approximation, so its rows come with the change in the images (mean |Δ|, PSNR against diffusers'
+exact output) beside the speed.
 
-    python bench/generation.py --threads 2 [--skip-sd] [--repeats 3] [--sd-repeats 1]   # prints a Markdown section
+    python bench/generation.py --threads 2 [--skip-sd] [--turns 10] [--sd-repeats 1]   # prints a Markdown section
 """
 
 from __future__ import annotations
@@ -124,6 +128,8 @@ def make_runner(contender: str, model: Path, export: Path):
 
 
 def worker(args) -> dict:
+    if args.contenders:
+        return turns_worker(args)
     import numpy as np
     import torch
 
@@ -150,6 +156,41 @@ def worker(args) -> dict:
     }  # fmt: skip
 
 
+def turns_worker(args) -> dict:
+    """All ``args.contenders`` in this process, each warmed up, then ``args.turns`` turns of one run each."""
+    import torch
+
+    set_threads(args.threads)
+    torch.set_grad_enabled(False)
+    runners = {}
+    for contender in args.contenders:
+        runners[contender], _ = make_runner(contender, Path(args.model), Path(args.export))
+        runners[contender](args.batch, 2, args.size)  # warm-up: traces and compiles for this shape
+    names = list(runners)
+    walls: dict[str, list[float]] = {name: [] for name in names}
+    cpus: dict[str, list[float]] = {name: [] for name in names}
+    for turn in range(args.turns):
+        for name in names[turn % len(names) :] + names[: turn % len(names)]:
+            with Timer() as t:
+                runners[name](args.batch, args.steps, args.size)
+            walls[name].append(t.wall)
+            cpus[name].append(t.cpu)
+    return {"turns": args.turns, "wall": walls, "cpu": cpus}
+
+
+def paired(turns: dict, contender: str, batch: int) -> dict:
+    """A contender's timing from the turns process: medians over the turns, and the speed-up over diffusers as the
+    median of per-turn ratios (with its quartiles)."""
+    walls, ref = turns["wall"][contender], turns["wall"]["diffusers"]
+    ratios = [r / w for r, w in zip(ref, walls, strict=True)]
+    quartiles = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else [ratios[0]] * 3
+    return {
+        "wall": walls, "cpu": turns["cpu"][contender], "s_per_image": statistics.median(walls) / batch,
+        "cpu_s_per_image": statistics.median(turns["cpu"][contender]) / batch, "speedup": statistics.median(ratios),
+        "speedup_quartiles": [quartiles[0], quartiles[2]], "turns": turns["turns"],
+    }  # fmt: skip
+
+
 def precision(unet) -> str:
     """What the UNet computes in: "fp32", or for the fast path's mixed-precision UNet "bf16, fp32 at t ≥ 850"."""
     name = lambda dtype: {"torch.float32": "fp32", "torch.bfloat16": "bf16"}.get(str(dtype), str(dtype))
@@ -160,19 +201,6 @@ def precision(unet) -> str:
 
 
 # --- the section ------------------------------------------------------------------------------------------------------
-
-
-def pool(earlier: dict | None, new: dict, batch: int) -> dict:
-    """One contender's results over several worker processes: all timed runs, the highest memory peak."""
-    if earlier is None:
-        return new
-    walls, cpus = earlier["wall"] + new["wall"], earlier["cpu"] + new["cpu"]
-    return new | {
-        "wall": walls, "cpu": cpus, "s_per_image": statistics.median(walls) / batch,
-        "cpu_s_per_image": statistics.median(cpus) / batch,
-        "peak_rss_mib": max(earlier["peak_rss_mib"], new["peak_rss_mib"]),
-        "load_s": max(earlier["load_s"], new["load_s"]), "warmup_s": max(earlier["warmup_s"], new["warmup_s"]),
-    }  # fmt: skip
 
 
 def compare(a: Path, b: Path) -> tuple[float, int, float, float]:
@@ -189,11 +217,11 @@ def compare(a: Path, b: Path) -> tuple[float, int, float, float]:
 
 def section(args, workdir: Path) -> tuple[str, dict]:
     script = Path(__file__).resolve()
-    models = [("emoji-tiny", args.emoji_size, args.batches, args.repeats, args.rounds, args.emoji_model)]
+    models = [("emoji-tiny", args.emoji_size, args.batches, args.repeats, args.turns, args.emoji_model)]
     if not args.skip_sd:
-        models.append(("sd-v1", args.sd_size, args.sd_batches, args.sd_repeats, 1, None))
+        models.append(("sd-v1", args.sd_size, args.sd_batches, args.sd_repeats, 0, None))
     results, lines = {}, []
-    for preset, size, batches, repeats, rounds, model_dir in models:
+    for preset, size, batches, repeats, turns, model_dir in models:
         # Compiling sd-v1's two UNets (fp32 and bf16) takes many minutes on a few cores: emoji-tiny only.
         fast = ["fast"] + (["fast-compile"] if args.compile and preset != "sd-v1" else [])
         contenders = ["diffusers", "ours", *fast] + [f"{base}{DEEP_CACHE}{n}" for base in fast for n in args.deep_cache]
@@ -201,41 +229,53 @@ def section(args, workdir: Path) -> tuple[str, dict]:
         export = exported(bundle_dir, workdir)
         rows, checks = [], []
         for batch in batches:
+            common = ["--model", bundle_dir, "--export", export, "--batch", batch, "--size", size,
+                      "--steps", args.steps]  # fmt: skip
             base = {}
-            # Rounds take turns (diffusers, ours, fast, diffusers, ...), so a slow spell of a shared machine hits
-            # every contender alike; the medians pool all rounds' runs.
-            for _ in range(rounds):
+            for contender in contenders:  # a process of its own: memory peak, load and warm-up, the images
+                save = workdir / "images" / f"{preset}-{size}-b{batch}-{contender}.npy"
+                save.parent.mkdir(parents=True, exist_ok=True)
+                base[contender] = run_worker(script, ["--contender", contender, *common, "--repeats", repeats,
+                                                      "--save", save], threads=args.threads,
+                                             log=workdir / "generation.log") | {"save": str(save)}  # fmt: skip
+            if turns:  # the times: all contenders in one process, taking turns
+                timed = run_worker(script, ["--contenders", *contenders, *common, "--turns", turns],
+                                   threads=args.threads, log=workdir / "generation.log")  # fmt: skip
                 for contender in contenders:
-                    save = workdir / "images" / f"{preset}-{size}-b{batch}-{contender}.npy"
-                    save.parent.mkdir(parents=True, exist_ok=True)
-                    r = run_worker(script, ["--contender", contender, "--model", bundle_dir, "--export", export,
-                                            "--batch", batch, "--size", size, "--steps", args.steps, "--repeats", repeats,
-                                            "--save", save], threads=args.threads, log=workdir / "generation.log")  # fmt: skip
-                    r["save"] = str(save)
-                    base[contender] = pool(base.get(contender), r, batch)
-            for contender in contenders:
-                results[f"{preset}/b{batch}/{contender}"] = base[contender]
+                    base[contender] |= paired(timed, contender, batch)
             ref = base["diffusers"]
             for contender in contenders:
                 r = base[contender]
-                speedup = ref["s_per_image"] / r["s_per_image"]
+                results[f"{preset}/b{batch}/{contender}"] = r
+                speedup = r.get("speedup", ref["s_per_image"] / r["s_per_image"])
+                spread = "" if "speedup_quartiles" not in r or contender == "diffusers" else (
+                    " ({:.2f}–{:.2f})".format(*r["speedup_quartiles"])
+                )  # fmt: skip
                 rows.append([f"{batch}", label(contender), f"{r['s_per_image']:.3f}", f"{r['cpu_s_per_image']:.3f}",
-                             f"{speedup:.2f}×", f"{r['peak_rss_mib']:.0f}", f"{r['load_s']:.1f}", f"{r['warmup_s']:.1f}",
-                             r["unet_dtype"], ", ".join(r["attention"])])  # fmt: skip
+                             f"{speedup:.2f}×{spread}", f"{r['peak_rss_mib']:.0f}", f"{r['load_s']:.1f}",
+                             f"{r['warmup_s']:.1f}", r["unet_dtype"], ", ".join(r["attention"])])  # fmt: skip
                 if contender != "diffusers":
                     diff, diff8, mean, psnr = compare(Path(r["save"]), Path(ref["save"]))
                     r |= {"max_abs_diff": diff, "max_uint8_diff": diff8, "mean_abs_diff": mean, "psnr_db": psnr}
                     psnr_text = "identical" if psnr == float("inf") else f"{psnr:.1f}"
                     checks.append([f"{batch}", label(contender), f"{diff:.2e}", f"{diff * 255:.3f}", f"{diff8}",
                                    f"{mean * 255:.3f}", psnr_text])  # fmt: skip
+        if turns:
+            timing = (
+                f"times from one process in which the contenders, each warmed up, took {turns} turns (one run each "
+                "per turn, the order rotated every turn): s / image = median over the turns / batch; speed-up = median "
+                "over the turns of diffusers' time in that turn / this row's (quartiles in brackets). Memory, load "
+                f"and warm-up from a process of each contender's own ({repeats} run(s) after the warm-up)"
+            )
+        else:
+            timing = (
+                f"one process per contender, {repeats} timed run(s) after a 2-step warm-up; s / image = median run "
+                "/ batch; speed-up = diffusers' seconds per image / this row's"
+            )
         lines += [
             f"### {preset} at {size}×{size}: {origin}",
             "",
-            (
-                f"{args.steps} steps DPM++ 2M, guidance {GUIDANCE}; {rounds} round(s) of one process per contender, "
-                f"each {repeats} timed run(s) after a 2-step warm-up; s / image = median run / batch; speed-up = "
-                "diffusers' seconds per image / this row's."
-            ),
+            f"{args.steps} steps DPM++ 2M, guidance {GUIDANCE}; {timing}.",
             "",
             table(COLUMNS, rows),
             "",
@@ -253,8 +293,8 @@ def section(args, workdir: Path) -> tuple[str, dict]:
 def add_section_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--batches", type=int, nargs="+", default=[1, 4], help="emoji-tiny batch sizes")
-    p.add_argument("--repeats", type=int, default=5, help="timed runs per emoji-tiny worker process")
-    p.add_argument("--rounds", type=int, default=3, help="emoji-tiny worker processes per contender, taking turns")
+    p.add_argument("--repeats", type=int, default=1, help="runs in each emoji-tiny contender's own process")
+    p.add_argument("--turns", type=int, default=10, help="turns of the emoji-tiny contenders in one process (timing)")
     p.add_argument("--emoji-size", type=int, default=64)
     p.add_argument(
         "--emoji-model",
@@ -281,6 +321,7 @@ def main() -> None:
     p.add_argument("--batch", type=int)
     p.add_argument("--size", type=int)
     p.add_argument("--save")
+    p.add_argument("--contenders", type=contender_name, nargs="+", help="all in one process, taking turns")
     add_section_arguments(p)
     script_main(p.parse_args(), worker, section)
 

@@ -1,7 +1,7 @@
 """Run every benchmark in one go and write BENCHMARKS.md (the raw numbers go to WORKDIR/benchmarks.json).
 
     python bench/run.py --threads 2                      # everything: emoji-tiny and sd-v1 at 256×256
-    python bench/run.py --threads 2 --skip-sd --repeats 3 --out /tmp/BENCH.md     # a quick run
+    python bench/run.py --threads 2 --skip-sd --turns 5 --out /tmp/BENCH.md     # a quick run
 
 Sections: generation (ours, ours --fast and diffusers, side by side), UNet training (feature cache against encoding
 every step) and UNet efficiency (FLOPs per second against the measured matmul peak). Model bundles, the diffusers

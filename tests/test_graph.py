@@ -9,7 +9,16 @@ from torch.fx.experimental.proxy_tensor import make_fx
 import ldm.graph
 from ldm.bundle import load_bundle
 from ldm.fast import FastConfig, MixedPrecisionUNet, speed_up
-from ldm.graph import GraphUNet, TracedUNet, decompose_attention, fold_constants, rewrite_convolutions, split_prompt
+from ldm.graph import (
+    GraphUNet,
+    TracedUNet,
+    decompose_attention,
+    eliminate_common,
+    fold_constants,
+    merge_linears,
+    rewrite_convolutions,
+    split_prompt,
+)
 
 aten = torch.ops.aten
 
@@ -43,6 +52,8 @@ def test_graph_matches_the_unet_at_each_shape_and_timestep(unet):
     stats = [traced.stats for traced in graph.traces.values()]
     assert all(s.folded > 0 and s.prompt_cached > 0 and s.nodes_left < s.nodes_traced for s in stats)
     assert all(s.pointwise_convs > 0 and s.packed_convs + s.dense_convs > 0 for s in stats)
+    # each self-attention's q, k, v as one product (2 fewer each), the resnets' time projections as one
+    assert all(s.common > 0 and s.linears_merged >= 2 * 2 for s in stats)
     assert stats[-1].dense_convs > 0  # a 4×4 latent: the 64-channel level's grid is 2×2
 
 
@@ -253,6 +264,32 @@ def test_fold_constants_and_split_prompt():
     assert moved >= 2
     assert [n.target for n in gm.graph.nodes if n.op == "placeholder"][-1] == "prompt_0"
     torch.testing.assert_close(gm(x, *prompt(context)), f(x, context))
+
+
+def test_shared_inputs_are_computed_once_and_their_products_merged():
+    wq, wk, wv, wt = (torch.randn(n, 6) for n in (6, 6, 3, 5))
+    bt = torch.randn(5)
+
+    def f(x, emb):  # x: (B, L, 6) tokens, emb: (B, 6)
+        q, k, v = F.linear(x, wq), F.linear(x, wk), F.linear(x, wv)  # three views of x, three products
+        a, b = F.linear(F.silu(emb), wt, bt), F.linear(F.silu(emb), wt.flip(0), bt)  # silu(emb) twice
+        scores = (q @ k.transpose(1, 2)).softmax(-1)
+        return scores @ v, a * b
+
+    x, emb = torch.randn(2, 4, 6), torch.randn(2, 6)
+    gm = make_fx(f)(x, emb)
+    fold_constants(gm)
+    count = lambda *targets: sum(n.target in targets for n in gm.graph.nodes)
+    assert count(aten.silu.default) == 2
+    assert eliminate_common(gm) >= 3  # the second SiLU, two of the three views of x
+    assert count(aten.silu.default) == 1
+    assert merge_linears(gm) == 3  # q, k, v → one; the two projections of silu(emb) → one
+    assert count(aten.mm.default, aten.addmm.default) == 2
+    for got, want in zip(gm(x, emb), f(x, emb), strict=True):  # wider products sum in another order
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    other = torch.randn(2, 4, 6), torch.randn(2, 6)  # fresh values: not the traced ones again
+    for got, want in zip(gm(*other), f(*other), strict=True):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
 
 def test_fast_path_uses_graphs_for_small_unets_on_cpu(micro_bundle_dir):
