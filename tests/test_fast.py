@@ -110,8 +110,8 @@ def test_prompt_dedupe_gives_the_same_images(bundle, monkeypatch):
     prompts = ["red apple", "red apple", "cat face", "red apple"]
     deduped = generate(bundle, request(prompts, steps=4), progress=False)
 
-    def one_by_one(bundle, prompts):  # the reference: every prompt encoded on its own, no sharing
-        return torch.cat([encode_prompts_once(bundle, [p]) for p in prompts])
+    def one_by_one(bundle, prompts, **kwargs):  # the reference: every prompt encoded on its own, no sharing
+        return torch.cat([encode_prompts_once(bundle, [p], **kwargs) for p in prompts])
 
     encode_prompts_once = ldm.pipeline.encode_prompts
     monkeypatch.setattr(ldm.pipeline, "encode_prompts", one_by_one)
