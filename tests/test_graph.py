@@ -210,13 +210,16 @@ class Convs(nn.Module):
         return a, b, c, self.grouped(self.large(y))
 
 
-def test_rewritten_convolutions_match_conv2d():
+@pytest.mark.parametrize("tokens", [False, True])
+def test_rewritten_convolutions_match_conv2d(tokens):
     module = Convs().eval()
     x, y = torch.randn(3, 16, 2, 2), torch.randn(3, 8, 32, 32)
     with torch.no_grad():
         gm = make_fx(module)(x, y)
-        counts = rewrite_convolutions(gm)
+        counts = rewrite_convolutions(gm, tokens=tokens)
         expected, got = module(x, y), gm(x, y)
+    products = {n.target for n in gm.graph.nodes} & {aten.baddbmm.default, aten.bmm.default, aten.addmm.default}
+    assert (aten.baddbmm.default in products or aten.bmm.default in products) != tokens  # the 1×1: batched or not
     dense, pointwise, packed = counts
     assert (dense, pointwise) == (2, 1) and packed in (0, 1)  # packed where oneDNN is available
     assert sum(n.target is aten.convolution.default for n in gm.graph.nodes) == 2 - packed
