@@ -23,10 +23,11 @@ What :func:`speed_up` does (measured with ``bench/``; numbers in BENCHMARKS.md):
 - **Deep-feature reuse** (``deep_cache``, ``ldm.deepcache``), only when asked for: an approximation that changes
   the images, with its speed and image change measured per model in BENCHMARKS.md.
 - **Compiling** (inductor, weights frozen into the graph, C++ wrapper), only when asked for. With traced graphs
-  each of them goes to inductor directly (no dynamo guards), with its attention spelled out, and inductor fuses the
-  elementwise ops, normalisations and softmaxes between the matrix products: emoji-tiny's UNet at batch 2 ran in
-  10.8 ms against 20.1 traced and 32.2 as modules, at batch 8 in 16.0 against 24.2 and 32.9 (the three taking
-  turns in one process, 2 threads, AMD EPYC: BENCHMARKS.md, run I). It costs 30-70 s per input shape on first use,
+  each of them goes to inductor directly (no dynamo guards), with its attention spelled out and its 1×1
+  convolutions as one product over all tokens, and inductor fuses the elementwise ops, normalisations and softmaxes
+  between the matrix products: emoji-tiny's UNet at batch 2 ran in 9.9 ms against 15.7 traced and 20.2 as modules,
+  at batch 8 in 14.6 against 23.3 and 28.1 (the three taking turns in one process, 2 threads, AMD EPYC:
+  BENCHMARKS.md, run K). It costs 30-70 s per input shape on first use,
   about 20 s in later processes that find the graph in inductor's on-disk cache. Without graphs, torch.compile
   compiles the UNet module.
 
