@@ -20,6 +20,9 @@ What :func:`speed_up` does (measured with ``bench/``; numbers in BENCHMARKS.md):
   so generate.py uses it only for jobs of ``GRAPH_MIN_CALLS`` UNet calls or more. Summation order changes in the
   rewritten convolutions only (about 1e-6 in fp32).
 - **threads**: one per physical core, unless ``OMP_NUM_THREADS`` says otherwise.
+- **channels_last VAE** (CPU): oneDNN's convolutions on the decoder's large grids run faster with the channels
+  innermost; emoji-tiny's decode at batch 1 1.15× (1.03× at batch 4), sd-v1's at 256×256 1.10× (side by side;
+  summation order only, about 1e-5).
 - **Deep-feature reuse** (``deep_cache``, ``ldm.deepcache``), only when asked for: an approximation that changes
   the images, with its speed and image change measured per model in BENCHMARKS.md.
 - **Compiling** (inductor, weights frozen into the graph, C++ wrapper), only when asked for. With traced graphs
@@ -282,8 +285,8 @@ class PromptCache(nn.Module):
 def speed_up(bundle: Bundle, config: FastConfig = FastConfig()) -> Bundle:
     """Prepare an fp32 ``bundle`` in place for fast sampling with ``ldm.pipeline.generate``; returns it.
 
-    The UNet is prepared for speed and the text encoder keeps its encodings (:class:`PromptCache`); the VAE runs as
-    it is (once per batch). See the module docstring.
+    The UNet is prepared for speed and the text encoder keeps its encodings (:class:`PromptCache`); the VAE (once per
+    batch) keeps its weights channels_last on the CPU. See the module docstring.
     """
     unet = bundle.unet
     if unet.dtype != torch.float32 or bundle.vae.dtype != torch.float32:
@@ -322,6 +325,8 @@ def speed_up(bundle: Bundle, config: FastConfig = FastConfig()) -> Bundle:
         )
     else:
         bundle.unet = prepare(unet)
+    if device.type == "cpu":
+        bundle.vae.to(memory_format=torch.channels_last)  # the decoder's convolutions then answer channels_last too
     if not isinstance(bundle.text_encoder, PromptCache):
         bundle.text_encoder = PromptCache(bundle.text_encoder)
     return bundle

@@ -105,7 +105,7 @@ def generate(bundle: Bundle, request: Request, *, progress: bool = True) -> torc
         latents = scheduler.step(prediction, t, latents, **step_kwargs).prev_sample
 
     images = decode_latents(bundle.vae, latents, scaling_factor=bundle.config.vae.scaling_factor)  # (B, 3, H, W)
-    return (images / 2 + 0.5).clamp(0, 1).float().cpu()
+    return (images / 2 + 0.5).clamp(0, 1).float().cpu().contiguous()  # a channels_last VAE (fast path) answers so
 
 
 def _step_kwargs(scheduler, generators: list[torch.Generator]) -> dict:

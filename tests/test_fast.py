@@ -49,11 +49,12 @@ THREADS = torch.get_num_threads()  # speed_up sets the thread count; keep the se
 def test_fast_path_within_tolerance_of_fp32(micro_bundle_dir, exact, config, tolerance):
     fast = speed_up(load_bundle(micro_bundle_dir), config)
     assert fast.vae.dtype == fast.text_encoder.model.dtype == fast.unet.dtype == torch.float32
+    assert fast.vae.decoder.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
     assert isinstance(fast.unet, MixedPrecisionUNet) == bool(config.bf16)
     if config.bf16:
         assert fast.unet.low_noise.dtype == torch.bfloat16 and fast.unet.high_noise.dtype == torch.float32
     images = generate(fast, request(["red apple", "cat face"]), progress=False)
-    assert images.dtype == torch.float32 and images.shape == exact.shape
+    assert images.dtype == torch.float32 and images.shape == exact.shape and images.is_contiguous()
     assert (images - exact).abs().max().item() <= tolerance
 
 
