@@ -472,9 +472,9 @@ class TracedUNet:
         self.takes_context = context_node in gm.graph.nodes
         self.compiled = False
         self.stats = GraphStats(
-            nodes_traced=traced, nodes_left=len(gm.graph.nodes), folded=folded, identities=dropped,
-            common=common, prompt_cached=moved, linears_merged=merged, dense_convs=dense, pointwise_convs=pointwise, packed_convs=packed,
-            attention_decomposed=attention,
+            nodes_traced=traced, nodes_left=len(gm.graph.nodes), folded=folded, identities=dropped, common=common,
+            prompt_cached=moved, linears_merged=merged, dense_convs=dense, pointwise_convs=pointwise,
+            packed_convs=packed, attention_decomposed=attention,
         )  # fmt: skip
         # (weak reference to the context tensor, its version, the prompt graph's outputs for it): replaced as a whole.
         # A write that bypasses the version counter (``context.data``, through NumPy) is not seen: pass a new tensor.
