@@ -108,12 +108,13 @@ class DeepCacheUNet(UNetWrapper):
                               compile=self.compile)  # fmt: skip
             shallow = TracedUNet(self.unet, sample, timestep, context, deep,
                                  call=lambda s, t, c, d: self._shallow(s, t, c, d), compile=self.compile)  # fmt: skip
+            traced_out, traced_deep = full(sample, timestep, context)
+            traced_shallow = shallow(sample, timestep, context, deep)
         except Exception as error:  # noqa: BLE001 - an op or hook the tracer cannot take; the modules can
             warnings.warn(f"could not trace the UNet ({type(error).__name__}: {error}); running its modules")
             return None
-        traced_out, traced_deep = full(sample, timestep, context)
         reference = self._shallow(sample, timestep, context, deep)
-        checks = [(traced_out, out), (traced_deep, deep), (shallow(sample, timestep, context, deep), reference)]
+        checks = [(traced_out, out), (traced_deep, deep), (traced_shallow, reference)]
         if problems := [p for p in (mismatch(a, b) for a, b in checks) if p]:
             warnings.warn(f"the traced deep-cache graphs are {problems[0]}; running the UNet's modules")
             return None

@@ -325,7 +325,7 @@ def speed_up(bundle: Bundle, config: FastConfig = FastConfig()) -> Bundle:
         )
     else:
         bundle.unet = prepare(unet)
-    if device.type == "cpu":
+    if bundle.vae.device.type == "cpu":
         bundle.vae.to(memory_format=torch.channels_last)  # the decoder's convolutions then answer channels_last too
     if not isinstance(bundle.text_encoder, PromptCache):
         bundle.text_encoder = PromptCache(bundle.text_encoder)

@@ -153,7 +153,8 @@ def eliminate_common(gm: fx.GraphModule) -> int:
     seen: dict[tuple, fx.Node] = {}
     removed = 0
     for node in list(gm.graph.nodes):
-        if node.op != "call_function" or torch.Tag.nondeterministic_seeded in getattr(node.target, "tags", ()):
+        seeded = torch.Tag.nondeterministic_seeded in getattr(node.target, "tags", ())
+        if node.op != "call_function" or node.is_impure() or seeded:
             continue
         try:
             key = (node.target, _hashable(node.args), _hashable(node.kwargs))
@@ -175,6 +176,8 @@ def _hashable(value):
         return "dict", tuple(sorted((k, _hashable(v)) for k, v in value.items()))
     if isinstance(value, torch.Tensor):
         raise TypeError("tensor arguments are compared by identity only")
+    if isinstance(value, (bool, int, float)):  # 1, 1.0 and True are equal in Python, not to aten (nor 0.0 and -0.0)
+        return type(value).__name__, repr(value)
     return value
 
 
@@ -189,6 +192,8 @@ def merge_linears(gm: fx.GraphModule) -> int:
     views it leaves have none, and the nodes after them keep the traced ones, which their inputs no longer have.
     """
     graph = gm.graph
+    if any(_is_mutating(n) for n in graph.nodes):
+        return 0  # a write between two of the products would reach only the later ones
     groups: dict[fx.Node, list[fx.Node]] = {}
     for node in graph.nodes:
         if node.target is aten.mm.default and not node.kwargs:
@@ -205,13 +210,17 @@ def merge_linears(gm: fx.GraphModule) -> int:
             continue  # a bias other than one value per column (the dense convolutions') stays as it is
         groups.setdefault(x, []).append(node)
     merged = 0
-    for x, nodes in groups.items():
+    for nodes in groups.values():
         if len(nodes) < 2:
             continue
         weights = [_constant(gm, n.args[1] if n.target is aten.mm.default else n.args[2]) for n in nodes]
         if len({(w.dtype, w.device, w.shape[0]) for w in weights}) != 1:
             continue
+        if not all(_takes_columns(user, w.shape[1]) for n, w in zip(nodes, weights, strict=True) for user in n.users):
+            continue
         first = nodes[0]
+        x = first.args[0] if first.target is aten.mm.default else first.args[1]  # now: an earlier merge may have
+        # replaced the product it was by a slice
         matrix = _add_constant(gm, first, "_merged", torch.cat(weights, dim=1).contiguous())
         biased = any(n.target is aten.addmm.default for n in nodes)
         if biased:  # a product without bias gets zeros in its columns
@@ -236,6 +245,20 @@ def merge_linears(gm: fx.GraphModule) -> int:
     graph.eliminate_dead_code()
     gm.recompile()
     return merged
+
+
+def _takes_columns(user: fx.Node, width: int) -> bool:
+    """Whether ``user`` works on a column block of a wider product (a (M, width) view with row stride > width) as
+    on the product itself: not a graph output (callers may want it contiguous), and a view only where it splits the
+    rows and the columns without joining them."""
+    if user.op == "output":
+        return False
+    if user.target in (aten.view.default, aten._unsafe_view.default):
+        shape, tail = list(user.args[1]), 1
+        while shape and tail < width:
+            tail *= shape.pop()
+        return tail == width
+    return True
 
 
 def decompose_attention(gm: fx.GraphModule) -> int:
@@ -625,11 +648,12 @@ class GraphUNet(UNetWrapper):
         """Trace and rewrite for these inputs' shapes, then check the graph against the UNet on them."""
         try:
             traced = TracedUNet(self.unet, sample, timestep, context, compile=self.compile)
+            result = traced(sample, timestep, context)
         except Exception as error:  # noqa: BLE001 - an op or hook the tracer cannot take; the UNet itself can
             warnings.warn(f"could not trace the UNet ({type(error).__name__}: {error}); running the UNet itself")
             return None
         reference = self.unet(sample, timestep, encoder_hidden_states=context).sample
-        if problem := mismatch(traced(sample, timestep, context), reference):
+        if problem := mismatch(result, reference):
             warnings.warn(f"the traced UNet graph is {problem}; running the UNet itself")
             return None
         return traced

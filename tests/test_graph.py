@@ -295,6 +295,33 @@ def test_shared_inputs_are_computed_once_and_their_products_merged():
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
 
+def test_merging_products_takes_chains_and_leaves_views_that_join_columns():
+    g = torch.Generator().manual_seed(0)
+    a, b, c, d = (torch.randn(n, 6, generator=g) for n in (6, 6, 6, 5))
+    bias = torch.randn(6, generator=g)
+
+    def chain(x):  # x: (3, 6); h and the plain product of x share it, h's two products share h
+        h = F.linear(x, a, bias)
+        return F.linear(h, b) * F.linear(h, c), F.linear(x, d) * 2
+
+    def joined(x):  # a view that joins a product's rows and columns cannot take a column block
+        return F.linear(x, a).reshape(-1), F.linear(x, d) * 2
+
+    x = torch.randn(3, 6, generator=g)
+    for f, merged in ((chain, 2), (joined, 0)):
+        gm = make_fx(f)(x)
+        fold_constants(gm)
+        assert merge_linears(gm) == merged
+        for got, want in zip(gm(x), f(x), strict=True):
+            torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_common_calls_keep_their_scalar_types():
+    gm = make_fx(lambda t: (t * 1, t * 1.0, t * True))(torch.arange(3))
+    assert eliminate_common(gm) == 0  # equal in Python, not to aten: int64, float32 and int64 results
+    assert [y.dtype for y in gm(torch.arange(3))] == [torch.int64, torch.float32, torch.int64]
+
+
 def test_fast_path_uses_graphs_for_small_unets_on_cpu(micro_bundle_dir):
     threads = torch.get_num_threads()
     fast = speed_up(load_bundle(micro_bundle_dir), FastConfig(threads=threads))
