@@ -30,9 +30,8 @@ What :func:`speed_up` does (measured with ``bench/``; numbers in BENCHMARKS.md):
   convolutions as one product over all tokens, and inductor fuses the elementwise ops, normalisations and softmaxes
   between the matrix products: emoji-tiny's UNet at batch 2 ran in 9.9 ms against 15.7 traced and 20.2 as modules,
   at batch 8 in 14.6 against 23.3 and 28.1 (the three taking turns in one process, 2 threads, AMD EPYC:
-  BENCHMARKS.md, run K). It costs 30-70 s per input shape on first use,
-  about 20 s in later processes that find the graph in inductor's on-disk cache. Without graphs, torch.compile
-  compiles the UNet module.
+  BENCHMARKS.md, run K). It costs 30-70 s per input shape on first use, about 20 s in later processes that find
+  the graph in inductor's on-disk cache. Without graphs, torch.compile compiles the UNet module.
 
 Attention already runs through ``F.scaled_dot_product_attention`` (diffusers' ``AttnProcessor2_0``);
 :func:`attention_processors` reports what is in use. Text embeddings are computed once per distinct prompt on every

@@ -17,7 +17,8 @@ rewrites it:
   batch 2, compiled or not, no change at batch 8 (side by side);
 - **small convolutions as matrix products**: a 3×3 convolution on a grid of a few cells is a fixed linear map, and
   one ``addmm`` with its dense matrix is several times faster there than oneDNN's convolution; a 1×1 convolution is
-  a batched matmul; the others keep oneDNN with prepacked weights (``ldm.fast.PackedConv2d``).
+  a batched matmul (compiled: one product over all tokens); the others keep oneDNN with prepacked weights
+  (``ldm.fast.PackedConv2d``).
 
 Only the convolutions and the merged products change the arithmetic (their summation order: about 1e-6 relative in
 fp32); everything else is the traced calls themselves. The graph is specialised to the shapes, strides, dtypes and
@@ -222,18 +223,15 @@ def merge_linears(gm: fx.GraphModule) -> int:
         x = first.args[0] if first.target is aten.mm.default else first.args[1]  # now: an earlier merge may have
         # replaced the product it was by a slice
         matrix = _add_constant(gm, first, "_merged", torch.cat(weights, dim=1).contiguous())
-        biased = any(n.target is aten.addmm.default for n in nodes)
-        if biased:  # a product without bias gets zeros in its columns
+        shift = None
+        if any(n.target is aten.addmm.default for n in nodes):  # a product without bias gets zeros in its columns
             shift = torch.cat([
                 _constant(gm, n.args[0]) if n.target is aten.addmm.default else w.new_zeros(w.shape[1])
                 for n, w in zip(nodes, weights, strict=True)
             ])  # fmt: skip
             shift = _add_constant(gm, first, "_merged_bias", shift)
         with graph.inserting_before(first):
-            if biased:
-                y = graph.call_function(aten.addmm.default, (shift, x, matrix))
-            else:
-                y = graph.call_function(aten.mm.default, (x, matrix))
+            y = _product(graph, x, matrix, shift)
             start = 0
             for node, w in zip(nodes, weights, strict=True):
                 part = graph.call_function(aten.slice.Tensor, (y, 1, start, start + w.shape[1]))
@@ -245,6 +243,13 @@ def merge_linears(gm: fx.GraphModule) -> int:
     graph.eliminate_dead_code()
     gm.recompile()
     return merged
+
+
+def _product(graph: fx.Graph, rows: fx.Node, matrix: fx.Node, shift: fx.Node | None = None) -> fx.Node:
+    """rows @ matrix (+ shift): one ``mm``, or one ``addmm`` with the shift."""
+    if shift is None:
+        return graph.call_function(aten.mm.default, (rows, matrix))
+    return graph.call_function(aten.addmm.default, (shift, rows, matrix))
 
 
 def _takes_columns(user: fx.Node, width: int) -> bool:
@@ -393,10 +398,8 @@ def rewrite_convolutions(
                 rows = graph.call_function(aten.clone.default, (rows,), {"memory_format": torch.contiguous_format})
                 rows = graph.call_function(aten.view.default, (rows, [-1, in_shape[0]]))
                 matrix = _add_constant(gm, node, "_pointwise", w.flatten(1).t().contiguous())
-                if b is None:
-                    y = graph.call_function(aten.mm.default, (rows, matrix))
-                else:
-                    y = graph.call_function(aten.addmm.default, (_add_constant(gm, node, "_bias", b), rows, matrix))
+                shift = None if b is None else _add_constant(gm, node, "_bias", b)
+                y = _product(graph, rows, matrix, shift)
                 y = graph.call_function(aten.view.default, (y, [batch, *out_shape[1:], out_shape[0]]))
                 y = graph.call_function(aten.permute.default, (y, [0, 3, 1, 2]))
                 y = graph.call_function(aten.clone.default, (y,), {"memory_format": torch.contiguous_format})
@@ -416,13 +419,11 @@ def rewrite_convolutions(
             elif n_in * n_out <= dense_max_entries:  # (B, C·H·W) @ (C·H·W, Co·Ho·Wo)
                 flat = graph.call_function(aten.view.default, (x, [batch, n_in]))
                 matrix = _add_constant(gm, node, "_dense", _dense_matrix(w, stride, padding, in_shape))
-                if b is None:
-                    y = graph.call_function(aten.mm.default, (flat, matrix))
-                else:
-                    shift = _add_constant(
-                        gm, node, "_bias", b.view(-1, 1).expand(-1, n_out // b.numel()).reshape(1, n_out)
-                    )
-                    y = graph.call_function(aten.addmm.default, (shift, flat, matrix))
+                shift = None
+                if b is not None:  # one value per output cell
+                    shift = b.view(-1, 1).expand(-1, n_out // b.numel()).reshape(1, n_out)
+                    shift = _add_constant(gm, node, "_bias", shift)
+                y = _product(graph, flat, matrix, shift)
                 y = graph.call_function(aten.view.default, (y, [batch, *out_shape]))
                 counts[0] += 1
             elif pack:  # oneDNN may answer in channels_last: then a copy gives back the traced layout
@@ -514,8 +515,8 @@ class TracedUNet:
         compiled graph ran 8-10 % faster without them, side by side). What the guards would check is the key the
         trace is kept under (:func:`input_key`) for the call's sample, timestep and context; the ``extra`` inputs
         are checked at each call, and others than these run the uncompiled graph. That graph, also what a failed
-        compile leaves, has the rewrites made for inductor (attention spelled out, no dense-matrix convolutions):
-        the same values, a little slower than an uncompiled trace.
+        compile leaves, has the rewrites made for inductor (attention spelled out, 1×1 convolutions over all tokens,
+        no dense-matrix convolutions): the same values, a little slower than an uncompiled trace.
         """
         inputs = self._inputs(sample, timestep, context, *extra)
         for node in self.graph.graph.nodes:  # make_fx's per-tensor fake values would clash with inductor's fake mode
