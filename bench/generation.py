@@ -7,13 +7,15 @@ a warm-up run of 2 steps (same batch and size; tracing and compiling happen here
 whose images the output check compares. emoji-tiny's times come from one more process in which all its
 contenders, each warmed up, take ``--turns`` turns (one run each per turn, the order rotated every turn), so a slow
 spell of a shared machine hits them alike: s / image = median over the turns / B, speed-up = median over the turns
-of diffusers' time in that turn / the contender's. sd-v1's times (too slow for turns) are the medians of its
-own processes' runs. ``--compile`` adds the fast path with the graphs compiled (emoji-tiny). The fast path (and with
-``--compile`` the compiled one) with ``--deep-cache N`` (``--deep-cache`` here, default 2 and 3) runs as further
+of diffusers' time in that turn / the contender's. sd-v1's times are the medians of its own processes' runs, except
+for diffusers and the fast path, which take ``--sd-turns`` turns in one process (the other contenders would not fit
+beside them in memory). ``--compile`` adds the fast path with the graphs compiled (emoji-tiny). The fast path (and
+with ``--compile`` the compiled one) with ``--deep-cache N`` (``--deep-cache`` here, default 2 and 3) runs as further
 contenders: an approximation, so its rows come with the change in the images (mean |Δ|, PSNR against diffusers'
 exact output) beside the speed.
 
-    python bench/generation.py --threads 2 [--skip-sd] [--turns 10] [--sd-repeats 1]   # prints a Markdown section
+    python bench/generation.py --threads 2 [--skip-sd | --skip-emoji] [--turns 10] [--sd-repeats 1] [--sd-turns 2]
+    # prints a Markdown section
 """
 
 from __future__ import annotations
@@ -217,14 +219,18 @@ def compare(a: Path, b: Path) -> tuple[float, int, float, float]:
 
 def section(args, workdir: Path) -> tuple[str, dict]:
     script = Path(__file__).resolve()
-    models = [("emoji-tiny", args.emoji_size, args.batches, args.repeats, args.turns, args.emoji_model)]
+    models = [] if args.skip_emoji else [
+        ("emoji-tiny", args.emoji_size, args.batches, args.repeats, args.turns, args.emoji_model)
+    ]  # fmt: skip
     if not args.skip_sd:
-        models.append(("sd-v1", args.sd_size, args.sd_batches, args.sd_repeats, 0, None))
+        models.append(("sd-v1", args.sd_size, args.sd_batches, args.sd_repeats, args.sd_turns, None))
     results, lines = {}, []
     for preset, size, batches, repeats, turns, model_dir in models:
         # Compiling sd-v1's two UNets (fp32 and bf16) takes many minutes on a few cores: emoji-tiny only.
         fast = ["fast"] + (["fast-compile"] if args.compile and preset != "sd-v1" else [])
         contenders = ["diffusers", "ours", *fast] + [f"{base}{DEEP_CACHE}{n}" for base in fast for n in args.deep_cache]
+        # sd-v1's fast path holds two UNets: with diffusers' that is all one process's memory can take here
+        paired_ones = contenders if preset != "sd-v1" else ["diffusers", "fast"]
         bundle_dir, origin = bench_bundle(preset, workdir, model_dir=model_dir)
         export = exported(bundle_dir, workdir)
         rows, checks = [], []
@@ -238,16 +244,17 @@ def section(args, workdir: Path) -> tuple[str, dict]:
                 base[contender] = run_worker(script, ["--contender", contender, *common, "--repeats", repeats,
                                                       "--save", save], threads=args.threads,
                                              log=workdir / "generation.log") | {"save": str(save)}  # fmt: skip
-            if turns:  # the times: all contenders in one process, taking turns
-                timed = run_worker(script, ["--contenders", *contenders, *common, "--turns", turns],
+            own_ref = base["diffusers"]["s_per_image"]  # for the contenders that take no turns
+            if turns:  # the times: the contenders in one process, taking turns
+                timed = run_worker(script, ["--contenders", *paired_ones, *common, "--turns", turns],
                                    threads=args.threads, log=workdir / "generation.log")  # fmt: skip
-                for contender in contenders:
+                for contender in paired_ones:
                     base[contender] |= paired(timed, contender, batch)
             ref = base["diffusers"]
             for contender in contenders:
                 r = base[contender]
                 results[f"{preset}/b{batch}/{contender}"] = r
-                speedup = r.get("speedup", ref["s_per_image"] / r["s_per_image"])
+                speedup = r.get("speedup", own_ref / r["s_per_image"])
                 spread = "" if "speedup_quartiles" not in r or contender == "diffusers" else (
                     " ({:.2f}–{:.2f})".format(*r["speedup_quartiles"])
                 )  # fmt: skip
@@ -261,12 +268,16 @@ def section(args, workdir: Path) -> tuple[str, dict]:
                     checks.append([f"{batch}", label(contender), f"{diff:.2e}", f"{diff * 255:.3f}", f"{diff8}",
                                    f"{mean * 255:.3f}", psnr_text])  # fmt: skip
         if turns:
+            others = [label(c) for c in contenders if c not in paired_ones]
             timing = (
-                f"times from one process in which the contenders, each warmed up, took {turns} turns (one run each "
-                "per turn, the order rotated every turn): s / image = median over the turns / batch; speed-up = median "
-                "over the turns of diffusers' time in that turn / this row's (quartiles in brackets). Memory, load "
-                f"and warm-up from a process of each contender's own ({repeats} run(s) after the warm-up)"
-            )
+                f"times from one process in which {'the contenders' if not others else 'diffusers and the fast path'}"
+                f", each warmed up, took {turns} turns (one run each per turn, the order rotated every turn): s / image"
+                " = median over the turns / batch; speed-up = median over the turns of diffusers' time in that turn / "
+                "this row's (quartiles in brackets). Memory, load and warm-up from a process of each contender's own "
+                f"({repeats} run(s) after the warm-up)"
+            ) + ("" if not others else (
+                f"; {', '.join(others)}: times from that process of its own, speed-up against diffusers' in its own"
+            ))  # fmt: skip
         else:
             timing = (
                 f"one process per contender, {repeats} timed run(s) after a 2-step warm-up; s / image = median run "
@@ -303,9 +314,11 @@ def add_section_arguments(p: argparse.ArgumentParser) -> None:
         help="trained emoji-tiny bundle, used when it exists (else random weights)",
     )
     p.add_argument("--skip-sd", action="store_true", help="skip the sd-v1 architecture (slow: ~1B parameters)")
+    p.add_argument("--skip-emoji", action="store_true", help="skip emoji-tiny")
     p.add_argument("--sd-size", type=int, default=256)
     p.add_argument("--sd-batches", type=int, nargs="+", default=[1, 4])
     p.add_argument("--sd-repeats", type=int, default=1)
+    p.add_argument("--sd-turns", type=int, default=2, help="turns of diffusers and the fast path on sd-v1 (0: none)")
     p.add_argument("--compile", action="store_true", help="also time the fast path with torch.compile (emoji-tiny)")
     p.add_argument("--deep-cache", type=int, nargs="*", default=[2, 3], metavar="N",
                    help="also time the fast path with --deep-cache N, an approximation, on both models (default: 2 "

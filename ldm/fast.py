@@ -10,9 +10,10 @@ What :func:`speed_up` does (measured with ``bench/``; numbers in BENCHMARKS.md):
   1.6/255 with the first 2 steps in fp32, 0.9/255 with the first 3 (the default, t ≥ 850). The latents, guidance
   and scheduler arithmetic, the text encoder and the VAE stay fp32. Small UNets stay fp32: emoji-tiny's (7M
   parameters) ran no faster in bf16, and its trained weights were far more sensitive (27/255 max with bf16).
-- **Prepacked weights** (CPU, big UNets): convolutions (and bf16 linears) keep their weights in oneDNN's blocked
-  layout instead of reordering them at every call, which for sd-v1's deep 1280-channel levels costs more than the
-  arithmetic: 1.5× for the bf16 UNet, 1.2× for the fp32 one, results unchanged (bit for bit in bf16).
+- **Prepacked weights** (CPU, big UNets): convolutions and linears keep their weights in oneDNN's blocked layout
+  instead of reordering them at every call, which for sd-v1's deep 1280-channel levels costs more than the
+  arithmetic; 1×1 convolutions run as packed linears over the cells, since oneDNN's packed 1×1 convolution is
+  15-40× slower than that on an AVX-512 CPU without AMX. Summation order changes only (about 1e-6 in fp32).
 - **Traced graphs** (``ldm.graph``), for a small UNet on CPU, where per-op overhead rather than arithmetic sets the
   pace: the UNet traced once per input shape into aten calls without the module tree, weights-only work folded,
   the cross-attention keys and values computed once per prompt, convolutions on tiny grids run as one matrix
@@ -190,18 +191,56 @@ class PackedLinear(nn.Module):
         return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
 
 
-def pack_weights(module: nn.Module, *, linear: bool = True) -> nn.Module:
-    """Replace, in place, every ``nn.Conv2d`` (and ``nn.Linear``) of an inference-only ``module`` by its packed form.
+class PackedPointwiseConv2d(nn.Module):
+    """A frozen 1×1 ``nn.Conv2d`` run as a packed linear over the cells, channels last (see :class:`PackedConv2d`).
 
-    Small fp32 linears ran slower packed than through MKL's sgemm (28 µs against 12 µs for 2×256 @ 256×128), so fp32
-    modules pack their convolutions only.
+    oneDNN's packed convolution is slow for a 1×1 kernel on some CPUs (AVX-512 without AMX: 38 ms against 2.0 ms as
+    a linear for sd-v1's 1280-channel projections of two 8×8 latents, fp32 and bf16 alike). A channels_last input
+    is already a (cells, channels) matrix, so no copy is made; the output is channels_last.
     """
-    kinds = (nn.Conv2d, nn.Linear) if linear else (nn.Conv2d,)
+
+    def __init__(self, conv: nn.Conv2d):
+        super().__init__()
+        weight = conv.weight.detach().flatten(1)  # (out, in)
+        self.packed = torch.ops.mkldnn._reorder_linear_weight(weight, None)
+        self.bias = None if conv.bias is None else conv.bias.detach()
+        self.dtype = weight.dtype
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, C, H, W) → (B, Co, H, W)
+        cells = x.permute(0, 2, 3, 1).contiguous()  # a view of a channels_last input
+        return torch.ops.mkldnn._linear_pointwise(cells, self.packed, self.bias, "none", [], "").permute(0, 3, 1, 2)
+
+
+def is_pointwise(conv: nn.Conv2d) -> bool:
+    """Whether ``conv`` is a plain 1×1 convolution: a linear map of each cell's channels."""
+    return (
+        conv.kernel_size == (1, 1) and conv.stride == (1, 1) and conv.padding in ((0, 0), "valid")
+        and conv.dilation == (1, 1) and conv.groups == 1
+    )  # fmt: skip
+
+
+# fp32 linears with fewer weights than this run faster unpacked, through MKL's sgemm (23 against 19 µs for
+# 2×256 @ 256×128); bigger ones packed (1.15-1.8× for sd-v1's, 2.9× for its 1280×1280 time-embedding product)
+PACK_MIN_FP32_LINEAR = 2**17
+
+
+def pack_weights(module: nn.Module) -> nn.Module:
+    """Replace, in place, every ``nn.Conv2d`` and ``nn.Linear`` of an inference-only ``module`` by its packed form.
+
+    1×1 convolutions become packed linears over the cells (:class:`PackedPointwiseConv2d`); fp32 linears with fewer
+    than ``PACK_MIN_FP32_LINEAR`` weights stay as they are.
+    """
     for name, child in list(module.named_modules()):
-        if type(child) in kinds:
-            parent, _, attr = name.rpartition(".")
-            packed = PackedConv2d(child) if isinstance(child, nn.Conv2d) else PackedLinear(child)
-            setattr(module.get_submodule(parent) if parent else module, attr, packed)
+        if type(child) is nn.Conv2d:
+            packed = PackedPointwiseConv2d(child) if is_pointwise(child) else PackedConv2d(child)
+        elif type(child) is nn.Linear and (
+            child.weight.dtype != torch.float32 or child.weight.numel() >= PACK_MIN_FP32_LINEAR
+        ):
+            packed = PackedLinear(child)
+        else:
+            continue
+        parent, _, attr = name.rpartition(".")
+        setattr(module.get_submodule(parent) if parent else module, attr, packed)
     return module
 
 
@@ -306,7 +345,7 @@ def speed_up(bundle: Bundle, config: FastConfig = FastConfig()) -> Bundle:
 
     def prepare(module: nn.Module) -> nn.Module:
         if pack:  # never with graph
-            module = pack_weights(module, linear=module.dtype == torch.bfloat16)
+            module = pack_weights(module)
         if config.deep_cache:
             return DeepCacheUNet(module, interval=config.deep_cache, graph=graph, compile=config.compile)
         if graph:
@@ -325,7 +364,8 @@ def speed_up(bundle: Bundle, config: FastConfig = FastConfig()) -> Bundle:
     else:
         bundle.unet = prepare(unet)
     if bundle.vae.device.type == "cpu":
-        bundle.vae.to(memory_format=torch.channels_last)  # the decoder's convolutions then answer channels_last too
+        with quiet_logger("diffusers"):  # the same notice as above, though no dtype changes
+            bundle.vae.to(memory_format=torch.channels_last)  # the decoder's convolutions then answer channels_last
     if not isinstance(bundle.text_encoder, PromptCache):
         bundle.text_encoder = PromptCache(bundle.text_encoder)
     return bundle

@@ -4,12 +4,26 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from torch import nn
 
 import generate as generate_cli
 import ldm.pipeline
 from ldm.bundle import load_bundle
 from ldm.errors import run_cli
-from ldm.fast import FastConfig, MixedPrecisionUNet, PromptCache, attention_processors, physical_cores, speed_up
+from ldm.fast import (
+    PACK_MIN_FP32_LINEAR,
+    FastConfig,
+    MixedPrecisionUNet,
+    PackedConv2d,
+    PackedLinear,
+    PackedPointwiseConv2d,
+    PromptCache,
+    attention_processors,
+    can_pack,
+    pack_weights,
+    physical_cores,
+    speed_up,
+)
 from ldm.pipeline import Request, encode_prompts, generate, to_uint8
 from ldm.pngmeta import parse_parameters, read_png_parameters
 from ldm.schedule import get_sampler
@@ -33,6 +47,7 @@ def exact(bundle):
 
 
 THREADS = torch.get_num_threads()  # speed_up sets the thread count; keep the session's
+NEEDS_PACKING = pytest.mark.skipif(not can_pack(torch.device("cpu")), reason="this torch has no oneDNN packed ops")
 
 
 @pytest.mark.parametrize(
@@ -43,8 +58,11 @@ THREADS = torch.get_num_threads()  # speed_up sets the thread count; keep the se
         # bf16 forced, fp32 at high noise. micro's 32-channel layers round the most, and 8 steps leave only one
         # in fp32: 3/255 here; the 2/255 goal holds for emoji-tiny and sd-v1 (bench/generation.py).
         (FastConfig(bf16=True, threads=THREADS), 6 / 255),
+        # what a big UNet gets: modules with oneDNN's packed weights rather than traced graphs
+        pytest.param(FastConfig(graph=False, pack=True, threads=THREADS), 1e-5, marks=NEEDS_PACKING),
+        pytest.param(FastConfig(bf16=True, graph=False, pack=True, threads=THREADS), 6 / 255, marks=NEEDS_PACKING),
     ],
-    ids=["default", "bf16"],
+    ids=["default", "bf16", "packed", "bf16-packed"],
 )
 def test_fast_path_within_tolerance_of_fp32(micro_bundle_dir, exact, config, tolerance):
     fast = speed_up(load_bundle(micro_bundle_dir), config)
@@ -75,6 +93,37 @@ def test_mixed_precision_picks_by_timestep(micro_bundle_dir):
     assert always.high_noise is None
     with pytest.raises(ValueError, match="fp32_from is a fraction"):
         FastConfig(fp32_from=850)
+
+
+@NEEDS_PACKING
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_pack_weights_keeps_each_layers_results(dtype):
+    """Each layer kind gets its packed form (1×1 convolutions a linear over the cells) and answers as before."""
+    torch.manual_seed(0)
+    big = PACK_MIN_FP32_LINEAR // 64
+    layers = nn.ModuleDict({
+        "conv": nn.Conv2d(8, 16, 3, padding=1), "pointwise": nn.Conv2d(8, 32, 1), "no_bias": nn.Conv2d(8, 4, 1, bias=False),
+        "strided": nn.Conv2d(8, 8, 1, stride=2), "grouped": nn.Conv2d(8, 8, 1, groups=2),
+        "small": nn.Linear(64, big - 1), "big": nn.Linear(64, big),
+    }).to(dtype).eval()  # fmt: skip
+    x, rows = torch.randn(2, 8, 6, 6, dtype=dtype), torch.randn(3, 5, 64, dtype=dtype)
+    with torch.no_grad():
+        expected = {name: layer(rows if isinstance(layer, nn.Linear) else x) for name, layer in layers.items()}
+        packed = pack_weights(layers)
+        kinds = {name: type(layer) for name, layer in packed.items()}
+        assert kinds == {
+            "conv": PackedConv2d, "pointwise": PackedPointwiseConv2d, "no_bias": PackedPointwiseConv2d,
+            "strided": PackedConv2d, "grouped": PackedConv2d,
+            "small": nn.Linear if dtype == torch.float32 else PackedLinear, "big": PackedLinear,
+        }  # fmt: skip
+        for name, layer in packed.items():
+            inputs = [rows] if name in ("small", "big") else [x, x.contiguous(memory_format=torch.channels_last)]
+            for value in inputs:
+                got = layer(value)
+                assert got.dtype == dtype
+                torch.testing.assert_close(got, expected[name], msg=name)
+        got = packed.pointwise(x)  # answers channels_last, the layout its packed neighbours take and give
+        assert got.is_contiguous(memory_format=torch.channels_last) and got.shape == (2, 32, 6, 6)
 
 
 def test_fast_path_keeps_sdpa_attention(micro_bundle_dir):
