@@ -7,7 +7,8 @@ What :func:`speed_up` does (measured with ``bench/``; numbers in BENCHMARKS.md):
   them. Why those in fp32: a sampler step moves the latents by about (σ_next − σ)·ε̂, σ falls fastest in the first
   steps, and every later step carries what they did, so a bf16 error there costs the most. On random-weight sd-v1 at
   256×256 (20 steps DPM++ 2M, guidance 7.5) the max pixel error against fp32 was 2.7/255 with bf16 in every step,
-  1.6/255 with the first 2 steps in fp32, 0.9/255 with the first 3 (the default, t ≥ 850). The latents, guidance
+  1.6/255 with the first 2 steps in fp32, 0.9/255 with the first 3. The default, t ≥ 850, takes DPM++ 2M's first 2
+  of 20 (t = 941, 894): 1.4-1.6/255 against diffusers in BENCHMARKS.md. The latents, guidance
   and scheduler arithmetic, the text encoder and the VAE stay fp32. Small UNets stay fp32: emoji-tiny's (7M
   parameters) ran no faster in bf16, and its trained weights were far more sensitive (27/255 max with bf16).
 - **Prepacked weights** (CPU, big UNets): convolutions and linears keep their weights in oneDNN's blocked layout
