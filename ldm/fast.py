@@ -321,6 +321,19 @@ class PromptCache(nn.Module):
         return out
 
 
+def bf16_copy(module: nn.Module) -> nn.Module:
+    """A bf16 copy of an fp32 ``module``, 4-d weights channels_last, made without a whole fp32 copy in between
+    (for sd-v1's UNet that copy took 3.7 of the fast path's 11 s of set-up)."""
+
+    def convert(t: torch.Tensor) -> torch.Tensor:
+        layout = torch.channels_last if t.dim() == 4 else torch.contiguous_format
+        return t.detach().to(torch.bfloat16, memory_format=layout) if t.is_floating_point() else t.detach().clone()
+
+    memo = {id(p): nn.Parameter(convert(p), requires_grad=p.requires_grad) for p in module.parameters()}
+    memo |= {id(b): convert(b) for b in module.buffers()}
+    return copy.deepcopy(module, memo).to(torch.bfloat16, memory_format=torch.channels_last)  # what memo missed
+
+
 def speed_up(bundle: Bundle, config: FastConfig = FastConfig()) -> Bundle:
     """Prepare an fp32 ``bundle`` in place for fast sampling with ``ldm.pipeline.generate``; returns it.
 
@@ -355,7 +368,7 @@ def speed_up(bundle: Bundle, config: FastConfig = FastConfig()) -> Bundle:
 
     if bf16 and config.fp32_from > 0:
         with quiet_logger("diffusers"):  # its notice about casting with .to() rather than from_pretrained(torch_dtype=)
-            low_noise = copy.deepcopy(unet).to(torch.bfloat16, memory_format=torch.channels_last)
+            low_noise = bf16_copy(unet)
         fp32_from = config.fp32_from * bundle.config.schedule.num_train_timesteps
         bundle.unet = MixedPrecisionUNet(
             low_noise=prepare(low_noise),

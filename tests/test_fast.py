@@ -19,6 +19,7 @@ from ldm.fast import (
     PackedPointwiseConv2d,
     PromptCache,
     attention_processors,
+    bf16_copy,
     can_pack,
     pack_weights,
     physical_cores,
@@ -124,6 +125,26 @@ def test_pack_weights_keeps_each_layers_results(dtype):
                 torch.testing.assert_close(got, expected[name], msg=name)
         got = packed.pointwise(x)  # answers channels_last, the layout its packed neighbours take and give
         assert got.is_contiguous(memory_format=torch.channels_last) and got.shape == (2, 32, 6, 6)
+
+
+def test_bf16_copy(bundle):
+    """Every weight cast once into a storage of its own (tied ones stay tied), 4-d ones channels_last; the fp32
+    original untouched."""
+    unet = bundle.unet
+    before = {name: t.clone() for name, t in unet.state_dict().items()}
+    low = bf16_copy(unet)
+    copied = low.state_dict()
+    assert copied.keys() == before.keys()
+    for name, t in unet.state_dict().items():
+        assert torch.equal(t, before[name]) and t.dtype == torch.float32
+        assert copied[name].dtype == torch.bfloat16 and torch.equal(copied[name], t.to(torch.bfloat16)), name
+        assert copied[name].data_ptr() != t.data_ptr()
+        if t.dim() == 4:
+            assert copied[name].is_contiguous(memory_format=torch.channels_last), name
+    tied = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4))
+    tied[1].weight = tied[0].weight
+    twin = bf16_copy(tied)
+    assert twin[0].weight is twin[1].weight and twin[0].weight.dtype == torch.bfloat16
 
 
 def test_fast_path_keeps_sdpa_attention(micro_bundle_dir):
