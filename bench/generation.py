@@ -270,7 +270,7 @@ def section(args, workdir: Path) -> tuple[str, dict]:
         if turns:
             others = [label(c) for c in contenders if c not in paired_ones]
             timing = (
-                f"times from one process in which {'the contenders' if not others else 'diffusers and the fast path'}"
+                f"times from one process in which {' and '.join(map(label, paired_ones)) if others else 'the contenders'}"
                 f", each warmed up, took {turns} turns (one run each per turn, the order rotated every turn): s / image"
                 " = median over the turns / batch; speed-up = median over the turns of diffusers' time in that turn / "
                 "this row's (quartiles in brackets). Memory, load and warm-up from a process of each contender's own "

@@ -181,18 +181,18 @@ def pack_convolution(weight: torch.Tensor, *, padding, stride, dilation, groups:
 class PackedLinear(nn.Module):
     """A frozen ``nn.Linear`` with its weight reordered once for oneDNN (see :class:`PackedConv2d`)."""
 
-    def __init__(self, linear: nn.Linear):
+    def __init__(self, layer: nn.Linear | nn.Conv2d):
         super().__init__()
-        weight = linear.weight.detach()
+        weight = layer.weight.detach().flatten(1)  # (out, in); a 1×1 convolution's (out, in, 1, 1) too
         self.packed = torch.ops.mkldnn._reorder_linear_weight(weight, None)
-        self.bias = None if linear.bias is None else linear.bias.detach()
+        self.bias = None if layer.bias is None else layer.bias.detach()
         self.dtype = weight.dtype
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (..., in) → (..., out)
         return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
 
 
-class PackedPointwiseConv2d(nn.Module):
+class PackedPointwiseConv2d(PackedLinear):
     """A frozen 1×1 ``nn.Conv2d`` run as a packed linear over the cells, channels last (see :class:`PackedConv2d`).
 
     oneDNN's packed convolution is slow for a 1×1 kernel on some CPUs (AVX-512 without AMX: for sd-v1's 1280-channel
@@ -200,16 +200,9 @@ class PackedPointwiseConv2d(nn.Module):
     channels_last input is already a (cells, channels) matrix, so no copy is made; the output is channels_last.
     """
 
-    def __init__(self, conv: nn.Conv2d):
-        super().__init__()
-        weight = conv.weight.detach().flatten(1)  # (out, in)
-        self.packed = torch.ops.mkldnn._reorder_linear_weight(weight, None)
-        self.bias = None if conv.bias is None else conv.bias.detach()
-        self.dtype = weight.dtype
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, C, H, W) → (B, Co, H, W)
         cells = x.permute(0, 2, 3, 1).contiguous()  # a view of a channels_last input
-        return torch.ops.mkldnn._linear_pointwise(cells, self.packed, self.bias, "none", [], "").permute(0, 3, 1, 2)
+        return super().forward(cells).permute(0, 3, 1, 2)
 
 
 def is_pointwise(conv: nn.Conv2d) -> bool:
@@ -331,7 +324,7 @@ def bf16_copy(module: nn.Module) -> nn.Module:
 
     memo = {id(p): nn.Parameter(convert(p), requires_grad=p.requires_grad) for p in module.parameters()}
     memo |= {id(b): convert(b) for b in module.buffers()}
-    return copy.deepcopy(module, memo).to(torch.bfloat16, memory_format=torch.channels_last)  # what memo missed
+    return copy.deepcopy(module, memo)  # the rest of the module tree copied, each tensor replaced by its cast
 
 
 def speed_up(bundle: Bundle, config: FastConfig = FastConfig()) -> Bundle:
@@ -367,8 +360,7 @@ def speed_up(bundle: Bundle, config: FastConfig = FastConfig()) -> Bundle:
         return torch.compile(module, options={"freezing": True}) if config.compile else module
 
     if bf16 and config.fp32_from > 0:
-        with quiet_logger("diffusers"):  # its notice about casting with .to() rather than from_pretrained(torch_dtype=)
-            low_noise = bf16_copy(unet)
+        low_noise = bf16_copy(unet)
         fp32_from = config.fp32_from * bundle.config.schedule.num_train_timesteps
         bundle.unet = MixedPrecisionUNet(
             low_noise=prepare(low_noise),
@@ -378,7 +370,7 @@ def speed_up(bundle: Bundle, config: FastConfig = FastConfig()) -> Bundle:
     else:
         bundle.unet = prepare(unet)
     if bundle.vae.device.type == "cpu":
-        with quiet_logger("diffusers"):  # the same notice as above, though no dtype changes
+        with quiet_logger("diffusers"):  # its notice about casting with .to() (rather than from_pretrained), unfit here
             bundle.vae.to(memory_format=torch.channels_last)  # the decoder's convolutions then answer channels_last
     if not isinstance(bundle.text_encoder, PromptCache):
         bundle.text_encoder = PromptCache(bundle.text_encoder)

@@ -197,12 +197,9 @@ def merge_linears(gm: fx.GraphModule) -> int:
         return 0  # a write between two of the products would reach only the later ones
     groups: dict[fx.Node, list[fx.Node]] = {}
     for node in graph.nodes:
-        if node.target is aten.mm.default and not node.kwargs:
-            x, weight, bias = *node.args, None
-        elif node.target is aten.addmm.default and not node.kwargs:
-            bias, x, weight = node.args
-        else:
+        if (operands := _operands(node)) is None:
             continue
+        x, weight, bias = operands
         if weight.op != "get_attr" or (bias is not None and bias.op != "get_attr"):
             continue
         w = _constant(gm, weight)
@@ -214,20 +211,19 @@ def merge_linears(gm: fx.GraphModule) -> int:
     for nodes in groups.values():
         if len(nodes) < 2:
             continue
-        weights = [_constant(gm, n.args[1] if n.target is aten.mm.default else n.args[2]) for n in nodes]
+        weights = [_constant(gm, _operands(n)[1]) for n in nodes]
         if len({(w.dtype, w.device, w.shape[0]) for w in weights}) != 1:
             continue
         if not all(_takes_columns(user, w.shape[1]) for n, w in zip(nodes, weights, strict=True) for user in n.users):
             continue
         first = nodes[0]
-        x = first.args[0] if first.target is aten.mm.default else first.args[1]  # now: an earlier merge may have
-        # replaced the product it was by a slice
+        x = _operands(first)[0]  # read now: an earlier merge may have replaced the product it was by a slice
         matrix = _add_constant(gm, first, "_merged", torch.cat(weights, dim=1).contiguous())
         shift = None
-        if any(n.target is aten.addmm.default for n in nodes):  # a product without bias gets zeros in its columns
+        biases = [_operands(n)[2] for n in nodes]
+        if any(b is not None for b in biases):  # a product without bias gets zeros in its columns
             shift = torch.cat([
-                _constant(gm, n.args[0]) if n.target is aten.addmm.default else w.new_zeros(w.shape[1])
-                for n, w in zip(nodes, weights, strict=True)
+                w.new_zeros(w.shape[1]) if b is None else _constant(gm, b) for b, w in zip(biases, weights, strict=True)
             ])  # fmt: skip
             shift = _add_constant(gm, first, "_merged_bias", shift)
         with graph.inserting_before(first):
@@ -243,6 +239,16 @@ def merge_linears(gm: fx.GraphModule) -> int:
     graph.eliminate_dead_code()
     gm.recompile()
     return merged
+
+
+def _operands(node: fx.Node) -> tuple[fx.Node, fx.Node, fx.Node | None] | None:
+    """(rows, matrix, shift or None) of an ``mm`` or a plain ``addmm`` call (no beta or alpha); None otherwise."""
+    if node.target is aten.mm.default and not node.kwargs:
+        return *node.args, None
+    if node.target is aten.addmm.default and not node.kwargs and len(node.args) == 3:
+        shift, rows, matrix = node.args
+        return rows, matrix, shift
+    return None
 
 
 def _product(graph: fx.Graph, rows: fx.Node, matrix: fx.Node, shift: fx.Node | None = None) -> fx.Node:
