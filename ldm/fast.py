@@ -14,7 +14,10 @@ What :func:`speed_up` does (measured with ``bench/``; numbers in BENCHMARKS.md):
 - **Prepacked weights** (CPU, big UNets): convolutions and linears keep their weights in oneDNN's blocked layout
   instead of reordering them at every call, which for sd-v1's deep 1280-channel levels costs more than the
   arithmetic; 1×1 convolutions run as packed linears over the cells, since oneDNN's packed 1×1 convolution is
-  15-40× slower than that on an AVX-512 CPU without AMX. Summation order changes only (about 1e-6 in fp32).
+  15-40× slower than that on an AVX-512 CPU without AMX; fp32 3×3 convolutions with 256 channels or more run as
+  Winograd F(2×2, 3×3) convolutions (``ldm.winograd``), 2.25× fewer multiply-adds: sd-v1's fp32 UNet steps and its
+  VAE decoder, whose weights are packed along with a packed UNet's. Summation order changes only (about 1e-6 in
+  fp32; sd-v1's fp32 images with Winograd convolutions 0.0007/255 from diffusers').
 - **Traced graphs** (``ldm.graph``), for a small UNet on CPU, where per-op overhead rather than arithmetic sets the
   pace: the UNet traced once per input shape into aten calls without the module tree, weights-only work folded,
   the cross-attention keys and values computed once per prompt, convolutions on tiny grids run as one matrix
@@ -61,6 +64,7 @@ from ldm.bundle import Bundle
 from ldm.deepcache import DeepCacheUNet, check_interval
 from ldm.errors import LdmError
 from ldm.graph import GraphUNet, TraceCache, quiet_logger
+from ldm.winograd import WinogradConv2d, can_winograd
 
 # Below this the UNet's matmuls are too small for bf16 to pay: emoji-tiny's UNet (7M) ran slower in bf16 than in
 # fp32 (per-call overhead dominates), sd-v1's (860M) about 3× faster. See BENCHMARKS.md.
@@ -221,12 +225,18 @@ PACK_MIN_FP32_LINEAR = 2**17
 def pack_weights(module: nn.Module) -> nn.Module:
     """Replace, in place, every ``nn.Conv2d`` and ``nn.Linear`` of an inference-only ``module`` by its packed form.
 
-    1×1 convolutions become packed linears over the cells (:class:`PackedPointwiseConv2d`); fp32 linears with fewer
-    than ``PACK_MIN_FP32_LINEAR`` weights stay as they are.
+    1×1 convolutions become packed linears over the cells (:class:`PackedPointwiseConv2d`), fp32 3×3 ones with
+    many channels Winograd convolutions (:class:`ldm.winograd.WinogradConv2d`; not bf16 ones, whose error its
+    transforms about double); fp32 linears with fewer than ``PACK_MIN_FP32_LINEAR`` weights stay as they are.
     """
     for name, child in list(module.named_modules()):
         if type(child) is nn.Conv2d:
-            packed = PackedPointwiseConv2d(child) if is_pointwise(child) else PackedConv2d(child)
+            if is_pointwise(child):
+                packed = PackedPointwiseConv2d(child)
+            elif child.weight.dtype == torch.float32 and can_winograd(child):
+                packed = WinogradConv2d(child)
+            else:
+                packed = PackedConv2d(child)
         elif type(child) is nn.Linear and (
             child.weight.dtype != torch.float32 or child.weight.numel() >= PACK_MIN_FP32_LINEAR
         ):
@@ -331,7 +341,7 @@ def speed_up(bundle: Bundle, config: FastConfig = FastConfig()) -> Bundle:
     """Prepare an fp32 ``bundle`` in place for fast sampling with ``ldm.pipeline.generate``; returns it.
 
     The UNet is prepared for speed and the text encoder keeps its encodings (:class:`PromptCache`); the VAE (once per
-    batch) keeps its weights channels_last on the CPU. See the module docstring.
+    batch) keeps its weights channels_last on the CPU, and packed with a packed UNet. See the module docstring.
     """
     unet = bundle.unet
     if unet.dtype != torch.float32 or bundle.vae.dtype != torch.float32:
@@ -372,6 +382,8 @@ def speed_up(bundle: Bundle, config: FastConfig = FastConfig()) -> Bundle:
     if bundle.vae.device.type == "cpu":
         with quiet_logger("diffusers"):  # its notice about casting with .to() (rather than from_pretrained), unfit here
             bundle.vae.to(memory_format=torch.channels_last)  # the decoder's convolutions then answer channels_last
+        if pack:  # with a big UNet comes a big VAE: its 256-512-channel convolutions as Winograd ones
+            pack_weights(bundle.vae)
     if not isinstance(bundle.text_encoder, PromptCache):
         bundle.text_encoder = PromptCache(bundle.text_encoder)
     return bundle

@@ -28,6 +28,7 @@ from ldm.fast import (
 from ldm.pipeline import Request, encode_prompts, generate, to_uint8
 from ldm.pngmeta import parse_parameters, read_png_parameters
 from ldm.schedule import get_sampler
+from ldm.winograd import WINOGRAD_MIN_CHANNELS, WinogradConv2d
 
 
 def request(prompts, *, steps=8, seeds=None):
@@ -68,7 +69,10 @@ NEEDS_PACKING = pytest.mark.skipif(not can_pack(torch.device("cpu")), reason="th
 def test_fast_path_within_tolerance_of_fp32(micro_bundle_dir, exact, config, tolerance):
     fast = speed_up(load_bundle(micro_bundle_dir), config)
     assert fast.vae.dtype == fast.text_encoder.model.dtype == fast.unet.dtype == torch.float32
-    assert fast.vae.decoder.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
+    if config.pack:  # the VAE's weights packed along with the UNet's
+        assert isinstance(fast.vae.decoder.conv_in, PackedConv2d)
+    else:
+        assert fast.vae.decoder.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
     assert isinstance(fast.unet, MixedPrecisionUNet) == bool(config.bf16)
     if config.bf16:
         assert fast.unet.low_noise.dtype == torch.bfloat16 and fast.unet.high_noise.dtype == torch.float32
@@ -99,27 +103,31 @@ def test_mixed_precision_picks_by_timestep(micro_bundle_dir):
 @NEEDS_PACKING
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_pack_weights_keeps_each_layers_results(dtype):
-    """Each layer kind gets its packed form (1×1 convolutions a linear over the cells) and answers as before."""
+    """Each layer kind gets its packed form (1×1 convolutions a linear over the cells, wide fp32 3×3 ones Winograd's)
+    and answers as before."""
     torch.manual_seed(0)
-    big = PACK_MIN_FP32_LINEAR // 64
+    big, wide = PACK_MIN_FP32_LINEAR // 64, WINOGRAD_MIN_CHANNELS  # just wide enough for Winograd
     layers = nn.ModuleDict({
         "conv": nn.Conv2d(8, 16, 3, padding=1), "pointwise": nn.Conv2d(8, 32, 1), "no_bias": nn.Conv2d(8, 4, 1, bias=False),
         "strided": nn.Conv2d(8, 8, 1, stride=2), "grouped": nn.Conv2d(8, 8, 1, groups=2),
-        "small": nn.Linear(64, big - 1), "big": nn.Linear(64, big),
+        "small": nn.Linear(64, big - 1), "big": nn.Linear(64, big), "wide": nn.Conv2d(wide, wide, 3, padding=1),
     }).to(dtype).eval()  # fmt: skip
     x, rows = torch.randn(2, 8, 6, 6, dtype=dtype), torch.randn(3, 5, 64, dtype=dtype)
+    cells = torch.randn(2, wide, 6, 6, dtype=dtype)
+    inputs = {name: rows if isinstance(layer, nn.Linear) else cells if name == "wide" else x for name, layer in layers.items()}
     with torch.no_grad():
-        expected = {name: layer(rows if isinstance(layer, nn.Linear) else x) for name, layer in layers.items()}
+        expected = {name: layer(inputs[name]) for name, layer in layers.items()}
         packed = pack_weights(layers)
         kinds = {name: type(layer) for name, layer in packed.items()}
         assert kinds == {
             "conv": PackedConv2d, "pointwise": PackedPointwiseConv2d, "no_bias": PackedPointwiseConv2d,
             "strided": PackedConv2d, "grouped": PackedConv2d,
             "small": nn.Linear if dtype == torch.float32 else PackedLinear, "big": PackedLinear,
+            "wide": WinogradConv2d if dtype == torch.float32 else PackedConv2d,  # bf16 would round twice as much
         }  # fmt: skip
         for name, layer in packed.items():
-            inputs = [rows] if name in ("small", "big") else [x, x.contiguous(memory_format=torch.channels_last)]
-            for value in inputs:
+            value = inputs[name]
+            for value in [value] if value.dim() == 3 else [value, value.contiguous(memory_format=torch.channels_last)]:
                 got = layer(value)
                 assert got.dtype == dtype
                 torch.testing.assert_close(got, expected[name], msg=name)

@@ -1,0 +1,128 @@
+"""Winograd convolutions: a 3×3 convolution (stride 1, padding 1) as 16 matrix products over 2×2 output tiles.
+
+The minimal filtering algorithm F(2×2, 3×3) computes each 2×2 block of outputs from the 4×4 block of inputs around
+it. The input block and the 3×3 kernel are each transformed into 4×4 "frequency" terms, multiplied term by term
+(summed over the input channels: one matrix product per term), and the 16 products are transformed back into the 4
+outputs. Per output and channel pair that is 16/4 = 4 multiply-adds instead of 9 (2.25× fewer); what it costs is
+three elementwise passes (input transform, output transform, and the kernel's, done once). The transforms' entries
+are 0, ±1 and ±½, so in fp32 the results differ from a direct convolution by summation order only (about 1e-6
+relative, against the float64 convolution no further off than oneDNN's direct one).
+
+It pays where the matrix products dominate: many channels on a small grid. On the fast path's CPU it runs sd-v1's
+fp32 UNet convolutions (320-2560 channels, 4×4 to 32×32 grids) 1.5-1.9× faster than oneDNN's prepacked direct
+convolution and its VAE decoder's 512-channel ones 1.6×, while a 128-channel convolution on a 256×256 grid runs 2.5×
+slower, its transforms moving more memory than its products save (see ``WINOGRAD_MIN_CHANNELS`` and BENCHMARKS.md).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+# The kernel transform G (4×3): U = G·w·Gᵀ per channel pair. The input transform Bᵀ and the output transform Aᵀ
+# are written out as additions in WinogradConv2d.forward: Bᵀ = [[1,0,-1,0], [0,1,1,0], [0,-1,1,0], [0,1,0,-1]],
+# Aᵀ = [[1,1,1,0], [0,1,-1,-1]].
+KERNEL_TRANSFORM = ((1.0, 0.0, 0.0), (0.5, 0.5, 0.5), (0.5, -0.5, 0.5), (0.0, 0.0, 1.0))
+# The product whose output transform coefficient is 1 for all four outputs (row 1, column 1 of the 4×4 terms): the
+# bias goes into it, so it is added once per output by the matrix product itself.
+BIAS_TERM = 5
+# Transformed tiles are made and used a band of tile rows at a time, each band's about this size, so that they are
+# still in the cache when the products read them.
+BAND_BYTES = 4 * 2**20
+BAND_MIN_TILES = 512  # but not so few tiles that the products run short
+# Convolutions with fewer input or output channels stay direct: on a 2-core AVX-512 CPU in fp32 Winograd ran a
+# 256-channel convolution on a 128×128 grid at 0.94× and a 128-channel one on 256×256 at 0.39× of oneDNN's direct one,
+# a 320-channel one on 32×32 at 1.46×.
+WINOGRAD_MIN_CHANNELS = 256
+
+
+def can_winograd(conv: nn.Conv2d) -> bool:
+    """Whether ``conv`` is a 3×3 convolution F(2×2, 3×3) computes (stride 1, zero padding 1, no dilation or groups)
+    with at least ``WINOGRAD_MIN_CHANNELS`` input and output channels."""
+    return (
+        type(conv) is nn.Conv2d and conv.kernel_size == (3, 3) and conv.stride == (1, 1) and conv.padding == (1, 1)
+        and conv.dilation == (1, 1) and conv.groups == 1 and conv.padding_mode == "zeros"
+        and min(conv.in_channels, conv.out_channels) >= WINOGRAD_MIN_CHANNELS
+    )  # fmt: skip
+
+
+def transform_kernel(weight: torch.Tensor) -> torch.Tensor:
+    """(out, in, 3, 3) → (16, out, in): the 4×4 terms G·w·Gᵀ of each kernel, computed in float64, in its dtype."""
+    g = torch.tensor(KERNEL_TRANSFORM, dtype=torch.float64, device=weight.device)
+    terms = torch.einsum("ik,ockl,jl->ijoc", g, weight.detach().double(), g)
+    return terms.reshape(16, *weight.shape[:2]).to(weight.dtype).contiguous()
+
+
+class WinogradConv2d(nn.Module):
+    """A frozen 3×3 ``nn.Conv2d`` (see :func:`can_winograd`) computed by F(2×2, 3×3), for inference.
+
+    The 16 products are oneDNN linears with prepacked weights where oneDNN is available (``pack=True``), else one
+    batched matmul. Any input layout and grid size (odd sides are padded by a zero row or column, whose outputs are
+    dropped); the output is channels_last.
+    """
+
+    def __init__(self, conv: nn.Conv2d, *, pack: bool = True):
+        super().__init__()
+        if not can_winograd(conv):
+            raise ValueError("Winograd F(2×2, 3×3) takes 3×3 convolutions with stride 1, zero padding 1, no dilation "
+                             f"or groups, and at least {WINOGRAD_MIN_CHANNELS} channels in and out; got {conv}")  # fmt: skip
+        terms = transform_kernel(conv.weight)  # (16, out, in)
+        self.out_channels = conv.out_channels
+        self.dtype = conv.weight.dtype
+        self.bias = None if conv.bias is None else conv.bias.detach()
+        self.pack = pack
+        if pack:  # opaque oneDNN tensors, not buffers, as for ldm.fast.PackedLinear
+            self.packed = [torch.ops.mkldnn._reorder_linear_weight(t, None) for t in terms]
+        else:
+            self.terms = terms.transpose(1, 2).contiguous()  # (16, in, out) for the batched matmul
+
+    def products(self, tiles: torch.Tensor) -> list[torch.Tensor]:
+        """(16, T, in) transformed input tiles → the 16 (T, out) products, the bias in ``BIAS_TERM``'s."""
+        if self.pack:
+            linear = torch.ops.mkldnn._linear_pointwise
+            return [
+                linear(tiles[i], self.packed[i], self.bias if i == BIAS_TERM else None, "none", [], "")
+                for i in range(16)
+            ]
+        products = list(torch.bmm(tiles, self.terms).unbind(0))
+        if self.bias is not None:
+            products[BIAS_TERM] = products[BIAS_TERM] + self.bias
+        return products
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (N, C, H, W) → (N, out, H, W), channels_last
+        n, c, height, width = x.shape
+        h, w = (height + 1) // 2, (width + 1) // 2  # tiles per column and row
+        # zero padding 1, and one more row/column on an odd side: (N, 2h+2, 2w+2, C), channels innermost
+        xp = F.pad(x, (1, 1 + width % 2, 1, 1 + height % 2)).permute(0, 2, 3, 1)
+        out = torch.empty(n, h, 2, w, 2, self.out_channels, dtype=x.dtype, device=x.device)
+        # bands of tile rows whose transformed tiles fit in a cache (about BAND_BYTES), one after another
+        band = max(-(-BAND_MIN_TILES // (n * w)), BAND_BYTES // (16 * n * w * c * x.element_size()))
+        for top in range(0, h, band):
+            rows = min(band, h - top)
+            self.band(xp[:, 2 * top : 2 * (top + rows) + 2], out[:, top : top + rows])
+        out = out.view(n, 2 * h, 2 * w, self.out_channels).permute(0, 3, 1, 2)
+        if (height, width) != (2 * h, 2 * w):  # an odd side's extra outputs dropped
+            out = out[:, :, :height, :width].contiguous(memory_format=torch.channels_last)
+        return out
+
+    def band(self, xp: torch.Tensor, out: torch.Tensor) -> None:
+        """Padded input rows (N, 2h+2, 2w+2, C) → the (N, h, 2, w, 2, out) outputs of their h rows of tiles."""
+        n, h, _, w, _, k = out.shape
+        c = xp.shape[-1]
+        rows = [xp[:, i : i + 2 * h : 2] for i in range(4)]  # row i of every tile: (N, h, 2w+2, C)
+        r = (rows[0] - rows[2], rows[1] + rows[2], rows[2] - rows[1], rows[1] - rows[3])  # Bᵀ·d
+        tiles = torch.empty(16, n, h, w, c, dtype=xp.dtype, device=xp.device)
+        for i, ri in enumerate(r):  # (Bᵀ·d)·B, column by column
+            col = [ri[:, :, j : j + 2 * w : 2] for j in range(4)]
+            torch.sub(col[0], col[2], out=tiles[4 * i])
+            torch.add(col[1], col[2], out=tiles[4 * i + 1])
+            torch.sub(col[2], col[1], out=tiles[4 * i + 2])
+            torch.sub(col[1], col[3], out=tiles[4 * i + 3])
+        m = self.products(tiles.view(16, n * h * w, c))
+        # Aᵀ·m·A: first over the term rows (s: output row 0, d: output row 1), then over the columns
+        d = [m[4 + j] - m[8 + j] - m[12 + j] for j in range(4)]
+        s = [m[j].add_(m[4 + j]).add_(m[8 + j]) for j in range(4)]
+        for row, t in enumerate((s, d)):
+            out[:, :, row, :, 0] = (t[0] + t[1] + t[2]).view(n, h, w, k)
+            out[:, :, row, :, 1] = (t[1] - t[2] - t[3]).view(n, h, w, k)
