@@ -4,8 +4,8 @@
     python bench/run.py --threads 2 --skip-sd --turns 5 --out /tmp/BENCH.md     # a quick run
 
 Sections: generation (ours, ours --fast and diffusers, side by side), UNet training (feature cache against encoding
-every step) and UNet efficiency (FLOPs per second against the measured matmul peak). Model bundles, the diffusers
-exports and the training data are made once in --workdir and reused.
+every step), UNet efficiency (FLOPs per second against the measured matmul peak) and 3×3 convolutions (direct against
+Winograd). Model bundles, the diffusers exports and the training data are made once in --workdir and reused.
 """
 
 from __future__ import annotations
@@ -19,12 +19,13 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import convolution
 import efficiency
 import generation
 import training
 from common import DEFAULT_WORKDIR, ROOT, machine, machine_markdown
 
-SECTIONS = {"generation": generation, "training": training, "efficiency": efficiency}
+SECTIONS = {"generation": generation, "training": training, "efficiency": efficiency, "convolution": convolution}
 
 
 def main() -> None:

@@ -16,8 +16,8 @@ What :func:`speed_up` does (measured with ``bench/``; numbers in BENCHMARKS.md):
   arithmetic; 1×1 convolutions run as packed linears over the cells, since oneDNN's packed 1×1 convolution is
   15-40× slower than that on an AVX-512 CPU without AMX; fp32 3×3 convolutions with 256 channels or more run as
   Winograd F(2×2, 3×3) convolutions (``ldm.winograd``), 2.25× fewer multiply-adds: sd-v1's fp32 UNet steps and its
-  VAE decoder, whose weights are packed along with a packed UNet's. Summation order changes only (about 1e-6 in
-  fp32; sd-v1's fp32 images with Winograd convolutions 0.0007/255 from diffusers').
+  VAE decoder, whose weights are packed along with a packed UNet's. Rounding changes only (about 1e-6 in fp32; sd-v1's
+  fp32 UNet and VAE with Winograd convolutions gave images 0.0007/255 from diffusers').
 - **Traced graphs** (``ldm.graph``), for a small UNet on CPU, where per-op overhead rather than arithmetic sets the
   pace: the UNet traced once per input shape into aten calls without the module tree, weights-only work folded,
   the cross-attention keys and values computed once per prompt, convolutions on tiny grids run as one matrix

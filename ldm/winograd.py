@@ -1,17 +1,23 @@
 """Winograd convolutions: a 3×3 convolution (stride 1, padding 1) as 16 matrix products over 2×2 output tiles.
 
 The minimal filtering algorithm F(2×2, 3×3) computes each 2×2 block of outputs from the 4×4 block of inputs around
-it. The input block and the 3×3 kernel are each transformed into 4×4 "frequency" terms, multiplied term by term
-(summed over the input channels: one matrix product per term), and the 16 products are transformed back into the 4
-outputs. Per output and channel pair that is 16/4 = 4 multiply-adds instead of 9 (2.25× fewer); what it costs is
-three elementwise passes (input transform, output transform, and the kernel's, done once). The transforms' entries
-are 0, ±1 and ±½, so in fp32 the results differ from a direct convolution by summation order only (about 1e-6
-relative, against the float64 convolution no further off than oneDNN's direct one).
+it. The input block and the 3×3 kernel are each transformed into 4×4 terms, multiplied term by term (summed over
+the input channels: one matrix product per term), and the 16 products are transformed back into the 4 outputs. Per
+output and channel pair that is 16/4 = 4 multiply-adds instead of 9 (2.25× fewer); what it costs is two elementwise
+transforms per call (the kernel's is done once). The transforms' entries are 0, ±1 and ±½, so the results differ
+from a direct convolution by rounding only: in fp32 about 1e-6 relative, and in the tests no further from the float64
+convolution than oneDNN's direct one.
 
-It pays where the matrix products dominate: many channels on a small grid. On the fast path's CPU it runs sd-v1's
-fp32 UNet convolutions (320-2560 channels, 4×4 to 32×32 grids) 1.5-1.9× faster than oneDNN's prepacked direct
-convolution and its VAE decoder's 512-channel ones 1.6×, while a 128-channel convolution on a 256×256 grid runs 2.5×
-slower, its transforms moving more memory than its products save (see ``WINOGRAD_MIN_CHANNELS`` and BENCHMARKS.md).
+In bf16 the rounding of the transformed tiles and of the 16 products counts: the largest error of one convolution
+against float64 went from about 4e-3 (direct) to 9e-3 of its largest output, and sd-v1's fast-path images (bf16
+steps with these convolutions too) from 1.4-1.6/255 to 1.9/255 away from diffusers' fp32 ones, too near the 2/255
+the fast path keeps to. So ``ldm.fast`` uses it for fp32 weights only: the high-noise UNet steps and the VAE.
+
+It pays where the matrix products dominate: many channels on a small grid. On a 2-core AVX-512 CPU (fp32, against
+oneDNN's prepacked direct convolution) it ran sd-v1's UNet convolutions (320-2560 channels, 4×4 to 32×32 grids)
+1.2-1.9× faster and its VAE decoder's 512-channel ones 1.5-1.7×; at 256 channels 1.15× on a 128×128 grid, 1.0× on
+256×256; at 128 channels on 256×256 0.84×, its transforms moving more memory than its products save. Hence
+``WINOGRAD_MIN_CHANNELS``.
 """
 
 from __future__ import annotations
@@ -31,9 +37,7 @@ BIAS_TERM = 5
 # still in the cache when the products read them.
 BAND_BYTES = 4 * 2**20
 BAND_MIN_TILES = 512  # but not so few tiles that the products run short
-# Convolutions with fewer input or output channels stay direct: on a 2-core AVX-512 CPU in fp32 Winograd ran a
-# 256-channel convolution on a 128×128 grid at 0.94× and a 128-channel one on 256×256 at 0.39× of oneDNN's direct one,
-# a 320-channel one on 32×32 at 1.46×.
+# Convolutions with fewer input or output channels stay direct (speeds in the module docstring).
 WINOGRAD_MIN_CHANNELS = 256
 
 

@@ -114,7 +114,9 @@ def test_pack_weights_keeps_each_layers_results(dtype):
     }).to(dtype).eval()  # fmt: skip
     x, rows = torch.randn(2, 8, 6, 6, dtype=dtype), torch.randn(3, 5, 64, dtype=dtype)
     cells = torch.randn(2, wide, 6, 6, dtype=dtype)
-    inputs = {name: rows if isinstance(layer, nn.Linear) else cells if name == "wide" else x for name, layer in layers.items()}
+    inputs = {
+        name: rows if isinstance(layer, nn.Linear) else cells if name == "wide" else x for name, layer in layers.items()
+    }
     with torch.no_grad():
         expected = {name: layer(inputs[name]) for name, layer in layers.items()}
         packed = pack_weights(layers)
@@ -127,8 +129,8 @@ def test_pack_weights_keeps_each_layers_results(dtype):
         }  # fmt: skip
         for name, layer in packed.items():
             value = inputs[name]
-            for value in [value] if value.dim() == 3 else [value, value.contiguous(memory_format=torch.channels_last)]:
-                got = layer(value)
+            for given in [value] if value.dim() == 3 else [value, value.contiguous(memory_format=torch.channels_last)]:
+                got = layer(given)
                 assert got.dtype == dtype
                 torch.testing.assert_close(got, expected[name], msg=name)
         got = packed.pointwise(x)  # answers channels_last, the layout its packed neighbours take and give

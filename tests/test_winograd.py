@@ -3,7 +3,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-import ldm.winograd as winograd
+from ldm import winograd
 from ldm.fast import can_pack
 from ldm.winograd import BIAS_TERM, WINOGRAD_MIN_CHANNELS, WinogradConv2d, can_winograd, transform_kernel
 
@@ -88,8 +88,6 @@ def test_kernel_transform():
         (nn.Conv2d(C, C, 3, padding=1, groups=2), False),
         (nn.Conv2d(C, C, 3, padding=1, padding_mode="reflect"), False),
     ],
-    ids=["square", "wider", "narrow-out", "narrow-in", "1x1", "strided", "valid", "same", "dilated", "grouped",
-         "reflect"],  # fmt: skip
 )
 def test_which_convolutions(conv, ok):
     assert can_winograd(conv) == ok
