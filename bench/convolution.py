@@ -56,7 +56,7 @@ def worker(args) -> dict:
     from torch import nn
 
     from ldm import winograd
-    from ldm.fast import PackedConv2d
+    from ldm.packed import PackedConv2d
 
     set_threads(args.threads)
     torch.set_grad_enabled(False)

@@ -64,6 +64,7 @@ from ldm.bundle import Bundle
 from ldm.deepcache import DeepCacheUNet, check_interval
 from ldm.errors import LdmError
 from ldm.graph import GraphUNet, TraceCache, quiet_logger
+from ldm.packed import PackedConv2d, PackedLinear, PackedPointwiseConv2d, can_pack, is_pointwise
 from ldm.winograd import WinogradConv2d, can_winograd
 
 # Below this the UNet's matmuls are too small for bf16 to pay: emoji-tiny's UNet (7M) ran slower in bf16 than in
@@ -142,81 +143,6 @@ def attention_processors(module: nn.Module) -> set[str]:
     return {type(m.processor).__name__ for m in module.modules() if hasattr(m, "processor")}
 
 
-def can_pack(device: torch.device) -> bool:
-    """Whether oneDNN's prepacked convolution and linear ops (the ones inductor's freezing uses) are here."""
-    if device.type != "cpu" or not torch.backends.mkldnn.is_available():
-        return False
-    try:
-        torch.ops.mkldnn._convolution_pointwise, torch.ops.mkldnn._linear_pointwise  # noqa: B018 - lookup only
-    except (AttributeError, RuntimeError):
-        return False
-    return True
-
-
-class PackedConv2d(nn.Module):
-    """A frozen ``nn.Conv2d`` whose weight is reordered once into oneDNN's blocked layout.
-
-    An ordinary CPU convolution reorders its weight at every call; for the UNet's deep levels (1280 channels on a
-    4×4 or 8×8 grid) that costs more than the arithmetic. Same results as the ``nn.Conv2d`` (bit for bit in bf16);
-    the output is channels_last.
-    """
-
-    def __init__(self, conv: nn.Conv2d):
-        super().__init__()
-        if conv.padding_mode != "zeros" or isinstance(conv.padding, str):
-            raise ValueError("only zero padding given as numbers can be packed")
-        weight = conv.weight.detach()
-        self.args, self.packed = pack_convolution(
-            weight, padding=conv.padding, stride=conv.stride, dilation=conv.dilation, groups=conv.groups
-        )  # the packed weight is opaque, not a buffer
-        self.bias = None if conv.bias is None else conv.bias.detach()
-        self.dtype = weight.dtype
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.ops.mkldnn._convolution_pointwise(x, self.packed, self.bias, *self.args, "none", [], "")
-
-
-def pack_convolution(weight: torch.Tensor, *, padding, stride, dilation, groups: int) -> tuple[tuple, torch.Tensor]:
-    """A convolution weight reordered for oneDNN, and the arguments that go with it into ``_convolution_pointwise``."""
-    args = (list(padding), list(stride), list(dilation), groups)
-    return args, torch.ops.mkldnn._reorder_convolution_weight(weight, *args, None)
-
-
-class PackedLinear(nn.Module):
-    """A frozen ``nn.Linear`` with its weight reordered once for oneDNN (see :class:`PackedConv2d`)."""
-
-    def __init__(self, layer: nn.Linear | nn.Conv2d):
-        super().__init__()
-        weight = layer.weight.detach().flatten(1)  # (out, in); a 1×1 convolution's (out, in, 1, 1) too
-        self.packed = torch.ops.mkldnn._reorder_linear_weight(weight, None)
-        self.bias = None if layer.bias is None else layer.bias.detach()
-        self.dtype = weight.dtype
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (..., in) → (..., out)
-        return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
-
-
-class PackedPointwiseConv2d(PackedLinear):
-    """A frozen 1×1 ``nn.Conv2d`` run as a packed linear over the cells, channels last (see :class:`PackedConv2d`).
-
-    oneDNN's packed convolution is slow for a 1×1 kernel on some CPUs (AVX-512 without AMX: for sd-v1's 1280-channel
-    projection of two 8×8 latents 38 ms against 2.0 ms as a packed linear in fp32, 47 against 1.0 ms in bf16). A
-    channels_last input is already a (cells, channels) matrix, so no copy is made; the output is channels_last.
-    """
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, C, H, W) → (B, Co, H, W)
-        cells = x.permute(0, 2, 3, 1).contiguous()  # a view of a channels_last input
-        return super().forward(cells).permute(0, 3, 1, 2)
-
-
-def is_pointwise(conv: nn.Conv2d) -> bool:
-    """Whether ``conv`` is a plain 1×1 convolution: a linear map of each cell's channels."""
-    return (
-        conv.kernel_size == (1, 1) and conv.stride == (1, 1) and conv.padding in ((0, 0), "valid")
-        and conv.dilation == (1, 1) and conv.groups == 1
-    )  # fmt: skip
-
-
 # fp32 linears with fewer weights than this run faster unpacked, through MKL's sgemm (23 against 19 µs for
 # 2×256 @ 256×128); bigger ones packed (1.15-1.8× for sd-v1's, 2.9× for its 1280×1280 time-embedding product)
 PACK_MIN_FP32_LINEAR = 2**17
@@ -232,7 +158,7 @@ def pack_weights(module: nn.Module) -> nn.Module:
     for name, child in list(module.named_modules()):
         if type(child) is nn.Conv2d:
             if is_pointwise(child):
-                packed = PackedPointwiseConv2d(child)
+                packed = PackedPointwiseConv2d(child.weight, child.bias)
             elif child.weight.dtype == torch.float32 and can_winograd(child):
                 packed = WinogradConv2d(child)
             else:
@@ -240,7 +166,7 @@ def pack_weights(module: nn.Module) -> nn.Module:
         elif type(child) is nn.Linear and (
             child.weight.dtype != torch.float32 or child.weight.numel() >= PACK_MIN_FP32_LINEAR
         ):
-            packed = PackedLinear(child)
+            packed = PackedLinear(child.weight, child.bias)
         else:
             continue
         parent, _, attr = name.rpartition(".")

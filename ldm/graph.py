@@ -18,7 +18,7 @@ rewrites it:
 - **small convolutions as matrix products**: a 3×3 convolution on a grid of a few cells is a fixed linear map, and
   one ``addmm`` with its dense matrix is several times faster there than oneDNN's convolution; a 1×1 convolution is
   a batched matmul (compiled: one product over all tokens); the others keep oneDNN with prepacked weights
-  (``ldm.fast.PackedConv2d``).
+  (``ldm.packed.PackedConv2d``).
 
 Only the convolutions and the merged products change the arithmetic (their summation order: about 1e-6 relative in
 fp32); everything else is the traced calls themselves. The graph is specialised to the shapes, strides, dtypes and
@@ -42,6 +42,8 @@ import torch
 from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
 from torch import fx, nn
 from torch.fx.experimental.proxy_tensor import make_fx
+
+from ldm.packed import can_pack, pack_convolution
 
 aten = torch.ops.aten
 
@@ -375,8 +377,6 @@ def rewrite_convolutions(
 
     Returns the counts (dense, pointwise, packed). Each replacement produces the traced output's shape and strides.
     """
-    from ldm.fast import can_pack, pack_convolution
-
     counts = [0, 0, 0]
     graph = gm.graph
     for node in list(graph.nodes):

@@ -8,6 +8,7 @@ from PIL import Image
 
 import generate as generate_cli
 import ldm.fast
+import ldm.packed
 from ldm.bundle import load_bundle
 from ldm.deepcache import DeepCacheUNet, start_run
 from ldm.errors import LdmError, run_cli
@@ -186,7 +187,7 @@ def test_generation_reuses_every_other_step(micro_bundle_dir):
     assert 0 < (approx - exact).abs().max() < 1
 
 
-@pytest.mark.skipif(not ldm.fast.can_pack(torch.device("cpu")), reason="this torch has no oneDNN packed ops")
+@pytest.mark.skipif(not ldm.packed.can_pack(torch.device("cpu")), reason="this torch has no oneDNN packed ops")
 def test_reuse_on_packed_modules(micro_bundle_dir):
     """A big UNet's route (modules with packed weights, no graphs): the same images as on plain modules, up to the
     summation order."""
@@ -199,7 +200,7 @@ def test_reuse_on_packed_modules(micro_bundle_dir):
     for pack in (False, True):
         config = FastConfig(deep_cache=2, graph=False, pack=pack, threads=threads)
         fast = speed_up(load_bundle(micro_bundle_dir), config)
-        assert any(type(m) is ldm.fast.PackedPointwiseConv2d for m in fast.unet.modules()) == pack
+        assert any(type(m) is ldm.packed.PackedPointwiseConv2d for m in fast.unet.modules()) == pack
         images[pack] = generate(fast, req, progress=False)
         assert (fast.unet.full_calls, fast.unet.shallow_calls) == (3, 3)
     torch.testing.assert_close(images[True], images[False], atol=1e-5, rtol=0)

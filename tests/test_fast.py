@@ -14,17 +14,14 @@ from ldm.fast import (
     PACK_MIN_FP32_LINEAR,
     FastConfig,
     MixedPrecisionUNet,
-    PackedConv2d,
-    PackedLinear,
-    PackedPointwiseConv2d,
     PromptCache,
     attention_processors,
     bf16_copy,
-    can_pack,
     pack_weights,
     physical_cores,
     speed_up,
 )
+from ldm.packed import PackedConv2d, PackedLinear, PackedPointwiseConv2d, can_pack
 from ldm.pipeline import Request, encode_prompts, generate, to_uint8
 from ldm.pngmeta import parse_parameters, read_png_parameters
 from ldm.schedule import get_sampler

@@ -4,7 +4,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ldm import winograd
-from ldm.fast import can_pack
+from ldm.packed import can_pack
 from ldm.winograd import BIAS_TERM, WINOGRAD_MIN_CHANNELS, WinogradConv2d, can_winograd, transform_kernel
 
 PACKING = [pytest.param(True, marks=pytest.mark.skipif(not can_pack(torch.device("cpu")), reason="no oneDNN")), False]
@@ -63,10 +63,15 @@ def test_bands_give_the_same_result(pack, monkeypatch):
 
 
 def test_kernel_transform():
-    """G·w·Gᵀ by hand for one kernel; the bias term's coefficients are 1 for all four outputs."""
-    w = torch.arange(9.0).reshape(1, 1, 3, 3)
+    """G·w·Gᵀ by hand for each kernel, at (term, out, in); the bias term's coefficients are 1 for all four outputs."""
+    w = torch.randn(3, 2, 3, 3)
     g = torch.tensor([[1, 0, 0], [0.5, 0.5, 0.5], [0.5, -0.5, 0.5], [0, 0, 1]])
-    torch.testing.assert_close(transform_kernel(w).reshape(4, 4), g @ w[0, 0] @ g.T)
+    terms = transform_kernel(w)
+    assert terms.shape == (16, 3, 2) and terms.dtype == w.dtype and terms.is_contiguous()
+    for o in range(3):
+        for c in range(2):
+            torch.testing.assert_close(terms[:, o, c].reshape(4, 4), g @ w[o, c] @ g.T)
+    assert transform_kernel(w.bfloat16()).dtype == torch.bfloat16
     a = torch.tensor([[1.0, 1, 1, 0], [0, 1, -1, -1]])  # Aᵀ
     term = torch.zeros(16)
     term[BIAS_TERM] = 1
