@@ -5,6 +5,7 @@
     python generate.py --from-png outputs/00000-7.png       # the same image again, from its own metadata
     python generate.py "red apple" --fast                   # faster on CPUs; see ldm/fast.py
     python generate.py "red apple" --deep-cache 2           # faster still, approximate: see ldm/deepcache.py
+    python generate.py "a castle" --model M --token-merging 0.5   # approximate, for large images: see ldm/tome.py
 
 Each PNG carries an A1111-style ``parameters`` text chunk. Prompts longer than the text encoder's context
 (77 tokens with the start and end tokens) are truncated, with a warning.
@@ -33,11 +34,12 @@ from ldm.pngmeta import format_parameters, parse_parameters, read_png_parameters
 from ldm.runtime import DTYPES, resolve_device, resolve_dtype
 from ldm.schedule import SAMPLERS, get_sampler
 from ldm.tokenizer import token_count
+from ldm.tome import apply_token_merging, check_ratio
 
 DEFAULT_MODEL = Path("models/emoji-tiny")
 DEFAULTS = dict(
     negative_prompt="", steps=DEFAULT_STEPS, guidance_scale=DEFAULT_GUIDANCE, sampler=DEFAULT_SAMPLER, dtype="fp32",
-    fast=False, deep_cache=0,
+    fast=False, deep_cache=0, token_merging=0.0,
 )
 
 
@@ -79,6 +81,9 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--deep-cache", type=int, default=None, metavar="N",
                    help="approximate: the whole UNet on every N-th step only, the steps between reuse its deep "
                         "features (DeepCache); faster, and the images change (see BENCHMARKS.md); N ≥ 2")
+    p.add_argument("--token-merging", type=float, default=None, metavar="R",
+                   help="approximate: merge a fraction R of the tokens in the finest levels' self-attention, 0 ≤ R < 1 "
+                        "(ToMe; e.g. 0.5); faster at large sizes, and the images change (see BENCHMARKS.md)")
     p.add_argument("--out", type=Path, default=Path("outputs"), help="output folder (default outputs/)")
     p.add_argument("--grid", action="store_true", help="also write all images as one grid PNG")
     p.add_argument("--from-png", type=Path, metavar="FILE",
@@ -100,7 +105,7 @@ def settings_from_png(path: Path) -> dict:
             batch_size=int(s.get("Batch size", 1)), batch_pos=int(s.get("Batch pos", 0)),
             dtype=s.get("Dtype", "fp32"), model_hash=s.get("Model hash"),
             lora=s.get("Lora"), lora_scale=float(s.get("Lora scale", 1.0)), fast=s.get("Fast") == "on",
-            deep_cache=int(s.get("Deep cache", 0)),
+            deep_cache=int(s.get("Deep cache", 0)), token_merging=float(s.get("Token merging", 0)),
         )  # fmt: skip
     except (KeyError, ValueError) as exc:
         raise LdmError(f"{path}: the parameters chunk lacks or garbles {exc}; it cannot be regenerated") from None
@@ -170,6 +175,11 @@ def main(argv=None) -> int:
         raise LdmError("--compile speeds up the fast path; add --fast")
     deep_cache = pick("deep_cache")
     check_interval(deep_cache)
+    token_merging = pick("token_merging")
+    check_ratio(token_merging)
+    if token_merging and deep_cache:
+        raise LdmError("--token-merging and --deep-cache do not combine (the reuse's shallow steps bypass the merging); "
+                       "pick one")  # fmt: skip
     if fast and pick("dtype") != "fp32":
         raise LdmError(f"--fast sets the UNet's precision itself and needs fp32 weights, not --dtype {pick('dtype')}")
     bundle = load_bundle(model_path)
@@ -210,6 +220,7 @@ def main(argv=None) -> int:
         speed_up(bundle, FastConfig(compile=args.compile, graph=graph, deep_cache=deep_cache))
     elif deep_cache:
         bundle.unet = DeepCacheUNet(bundle.unet, interval=deep_cache)
+    apply_token_merging(bundle.unet, token_merging)
 
     args.out.mkdir(parents=True, exist_ok=True)
     index, written = next_index(args.out), []
@@ -234,6 +245,7 @@ def main(argv=None) -> int:
                 settings |= {"Lora": args.lora.name, "Lora scale": lora_scale}
             settings |= {"Dtype": dtype_name} | ({"Fast": "on"} if fast else {})
             settings |= {"Deep cache": deep_cache} if deep_cache else {}
+            settings |= {"Token merging": token_merging} if token_merging else {}
             settings |= {"Version": f"ldm {ldm.__version__}"}
             path = args.out / f"{index:05d}-{job.seed}.png"
             image = Image.fromarray(array)

@@ -4,8 +4,8 @@
     python bench/run.py --threads 2 --skip-sd --turns 5 --out /tmp/BENCH.md     # a quick run
 
 Sections: generation (ours, ours --fast and diffusers, side by side), UNet training (feature cache against encoding
-every step), UNet efficiency (FLOPs per second against the measured matmul peak) and 3×3 convolutions (direct against
-Winograd). Model bundles, the diffusers exports and the training data are made once in --workdir and reused.
+every step), UNet efficiency (FLOPs per second against the measured matmul peak), 3×3 convolutions (direct against
+Winograd) and token merging (the fast path with and without it: speed and image change). Model bundles, the diffusers exports and the training data are made once in --workdir and reused.
 """
 
 from __future__ import annotations
@@ -22,10 +22,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import convolution
 import efficiency
 import generation
+import token_merging
 import training
 from common import DEFAULT_WORKDIR, ROOT, machine, machine_markdown
 
-SECTIONS = {"generation": generation, "training": training, "efficiency": efficiency, "convolution": convolution}
+SECTIONS = {
+    "generation": generation, "training": training, "efficiency": efficiency, "convolution": convolution,
+    "token_merging": token_merging,
+}  # fmt: skip
 
 
 def main() -> None:

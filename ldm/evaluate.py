@@ -55,6 +55,7 @@ from ldm.pngmeta import format_parameters, save_png
 from ldm.runtime import DTYPES, resolve_device, resolve_dtype
 from ldm.schedule import SAMPLERS, get_sampler
 from ldm.tokenizer import build_tokenizer, tokenize
+from ldm.tome import apply_token_merging, check_ratio, remove_token_merging
 from ldm.vae import evaluate_folder, find_images, load_inception_features
 
 GRID_ROWS = 16  # prompts per grid page: a page stays a viewable picture however many prompts there are
@@ -79,11 +80,15 @@ class GenerationSettings:
     height: int | None = None
     negative_prompt: str = ""
     deep_cache: int = 0  # 0: exact sampling; N ≥ 2: the whole UNet every N-th step only (ldm.deepcache)
+    token_merging: float = 0.0  # 0: exact; R: a fraction R of the finest self-attention's tokens merged (ldm.tome)
 
     def __post_init__(self):
         if self.images_per_prompt < 1 or self.batch_size < 1:
             raise LdmError("--images-per-prompt and --batch-size must be at least 1")
         check_interval(self.deep_cache)
+        check_ratio(self.token_merging)
+        if self.deep_cache and self.token_merging:
+            raise LdmError("--token-merging and --deep-cache do not combine; pick one")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -226,6 +231,7 @@ def generate_samples(
     unet = bundle.unet
     if settings.deep_cache:
         bundle.unet = DeepCacheUNet(unet, interval=settings.deep_cache)
+    apply_token_merging(unet, settings.token_merging)
     try:
         for request in requests:
             images = generate(bundle, request, progress=False)  # (B, 3, H, W) in [0, 1]
@@ -234,7 +240,7 @@ def generate_samples(
             samples.images.extend(to_uint8(images))
             bar.update(len(request.seeds))
     finally:
-        bundle.unet = unet
+        bundle.unet = remove_token_merging(unet)
     bar.close()
     return samples
 
@@ -383,7 +389,8 @@ def save_generated(samples: Samples, folder: Path, *, bundle: Bundle, settings: 
         params = format_parameters(prompt, settings.negative_prompt, {
             "Steps": settings.steps, "Sampler": sampler.label, "CFG scale": settings.guidance_scale, "Seed": seed,
             "Size": f"{image.shape[-1]}x{image.shape[-2]}", "Model hash": bundle.short_hash, "Model": bundle.name,
-        } | ({"Deep cache": settings.deep_cache} if settings.deep_cache else {}))  # fmt: skip
+        } | ({"Deep cache": settings.deep_cache} if settings.deep_cache else {})
+          | ({"Token merging": settings.token_merging} if settings.token_merging else {}))  # fmt: skip
         save_png(Image.fromarray(image.permute(1, 2, 0).numpy()), folder / name, params)
         rows.append({"file_name": name, "text": prompt, "seed": seed})
     write_text(folder / "metadata.jsonl", "".join(json.dumps(row) + "\n" for row in rows))
@@ -618,6 +625,9 @@ def build_parser() -> ArgumentParser:
     gen.add_argument("--deep-cache", type=int, default=0, metavar="N",
                      help="approximate sampling as generate.py --deep-cache N, to score what it changes (default 0: "
                           "exact)")  # fmt: skip
+    gen.add_argument("--token-merging", type=float, default=0.0, metavar="R",
+                     help="approximate sampling as generate.py --token-merging R, to score what it changes (default "
+                          "0: exact)")  # fmt: skip
     gen.add_argument("--width", type=int, default=None, help="multiple of 8 (default: the bundle's training size)")
     gen.add_argument("--height", type=int, default=None, help="multiple of 8 (default: the bundle's training size)")
     add_layout_arguments(p)  # for --images and a --prompts folder
@@ -645,7 +655,7 @@ def config_from_args(args) -> EvalConfig:
         generation=GenerationSettings(
             images_per_prompt=args.images_per_prompt, batch_size=args.batch_size, steps=args.steps,
             guidance_scale=args.guidance, sampler=args.sampler, seed=args.seed, width=args.width, height=args.height,
-            negative_prompt=args.negative_prompt, deep_cache=args.deep_cache,
+            negative_prompt=args.negative_prompt, deep_cache=args.deep_cache, token_merging=args.token_merging,
         ),
         kid_subsets=args.kid_subsets, kid_subset_size=args.kid_subset_size, feature_batch_size=args.batch_size,
         device=args.device, dtype=args.dtype, progress=not args.quiet,

@@ -295,6 +295,19 @@ def test_deep_cache_scores_the_approximate_images(micro_bundle_dir, tmp_path):
         assert "Deep cache" not in parse_parameters(read_png_parameters(a))[2]
 
 
+def test_token_merging_scores_the_approximate_images(micro_bundle_dir, tmp_path):
+    common = ["--model", micro_bundle_dir, "--prompt", "red", "--steps", "4", "--quiet"]
+    assert run_cli(main, [str(a) for a in [*common, "--out", tmp_path / "exact"]]) == 0
+    assert run_cli(main, [str(a) for a in [*common, "--token-merging", "0.5", "--out", tmp_path / "tm"]]) == 0
+    approx = json.loads((tmp_path / "tm" / "eval.json").read_text())
+    assert approx["source"]["settings"]["token_merging"] == 0.5
+    (a,), (b,) = (sorted((tmp_path / d / "images").glob("*.png")) for d in ("exact", "tm"))
+    assert not np.array_equal(np.asarray(Image.open(a)), np.asarray(Image.open(b)))
+    assert parse_parameters(read_png_parameters(b))[2]["Token merging"] == "0.5"
+    bad = [*common, "--token-merging", "0.5", "--deep-cache", "2", "--out", tmp_path / "bad"]
+    assert run_cli(main, [str(x) for x in bad]) == 2
+
+
 @pytest.mark.slow
 def test_inception_features_from_a_local_file(tmp_path):
     from safetensors.torch import save_file
