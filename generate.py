@@ -105,7 +105,7 @@ def settings_from_png(path: Path) -> dict:
             batch_size=int(s.get("Batch size", 1)), batch_pos=int(s.get("Batch pos", 0)),
             dtype=s.get("Dtype", "fp32"), model_hash=s.get("Model hash"),
             lora=s.get("Lora"), lora_scale=float(s.get("Lora scale", 1.0)), fast=s.get("Fast") == "on",
-            deep_cache=int(s.get("Deep cache", 0)), token_merging=float(s.get("Token merging", 0)),
+            deep_cache=int(s.get("Deep cache", 0)), token_merging=float(s.get("Token merging ratio", 0)),
         )  # fmt: skip
     except (KeyError, ValueError) as exc:
         raise LdmError(f"{path}: the parameters chunk lacks or garbles {exc}; it cannot be regenerated") from None
@@ -245,7 +245,7 @@ def main(argv=None) -> int:
                 settings |= {"Lora": args.lora.name, "Lora scale": lora_scale}
             settings |= {"Dtype": dtype_name} | ({"Fast": "on"} if fast else {})
             settings |= {"Deep cache": deep_cache} if deep_cache else {}
-            settings |= {"Token merging": token_merging} if token_merging else {}
+            settings |= {"Token merging ratio": token_merging} if token_merging else {}
             settings |= {"Version": f"ldm {ldm.__version__}"}
             path = args.out / f"{index:05d}-{job.seed}.png"
             image = Image.fromarray(array)

@@ -240,7 +240,7 @@ def generate_samples(
             samples.images.extend(to_uint8(images))
             bar.update(len(request.seeds))
     finally:
-        bundle.unet = remove_token_merging(unet)
+        bundle.unet = remove_token_merging(unet) if settings.token_merging else unet
     bar.close()
     return samples
 
@@ -390,7 +390,7 @@ def save_generated(samples: Samples, folder: Path, *, bundle: Bundle, settings: 
             "Steps": settings.steps, "Sampler": sampler.label, "CFG scale": settings.guidance_scale, "Seed": seed,
             "Size": f"{image.shape[-1]}x{image.shape[-2]}", "Model hash": bundle.short_hash, "Model": bundle.name,
         } | ({"Deep cache": settings.deep_cache} if settings.deep_cache else {})
-          | ({"Token merging": settings.token_merging} if settings.token_merging else {}))  # fmt: skip
+          | ({"Token merging ratio": settings.token_merging} if settings.token_merging else {}))  # fmt: skip
         save_png(Image.fromarray(image.permute(1, 2, 0).numpy()), folder / name, params)
         rows.append({"file_name": name, "text": prompt, "seed": seed})
     write_text(folder / "metadata.jsonl", "".join(json.dumps(row) + "\n" for row in rows))

@@ -22,10 +22,12 @@ import torch
 from torch import nn
 
 from ldm.errors import LdmError
+from ldm.graph import TraceCache
 
-# One multiplier per coordinate for the choice of destination in each 2×2 block: a cheap hash of (block, timestep)
-# computed with tensor ops, so that it also holds in traced graphs (ldm.graph), where the timestep is a tensor.
-_HASH = (73856093, 19349663, 83492791)
+# The choice of destination in each 2×2 block: a hash of (block row, block column, timestep) computed with tensor ops,
+# so that it also holds in traced graphs (ldm.graph), where the timestep is a tensor. Odd multipliers, then a
+# multiply-xorshift mix whose high bits pick one of four: the low bits alone would repeat every 4 blocks and steps.
+_HASH = (0x9E3779B1, 0x85EBCA77, 0xC2B2AE3D, 0x27D4EB2F)
 
 
 def check_ratio(ratio: float) -> None:
@@ -47,11 +49,14 @@ def partition(height: int, width: int, timestep: torch.Tensor) -> tuple[torch.Te
     block_y = torch.arange(bh, device=device).view(-1, 1)
     block_x = torch.arange(bw, device=device).view(1, -1)
     t = timestep.reshape(-1)[:1].to(torch.int64)  # the batch shares a timestep
-    pick = ((block_y * _HASH[0]) ^ (block_x * _HASH[1]) ^ (t * _HASH[2])) % 4  # (bh, bw) in 0…3
-    rows, cols = 2 * block_y + pick // 2, 2 * block_x + pick % 2
-    is_destination = torch.zeros(height, width, dtype=torch.int64, device=device)
-    is_destination[rows, cols] = 1
-    order = torch.argsort(is_destination.flatten(), stable=True)  # sources first, then destinations, each ascending
+    h = (block_y * _HASH[0]) ^ (block_x * _HASH[1]) ^ (t * _HASH[2])
+    h = (((h ^ (h >> 15)) & 0xFFFFFFFF) * _HASH[3]) & 0xFFFFFFFF  # below 2^62 before the mask: no overflow
+    pick = (h >> 29) & 3  # (bh, bw) in 0…3
+    cells = ((2 * block_y + pick // 2) * width + 2 * block_x + pick % 2).flatten()
+    is_destination = torch.zeros(height * width, dtype=torch.int64, device=device).index_put(
+        (cells,), torch.ones_like(cells)
+    )
+    order = torch.argsort(is_destination, stable=True)  # sources first, then destinations, each ascending
     sources = height * width - bh * bw
     return order[:sources], order[sources:]
 
@@ -62,7 +67,7 @@ def merge_tokens(x: torch.Tensor, sources: torch.Tensor, destinations: torch.Ten
     The ``merged`` sources most similar to a destination are averaged into it (bipartite soft matching); the other
     sources are kept as they are, before the destinations.
     """
-    b, n, c = x.shape
+    b, _, c = x.shape
     metric = x / x.norm(dim=-1, keepdim=True).clamp_min(1e-6)
     scores = metric[:, sources] @ metric[:, destinations].transpose(1, 2)  # (B, S, D)
     best, match = scores.max(dim=-1)  # each source's most similar destination
@@ -77,16 +82,14 @@ def merge_tokens(x: torch.Tensor, sources: torch.Tensor, destinations: torch.Ten
     dst = dst.scatter_reduce(1, rows(into, c), src.gather(1, rows(moved, c)), reduce="mean", include_self=True)
     out = torch.cat([src.gather(1, rows(kept, c)), dst], dim=1)
 
-    def unmerge(y: torch.Tensor) -> torch.Tensor:
+    back = torch.argsort(torch.cat([sources, destinations]))  # token position → its row in [sources; destinations]
+
+    def unmerge(y: torch.Tensor) -> torch.Tensor:  # out of place throughout: traced graphs keep their rewrites
         width = y.shape[-1]
         kept_y, dst_y = y[:, : kept.shape[1]], y[:, kept.shape[1] :]
-        src_y = y.new_empty(b, sources.numel(), width)
-        src_y.scatter_(1, rows(kept, width), kept_y)
-        src_y.scatter_(1, rows(moved, width), dst_y.gather(1, rows(into, width)))
-        full = y.new_empty(b, n, width)
-        full[:, sources] = src_y
-        full[:, destinations] = dst_y
-        return full
+        src_y = y.new_zeros(b, sources.numel(), width).scatter(1, rows(kept, width), kept_y)
+        src_y = src_y.scatter(1, rows(moved, width), dst_y.gather(1, rows(into, width)))
+        return torch.cat([src_y, dst_y], dim=1)[:, back]
 
     return out, unmerge
 
@@ -124,20 +127,20 @@ class TokenMergingProcessor:
             height, width, factor = -(-height // 2), -(-width // 2), factor * 2  # a stride-2 downsampler's grid
         return None
 
-    def __call__(self, attn, hidden_states: torch.Tensor, encoder_hidden_states=None, attention_mask=None, **kwargs):
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **kwargs):
         grid = (
             None
             if encoder_hidden_states is not None or hidden_states.dim() != 3
             else self.level_grid(hidden_states.shape[1])
         )
         if grid is None or attention_mask is not None:
-            return self.inner(attn, hidden_states, encoder_hidden_states, attention_mask, **kwargs)
+            return self.inner(attn, hidden_states, encoder_hidden_states, attention_mask, temb, **kwargs)
         sources, destinations = partition(*grid, self.step.timestep)
         merged = min(int(hidden_states.shape[1] * self.ratio), sources.numel())
         if merged == 0:
-            return self.inner(attn, hidden_states, None, None, **kwargs)
+            return self.inner(attn, hidden_states, None, None, temb, **kwargs)
         x, unmerge = merge_tokens(hidden_states, sources, destinations, merged)
-        return unmerge(self.inner(attn, x, None, None, **kwargs))
+        return unmerge(self.inner(attn, x, None, None, temb, **kwargs))
 
 
 def unets(module: nn.Module) -> list[nn.Module]:
@@ -152,7 +155,8 @@ def apply_token_merging(unet: nn.Module, ratio: float, *, max_downsample: int = 
     ``max_downsample``× (1: the finest level only), in place, in each UNet within ``unet``; returns ``unet``.
 
     ``ratio`` 0 leaves it as it is. Apply it after ``ldm.fast.speed_up`` (its copies and wrappers keep the UNets it
-    finds); not with ``ldm.deepcache``, whose shallow calls skip the UNet's forward.
+    finds; graphs it already traced are dropped, to be traced again with the merging); not with ``ldm.deepcache``,
+    whose shallow calls skip the UNet's forward.
     """
     check_ratio(ratio)
     if max_downsample < 1 or max_downsample & (max_downsample - 1):
@@ -164,6 +168,7 @@ def apply_token_merging(unet: nn.Module, ratio: float, *, max_downsample: int = 
         raise LdmError("token merging needs a diffusers UNet2DConditionModel; this model has none")
     if any(isinstance(getattr(m, "processor", None), TokenMergingProcessor) for m in unet.modules()):
         raise LdmError("token merging is already applied to this UNet")
+    forget_traces(unet)
     for model in found:
         step = _Step()
         step.handle = model.register_forward_pre_hook(step.hook, with_kwargs=True)
@@ -174,8 +179,17 @@ def apply_token_merging(unet: nn.Module, ratio: float, *, max_downsample: int = 
     return unet
 
 
+def forget_traces(unet: nn.Module) -> None:
+    """Drop the graphs the fast path traced from ``unet`` (``ldm.graph``): they hold the attention as it was."""
+    for module in unet.modules():
+        traces = getattr(module, "traces", None)
+        if isinstance(traces, TraceCache):
+            traces.clear()
+
+
 def remove_token_merging(unet: nn.Module) -> nn.Module:
     """Undo :func:`apply_token_merging`, in place: the self-attentions' own processors back, the hooks gone."""
+    forget_traces(unet)
     for model in unets(unet):
         for module in model.modules():
             processor = getattr(module, "processor", None)

@@ -295,7 +295,7 @@ def test_deep_cache_scores_the_approximate_images(micro_bundle_dir, tmp_path):
         assert "Deep cache" not in parse_parameters(read_png_parameters(a))[2]
 
 
-def test_token_merging_scores_the_approximate_images(micro_bundle_dir, tmp_path):
+def test_token_merging_scores_the_approximate_images(micro_bundle_dir, tmp_path, capsys):
     common = ["--model", micro_bundle_dir, "--prompt", "red", "--steps", "4", "--quiet"]
     assert run_cli(main, [str(a) for a in [*common, "--out", tmp_path / "exact"]]) == 0
     assert run_cli(main, [str(a) for a in [*common, "--token-merging", "0.5", "--out", tmp_path / "tm"]]) == 0
@@ -303,9 +303,12 @@ def test_token_merging_scores_the_approximate_images(micro_bundle_dir, tmp_path)
     assert approx["source"]["settings"]["token_merging"] == 0.5
     (a,), (b,) = (sorted((tmp_path / d / "images").glob("*.png")) for d in ("exact", "tm"))
     assert not np.array_equal(np.asarray(Image.open(a)), np.asarray(Image.open(b)))
-    assert parse_parameters(read_png_parameters(b))[2]["Token merging"] == "0.5"
+    assert parse_parameters(read_png_parameters(b))[2]["Token merging ratio"] == "0.5"
     bad = [*common, "--token-merging", "0.5", "--deep-cache", "2", "--out", tmp_path / "bad"]
+    capsys.readouterr()
     assert run_cli(main, [str(x) for x in bad]) == 2
+    err = capsys.readouterr().err
+    assert "--token-merging and --deep-cache do not combine" in err and len(err.strip().splitlines()) == 1
 
 
 @pytest.mark.slow
@@ -392,8 +395,10 @@ def test_vae_size_resizes_images_the_vae_cannot_take_as_they_are(micro_bundle_di
         (["--model", "BUNDLE", "--prompt", "red", "--clip", "nope.safetensors", "--out", "OUT"], "no CLIP model at"),
         (["--model", "BUNDLE", "--prompt", "red", "--reference", "nowhere", "--out", "OUT"], "folder nowhere not"),
         (["--model", "BUNDLE", "--prompt", "red", "--reference", "EMPTYDIR", "--out", "OUT"], "no PNG, JPEG or WebP"),
-        (["--model", "BUNDLE", "--prompt", "red", "--inception", "no.safetensors", "--out", "OUT"],
-         "no Inception weights"),
+        (
+            ["--model", "BUNDLE", "--prompt", "red", "--inception", "no.safetensors", "--out", "OUT"],
+            "no Inception weights",
+        ),
         (["--model", "BUNDLE", "--prompt", "red", "--steps", "0", "--out", "OUT"], "steps must be a positive number"),
         (["--model", "BUNDLE", "--prompt", "red", "--sampler", "warp", "--out", "OUT"], "unknown sampler 'warp'"),
         (["--model", "BUNDLE", "--prompt", "red", "--width", "30", "--out", "OUT"], "multiple of 8"),
@@ -402,8 +407,10 @@ def test_vae_size_resizes_images_the_vae_cannot_take_as_they_are(micro_bundle_di
         (["--images", "nowhere", "--out", "OUT"], "image folder nowhere not found"),
         (["--images", "EMPTYDIR", "--prompt", "red", "--out", "OUT"], "not both"),
         (["--images", "EMPTYDIR", "--vae-data", "EMPTYDIR", "--out", "OUT"], "--vae-data needs a bundle"),
-        (["--model", "BUNDLE", "--vae-data", "EMPTYDIR", "--vae-size", "12", "--out", "OUT"],
-         "--vae-size must be a multiple of 8"),
+        (
+            ["--model", "BUNDLE", "--vae-data", "EMPTYDIR", "--vae-size", "12", "--out", "OUT"],
+            "--vae-size must be a multiple of 8",
+        ),
         (["--model", "BUNDLE", "--prompt", "red"], "the following arguments are required: --out"),
     ],
 )

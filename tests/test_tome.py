@@ -36,10 +36,40 @@ def test_partition_has_one_destination_per_whole_block(height, width):
     assert all(int(d) // width < height // 2 * 2 and int(d) % width < width // 2 * 2 for d in destinations)
 
 
-def test_partition_depends_on_the_timestep_only():
+def picks(destinations: torch.Tensor, width: int) -> torch.Tensor:
+    """Which cell of its 2×2 block each destination is (0…3), block by block."""
+    rows, cols = destinations // width, destinations % width
+    order = torch.argsort((rows // 2) * width + cols // 2)
+    return ((rows % 2) * 2 + cols % 2)[order]
+
+
+def test_partition_depends_on_the_timestep_only_and_varies():
     first = partition(16, 16, torch.tensor(941.0))[1]
     assert torch.equal(first, partition(16, 16, torch.tensor([941.0, 941.0]))[1])  # a batch's shared timestep
-    assert not torch.equal(first, partition(16, 16, torch.tensor(894.0))[1])
+    # the timesteps of 20 and of 10 leading-spaced steps (951, 901, … 1 and 901, 801, … 1): a new choice nearly every step
+    for steps in (20, 10):
+        timesteps = range(1000 - 1000 // steps + 1, 0, -(1000 // steps))
+        distinct = {tuple(partition(16, 16, torch.tensor(float(t)))[1].tolist()) for t in timesteps}
+        assert len(distinct) >= steps - 1
+    # within a grid: each cell of a block picked about as often, and no pattern repeating every few blocks
+    pick = picks(partition(64, 64, torch.tensor(501.0))[1], 64).view(32, 32)
+    assert all(200 < int((pick == k).sum()) < 312 for k in range(4))  # of 1024 blocks, 256 each on average
+    for period in (2, 4, 8):
+        assert not torch.equal(pick[:, period:], pick[:, :-period]) and not torch.equal(pick[period:], pick[:-period])
+
+
+def test_merging_traces_without_in_place_ops():
+    """Traced graphs (ldm.graph) fold and merge only graphs that mutate nothing."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    def merged_and_back(x, t):
+        y, unmerge = merge_tokens(x, *partition(4, 6, t), 5)
+        return unmerge(y * 2)
+
+    graph = make_fx(merged_and_back)(torch.randn(2, 24, 8), torch.tensor(7.0))
+    targets = [n.target for n in graph.graph.nodes if n.op == "call_function"]
+    mutating = [t for t in targets if getattr(t, "_schema", None) is not None and t._schema.is_mutable]
+    assert targets and not mutating
 
 
 def test_merging_nothing_is_the_identity():
@@ -87,9 +117,9 @@ class Spy:
     def __init__(self, inner, name, seen):
         self.inner, self.name, self.seen = inner, name, seen
 
-    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, **kwargs):
+    def __call__(self, attn, hidden_states, *args, **kwargs):
         self.seen[self.name] = hidden_states.shape[1]
-        return self.inner(attn, hidden_states, encoder_hidden_states, attention_mask, **kwargs)
+        return self.inner(attn, hidden_states, *args, **kwargs)
 
 
 def test_only_the_finest_self_attention_sees_fewer_tokens(micro_bundle_dir):
@@ -109,6 +139,23 @@ def test_only_the_finest_self_attention_sees_fewer_tokens(micro_bundle_dir):
     assert {seen[n] for n in fine} == {32}  # half of 64 merged
     assert {t for n, t in seen.items() if n.endswith("attn1") and n not in fine} == {16}  # coarser: untouched
     assert {t for n, t in seen.items() if n.endswith("attn2")} == {64, 16}  # cross-attention untouched
+
+
+@pytest.mark.parametrize("max_downsample, coarse", [(1, 25), (2, 13)])
+def test_odd_latent_and_coarser_levels(micro_bundle_dir, max_downsample, coarse):
+    """A 9×9 latent: the finest level's 81 tokens lose 40 (of its 65 sources); the 5×5 level (stride-2 with padding
+    1 rounds up) loses 12 of 25 when it is merged too."""
+    bundle = load_bundle(micro_bundle_dir)
+    apply_token_merging(bundle.unet, 0.5, max_downsample=max_downsample)
+    seen = {}
+    for name, module in bundle.unet.named_modules():
+        if isinstance(getattr(module, "processor", None), TokenMergingProcessor):
+            module.processor.inner = Spy(module.processor.inner, name, seen)
+    with torch.no_grad():
+        out = bundle.unet(torch.randn(2, 4, 9, 9), torch.tensor(500), encoder_hidden_states=torch.randn(2, 77, 32))
+    assert out.sample.shape == (2, 4, 9, 9)
+    fine = {n for n in seen if n.startswith(("down_blocks.0.", "up_blocks.1."))}
+    assert {seen[n] for n in fine} == {41} and {t for n, t in seen.items() if n not in fine} == {coarse}
 
 
 def test_ratio_zero_changes_nothing_and_a_ratio_changes_the_images(micro_bundle_dir):
@@ -138,6 +185,14 @@ def test_fast_path_merges_as_the_plain_unet(micro_bundle_dir, graph):
     apply_token_merging(fast.unet, 0.5)
     assert isinstance(fast.unet, GraphUNet) == graph
     torch.testing.assert_close(generate(fast, request(), progress=False), expected, rtol=0, atol=1e-4)
+    if graph:
+        assert fast.unet.traces and all(t is not None for t in fast.unet.traces.values())  # it did run traced
+    # taken off again, the traced graphs too: the fast path's exact images
+    exact = generate(
+        speed_up(load_bundle(micro_bundle_dir), FastConfig(graph=graph, threads=THREADS)), request(), progress=False
+    )
+    remove_token_merging(fast.unet)
+    torch.testing.assert_close(generate(fast, request(), progress=False), exact, rtol=0, atol=1e-5)
 
 
 def run(argv):
@@ -154,8 +209,8 @@ def test_cli_token_merging_is_recorded_and_reproduced(micro_bundle_dir, tmp_path
     assert run([*common, "--out", tmp_path / "merged", "--token-merging", "0.5"]) == 0
     (exact,), (merged,) = (tmp_path / "exact").glob("0*.png"), (tmp_path / "merged").glob("0*.png")
     assert not np.array_equal(pixels(merged), pixels(exact))
-    assert parse_parameters(read_png_parameters(merged))[2]["Token merging"] == "0.5"
-    assert "Token merging" not in parse_parameters(read_png_parameters(exact))[2]
+    assert parse_parameters(read_png_parameters(merged))[2]["Token merging ratio"] == "0.5"
+    assert "Token merging ratio" not in parse_parameters(read_png_parameters(exact))[2]
     assert run(["--from-png", merged, "--model", micro_bundle_dir, "--out", tmp_path / "again", "--quiet"]) == 0
     (again,) = (tmp_path / "again").glob("0*.png")
     assert np.array_equal(pixels(again), pixels(merged))
