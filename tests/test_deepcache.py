@@ -3,15 +3,14 @@
 import numpy as np
 import pytest
 import torch
+from cli_runs import pixels, run
 from diffusers import UNet2DConditionModel
-from PIL import Image
 
-import generate as generate_cli
 import ldm.fast
 import ldm.packed
 from ldm.bundle import load_bundle
 from ldm.deepcache import DeepCacheUNet, start_run
-from ldm.errors import LdmError, run_cli
+from ldm.errors import LdmError
 from ldm.fast import FastConfig, MixedPrecisionUNet, speed_up
 from ldm.graph import TracedUNet
 from ldm.pipeline import Request, generate
@@ -207,14 +206,6 @@ def test_reuse_on_packed_modules(micro_bundle_dir):
 
 
 # --- generate.py --deep-cache ----------------------------------------------------------------------------------------
-
-
-def run(argv):
-    return run_cli(generate_cli.main, [str(a) for a in argv])
-
-
-def pixels(path):
-    return np.asarray(Image.open(path).convert("RGB"), dtype=np.int16)
 
 
 @pytest.mark.parametrize("fast", [[], ["--fast"]], ids=["fp32", "fast"])

@@ -3,13 +3,11 @@
 import numpy as np
 import pytest
 import torch
-from PIL import Image
+from cli_runs import pixels, run
 from torch import nn
 
-import generate as generate_cli
 import ldm.pipeline
 from ldm.bundle import load_bundle
-from ldm.errors import run_cli
 from ldm.fast import (
     PACK_MIN_FP32_LINEAR,
     FastConfig,
@@ -199,14 +197,6 @@ def test_prompt_dedupe_gives_the_same_images(bundle, monkeypatch):
 
 
 # --- generate.py --fast -----------------------------------------------------------------------------------------------
-
-
-def run(argv):
-    return run_cli(generate_cli.main, [str(a) for a in argv])
-
-
-def pixels(path):
-    return np.asarray(Image.open(path).convert("RGB"), dtype=np.int16)
 
 
 def test_cli_fast_flag(micro_bundle_dir, tmp_path):

@@ -4,11 +4,10 @@ and the CLI; what it changes in real images is measured in bench/token_merging.p
 import numpy as np
 import pytest
 import torch
-from PIL import Image
+from cli_runs import pixels, run
 
-import generate as generate_cli
 from ldm.bundle import load_bundle
-from ldm.errors import LdmError, run_cli
+from ldm.errors import LdmError
 from ldm.fast import FastConfig, speed_up
 from ldm.graph import GraphUNet
 from ldm.pipeline import Request, generate
@@ -193,14 +192,6 @@ def test_fast_path_merges_as_the_plain_unet(micro_bundle_dir, graph):
     )
     remove_token_merging(fast.unet)
     torch.testing.assert_close(generate(fast, request(), progress=False), exact, rtol=0, atol=1e-5)
-
-
-def run(argv):
-    return run_cli(generate_cli.main, [str(a) for a in argv])
-
-
-def pixels(path):
-    return np.asarray(Image.open(path).convert("RGB"), dtype=np.int16)
 
 
 def test_cli_token_merging_is_recorded_and_reproduced(micro_bundle_dir, tmp_path):
