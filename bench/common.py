@@ -8,6 +8,7 @@ import json
 import os
 import platform
 import resource
+import statistics
 import subprocess
 import sys
 import time
@@ -144,6 +145,26 @@ def exported(bundle_dir: Path, workdir: Path) -> Path:
         print(f"  exporting {bundle_dir} to {folder}", flush=True)
         export_diffusers(load_bundle(bundle_dir), folder)
     return folder
+
+
+def image_change(x, y) -> tuple[float, int, float, float]:
+    """Two image batches in [0, 1] (numpy arrays): max |Δ|, max |Δ| of their uint8 renderings, mean |Δ|, and PSNR
+    in dB (inf when equal)."""
+    import numpy as np
+
+    x, y = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
+    as_uint8 = lambda v: np.round(v * 255)  # as ldm.pipeline.to_uint8 and diffusers' numpy_to_pil round
+    mse = float(np.mean((x - y) ** 2))
+    psnr = float("inf") if mse == 0 else float(10 * np.log10(1 / mse))
+    return float(np.abs(x - y).max()), int(np.abs(as_uint8(x) - as_uint8(y)).max()), float(np.abs(x - y).mean()), psnr
+
+
+def quartiles(values: list[float]) -> str:
+    """The quartiles of two or more values as " (q1–q3)", for a table cell beside their median; "" for fewer."""
+    if len(values) < 2:
+        return ""
+    q = statistics.quantiles(values, n=4, method="inclusive")
+    return f" ({q[0]:.2f}–{q[2]:.2f})"
 
 
 def table(header: list[str], rows: list[list]) -> str:

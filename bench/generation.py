@@ -31,6 +31,7 @@ from common import (
     Timer,
     bench_bundle,
     exported,
+    image_change,
     peak_rss_mib,
     run_worker,
     script_main,
@@ -206,15 +207,10 @@ def precision(unet) -> str:
 
 
 def compare(a: Path, b: Path) -> tuple[float, int, float, float]:
-    """Two saved image batches in [0, 1]: max |Δ|, max |Δ| of their uint8 renderings, mean |Δ|, and PSNR in dB
-    (inf when equal)."""
+    """Two saved image batches in [0, 1]: :func:`common.image_change` of them."""
     import numpy as np
 
-    x, y = np.load(a).astype(np.float64), np.load(b).astype(np.float64)
-    as_uint8 = lambda v: np.round(v * 255)  # as ldm.pipeline.to_uint8 and diffusers' numpy_to_pil round
-    mse = float(np.mean((x - y) ** 2))
-    psnr = float("inf") if mse == 0 else 10 * np.log10(1 / mse)
-    return float(np.abs(x - y).max()), int(np.abs(as_uint8(x) - as_uint8(y)).max()), float(np.abs(x - y).mean()), psnr
+    return image_change(np.load(a), np.load(b))
 
 
 def section(args, workdir: Path) -> tuple[str, dict]:

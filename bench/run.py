@@ -5,7 +5,8 @@
 
 Sections: generation (ours, ours --fast and diffusers, side by side), UNet training (feature cache against encoding
 every step), UNet efficiency (FLOPs per second against the measured matmul peak), 3×3 convolutions (direct against
-Winograd) and token merging (the fast path with and without it: speed and image change). Model bundles, the diffusers exports and the training data are made once in --workdir and reused.
+Winograd) and token merging (the fast path with and without it: speed and image change). Model bundles, the
+diffusers exports and the training data are made once in --workdir and reused.
 """
 
 from __future__ import annotations

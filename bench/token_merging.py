@@ -1,4 +1,4 @@
-"""Token merging (``--token-merging R``, ``ldm.tome``): the fast path with and without it, its speed and what it changes.
+"""Token merging (``--token-merging R``, ``ldm.tome``): the fast path with and without it, its speed and its change.
 
 For each model and size, one process loads the bundle, prepares it as ``generate.py --fast`` does and applies token
 merging; the merging ratio is then set per run, 0 (exact) or each R asked for, and the runs take ``--tome-turns`` turns
@@ -17,7 +17,18 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import ROOT, Timer, bench_bundle, run_worker, script_main, script_parser, set_threads, table
+from common import (
+    ROOT,
+    Timer,
+    bench_bundle,
+    image_change,
+    quartiles,
+    run_worker,
+    script_main,
+    script_parser,
+    set_threads,
+    table,
+)
 
 PROMPT, GUIDANCE = "red apple", 7.5
 
@@ -46,10 +57,12 @@ def worker(args) -> dict:
     shared = prepared(ratios[-1])  # the processors are there for any ratio above 0
     traced = isinstance(shared.unet, GraphUNet)
     bundles = {r: prepared(r) for r in ratios[:-1]} | {ratios[-1]: shared} if traced else dict.fromkeys(ratios, shared)
-    processors = [m.processor for m in shared.unet.modules() if isinstance(getattr(m, "processor", None), TokenMergingProcessor)]  # fmt: skip
+    processors = [getattr(m, "processor", None) for m in shared.unet.modules()]
+    processors = [p for p in processors if isinstance(p, TokenMergingProcessor)]
+    batch = args.tome_batch
     request = Request(
-        prompts=[PROMPT] * args.tome_batch, negative_prompts=[""] * args.tome_batch, seeds=list(range(args.tome_batch)),
-        steps=args.tome_steps, guidance_scale=GUIDANCE, sampler=get_sampler("dpmpp_2m"), width=args.size, height=args.size,
+        prompts=[PROMPT] * batch, negative_prompts=[""] * batch, seeds=list(range(batch)), steps=args.tome_steps,
+        guidance_scale=GUIDANCE, sampler=get_sampler("dpmpp_2m"), width=args.size, height=args.size,
     )  # fmt: skip
 
     def run(ratio: float, steps: int | None = None) -> tuple[float, np.ndarray]:
@@ -69,24 +82,14 @@ def worker(args) -> dict:
             seconds, out = run(r)
             times[r].append(seconds)
             images.setdefault(r, out)
-    exact = images[0.0].astype(np.float64)
     rows = []
     for r in ratios:
-        x = images[r].astype(np.float64)
-        mse = float(np.mean((x - exact) ** 2))
+        max_diff, _, mean_diff, psnr = image_change(images[r], images[0.0])
         rows.append({
             "ratio": r, "times": times[r], "speedups": [e / t for e, t in zip(times[0.0], times[r])],
-            "max_diff": float(np.abs(x - exact).max()), "mean_diff": float(np.abs(x - exact).mean()),
-            "psnr": None if mse == 0 else float(10 * np.log10(1 / mse)),
+            "max_diff": max_diff, "mean_diff": mean_diff, "psnr": None if psnr == float("inf") else psnr,
         })  # fmt: skip
     return {"rows": rows, "merged_attentions": len(processors), "traced": traced}
-
-
-def quartiles(values: list[float]) -> str:
-    if len(values) < 2:
-        return ""
-    q = statistics.quantiles(values, n=4, method="inclusive")
-    return f" ({q[0]:.2f}–{q[2]:.2f})"
 
 
 def section(args, workdir: Path) -> tuple[str, dict]:
@@ -112,10 +115,12 @@ def section(args, workdir: Path) -> tuple[str, dict]:
     text = "\n".join([
         "### Token merging (`--fast --token-merging R`): an approximation",
         "",
-        (f"{args.tome_steps} steps DPM++ 2M, guidance 7.5, batch {args.tome_batch}, the fast path; each model in one process, the ratios "
-         f"taking {args.tome_turns} turns. Δ and PSNR against the same process's exact (R = 0) images, same seeds."),
+        (f"{args.tome_steps} steps DPM++ 2M, guidance 7.5, batch {args.tome_batch}, the fast path; each model in one "
+         f"process, the ratios taking {args.tome_turns} turns. Δ and PSNR against the same process's exact (R = 0) "
+         "images, same seeds."),
         "",
-        table(["model", "R", "s / image", "speed-up (quartiles)", "max \\|Δ\\| /255", "mean \\|Δ\\| /255", "PSNR dB"], lines),
+        table(["model", "R", "s / image", "speed-up (quartiles)", "max \\|Δ\\| /255", "mean \\|Δ\\| /255",
+               "PSNR dB"], lines),
         "",
     ])  # fmt: skip
     return text, {"token_merging": results}

@@ -100,6 +100,7 @@ class _Step:
     def __init__(self):
         self.grid: tuple[int, int] | None = None
         self.timestep: torch.Tensor | None = None
+        self.partitions: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}  # this call's, by level grid
         self.handle = None  # the hook's, to remove it
 
     def hook(self, module, args, kwargs) -> None:
@@ -107,6 +108,13 @@ class _Step:
         timestep = args[1] if len(args) > 1 else kwargs["timestep"]
         self.grid = tuple(sample.shape[-2:])
         self.timestep = torch.as_tensor(timestep, device=sample.device)
+        self.partitions = {}
+
+    def partition(self, grid: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """:func:`partition` of a level's grid at this call's timestep, made once per call for all its attentions."""
+        if grid not in self.partitions:
+            self.partitions[grid] = partition(*grid, self.timestep)
+        return self.partitions[grid]
 
 
 class TokenMergingProcessor:
@@ -135,7 +143,7 @@ class TokenMergingProcessor:
         )
         if grid is None or attention_mask is not None:
             return self.inner(attn, hidden_states, encoder_hidden_states, attention_mask, temb, **kwargs)
-        sources, destinations = partition(*grid, self.step.timestep)
+        sources, destinations = self.step.partition(grid)
         merged = min(int(hidden_states.shape[1] * self.ratio), sources.numel())
         if merged == 0:
             return self.inner(attn, hidden_states, None, None, temb, **kwargs)
