@@ -35,7 +35,7 @@ def machine(threads: int) -> dict:
     import diffusers
     import torch
 
-    from ldm.fast import cpu_flags, has_native_bf16, physical_cores
+    from ldm.accel.fast import cpu_flags, has_native_bf16, physical_cores
 
     flags = sorted({"avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile"} & cpu_flags())
     return {
@@ -122,8 +122,8 @@ def config_digest(config) -> str:
 def bench_bundle(preset: str, workdir: Path, *, model_dir: Path | None = None) -> tuple[Path, str]:
     """A bundle folder to benchmark and how it was made: ``model_dir`` when it holds a bundle, else a random-weight
     bundle of ``preset`` (seed 0), created once in ``workdir`` (keyed by the preset's config)."""
-    from ldm.bundle import create_bundle, save_bundle
-    from ldm.presets import PRESETS
+    from ldm.formats.bundle import create_bundle, save_bundle
+    from ldm.models.presets import PRESETS
 
     if model_dir is not None and (model_dir / "manifest.json").is_file():
         return model_dir, f"trained weights from {model_dir}"
@@ -132,12 +132,13 @@ def bench_bundle(preset: str, workdir: Path, *, model_dir: Path | None = None) -
     if not (folder / "manifest.json").is_file():
         print(f"  creating a random-weight {preset} bundle in {folder}", flush=True)
         save_bundle(create_bundle(config, seed=0, name=f"{preset}-random"), folder)
-    return folder, f"random weights (ldm.bundle.create_bundle(PRESETS['{preset}'], seed=0))"
+    return folder, f"random weights (ldm.formats.bundle.create_bundle(PRESETS['{preset}'], seed=0))"
 
 
 def exported(bundle_dir: Path, workdir: Path) -> Path:
-    """The diffusers export of a bundle (ldm.bundle.export_diffusers), made once per bundle hash."""
-    from ldm.bundle import export_diffusers, load_bundle, read_manifest
+    """The diffusers export of a bundle (ldm.formats.diffusers.export_diffusers), made once per bundle hash."""
+    from ldm.formats.bundle import load_bundle, read_manifest
+    from ldm.formats.diffusers import export_diffusers
 
     digest = read_manifest(bundle_dir)["hash"][:10]
     folder = workdir / f"{bundle_dir.name}-diffusers-{digest}"
@@ -175,7 +176,7 @@ def table(header: list[str], rows: list[list]) -> str:
 
 def script_parser(doc: str) -> argparse.ArgumentParser:
     """The flags every bench script takes: threads, work folder, and the hidden --worker of its subprocesses."""
-    from ldm.fast import physical_cores
+    from ldm.accel.fast import physical_cores
 
     p = argparse.ArgumentParser(description=doc.split("\n\n")[0])
     p.add_argument("--threads", type=int, default=physical_cores())

@@ -1,4 +1,4 @@
-"""3×3 convolutions: oneDNN's prepacked direct convolution against Winograd F(2×2, 3×3) (``ldm.winograd``).
+"""3×3 convolutions: oneDNN's prepacked direct convolution against Winograd F(2×2, 3×3) (``ldm.accel.winograd``).
 
 The shapes are sd-v1's at 256×256: its UNet's at batch 8 (four guided images) and its VAE decoder's at batch 4, with
 random weights. Both forms of each convolution take turns in one process (the median over the turns of the best of
@@ -56,7 +56,7 @@ def worker(args) -> dict:
     from torch import nn
 
     from ldm import winograd
-    from ldm.packed import PackedConv2d
+    from ldm.accel.packed import PackedConv2d
 
     set_threads(args.threads)
     torch.set_grad_enabled(False)
@@ -92,7 +92,7 @@ def section(args, workdir: Path) -> tuple[str, dict]:
     script = Path(__file__).resolve()
     r = run_worker(script, ["--conv-turns", args.conv_turns, "--conv-calls", args.conv_calls], threads=args.threads,
                    log=workdir / "convolution.log")  # fmt: skip
-    from ldm.winograd import WINOGRAD_MIN_CHANNELS
+    from ldm.accel.winograd import WINOGRAD_MIN_CHANNELS
 
     rows = []
     for row in r["rows"]:

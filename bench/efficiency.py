@@ -86,8 +86,8 @@ def count_flops(unet, *inputs) -> int:
 def unet_worker(args) -> dict:
     import torch
 
-    from ldm.bundle import load_bundle
-    from ldm.fast import FastConfig, speed_up
+    from ldm.accel.fast import FastConfig, speed_up
+    from ldm.formats.bundle import load_bundle
 
     set_threads(args.threads)
     torch.set_grad_enabled(False)

@@ -1,7 +1,7 @@
 """Generation speed: ldm.pipeline.generate (fp32, and the fast path) against diffusers' StableDiffusionPipeline.
 
 All contenders run the same bundle: ours reads the bundle, diffusers the bundle's export
-(ldm.bundle.export_diffusers), with the same request: the prompt "red apple" ×B with an empty negative prompt, seeds
+(ldm.formats.diffusers.export_diffusers), with the same request: the prompt "red apple" ×B with an empty negative prompt, seeds
 0…B-1, DPM++ 2M, guidance 7.5. Each contender first runs in a subprocess of its own (so its memory peak is its own):
 a warm-up run of 2 steps (same batch and size; tracing and compiling happen here), then ``--repeats`` timed runs,
 whose images the output check compares. emoji-tiny's times come from one more process in which all its
@@ -50,7 +50,7 @@ PROMPT, SAMPLER, GUIDANCE = "red apple", "dpmpp_2m", 7.5
 COLUMNS = ["batch", "contender", "s / image (wall)", "CPU s / image", "speed-up", "peak RSS MiB", "load s", "warm-up s",
            "UNet precision", "attention"]  # fmt: skip
 CHECK_COLUMNS = ["batch", "contender", "max abs Δ", "max abs Δ × 255", "max uint8 Δ", "mean abs Δ × 255", "PSNR dB"]
-DEEP_CACHE = "-dc"  # fast or fast-compile + "-dcN": with --deep-cache N, an approximation (ldm.deepcache)
+DEEP_CACHE = "-dc"  # fast or fast-compile + "-dcN": with --deep-cache N, an approximation (ldm.accel.deepcache)
 
 
 def split_contender(text: str) -> tuple[str, int]:
@@ -83,7 +83,7 @@ def make_runner(contender: str, model: Path, export: Path):
     """Load the contender's model; returns run(batch, steps, size) → (B, 3, H, W) float32 in [0, 1]."""
     import torch
 
-    from ldm.schedule import get_sampler
+    from ldm.pipeline.schedule import get_sampler
 
     sampler = get_sampler(SAMPLER)
     if contender == "diffusers":
@@ -110,8 +110,8 @@ def make_runner(contender: str, model: Path, export: Path):
 
         return run, pipe.unet
 
-    from ldm.bundle import load_bundle
-    from ldm.fast import FastConfig, speed_up
+    from ldm.accel.fast import FastConfig, speed_up
+    from ldm.formats.bundle import load_bundle
     from ldm.pipeline import Request, generate
 
     bundle = load_bundle(model).to(dtype=torch.float32)  # as generate.py does (a bundle may ship in fp16)
@@ -136,7 +136,7 @@ def worker(args) -> dict:
     import numpy as np
     import torch
 
-    from ldm.fast import attention_processors
+    from ldm.accel.fast import attention_processors
 
     set_threads(args.threads)
     torch.set_grad_enabled(False)

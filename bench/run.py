@@ -34,7 +34,7 @@ SECTIONS = {
 
 
 def main() -> None:
-    from ldm.fast import physical_cores
+    from ldm.accel.fast import physical_cores
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--threads", type=int, default=physical_cores(), help="threads per worker (default: physical cores)")

@@ -1,4 +1,4 @@
-"""Token merging (``--token-merging R``, ``ldm.tome``): the fast path with and without it, its speed and its change.
+"""Token merging (``--token-merging R``, ``ldm.accel.tome``): the fast path with and without it, its speed and its change.
 
 For each model and size, one process loads the bundle, prepares it as ``generate.py --fast`` does and applies token
 merging; the merging ratio is then set per run, 0 (exact) or each R asked for, and the runs take ``--tome-turns`` turns
@@ -37,12 +37,12 @@ def worker(args) -> dict:
     import numpy as np
     import torch
 
-    from ldm.bundle import load_bundle
-    from ldm.fast import FastConfig, speed_up
-    from ldm.graph import GraphUNet
+    from ldm.accel.fast import FastConfig, speed_up
+    from ldm.accel.graph import GraphUNet
+    from ldm.accel.tome import TokenMergingProcessor, apply_token_merging
+    from ldm.formats.bundle import load_bundle
     from ldm.pipeline import Request, generate
-    from ldm.schedule import get_sampler
-    from ldm.tome import TokenMergingProcessor, apply_token_merging
+    from ldm.pipeline.schedule import get_sampler
 
     set_threads(args.threads)
     ratios = [0.0, *args.tome_ratios]

@@ -7,7 +7,7 @@ batch's loading counts); the first ``--warmup`` steps and the last one (its inte
 left out. A third row runs the cached loop under bf16 autocast, to show what that precision costs or saves here.
 The data: 64 rendered 64×64 shapes with captions, written once to an imagefolder in the work folder. A last worker
 times one part of every step on its own: the EMA update of the UNet's weights, diffusers' ``EMAModel.step`` against
-``ldm.training.make_ema``'s, taking turns in one process.
+``ldm.train.loop.make_ema``'s, taking turns in one process.
 
     python bench/training.py --threads 2 [--train-steps 30] [--batch-size 16]   # prints a Markdown section
 """
@@ -84,8 +84,8 @@ def write_data(folder: Path, *, count: int = 64, size: int = 64) -> Path:
 def worker(args) -> dict:
     if args.mode == "ema":
         return ema_worker(args)
-    import train_unet
     from ldm import training
+    from ldm.cli import train_unet
 
     set_threads(args.threads)
     starts: list[float] = []
@@ -131,8 +131,8 @@ def worker(args) -> dict:
 def ema_worker(args) -> dict:
     from diffusers.training_utils import EMAModel
 
-    from ldm.bundle import load_bundle
-    from ldm.training import TrainConfig, make_ema
+    from ldm.formats.bundle import load_bundle
+    from ldm.train.loop import TrainConfig, make_ema
 
     set_threads(args.threads)
     unet = load_bundle(args.bundle).unet.float()
@@ -178,7 +178,7 @@ def section(args, workdir: Path) -> tuple[str, dict]:
     ]  # fmt: skip
     ema_rows = [
         ["diffusers `EMAModel.step` (foreach)", f"{ema['diffusers_ms']:.1f}", "1.00×"],
-        ["`ldm.training.make_ema` (one lerp per tensor)", f"{ema['ours_ms']:.1f}",
+        ["`ldm.train.loop.make_ema` (one lerp per tensor)", f"{ema['ours_ms']:.1f}",
          f"{ema['diffusers_ms'] / ema['ours_ms']:.2f}×"],
     ]  # fmt: skip
     text = "\n".join(

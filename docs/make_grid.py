@@ -12,9 +12,9 @@ import torch
 from diffusers.utils import logging as diffusers_logging
 from PIL import Image, ImageDraw, ImageFont
 
-from ldm.bundle import load_bundle
+from ldm.formats.bundle import load_bundle
 from ldm.pipeline import Request, generate, to_uint8
-from ldm.schedule import get_sampler
+from ldm.pipeline.schedule import get_sampler
 
 PROMPTS = ["red apple", "cat face", "rocket", "grinning face", "red heart", "fire", "pizza", "banana"]
 CELL, LABEL = 96, 150  # pixels per image (upscaled for viewing), width of the prompt column

@@ -26,8 +26,8 @@ SHIP=${SHIP:-models/emoji-tiny}
 # 1. Data: 64×64 renders of Noto Color Emoji with CLDR names; a fixed ~5 % held-out split. The VAE and CLIP see
 #    every emoji; the UNet sees the default-tone ones only: skin-tone variants are half of the data but near copies
 #    of each other, and leaving them out doubles how often the UNet sees each distinct emoji in its hour.
-[ -f "$DATA/train/metadata.jsonl" ] || python -m ldm.data.emoji "$DATA" --size 64
-[ -f "$BASE/train/metadata.jsonl" ] || python -m ldm.data.emoji "$BASE" --size 64 --no-skin-tones
+[ -f "$DATA/train/metadata.jsonl" ] || python -m ldm emoji "$DATA" --size 64
+[ -f "$BASE/train/metadata.jsonl" ] || python -m ldm emoji "$BASE" --size 64 --no-skin-tones
 
 # 2. VAE (~30 min): L1 + KL 1e-6, bf16 autocast, EMA; measures the latent scaling factor at the end. Batches of 8:
 #    as many images per second as batches of 16 here, twice the updates, +1.3 dB in a side-by-side run.
@@ -56,6 +56,6 @@ python train_unet.py --bundle "$OUT/clip/bundle" --data "$BASE/train" --eval-dat
     --validation-prompt banana
 
 # 5. Ship: fp16 weights, under 32 MB with the tokenizer. The full CLIP (image tower too) stays in $OUT/clip for
-#    python -m ldm.evaluate --clip $OUT/clip/clip.safetensors.
-python -m ldm.bundle convert "$OUT/unet/bundle" "$SHIP" --dtype fp16 --no-extras --force
-python -m ldm.bundle info "$SHIP"
+#    python -m ldm eval --clip $OUT/clip/clip.safetensors.
+python -m ldm bundle convert "$OUT/unet/bundle" "$SHIP" --dtype fp16 --no-extras --force
+python -m ldm bundle info "$SHIP"

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 from PIL import Image
 
-import generate as generate_cli
-from ldm.errors import run_cli
+from ldm.cli import generate as generate_cli
+from ldm.cli.common import run_cli
 
 
 def run(argv) -> int:

@@ -5,8 +5,9 @@ os.environ["TRANSFORMERS_OFFLINE"] = "1"
 
 import pytest  # noqa: E402
 
-from ldm.bundle import create_bundle, export_diffusers, save_bundle  # noqa: E402
-from ldm.presets import PRESETS  # noqa: E402
+from ldm.formats.bundle import create_bundle, save_bundle  # noqa: E402
+from ldm.formats.diffusers import export_diffusers  # noqa: E402
+from ldm.models.presets import PRESETS  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -19,7 +20,7 @@ def micro_bundle_dir(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def micro_diffusers_dir(micro_bundle_dir, tmp_path_factory):
-    from ldm.bundle import load_bundle
+    from ldm.formats.bundle import load_bundle
 
     folder = tmp_path_factory.mktemp("exports") / "micro-diffusers"
     export_diffusers(load_bundle(micro_bundle_dir), folder)

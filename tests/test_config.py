@@ -5,9 +5,9 @@ import pytest
 
 from ldm.config import apply_overrides, dump_yaml, from_dict, load_yaml, to_dict
 from ldm.errors import ConfigError
-from ldm.presets import PRESETS, ModelConfig, get_preset
-from ldm.schedule import BetaSchedule, Prediction
-from ldm.training import Precision, TrainConfig
+from ldm.models.presets import PRESETS, ModelConfig, get_preset
+from ldm.pipeline.schedule import BetaSchedule, Prediction
+from ldm.train.loop import Precision, TrainConfig
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 

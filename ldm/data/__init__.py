@@ -7,15 +7,15 @@ Training scripts::
     dataset = CaptionedImageDataset(config, report=report, seed=seed)
 
 The torch parts (``CaptionedImageDataset``, ``square_tensor``, ``item_seed``) are imported on first use,
-so ``python -m ldm.data check`` starts without loading torch.
+so ``python -m ldm data check`` starts without loading torch.
 """
 
 import importlib
 
-from ldm.data.config import DataConfig, Layout, add_layout_arguments, layout_settings
-from ldm.data.images import ImageInfo, Problem, inspect_image, open_rgb, to_rgb
+from ldm.data.config import DataConfig, Layout
 from ldm.data.layouts import IMAGE_EXTENSIONS, Listing, Pair, detect_layout, list_dataset
 from ldm.data.scan import ScanReport, report_dataset, scan_dataset
+from ldm.images import ImageInfo, Problem, inspect_image, open_rgb, to_rgb
 
 __all__ = [
     "IMAGE_EXTENSIONS",
@@ -27,11 +27,9 @@ __all__ = [
     "Pair",
     "Problem",
     "ScanReport",
-    "add_layout_arguments",
     "detect_layout",
     "inspect_image",
     "item_seed",
-    "layout_settings",
     "list_dataset",
     "open_rgb",
     "report_dataset",

@@ -77,7 +77,7 @@ class DataConfig:
         return self.caption_column or DEFAULT_CAPTION_COLUMN[layout]
 
 
-# The layout flags, shared by ``python -m ldm.data check``, the training scripts and ``python -m ldm.evaluate``,
+# The layout flags, shared by ``python -m ldm data check``, the training scripts and ``python -m ldm eval``,
 # so that an error message's "pass --layout" holds wherever it is raised.
 LAYOUT_FLAGS = {  # flag → DataConfig field
     "--layout": "layout",
@@ -86,23 +86,3 @@ LAYOUT_FLAGS = {  # flag → DataConfig field
     "--caption-column": "caption_column",
     "--caption-extension": "caption_extension",
 }
-
-
-def add_layout_arguments(parser) -> None:
-    """The flags that say how a dataset folder is laid out (default: detected)."""
-    group = parser.add_argument_group("dataset layout (default: detected from the folder)")
-    group.add_argument("--layout", choices=[layout.value for layout in Layout], help="default: detect")
-    group.add_argument("--metadata", help="caption table inside the folder (default metadata.jsonl / metadata.csv)")
-    group.add_argument("--image-column", help="default file_name (imagefolder) / image (csv)")
-    group.add_argument("--caption-column", help="default text (imagefolder) / caption (csv)")
-    group.add_argument("--caption-extension", help="kohya caption files (default .txt)")
-
-
-def layout_settings(args) -> dict:
-    """The DataConfig fields the layout flags in ``args`` set (the ones given)."""
-    settings = {}
-    for flag, name in LAYOUT_FLAGS.items():
-        value = getattr(args, flag[2:].replace("-", "_"), None)
-        if value is not None:
-            settings[name] = Layout(value) if name == "layout" else value
-    return settings

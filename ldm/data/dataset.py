@@ -17,9 +17,9 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from ldm.data.config import DataConfig
-from ldm.data.images import open_rgb
 from ldm.data.scan import ScanReport, scan_dataset
 from ldm.errors import LdmError
+from ldm.images import open_rgb
 
 
 def read_scanned_image(path: Path) -> Image.Image:
@@ -75,7 +75,7 @@ class CaptionedImageDataset(Dataset):
         self.report = report if report is not None else scan_dataset(config, progress=False)
         if not self.report.pairs:
             raise LdmError(
-                f"no usable image/caption pairs in {self.report.root}; run `python -m ldm.data check {config.path}`"
+                f"no usable image/caption pairs in {self.report.root}; run `python -m ldm data check {config.path}`"
             )
         self.seed = seed
         self.epoch = 0

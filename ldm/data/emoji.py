@@ -1,4 +1,4 @@
-"""``python -m ldm.data.emoji OUT_DIR --size 64``: the emoji dataset, rendered from Noto Color Emoji.
+"""The emoji dataset (``python -m ldm emoji OUT_DIR --size 64``), rendered from Noto Color Emoji.
 
 Every fully-qualified emoji of the ``emoji`` package is drawn with Pillow from Debian's
 ``fonts-noto-color-emoji`` (a bitmap font: size 109 is the only one it has), cropped to its ink,
@@ -31,9 +31,8 @@ import hashlib
 import json
 import re
 import shutil
-import sys
 import tempfile
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from importlib.metadata import version
 from pathlib import Path
@@ -42,7 +41,7 @@ import emoji as emoji_package
 from PIL import Image, ImageDraw, ImageFont
 from tqdm import tqdm
 
-from ldm.errors import ArgumentParser, LdmError, run_cli
+from ldm.errors import LdmError
 from ldm.io import write_json, write_text
 
 DEFAULT_FONT = Path("/usr/share/fonts/truetype/noto/NotoColorEmoji.ttf")
@@ -262,33 +261,3 @@ def build_emoji_dataset(config: EmojiConfig, *, overwrite: bool = False, progres
         },
     )
     return summary
-
-
-def build_parser() -> ArgumentParser:
-    parser = ArgumentParser(prog="python -m ldm.data.emoji", description=__doc__.splitlines()[0])
-    parser.add_argument("out_dir", metavar="OUT_DIR", help="writes OUT_DIR/train and OUT_DIR/test (imagefolder)")
-    parser.add_argument("--size", type=int, default=64, help="image side in pixels (default 64)")
-    parser.add_argument("--font", default=str(DEFAULT_FONT), help=f"Noto Color Emoji font (default {DEFAULT_FONT})")
-    parser.add_argument("--limit", type=int, help="stop after N pairs (for tests)")
-    parser.add_argument("--only", nargs="+", default=[], metavar="EMOJI", help="render just these emoji")
-    parser.add_argument("--no-skin-tones", action="store_true", help="keep only the default-tone emoji")
-    parser.add_argument("--overwrite", action="store_true", help="replace OUT_DIR/train and OUT_DIR/test")
-    return parser
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        config = EmojiConfig(
-            out_dir=args.out_dir, size=args.size, font=args.font, limit=args.limit, only=tuple(args.only),
-            skin_tones=not args.no_skin_tones,
-        )  # fmt: skip
-    except ValueError as exc:
-        build_parser().error(str(exc))
-    summary = build_emoji_dataset(config, overwrite=args.overwrite, progress=sys.stderr.isatty())
-    print(summary.format())
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(run_cli(main))

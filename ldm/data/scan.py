@@ -20,9 +20,9 @@ from typing import TextIO
 from tqdm import tqdm
 
 from ldm.data.config import DataConfig, Layout
-from ldm.data.images import ImageInfo, Problem, inspect_image
 from ldm.data.layouts import Pair, list_dataset
 from ldm.errors import LdmError
+from ldm.images import ImageInfo, Problem, inspect_image
 
 # Shorter-side buckets of the size histogram: (label, lower bound inclusive).
 SIZE_BUCKETS = (("<64", 0), ("64-127", 64), ("128-255", 128), ("256-511", 256), ("512-1023", 512), (">=1024", 1024))
@@ -175,7 +175,7 @@ def report_dataset(
 ) -> ScanReport:
     """Scan, print the report to ``file`` (stdout), and return it; :class:`LdmError` if nothing is usable.
 
-    Training scripts call this at start, so the same report as ``python -m ldm.data check`` is in the log.
+    Training scripts call this at start, so the same report as ``python -m ldm data check`` is in the log.
     """
     report = scan_dataset(config, workers=workers, progress=progress)
     print(report.format(), file=file or sys.stdout, flush=True)

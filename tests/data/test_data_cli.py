@@ -1,4 +1,4 @@
-"""``python -m ldm.data check`` as a user runs it."""
+"""``python -m ldm data check`` as a user runs it."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ REPO = Path(__file__).resolve().parents[2]
 def run(*args: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
     return subprocess.run(
-        [sys.executable, "-m", "ldm.data", *args], capture_output=True, text=True, cwd=REPO, env=env, timeout=60
+        [sys.executable, "-m", "ldm", "data", *args], capture_output=True, text=True, cwd=REPO, env=env, timeout=60
     )
 
 

@@ -116,7 +116,7 @@ def test_build_only_given_emoji(tmp_path):
 def run_builder(*args: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
     return subprocess.run(
-        [sys.executable, "-m", "ldm.data.emoji", *args], capture_output=True, text=True, cwd=REPO, env=env, timeout=120
+        [sys.executable, "-m", "ldm", "emoji", *args], capture_output=True, text=True, cwd=REPO, env=env, timeout=120
     )
 
 

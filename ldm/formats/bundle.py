@@ -1,0 +1,248 @@
+"""Model bundles: one folder with the three parts, their config, the tokenizer and a manifest.
+
+Layout::
+
+    model.yaml                 ModelConfig (vae, text_encoder, unet, schedule)
+    vae.safetensors            AutoencoderKL weights
+    text_encoder.safetensors   CLIPTextModel weights
+    unet.safetensors           UNet2DConditionModel weights
+    tokenizer/                 vocab.json, merges.txt, tokenizer_config.json, special_tokens_map.json
+    clip.safetensors           optional: the whole CLIP of train_clip.py, the default scorer of ``ldm.eval.evaluate``
+    manifest.json              format version, package versions, sha256 of every file above
+
+Optional files (:data:`EXTRAS`) are listed under the manifest's ``extras`` with their sha256 and checked on load
+like the rest, but they are not part of the bundle hash: that names the weights that make the pictures.
+
+Every file is written atomically and the manifest last, so a folder with a manifest is complete. Loading checks
+each file's sha256 against the manifest. ``ldm.formats.diffusers`` exports a bundle to a diffusers Stable Diffusion
+folder and imports one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from importlib import metadata
+from pathlib import Path
+
+import torch
+from accelerate import init_empty_weights
+from diffusers import AutoencoderKL
+from torch import nn
+from transformers import CLIPTextModel, CLIPTokenizer
+
+from ldm.config import dump_yaml, from_dict
+from ldm.errors import BundleError, ConfigError
+from ldm.io import atomic_write, load_tensors, save_tensors, sha256_file, write_json, write_text
+from ldm.models.autoencoder import build_autoencoder
+from ldm.models.presets import ModelConfig
+from ldm.models.text_encoder import TextEncoder, build_text_encoder, fit_state_dict
+from ldm.models.tokenizer import build_tokenizer, load_tokenizer, save_tokenizer
+from ldm.models.unet import build_unet
+from ldm.pipeline.denoiser import Denoiser
+
+FORMAT = "ldm-bundle"
+FORMAT_VERSION = 1
+PARTS = ("vae", "text_encoder", "unet")
+CLIP_FILE = "clip.safetensors"
+EXTRAS = (CLIP_FILE,)  # optional files a bundle may carry beside its parts
+PACKAGES = ("ldm", "torch", "diffusers", "transformers", "safetensors", "open_clip_torch")
+
+
+@dataclass
+class Bundle:
+    """The loaded parts. Plain data: sampling and training are functions that take what they need."""
+
+    config: ModelConfig
+    vae: AutoencoderKL
+    text_encoder: TextEncoder
+    unet: Denoiser  # a UNet2DConditionModel as loaded; the sampling wrappers of ldm.accel keep its call
+    tokenizer: CLIPTokenizer
+    name: str = "model"
+    manifest: dict = field(default_factory=dict)
+    extras: dict[str, Path] = field(default_factory=dict)  # optional file name (EXTRAS) → where it is now
+
+
+    def modules(self) -> dict[str, nn.Module]:
+        return {"vae": self.vae, "text_encoder": self.text_encoder.model, "unet": self.unet}
+
+    @property
+    def short_hash(self) -> str:
+        """First 10 hex digits of the bundle's hash: the A1111 "Model hash"."""
+        return self.manifest.get("hash", "")[:10]
+
+    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> Bundle:
+        for module in self.modules().values():
+            module.to(device=device, dtype=dtype)
+        return self
+
+
+def package_versions() -> dict[str, str]:
+    versions = {}
+    for name in PACKAGES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = "not installed"
+    return versions
+
+
+def create_bundle(config: ModelConfig, *, seed: int = 0, name: str = "model") -> Bundle:
+    """A randomly initialised bundle (the starting point for training)."""
+    torch.manual_seed(seed)
+    return Bundle(
+        config=config,
+        vae=build_autoencoder(config.vae),
+        text_encoder=build_text_encoder(config.text_encoder),
+        unet=build_unet(config.unet),
+        tokenizer=build_tokenizer(context_length=config.text_encoder.context_length),
+        name=name,
+    )
+
+
+def _combined_hash(files: dict[str, str]) -> str:
+    return hashlib.sha256("".join(f"{k}={files[k]}\n" for k in sorted(files)).encode()).hexdigest()
+
+
+def _copy_extra(name: str, source: Path, folder: Path) -> Path:
+    """Copy one optional file into ``folder`` atomically (nothing to do when it is already there)."""
+    if name not in EXTRAS:
+        raise ValueError(f"unknown optional bundle file {name!r}; known: {', '.join(EXTRAS)}")
+    target = folder / name
+    if not source.is_file():
+        raise BundleError(f"cannot put {source} into bundle {folder}: no such file")
+    if not (target.exists() and target.samefile(source)):
+        atomic_write(target, lambda tmp: shutil.copyfile(source, tmp))
+    return target
+
+
+def save_bundle(bundle: Bundle, folder: str | Path) -> Path:
+    """Write ``bundle`` to ``folder`` (each file atomically, the manifest last) and update its manifest.
+
+    ``bundle.extras`` (optional files such as ``clip.safetensors``) are copied in and listed under ``extras``;
+    afterwards ``bundle.extras`` points at the copies.
+    """
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    extras = {name: _copy_extra(name, Path(source), folder) for name, source in sorted(bundle.extras.items())}
+    config_yaml = dump_yaml(bundle.config)
+    write_text(folder / "model.yaml", config_yaml)
+    for part, module in bundle.modules().items():
+        # One metadata key: safetensors does not keep the order of several, and the files should hash the same.
+        meta = {"ldm": json.dumps({"part": part, "config": config_yaml, "format_version": FORMAT_VERSION})}
+        save_tensors(folder / f"{part}.safetensors", module.state_dict(), metadata=meta)
+    with tempfile.TemporaryDirectory(dir=folder) as tmp:
+        save_tokenizer(bundle.tokenizer, Path(tmp))
+        (folder / "tokenizer").mkdir(exist_ok=True)
+        for src in sorted(Path(tmp).iterdir()):
+            os.replace(src, folder / "tokenizer" / src.name)
+    files = {
+        str(p.relative_to(folder)): sha256_file(p)
+        for p in sorted([folder / "model.yaml", *(folder / f"{part}.safetensors" for part in PARTS)])
+        + sorted((folder / "tokenizer").iterdir())
+    }
+    manifest = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "name": bundle.name,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "packages": package_versions(),
+        "files": files,
+        "hash": _combined_hash(files),
+    }
+    if extras:
+        manifest["extras"] = {name: sha256_file(path) for name, path in extras.items()}
+    write_json(folder / "manifest.json", manifest)
+    bundle.manifest, bundle.extras = manifest, extras
+    return folder
+
+
+def read_manifest(folder: Path) -> dict:
+    if not folder.is_dir():
+        raise BundleError(
+            f"no model bundle at {folder}; check the path, or create one with `python -m ldm bundle create micro {folder}`"
+        )
+    path = folder / "manifest.json"
+    if not path.is_file():
+        raise BundleError(f"{folder} is not a model bundle (no manifest.json); pass a bundle folder, as the training scripts and `python -m ldm bundle` write them")
+    try:
+        manifest = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise BundleError(f"{path} is not valid JSON; the bundle is damaged, save or copy it again") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT or not isinstance(manifest.get("files"), dict):
+        raise BundleError(f"{path} is not an {FORMAT} manifest; pass a bundle folder, as the training scripts and `python -m ldm bundle` write them")
+    if manifest.get("format_version", 0) > FORMAT_VERSION:
+        raise BundleError(f"{folder} was written by a newer ldm (format {manifest['format_version']}); upgrade ldm")
+    if not isinstance(manifest.get("extras", {}), dict):
+        raise BundleError(f"{path} has a damaged 'extras' entry; the bundle is damaged, save or copy it again")
+    return manifest
+
+
+def verify_files(folder: Path, manifest: dict) -> None:
+    """Check every listed file, optional ones included, against its sha256 in the manifest."""
+    for rel, digest in {**manifest["files"], **manifest.get("extras", {})}.items():
+        path = folder / rel
+        if not path.is_file():
+            raise BundleError(f"bundle {folder} is missing {rel}; copy the whole folder again")
+        if sha256_file(path) != digest:
+            raise BundleError(f"bundle file {path} does not match its sha256 in manifest.json (damaged or edited)")
+
+
+def instantiate(build, config, state: dict[str, torch.Tensor], what: str) -> nn.Module:
+    """Build ``build(config)`` without allocating weights, then take ``state``'s tensors as they are (bit-exact)."""
+    with init_empty_weights():
+        module = build(config)
+    target = module.model if isinstance(module, TextEncoder) else module
+    if isinstance(target, CLIPTextModel):
+        state = fit_state_dict(target, state)
+    expected = set(target.state_dict())
+    if set(state) != expected:
+        missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
+        raise BundleError(
+            f"{what} weights do not fit its config (missing {missing[:3]}, unexpected {unexpected[:3]}); "
+            "the weights and model.yaml come from different models"
+        )
+    target.load_state_dict(state, strict=True, assign=True)
+    return module.eval()
+
+
+def load_bundle(folder: str | Path, *, verify: bool = True) -> Bundle:
+    """Read a bundle saved by :func:`save_bundle`; weights keep their stored dtype, on the CPU."""
+    folder = Path(folder)
+    manifest = read_manifest(folder)
+    if verify:
+        verify_files(folder, manifest)
+    try:
+        import yaml
+
+        config = from_dict(ModelConfig, yaml.safe_load((folder / "model.yaml").read_text()) or {})
+    except ConfigError as exc:
+        raise BundleError(f"{folder / 'model.yaml'}: {exc}") from None
+    except (OSError, ValueError) as exc:  # yaml.YAMLError is a ValueError subclass
+        raise BundleError(f"cannot read {folder / 'model.yaml'} ({exc.__class__.__name__}); the bundle is damaged") from None
+    parts = {}
+    for part, build, cfg in (
+        ("vae", build_autoencoder, config.vae),
+        ("text_encoder", build_text_encoder, config.text_encoder),
+        ("unet", build_unet, config.unet),
+    ):
+        path = folder / f"{part}.safetensors"
+        try:
+            state = load_tensors(path)
+        except (OSError, Exception) as exc:  # safetensors raises its own SafetensorError
+            raise BundleError(f"cannot read {path} ({exc}); the bundle is damaged, save or copy it again") from None
+        parts[part] = instantiate(build, cfg, state, part)
+    try:
+        tokenizer = load_tokenizer(folder / "tokenizer")
+    except (OSError, ValueError) as exc:
+        raise BundleError(f"cannot load the tokenizer in {folder / 'tokenizer'} ({exc})") from None
+    extras = {name: folder / name for name in manifest.get("extras", {}) if name in EXTRAS}
+    return Bundle(
+        config=config, tokenizer=tokenizer, name=manifest.get("name", folder.name), manifest=manifest, extras=extras,
+        **parts,
+    )  # fmt: skip

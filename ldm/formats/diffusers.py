@@ -1,0 +1,148 @@
+"""diffusers Stable Diffusion folders: export a bundle to one, import one into a bundle.
+
+An export loads with ``StableDiffusionPipeline.from_pretrained(folder)`` offline and has no safety checker; an import
+accepts local SD 1.x/2.x folders with safetensors weights (single-file or sharded). Pickled ``.bin`` weights are
+refused, since unpickling can run code.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from accelerate import init_empty_weights
+from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+from transformers import CLIPTextConfig, CLIPTokenizer
+
+from ldm.errors import BundleError, LdmError
+from ldm.formats.bundle import Bundle, instantiate
+from ldm.io import load_tensors, umask
+from ldm.models.autoencoder import AutoencoderConfig, build_autoencoder
+from ldm.models.presets import ModelConfig
+from ldm.models.text_encoder import Padding, TextEncoderConfig, build_text_encoder
+from ldm.models.tokenizer import load_tokenizer, save_tokenizer
+from ldm.models.unet import UNetConfig, build_unet
+from ldm.pipeline.schedule import ScheduleConfig
+
+
+def _fresh_folder(folder: Path) -> Path:
+    if folder.exists() and any(folder.iterdir()):
+        raise LdmError(f"{folder} already exists and is not empty; choose another path or delete it first")
+    return folder
+
+
+def export_diffusers(bundle: Bundle, folder: str | Path) -> Path:
+    """Write a diffusers Stable Diffusion folder that ``StableDiffusionPipeline.from_pretrained`` loads offline."""
+    from diffusers import StableDiffusionPipeline
+
+    folder = _fresh_folder(Path(folder))
+    tokenizer = bundle.tokenizer
+    if bundle.config.text_encoder.padding is Padding.ZERO:  # SD 2.x tokenizers pad with "!" (id 0)
+        tokenizer = _with_pad(tokenizer, "!")
+    pipe = StableDiffusionPipeline(
+        vae=bundle.vae,
+        text_encoder=bundle.text_encoder.model,
+        tokenizer=tokenizer,
+        unet=bundle.unet,
+        scheduler=DDIMScheduler.from_config(bundle.config.schedule.diffusers_config()),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    # Write beside the target, then rename: an interrupted export leaves nothing half-written.
+    tmp = Path(tempfile.mkdtemp(dir=folder.parent if folder.parent.exists() else None, prefix=f".{folder.name}."))
+    try:
+        pipe.save_pretrained(tmp, safe_serialization=True)
+        os.chmod(tmp, 0o777 & ~umask())
+        if folder.exists():
+            folder.rmdir()
+        os.replace(tmp, folder)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return folder
+
+
+def _with_pad(tokenizer: CLIPTokenizer, pad: str) -> CLIPTokenizer:
+    with tempfile.TemporaryDirectory() as tmp:
+        save_tokenizer(tokenizer, Path(tmp))
+        return CLIPTokenizer.from_pretrained(tmp, pad_token=pad)
+
+
+def _read_weights(folder: Path, stem: str) -> dict[str, torch.Tensor]:
+    """safetensors weights of one diffusers component, single-file or sharded; pickles are refused."""
+    single = folder / f"{stem}.safetensors"
+    if single.is_file():
+        return load_tensors(single)
+    index = folder / f"{stem}.safetensors.index.json"
+    if index.is_file():
+        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        return {k: v for shard in shards for k, v in load_tensors(folder / shard).items()}
+    if any(folder.glob("*.bin")):
+        raise BundleError(
+            f"{folder} holds only pickled .bin weights, which can run code when loaded; convert them to safetensors first"
+        )
+    raise BundleError(f"no {stem}.safetensors in {folder}; is this a diffusers Stable Diffusion folder?")
+
+
+def _normalise(key: str, value):
+    if isinstance(value, list):
+        value = tuple(_normalise(key, v) for v in value)
+    if key in ("attention_head_dim", "transformer_layers_per_block") and isinstance(value, tuple) and len(set(value)) == 1:
+        value = value[0]
+    return value
+
+
+def _check_config(what: str, ours: dict, theirs: dict) -> None:
+    """Refuse a diffusers config with settings our config cannot express: importing would change the model."""
+    differ = [
+        f"{k}={theirs[k]!r}"
+        for k in sorted(theirs)
+        if not k.startswith("_") and _normalise(k, theirs[k]) != _normalise(k, ours.get(k))
+    ]
+    if differ:
+        raise BundleError(f"{what} settings not supported by ldm: {', '.join(differ[:4])}")
+
+
+def import_diffusers(folder: str | Path, *, name: str | None = None) -> Bundle:
+    """Read a local diffusers Stable Diffusion folder (as written by ``save_pretrained``)."""
+    folder = Path(folder)
+    if not (folder / "model_index.json").is_file():
+        raise BundleError(f"{folder} is not a diffusers pipeline folder (no model_index.json)")
+    for part in ("vae", "text_encoder", "unet", "tokenizer", "scheduler"):
+        if not (folder / part).is_dir():
+            raise BundleError(f"{folder} has no {part}/ folder; only Stable Diffusion 1.x/2.x pipelines can be imported")
+    try:
+        unet_raw = UNet2DConditionModel.load_config(folder / "unet")
+        vae_raw = AutoencoderKL.load_config(folder / "vae")
+        text_raw = CLIPTextConfig.from_pretrained(folder / "text_encoder")
+        sched_raw = DDIMScheduler.load_config(folder / "scheduler")
+        tokenizer = load_tokenizer(folder / "tokenizer")
+        padding = Padding.ZERO if tokenizer.pad_token_id == 0 else Padding.END
+        config = ModelConfig(
+            vae=AutoencoderConfig.from_diffusers(vae_raw),
+            text_encoder=TextEncoderConfig.from_transformers(text_raw, padding=padding),
+            unet=UNetConfig.from_diffusers(unet_raw),
+            schedule=ScheduleConfig.from_diffusers(sched_raw),
+        )
+    except (KeyError, ValueError, TypeError, OSError) as exc:
+        raise BundleError(f"cannot import {folder}: {exc}") from None
+    with init_empty_weights():
+        _check_config("UNet", dict(build_unet(config.unet).config), dict(unet_raw))
+        _check_config("VAE", dict(build_autoencoder(config.vae).config), dict(vae_raw))
+    if text_raw.layer_norm_eps != 1e-5:
+        raise BundleError(f"text encoder layer_norm_eps={text_raw.layer_norm_eps} is not supported")
+    if tokenizer.pad_token_id != config.text_encoder.pad_id:  # carry the padding in the config, not the tokenizer
+        tokenizer = _with_pad(tokenizer, tokenizer.eos_token)
+    return Bundle(
+        config=config,
+        vae=instantiate(build_autoencoder, config.vae, _read_weights(folder / "vae", "diffusion_pytorch_model"), "vae"),
+        text_encoder=instantiate(build_text_encoder, config.text_encoder, _read_weights(folder / "text_encoder", "model"), "text_encoder"),
+        unet=instantiate(build_unet, config.unet, _read_weights(folder / "unet", "diffusion_pytorch_model"), "unet"),
+        tokenizer=tokenizer,
+        name=name or folder.name,
+    )

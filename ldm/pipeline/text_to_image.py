@@ -1,0 +1,127 @@
+"""Text-to-image sampling: the latent diffusion loop, top to bottom.
+
+tokenize → encode text → initial noise → for each timestep: UNet on (uncond, cond) in one batch, guidance,
+scheduler step → VAE decode. Classifier-free guidance: Ho & Salimans 2022, ε̂ = ε_u + s·(ε_c − ε_u).
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+from diffusers.utils.torch_utils import randn_tensor
+from tqdm.auto import tqdm
+
+from ldm.errors import LdmError
+from ldm.models.autoencoder import decode_latents
+from ldm.models.tokenizer import tokenize
+from ldm.pipeline.denoiser import start_sampling_run
+from ldm.pipeline.schedule import Sampler, build_scheduler
+
+if TYPE_CHECKING:
+    from ldm.formats.bundle import Bundle
+
+# What generate.py draws with unless told otherwise; train_unet's validation grids use the same.
+DEFAULT_STEPS = 20
+DEFAULT_GUIDANCE = 7.5
+DEFAULT_SAMPLER = "dpmpp_2m"
+
+
+@dataclass(frozen=True, kw_only=True)
+class Request:
+    """One batch of images to make: ``prompts[i]`` with ``seeds[i]``."""
+
+    prompts: list[str]
+    negative_prompts: list[str]
+    seeds: list[int]
+    steps: int
+    guidance_scale: float
+    sampler: Sampler
+    width: int
+    height: int
+
+    def __post_init__(self):
+        if not len(self.prompts) == len(self.negative_prompts) == len(self.seeds) > 0:
+            raise ValueError("prompts, negative_prompts and seeds must be non-empty and of one length")
+        check_settings(steps=self.steps, width=self.width, height=self.height, guidance_scale=self.guidance_scale)
+
+
+def check_settings(*, steps: int, width: int, height: int, guidance_scale: float) -> None:
+    """Reject settings the loop cannot run, each with the fix."""
+    if steps <= 0:
+        raise LdmError(f"steps must be a positive number, got {steps}; try --steps 20")
+    for name, value in (("width", width), ("height", height)):
+        if value <= 0 or value % 8:
+            fix = max(8, value // 8 * 8)
+            raise LdmError(f"{name} must be a positive multiple of 8 (the VAE's downsampling factor), got {value}; try {fix}")
+    if guidance_scale < 0:
+        raise LdmError(f"guidance scale must be ≥ 0, got {guidance_scale}; ≤ 1 turns guidance off, 5–9 is usual")
+
+
+@torch.no_grad()
+def encode_prompts(bundle: Bundle, prompts: list[str], *, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """(B,) prompts → (B, L, D) text hidden states in ``dtype`` (default: the UNet's); each distinct prompt is encoded
+    once."""
+    cfg = bundle.config.text_encoder
+    row = {prompt: i for i, prompt in enumerate(dict.fromkeys(prompts))}  # distinct prompts, first-seen order
+    ids = tokenize(bundle.tokenizer, list(row), context_length=cfg.context_length, pad_id=cfg.pad_id)  # (U, L)
+    hidden = bundle.text_encoder(ids).hidden_states.to(dtype or bundle.unet.dtype)  # (U, L, D)
+    if len(row) == len(prompts):
+        return hidden
+    return hidden[torch.tensor([row[p] for p in prompts], device=hidden.device)]  # (B, L, D)
+
+
+@torch.no_grad()
+def generate(bundle: Bundle, request: Request, *, progress: bool = True) -> torch.Tensor:
+    """Run one batch; returns (B, 3, H, W) float32 images in [0, 1] on the CPU."""
+    unet = bundle.unet
+    device, dtype = unet.device, unet.dtype  # once: diffusers' properties walk every submodule (1.5 ms each)
+    batch = len(request.prompts)
+    guided = request.guidance_scale > 1.0
+
+    # Text: the unconditional (negative) half first, then the conditional half, as one UNet batch; one text
+    # encoder call for both halves, each distinct prompt once.
+    texts = (request.negative_prompts + request.prompts) if guided else request.prompts
+    context = encode_prompts(bundle, texts, dtype=dtype)  # (2B or B, L, D)
+
+    start_sampling_run(unet)  # a denoiser that keeps state across steps starts afresh
+    scheduler = build_scheduler(bundle.config.schedule, request.sampler)
+    scheduler.set_timesteps(request.steps, device=device)
+
+    # One CPU generator per image: an image depends on its own seed only, on any device and at any batch size.
+    generators = [torch.Generator("cpu").manual_seed(seed) for seed in request.seeds]
+    factor = bundle.config.vae.downsampling_factor
+    shape = (batch, unet.config.in_channels, request.height // factor, request.width // factor)
+    latents = randn_tensor(shape, generator=generators, device=device, dtype=dtype)  # (B, 4, H/8, W/8)
+    latents = latents * scheduler.init_noise_sigma
+    step_kwargs = _step_kwargs(scheduler, generators)
+
+    for t in tqdm(scheduler.timesteps, desc="sampling", disable=not progress, leave=False):
+        model_input = torch.cat([latents] * 2) if guided else latents  # (2B or B, 4, h, w)
+        model_input = scheduler.scale_model_input(model_input, t)
+        prediction = unet(model_input, t, encoder_hidden_states=context).sample
+        if guided:
+            uncond, cond = prediction.chunk(2)
+            prediction = uncond + request.guidance_scale * (cond - uncond)  # (B, 4, h, w)
+        latents = scheduler.step(prediction, t, latents, **step_kwargs).prev_sample
+
+    images = decode_latents(bundle.vae, latents, scaling_factor=bundle.config.vae.scaling_factor)  # (B, 3, H, W)
+    return (images / 2 + 0.5).clamp(0, 1).float().cpu().contiguous()  # a channels_last VAE (fast path) answers so
+
+
+def _step_kwargs(scheduler, generators: list[torch.Generator]) -> dict:
+    """Stochastic samplers (DDPM, Euler a) draw their noise from the per-image generators; DDIM runs with η = 0."""
+    accepted = inspect.signature(scheduler.step).parameters
+    kwargs = {}
+    if "eta" in accepted:
+        kwargs["eta"] = 0.0
+    if "generator" in accepted:
+        kwargs["generator"] = generators
+    return kwargs
+
+
+def to_uint8(images: torch.Tensor) -> torch.Tensor:
+    """(B, 3, H, W) in [0, 1] → (B, H, W, 3) uint8, rounding as diffusers and PIL users expect."""
+    return (images.permute(0, 2, 3, 1) * 255).round().to(torch.uint8)

@@ -1,0 +1,477 @@
+"""What UNet training reads: aspect-ratio buckets, the items of a captioned folder, and the feature cache.
+
+**Buckets.** Images of mixed sizes train at (width, height) buckets of about ``resolution²`` pixels whose sides
+are multiples of ``step`` (the VAE factor × 2^(UNet levels − 1): 64 px for SD, so every latent level divides
+evenly). Each image goes to the bucket nearest its aspect ratio (extreme ones clamp to the extreme buckets), is
+resized to cover it and cropped; a batch holds one bucket only (:class:`BucketBatches`).
+
+**Items.** Item ``i`` of an epoch is a pure function of (seed, epoch, i): one generator seeded by
+:func:`~ldm.data.item_seed` draws the crop (top, left), the flip and the caption dropout, in that order — the
+same first three draws as :func:`~ldm.data.square_tensor`, so the square case crops as ``CaptionedImageDataset``.
+
+**Cache.** The frozen VAE's posterior (mean and log-variance, so a fresh latent is sampled each epoch) of every
+centre-cropped image, and of its mirror image when flipping is on, plus the frozen text encoder's hidden states
+of every caption and of the empty caption (for caption dropout), in one safetensors file. Its key — the VAE's and
+text encoder's sha256 from the bundle manifest, resolution, crop, flip, buckets and a hash of the dataset
+listing (paths, captions, sizes, file stats) — is stored in the file; a run whose key differs rebuilds it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import sys
+import time
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from PIL import Image
+from safetensors import safe_open
+from torch.utils.data import Dataset
+from tqdm.auto import tqdm
+
+from ldm.data.config import DataConfig
+from ldm.data.dataset import item_seed, read_scanned_image
+from ldm.data.scan import ScanReport
+from ldm.errors import LdmError
+from ldm.images import open_rgb
+from ldm.io import save_tensors
+from ldm.models.tokenizer import tokenize
+from ldm.train.objectives import drop_captions
+
+CACHE_FORMAT = 1
+Size = tuple[int, int]  # (width, height) in pixels
+
+
+# --- buckets ---------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, kw_only=True)
+class BucketConfig:
+    enabled: bool = False  # False: every image is cropped square at data.resolution
+    step: int = 0  # bucket sides are multiples of this many pixels; 0 = VAE factor × 2^(UNet levels − 1)
+    max_aspect: float = 4.0  # the widest bucket's width / height (and the tallest's height / width)
+
+    def __post_init__(self):
+        if self.step < 0 or (self.step and self.step % 8):
+            raise ValueError(f"step must be 0 (auto) or a positive multiple of 8, got {self.step}")
+        if self.max_aspect < 1:
+            raise ValueError(f"max_aspect must be at least 1, got {self.max_aspect}")
+
+
+def make_buckets(resolution: int, *, step: int, max_aspect: float = 4.0) -> list[Size]:
+    """(width, height) buckets with area ≤ resolution², sides multiples of ``step``, aspect ≤ ``max_aspect``.
+
+    Only maximal buckets are kept (none fits inside another of the same width or height); the square one is always
+    there. Sorted from the tallest to the widest.
+    """
+    area = resolution * resolution
+    square = max(step, resolution // step * step)
+    candidates = {(square, square)}
+    for w in range(step, resolution * math.ceil(max_aspect) + step, step):
+        h = area // w // step * step
+        if h >= step and max(w / h, h / w) <= max_aspect + 1e-9:
+            candidates |= {(w, h), (h, w)}
+    maximal = {
+        (w, h) for w, h in candidates if not any((w2 == w and h2 > h) or (h2 == h and w2 > w) for w2, h2 in candidates)
+    }
+    return sorted(maximal, key=lambda b: (b[0] / b[1], b[0]))
+
+
+def nearest_bucket(size: Size, buckets: Sequence[Size]) -> int:
+    """Index of the bucket whose aspect ratio is nearest ``size``'s (in log ratio); extremes clamp to the ends."""
+    ratio = math.log(max(size[0], 1) / max(size[1], 1))
+    return min(range(len(buckets)), key=lambda i: (abs(math.log(buckets[i][0] / buckets[i][1]) - ratio), i))
+
+
+def assign_buckets(sizes: Sequence[Size], buckets: Sequence[Size], *, min_count: int = 1) -> list[int]:
+    """Bucket index per image: nearest aspect ratio, then images of buckets with fewer than ``min_count`` images
+    (which could never fill a batch) move to the nearest bucket that is used, smallest bucket first."""
+    assignment = [nearest_bucket(size, buckets) for size in sizes]
+    while True:
+        counts = Counter(assignment)
+        small = sorted((n, b) for b, n in counts.items() if n < min_count)
+        if not small or len(counts) == 1:
+            return assignment
+        _, moving = small[0]
+        log_ratio = math.log(buckets[moving][0] / buckets[moving][1])
+        others = [b for b in counts if b != moving]
+        target = min(others, key=lambda b: (abs(math.log(buckets[b][0] / buckets[b][1]) - log_ratio), -counts[b], b))
+        assignment = [target if b == moving else b for b in assignment]
+
+
+def bucket_step(*, vae_factor: int, unet_levels: int) -> int:
+    """The pixel multiple at which every UNet level sees a whole number of latent pixels (64 for SD)."""
+    return vae_factor * 2 ** (unet_levels - 1)
+
+
+class BucketBatches:
+    """Index batches for one epoch, each from one bucket; the interface of :class:`ldm.train.loop.EpochBatches`.
+
+    Within each bucket the images are permuted and cut into global batches of B·W (an incomplete rest is dropped),
+    then all global batches are shuffled together; process ``r`` takes its ``r``-th slice of B. Everything is drawn
+    from one generator seeded by (seed, epoch), so the order is a pure function of them.
+    """
+
+    def __init__(self, buckets: Sequence[int], batch_size: int, *, seed: int, num_replicas: int = 1, rank: int = 0):
+        self.batch_size, self.seed, self.num_replicas, self.rank = batch_size, seed, num_replicas, rank
+        self.size = len(buckets)
+        self.groups = [[i for i, b in enumerate(buckets) if b == key] for key in sorted(set(buckets))]
+        if len(self) == 0:
+            largest = max((len(g) for g in self.groups), default=0)
+            raise LdmError(
+                f"no bucket holds a whole batch ({batch_size} × {num_replicas} processes; the largest has {largest} "
+                "images); lower --set train.batch_size, add data, or turn bucketing off"
+            )
+
+    def __len__(self) -> int:
+        span = self.batch_size * self.num_replicas
+        return sum(len(g) // span for g in self.groups)
+
+    def epoch(self, epoch: int, *, start: int = 0) -> list[list[int]]:
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+        span = self.batch_size * self.num_replicas
+        global_batches = []
+        for group in self.groups:
+            perm = [group[i] for i in torch.randperm(len(group), generator=generator).tolist()]
+            global_batches += [perm[b * span : (b + 1) * span] for b in range(len(group) // span)]
+        order = torch.randperm(len(global_batches), generator=generator).tolist()
+        lo, hi = self.rank * self.batch_size, (self.rank + 1) * self.batch_size
+        return [global_batches[b][lo:hi] for b in order[start:]]
+
+
+def collate(items: list[dict]) -> dict:
+    """Stack tensors, keep everything else as lists (as ``ldm.train.loop`` collates)."""
+    return {
+        key: torch.stack([i[key] for i in items])
+        if isinstance(items[0][key], torch.Tensor)
+        else [i[key] for i in items]
+        for key in items[0]
+    }
+
+
+# --- items -----------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class CropPlan:
+    resized: Size  # the image is resized to this (width, height) first, aspect kept, covering the target
+    box: tuple[int, int, int, int]  # then cropped to (left, top, right, bottom)
+    flip: bool  # then mirrored left-right
+
+
+def plan_crop(size: Size, target: Size, *, center_crop: bool, flip_p: float, generator: torch.Generator) -> CropPlan:
+    """Where ``size`` is cropped to cover ``target``; draws exactly three numbers (top, left, flip) from
+    ``generator``, as :func:`ldm.data.square_tensor` does, whatever the settings."""
+    width, height = size
+    tw, th = target
+    scale = max(tw / width, th / height)
+    if scale != 1:  # the smallest resize (aspect kept) that covers the target
+        width, height = max(tw, round(width * scale)), max(th, round(height * scale))
+    top = int(torch.randint(0, height - th + 1, (), generator=generator))
+    left = int(torch.randint(0, width - tw + 1, (), generator=generator))
+    flip = bool(torch.rand((), generator=generator) < flip_p)
+    if center_crop:
+        top, left = (height - th) // 2, (width - tw) // 2
+    return CropPlan(resized=(width, height), box=(left, top, left + tw, top + th), flip=flip)
+
+
+def crop_tensor(image: Image.Image, plan: CropPlan) -> torch.Tensor:
+    """Apply ``plan`` to an RGB image: (3, H, W) float32 in [-1, 1]."""
+    import numpy as np
+
+    if image.size != plan.resized:
+        image = image.resize(plan.resized, Image.Resampling.BICUBIC)
+    image = image.crop(plan.box)
+    if plan.flip:
+        image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    pixels = torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1)  # (3, H, W) uint8
+    return pixels.float() / 127.5 - 1.0
+
+
+def fit_tensor(
+    image: Image.Image,
+    target: Size,
+    *,
+    center_crop: bool = True,
+    flip_p: float = 0.0,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """:func:`ldm.data.square_tensor` for any (width, height) target: (3, H, W) in [-1, 1]."""
+    generator = generator if generator is not None else torch.Generator().manual_seed(0)
+    return crop_tensor(
+        image, plan_crop(image.size, target, center_crop=center_crop, flip_p=flip_p, generator=generator)
+    )
+
+
+class UNetItems(Dataset):
+    """The usable pairs of a scanned folder, each at its target size.
+
+    Item ``i``: ``caption`` (after dropout), ``index`` and either ``mean``/``logvar`` (C, h, w) from ``cache`` — the
+    mirrored entry when the item's flip is drawn — or ``pixel_values`` (3, H, W) in [-1, 1].
+    """
+
+    def __init__(
+        self, report: ScanReport, *, targets: Sequence[Size], center_crop: bool, flip_p: float,
+        caption_dropout: float = 0.0, seed: int = 0, cache: FeatureCache | None = None,
+    ):  # fmt: skip
+        if len(targets) != len(report.pairs):
+            raise ValueError("one target size per usable pair is needed")
+        self.report, self.targets = report, list(targets)
+        self.center_crop, self.flip_p, self.caption_dropout = center_crop, flip_p, caption_dropout
+        self.seed, self.epoch = seed, 0
+        self.cache = cache if cache is not None and cache.has_latents else None
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.report.pairs)
+
+    def __getitem__(self, index: int) -> dict:
+        pair = self.report.pairs[index]
+        generator = torch.Generator().manual_seed(item_seed(self.seed, self.epoch, index))
+        plan = plan_crop(
+            self.report.sizes[pair.image], self.targets[index], center_crop=self.center_crop, flip_p=self.flip_p,
+            generator=generator,
+        )  # fmt: skip
+        caption = drop_captions([pair.caption], self.caption_dropout, generator)[0]
+        if self.cache is not None:
+            mean, logvar = self.cache.latent(index, flipped=plan.flip)
+            return {"mean": mean, "logvar": logvar, "caption": caption, "index": index}
+        image = read_scanned_image(pair.image)
+        return {"pixel_values": crop_tensor(image, plan), "caption": caption, "index": index}
+
+
+# --- the feature cache -----------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, kw_only=True)
+class CacheConfig:
+    enabled: bool = True  # False (--no-cache): encode every step
+    dir: str = ""  # "" = OUTPUT_DIR/cache; share a folder between runs with --cache-dir
+    batch_size: int = 16  # images per VAE call while building
+
+    def __post_init__(self):
+        if self.batch_size < 1:
+            raise ValueError("batch_size must be at least 1")
+
+
+class FeatureCache:
+    """Encoded features of one dataset: posterior (mean, logvar) per item (and mirrored), hidden states per caption."""
+
+    def __init__(
+        self, *, key: dict, latents: dict[str, torch.Tensor] | None, captions: list[str],
+        hidden_states: torch.Tensor, path: Path | None = None,
+    ):  # fmt: skip
+        self.key, self.path = key, path
+        self.captions = list(captions)
+        self.hidden_states = hidden_states  # (U, L, D) float32
+        self._caption_row = {c: i for i, c in enumerate(self.captions)}
+        self.tensors = latents or {}
+        self._where: dict[int, tuple[str, int]] = {}
+        for name, value in self.tensors.items():
+            if name.endswith(".index"):
+                stem = name.removesuffix(".index")
+                self._where |= {int(i): (stem, row) for row, i in enumerate(value.tolist())}
+
+    @property
+    def has_latents(self) -> bool:
+        return bool(self._where)
+
+    @property
+    def has_flipped(self) -> bool:
+        return any(name.endswith(".mean_flipped") for name in self.tensors)
+
+    def __len__(self) -> int:
+        return len(self._where)
+
+    def latent(self, index: int, *, flipped: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """(mean, logvar), each (C, h, w) float32, of item ``index``'s posterior."""
+        stem, row = self._where[index]
+        suffix = "_flipped" if flipped else ""
+        if flipped and f"{stem}.mean_flipped" not in self.tensors:
+            raise LdmError("the feature cache holds no mirrored latents; it was built with data.random_flip=0")
+        return self.tensors[f"{stem}.mean{suffix}"][row], self.tensors[f"{stem}.logvar{suffix}"][row]
+
+    def text(self, captions: Sequence[str]) -> torch.Tensor:
+        """(B, L, D) float32 hidden states of ``captions`` (each must be in the cache, as must '')."""
+        try:
+            rows = [self._caption_row[c] for c in captions]
+        except KeyError as exc:
+            raise LdmError(f"caption {exc} is not in the feature cache; delete {self.path} to rebuild it") from None
+        return self.hidden_states[rows]
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in [*self.tensors.values(), self.hidden_states])
+
+
+def module_digest(bundle, part: str) -> str:
+    """sha256 of a bundle part: the manifest's, or the tensors' own for a bundle never saved."""
+    digest = bundle.manifest.get("files", {}).get(f"{part}.safetensors")
+    if digest:
+        return digest
+    h = hashlib.sha256()
+    module = bundle.modules()[part]
+    for name, tensor in sorted(module.state_dict().items()):
+        h.update(name.encode())
+        h.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return "tensors:" + h.hexdigest()
+
+
+def listing_hash(report: ScanReport, targets: Sequence[Size]) -> str:
+    """sha256 over the usable pairs (relative path, caption, size, file size and mtime) and their target sizes."""
+    h = hashlib.sha256()
+    for pair, target in zip(report.pairs, targets):
+        stat = pair.image.stat()
+        try:
+            rel = pair.image.relative_to(report.root)
+        except ValueError:
+            rel = pair.image
+        w, h_ = report.sizes[pair.image]
+        h.update(
+            f"{rel}\t{pair.caption}\t{w}x{h_}\t{stat.st_size}\t{stat.st_mtime_ns}\t{target[0]}x{target[1]}\n".encode()
+        )
+    return h.hexdigest()
+
+
+def cache_key(
+    bundle, data: DataConfig, report: ScanReport, targets: Sequence[Size], *, buckets: Sequence[Size] | None
+) -> dict:
+    """Everything the cached numbers depend on; a cache whose stored key differs is rebuilt."""
+    return {
+        "format": CACHE_FORMAT,
+        "vae": module_digest(bundle, "vae"),
+        "text_encoder": module_digest(bundle, "text_encoder"),
+        "resolution": data.resolution,
+        "center_crop": data.center_crop,
+        "flip": data.random_flip > 0,
+        "buckets": [list(b) for b in buckets] if buckets else None,
+        "listing": listing_hash(report, targets),
+    }
+
+
+def cache_path(folder: str | Path, data: DataConfig, role: str) -> Path:
+    """``FOLDER/<data folder name>-<role>-<hash of its absolute path>.safetensors``."""
+    where = hashlib.sha256(str(Path(data.path).resolve()).encode()).hexdigest()[:10]
+    return Path(folder) / f"{Path(data.path).name}-{role}-{where}.safetensors"
+
+
+@torch.no_grad()
+def encode_text(bundle, captions: Sequence[str], *, batch_size: int = 64, device=None) -> torch.Tensor:
+    """(N, L, D) float32 hidden states of the (frozen) text encoder, as :func:`ldm.pipeline.encode_prompts`."""
+    cfg = bundle.config.text_encoder
+    out = []
+    for start in range(0, len(captions), batch_size):
+        ids = tokenize(
+            bundle.tokenizer,
+            list(captions[start : start + batch_size]),
+            context_length=cfg.context_length,
+            pad_id=cfg.pad_id,
+        )
+        out.append(bundle.text_encoder(ids.to(device)).hidden_states.float().cpu())
+    return torch.cat(out) if out else torch.zeros(0, cfg.context_length, cfg.width)
+
+
+@torch.no_grad()
+def encode_features(
+    bundle, report: ScanReport, targets: Sequence[Size], *, key: dict, latents: bool, flip: bool, batch_size: int,
+    device=None, progress: bool = True,
+) -> FeatureCache:  # fmt: skip
+    """Run the frozen VAE (centre crops, and their mirror images when ``flip``) and text encoder over a dataset."""
+    vae = bundle.vae
+    tensors: dict[str, torch.Tensor] = {}
+    if latents:
+        by_target: dict[Size, list[int]] = {}
+        for i, target in enumerate(targets):
+            by_target.setdefault(tuple(target), []).append(i)
+        bar = tqdm(total=len(targets), desc="encoding latents", unit="img", disable=not progress, leave=False)
+        for (w, h), indices in sorted(by_target.items()):
+            parts: dict[str, list[torch.Tensor]] = {}
+            for start in range(0, len(indices), batch_size):
+                chunk = indices[start : start + batch_size]
+                generator = torch.Generator().manual_seed(0)  # centre crops draw nothing that matters
+                x = torch.stack(
+                    [fit_tensor(open_rgb(report.pairs[i].image), (w, h), generator=generator) for i in chunk]
+                )
+                if flip:
+                    x = torch.cat([x, x.flip(-1)])  # (2n, 3, H, W): the mirror images in the same VAE call
+                dist = vae.encode(x.to(device, vae.dtype)).latent_dist
+                mean, logvar = dist.mean.float().cpu(), dist.logvar.float().cpu()  # (n or 2n, C, h/8, w/8)
+                n = len(chunk)
+                parts.setdefault("mean", []).append(mean[:n])
+                parts.setdefault("logvar", []).append(logvar[:n])
+                if flip:
+                    parts.setdefault("mean_flipped", []).append(mean[n:])
+                    parts.setdefault("logvar_flipped", []).append(logvar[n:])
+                bar.update(n)
+            stem = f"latents.{w}x{h}"
+            tensors[f"{stem}.index"] = torch.tensor(indices, dtype=torch.int64)
+            tensors |= {f"{stem}.{name}": torch.cat(values) for name, values in parts.items()}
+        bar.close()
+    captions = sorted({pair.caption for pair in report.pairs} | {""})
+    hidden = encode_text(bundle, captions, device=device)
+    return FeatureCache(key=key, latents=tensors, captions=captions, hidden_states=hidden)
+
+
+def _changed(saved: dict, key: dict) -> list[str]:
+    return [name for name in key if saved.get(name) != key[name]] or ["format"]
+
+
+def load_cache(path: Path, key: dict) -> tuple[FeatureCache | None, str]:
+    """The cache at ``path`` if its key equals ``key``; else None and why."""
+    if not path.is_file():
+        return None, "no cache yet"
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = json.loads((f.metadata() or {}).get("ldm.train.cache", "{}"))
+            if meta.get("key") != key:
+                return None, f"{', '.join(_changed(meta.get('key') or {}, key))} changed"
+            tensors = {name: f.get_tensor(name) for name in f.keys()}
+    except Exception as exc:  # safetensors raises its own error types; a damaged cache is simply rebuilt
+        return None, f"unreadable ({type(exc).__name__})"
+    hidden = tensors.pop("text.hidden_states")
+    return FeatureCache(key=key, latents=tensors, captions=meta["captions"], hidden_states=hidden, path=path), "hit"
+
+
+def save_cache(cache: FeatureCache, path: Path) -> Path:
+    meta = {"ldm.train.cache": json.dumps({"key": cache.key, "captions": cache.captions})}
+    save_tensors(path, {**cache.tensors, "text.hidden_states": cache.hidden_states}, metadata=meta)
+    cache.path = path
+    return path
+
+
+def load_or_build_cache(
+    path: Path | None, *, bundle, data: DataConfig, report: ScanReport, targets: Sequence[Size],
+    buckets: Sequence[Size] | None, latents: bool, batch_size: int, device=None,
+    log: Callable[[str], None] | None = None,
+) -> FeatureCache:  # fmt: skip
+    """The feature cache of a dataset: read from ``path`` when its key matches, else encoded (and written to ``path``;
+    ``path`` None: kept in memory only). ``latents`` False caches the text only (random crops cannot be cached)."""
+    log = log or (lambda message: print(message, file=sys.stdout, flush=True))
+    key = cache_key(bundle, data, report, targets, buckets=buckets) | {"latents": latents}
+    if path is not None:
+        cache, why = load_cache(path, key)
+        if cache is not None:
+            log(f"feature cache: hit {path} ({len(cache)} latents, {len(cache.captions)} captions); no VAE encoding")
+            return cache
+        log(f"feature cache: building {path} ({why})")
+    started = time.monotonic()
+    cache = encode_features(
+        bundle,
+        report,
+        targets,
+        key=key,
+        latents=latents,
+        flip=data.random_flip > 0,
+        batch_size=batch_size,
+        device=device,
+    )
+    if path is not None:
+        save_cache(cache, path)
+        log(f"feature cache: wrote {path} ({cache.nbytes() / 2**20:.1f} MiB) in {time.monotonic() - started:.1f} s")
+    return cache

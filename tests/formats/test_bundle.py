@@ -1,0 +1,161 @@
+import json
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from ldm.cli.bundle import main
+from ldm.cli.common import run_cli
+from ldm.errors import BundleError, LdmError
+from ldm.formats.bundle import create_bundle, load_bundle, save_bundle
+from ldm.formats.diffusers import export_diffusers, import_diffusers
+from ldm.models.presets import PRESETS
+from ldm.models.text_encoder import Padding
+
+
+def assert_same_weights(a, b):
+    for part, module in a.modules().items():
+        sa, sb = module.state_dict(), b.modules()[part].state_dict()
+        assert sa.keys() == sb.keys(), part
+        for key in sa:
+            assert sa[key].dtype == sb[key].dtype and torch.equal(sa[key], sb[key]), f"{part}.{key}"
+
+
+def test_save_load_is_bit_identical(tmp_path):
+    bundle = create_bundle(PRESETS["micro"], seed=3, name="m")
+    save_bundle(bundle, tmp_path / "b")
+    loaded = load_bundle(tmp_path / "b")
+    assert loaded.config == bundle.config
+    assert loaded.name == "m" and loaded.short_hash == bundle.short_hash and len(loaded.short_hash) == 10
+    assert_same_weights(bundle, loaded)
+    manifest = json.loads((tmp_path / "b" / "manifest.json").read_text())
+    assert set(manifest["files"]) >= {"model.yaml", "unet.safetensors", "vae.safetensors", "text_encoder.safetensors"}
+    assert manifest["packages"]["torch"] == torch.__version__.split("+")[0] or manifest["packages"]["torch"]
+    assert not list((tmp_path / "b").glob("*.tmp")) and not list((tmp_path / "b").glob(".*"))
+
+
+def test_saving_again_gives_the_same_files(tmp_path, micro_bundle_dir):
+    save_bundle(load_bundle(micro_bundle_dir), tmp_path / "again")
+    first = json.loads((micro_bundle_dir / "manifest.json").read_text())
+    second = json.loads((tmp_path / "again" / "manifest.json").read_text())
+    assert first["files"] == second["files"] and first["hash"] == second["hash"]
+
+
+@pytest.mark.parametrize("padding", [Padding.END, Padding.ZERO])
+def test_export_import_is_bit_identical(tmp_path, padding):
+    from dataclasses import replace
+
+    config = PRESETS["micro"]
+    config = replace(config, text_encoder=replace(config.text_encoder, padding=padding))
+    bundle = create_bundle(config, seed=1)
+    export_diffusers(bundle, tmp_path / "sd")
+    assert (tmp_path / "sd" / "model_index.json").is_file()
+    assert not list((tmp_path / "sd").rglob("*.bin"))  # safetensors only
+    back = import_diffusers(tmp_path / "sd")
+    assert back.config == bundle.config
+    assert_same_weights(bundle, back)
+    assert back.tokenizer.get_vocab() == bundle.tokenizer.get_vocab()
+
+
+def test_export_loads_in_diffusers_offline(micro_diffusers_dir):
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(micro_diffusers_dir, local_files_only=True)
+    assert pipe.vae.config.scaling_factor == PRESETS["micro"].vae.scaling_factor
+    assert pipe.tokenizer.pad_token_id == 49407
+    assert pipe.safety_checker is None
+
+
+def test_export_refuses_to_overwrite(tmp_path, micro_bundle_dir):
+    (tmp_path / "sd").mkdir()
+    (tmp_path / "sd" / "keep.txt").write_text("mine")
+    with pytest.raises(LdmError, match="already exists and is not empty"):
+        export_diffusers(load_bundle(micro_bundle_dir), tmp_path / "sd")
+    assert (tmp_path / "sd" / "keep.txt").read_text() == "mine"
+
+
+def test_damaged_bundles_are_reported(tmp_path, micro_bundle_dir):
+    broken = tmp_path / "broken"
+    shutil.copytree(micro_bundle_dir, broken)
+    data = bytearray((broken / "unet.safetensors").read_bytes())
+    data[-1] ^= 0xFF
+    (broken / "unet.safetensors").write_bytes(bytes(data))
+    with pytest.raises(BundleError, match="unet.safetensors does not match its sha256"):
+        load_bundle(broken)
+    (broken / "unet.safetensors").unlink()
+    with pytest.raises(BundleError, match="missing unet.safetensors"):
+        load_bundle(broken)
+    (broken / "manifest.json").write_text("{not json")
+    with pytest.raises(BundleError, match="not valid JSON"):
+        load_bundle(broken)
+    (broken / "manifest.json").unlink()
+    with pytest.raises(BundleError, match="not a model bundle"):
+        load_bundle(broken)
+    with pytest.raises(BundleError, match="no model bundle at"):
+        load_bundle(tmp_path / "nowhere")
+
+
+def test_weights_that_do_not_fit_the_config(tmp_path, micro_bundle_dir):
+    odd = tmp_path / "odd"
+    shutil.copytree(micro_bundle_dir, odd)
+    save_file({"x": torch.zeros(1)}, str(odd / "vae.safetensors"))
+    with pytest.raises(BundleError, match="vae weights do not fit its config"):
+        load_bundle(odd, verify=False)
+
+
+def test_import_refuses_pickles_and_foreign_models(tmp_path, micro_diffusers_dir):
+    pickled = tmp_path / "pickled"
+    shutil.copytree(micro_diffusers_dir, pickled)
+    (pickled / "unet" / "diffusion_pytorch_model.safetensors").unlink()
+    (pickled / "unet" / "diffusion_pytorch_model.bin").write_bytes(b"not even loaded")
+    with pytest.raises(BundleError, match="only pickled .bin weights"):
+        import_diffusers(pickled)
+
+    foreign = tmp_path / "foreign"
+    shutil.copytree(micro_diffusers_dir, foreign)
+    cfg_path = foreign / "unet" / "config.json"
+    cfg = json.loads(cfg_path.read_text()) | {"addition_embed_type": "text_time"}
+    cfg_path.write_text(json.dumps(cfg))
+    with pytest.raises(BundleError, match="addition_embed_type='text_time'"):
+        import_diffusers(foreign)
+
+    cfg["addition_embed_type"] = None
+    cfg["resnet_time_scale_shift"] = "scale_shift"
+    cfg_path.write_text(json.dumps(cfg))
+    with pytest.raises(BundleError, match="UNet settings not supported by ldm: resnet_time_scale_shift='scale_shift'"):
+        import_diffusers(foreign)
+
+
+def test_cli_create_info_export_import(tmp_path, capsys):
+    assert run_cli(main, ["create", "micro", str(tmp_path / "b"), "--set", "unet.layers_per_block=2"]) == 0
+    assert load_bundle(tmp_path / "b").config.unet.layers_per_block == 2
+    assert run_cli(main, ["create", "micro", str(tmp_path / "b")]) == 2
+    assert "already holds a bundle; pass --force" in capsys.readouterr().err
+    assert run_cli(main, ["create", "micro", str(tmp_path / "c"), "--set", "unet.layers=2"]) == 2
+    assert "unknown config key 'unet.layers'" in capsys.readouterr().err
+    assert run_cli(main, ["info", str(tmp_path / "b")]) == 0
+    assert "layers_per_block: 2" in capsys.readouterr().out
+    assert run_cli(main, ["export", str(tmp_path / "b"), str(tmp_path / "sd")]) == 0
+    assert run_cli(main, ["import", str(tmp_path / "sd"), str(tmp_path / "b2")]) == 0
+    assert_same_weights(load_bundle(tmp_path / "b"), load_bundle(tmp_path / "b2"))
+
+
+def test_cli_convert_to_fp16(tmp_path, micro_bundle_dir, capsys):
+    out = tmp_path / "half"
+    assert run_cli(main, ["convert", str(micro_bundle_dir), str(out), "--dtype", "fp16"]) == 0
+    assert f"wrote fp16 bundle {out}" in capsys.readouterr().out
+    full, half = load_bundle(micro_bundle_dir), load_bundle(out)
+    assert half.config == full.config and half.unet.dtype == torch.float16
+    for name, module in full.modules().items():
+        ours = half.modules()[name].state_dict()
+        for key, value in module.state_dict().items():
+            expected = value.half() if value.is_floating_point() else value
+            assert torch.equal(ours[key], expected), (name, key)
+    weights = [f"{part}.safetensors" for part in ("vae", "text_encoder", "unet")]
+    for name in weights:  # floating weights take half the bytes (headers aside)
+        assert (out / name).stat().st_size < 0.6 * (micro_bundle_dir / name).stat().st_size
+    assert run_cli(main, ["convert", str(micro_bundle_dir), str(out), "--dtype", "fp16"]) == 2
+    assert "already holds a bundle; pass --force" in capsys.readouterr().err
+    assert run_cli(main, ["convert", str(out), str(out), "--dtype", "fp32", "--force"]) == 2
+    assert "choose an output folder other than the input" in capsys.readouterr().err

@@ -1,0 +1,46 @@
+"""ldm.models.autoencoder: decoding scaled latents, and the fp32 retry of a half-precision decode that overflows."""
+
+import math
+import warnings
+
+import pytest
+import torch
+
+from ldm.models.autoencoder import build_autoencoder, decode_latents
+from ldm.models.presets import PRESETS
+
+
+def micro_vae(dtype=torch.float32):
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        return build_autoencoder(PRESETS["micro"].vae).eval().to(dtype)
+
+
+def overflow(module, inputs, output):
+    return output * math.inf if output.dtype == torch.bfloat16 else output
+
+
+@torch.no_grad()
+def test_decode_divides_by_the_scaling_factor():
+    vae, z = micro_vae(), torch.randn(2, 4, 4, 4, generator=torch.Generator().manual_seed(1))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # fp32: no retry, no warning
+        images = decode_latents(vae, z, scaling_factor=0.5)
+    torch.testing.assert_close(images, vae.decode(z / 0.5).sample)
+    assert images.shape == (2, 3, 32, 32)
+
+
+@torch.no_grad()
+def test_half_precision_overflow_is_decoded_again_in_fp32():
+    half = micro_vae(torch.bfloat16)
+    rounded = micro_vae(torch.bfloat16).float()  # the weights the fp32 retry computes with
+    z = torch.randn(1, 4, 4, 4, generator=torch.Generator().manual_seed(2)).to(torch.bfloat16)
+    hook = half.decoder.conv_out.register_forward_hook(overflow)
+    try:
+        with pytest.warns(UserWarning, match="the VAE decode overflowed in torch.bfloat16; decoding again in fp32"):
+            images = decode_latents(half, z, scaling_factor=1.0)
+    finally:
+        hook.remove()
+    assert torch.isfinite(images).all()
+    assert half.dtype == torch.bfloat16  # put back after the retry
+    torch.testing.assert_close(images, decode_latents(rounded, z.float(), scaling_factor=1.0))

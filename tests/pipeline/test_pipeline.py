@@ -1,0 +1,99 @@
+"""The sampling loop against an independent implementation: diffusers' own StableDiffusionPipeline."""
+
+import pytest
+import torch
+
+from ldm.errors import LdmError
+from ldm.formats.bundle import load_bundle
+from ldm.pipeline import Request, check_settings, generate
+from ldm.pipeline.schedule import SAMPLERS, get_sampler
+
+PROMPTS = ["red apple", "cat face with tears of joy"]
+NEGATIVE = ["blurry", ""]
+SEEDS = [11, 12]
+
+
+@pytest.fixture(scope="module")
+def bundle(micro_bundle_dir):
+    return load_bundle(micro_bundle_dir)
+
+
+@pytest.fixture(scope="module")
+def reference(micro_diffusers_dir):
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(micro_diffusers_dir, local_files_only=True)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def run_reference(pipe, sampler_name, *, steps, guidance):
+    sampler = get_sampler(sampler_name)
+    pipe.scheduler = sampler.scheduler.from_config(pipe.scheduler.config, **dict(sampler.options))
+    out = pipe(
+        PROMPTS, negative_prompt=NEGATIVE, num_inference_steps=steps, guidance_scale=guidance,
+        generator=[torch.Generator().manual_seed(s) for s in SEEDS], height=64, width=64, output_type="np",
+    )  # fmt: skip
+    return torch.from_numpy(out.images).permute(0, 3, 1, 2)  # (B, 3, H, W) in [0, 1]
+
+
+@pytest.mark.parametrize("sampler_name", list(SAMPLERS))
+@pytest.mark.parametrize("guidance", [7.5, 1.0], ids=["cfg", "no-cfg"])
+def test_matches_diffusers(bundle, reference, micro_diffusers_dir, sampler_name, guidance):
+    from diffusers import DDIMScheduler
+
+    # The exported scheduler config, not the previous test's sampler (its options would leak in).
+    reference.scheduler = DDIMScheduler.from_pretrained(micro_diffusers_dir / "scheduler")
+    request = Request(
+        prompts=PROMPTS, negative_prompts=NEGATIVE, seeds=SEEDS, steps=6, guidance_scale=guidance,
+        sampler=get_sampler(sampler_name), width=64, height=64,
+    )  # fmt: skip
+    ours = generate(bundle, request, progress=False)
+    theirs = run_reference(reference, sampler_name, steps=6, guidance=guidance)
+    assert ours.shape == theirs.shape == (2, 3, 64, 64)
+    assert ours.std() > 0.01  # a real image, not a constant
+    assert (ours - theirs).abs().max().item() <= 1e-4
+
+
+def test_each_image_depends_on_its_own_seed_only(bundle):
+    def run(prompts, seeds):
+        request = Request(
+            prompts=prompts, negative_prompts=[""] * len(prompts), seeds=seeds, steps=4, guidance_scale=5.0,
+            sampler=get_sampler("euler_a"), width=64, height=64,
+        )  # fmt: skip
+        return generate(bundle, request, progress=False)
+
+    batch = run(["red apple", "pizza", "rocket"], [1, 2, 3])
+    alone = run(["pizza"], [2])
+    torch.testing.assert_close(batch[1:2], alone, atol=1e-5, rtol=0)
+    assert (batch[0] - batch[1]).abs().max() > 1e-3  # different seeds and prompts, different images
+
+
+def test_non_square_sizes(bundle):
+    request = Request(
+        prompts=["x"], negative_prompts=[""], seeds=[0], steps=2, guidance_scale=3.0,
+        sampler=get_sampler("ddim"), width=96, height=32,
+    )  # fmt: skip
+    assert generate(bundle, request, progress=False).shape == (1, 3, 32, 96)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(steps=0), "steps must be a positive number, got 0"),
+        (dict(width=65), "width must be a positive multiple of 8 .* got 65; try 64"),
+        (dict(height=0), "height must be a positive multiple of 8"),
+        (dict(guidance_scale=-1.0), "guidance scale must be ≥ 0"),
+    ],
+)
+def test_bad_settings(kwargs, message):
+    settings = dict(steps=10, width=64, height=64, guidance_scale=7.5) | kwargs
+    with pytest.raises(LdmError, match=message):
+        check_settings(**settings)
+
+
+def test_sampler_lookup():
+    assert get_sampler("Euler a") is get_sampler("euler_a")
+    assert get_sampler("DPM++ 2M Karras").name == "dpmpp_2m_karras"
+    with pytest.raises(LdmError, match="unknown sampler 'euler_b'; choose one of: ddpm, ddim"):
+        get_sampler("euler_b")

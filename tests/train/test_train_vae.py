@@ -1,0 +1,199 @@
+"""train_vae.py on the micro preset: it learns, resumes exactly, survives a messy folder, and writes a bundle."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from planted import build_dataset
+from safetensors import safe_open
+
+from ldm.cli import train_vae
+from ldm.cli.common import run_cli
+from ldm.data import DataConfig, Layout
+from ldm.formats.bundle import load_bundle
+
+
+@pytest.fixture(scope="module")
+def shapes_folder(tmp_path_factory):
+    """24 captioned 64×64 pictures of coloured discs and squares on white: easy to learn, not trivial."""
+    root = tmp_path_factory.mktemp("shapes")
+    rows = []
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[:64, :64]
+    for i in range(24):
+        image = np.full((64, 64, 3), 255, np.uint8)
+        cy, cx, r = rng.integers(20, 44), rng.integers(20, 44), rng.integers(8, 18)
+        mask = (yy - cy) ** 2 + (xx - cx) ** 2 < r**2 if i % 2 else (abs(yy - cy) < r) & (abs(xx - cx) < r)
+        image[mask] = rng.integers(0, 256, 3)
+        Image.fromarray(image).save(root / f"{i:02d}.png")
+        rows.append(json.dumps({"file_name": f"{i:02d}.png", "text": "disc" if i % 2 else "square"}))
+    (root / "metadata.jsonl").write_text("\n".join(rows) + "\n")
+    return root
+
+
+def args(data, out, *extra):
+    return ["--preset", "micro", "--data", str(data), "--out", str(out), "--set", "train.batch_size=4",
+            "--set", "train.log_every=1", *extra]  # fmt: skip
+
+
+def checkpoint_tensors(path):
+    with safe_open(str(path), "pt") as f:
+        return {k: f.get_tensor(k) for k in f.keys()}
+
+
+@pytest.mark.slow
+def test_reconstruction_loss_goes_down(shapes_folder, tmp_path):
+    from ldm.cli.train_vae import eval_batches
+    from ldm.eval.reconstruction import evaluate_batches
+
+    out = tmp_path / "run"
+    before = evaluate_batches(load_bundle_vae_of_preset(), eval_batches(DataConfig(path=str(shapes_folder), resolution=64), 8))
+    assert run_cli(train_vae.main, args(shapes_folder, out, "--max-steps", "40", "--set", "train.lr=2e-3",
+                                        "--eval-data", str(shapes_folder))) == 0  # fmt: skip
+    after = json.loads((out / "eval.json").read_text())
+    assert after["psnr"] > before["psnr"] + 3  # dB
+    bundle = load_bundle(out / "bundle")
+    assert bundle.config.vae.scaling_factor != 1.0  # measured, and stored in the config
+    assert bundle.vae.config.scaling_factor == pytest.approx(bundle.config.vae.scaling_factor)
+    assert list((out / "samples").glob("reconstructions-*.png"))
+    assert list((out / "logs").rglob("events.out.tfevents.*"))
+
+
+def load_bundle_vae_of_preset():
+    from ldm.formats.bundle import create_bundle
+    from ldm.models.presets import PRESETS
+
+    return create_bundle(PRESETS["micro"], seed=0).vae.eval()
+
+
+@pytest.mark.parametrize("accumulation", [1, 2])
+def test_resume_is_exact(shapes_folder, tmp_path, accumulation):
+    common = ["--set", f"train.gradient_accumulation={accumulation}", "--set", "train.ema_decay=0.9",
+              "--set", "loss.disc_start=3", "--set", "train.checkpoint_every=100"]  # fmt: skip
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    assert run_cli(train_vae.main, args(shapes_folder, straight, "--max-steps", "6", *common)) == 0
+    assert run_cli(train_vae.main, args(shapes_folder, split, "--max-steps", "3", *common)) == 0
+    assert run_cli(train_vae.main, args(shapes_folder, split, "--max-steps", "6", "--resume", "latest", *common)) == 0
+    a = checkpoint_tensors(straight / "checkpoints" / "step-00000006.safetensors")
+    b = checkpoint_tensors(split / "checkpoints" / "step-00000006.safetensors")
+    assert a.keys() == b.keys()
+    assert any(k.startswith("s.optimizers.vae.state.") for k in a)  # optimizer state is in there
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+def test_trains_on_a_folder_with_planted_problems(tmp_path, capsys):
+    data = build_dataset(tmp_path / "messy", Layout.KOHYA)
+    assert run_cli(train_vae.main, args(data, tmp_path / "run", "--max-steps", "2")) == 0
+    out = capsys.readouterr().out
+    assert "usable" in out.lower()  # the data report is printed before training
+    assert (tmp_path / "run" / "bundle" / "manifest.json").is_file()
+
+
+def test_layout_flags_reach_the_training_and_held_out_folders(shapes_folder, tmp_path, capsys):
+    # A csv table under another name with other column names: the error's hint is a flag this script takes.
+    data = tmp_path / "csv"
+    data.mkdir()
+    rows = [json.loads(line) for line in (shapes_folder / "metadata.jsonl").read_text().splitlines()]
+    lines = ["path,label"] + [f"{row['file_name']},{row['text']}" for row in rows]
+    (data / "captions.csv").write_text("\n".join(lines) + "\n")
+    for row in rows:
+        (data / row["file_name"]).write_bytes((shapes_folder / row["file_name"]).read_bytes())
+    assert run_cli(train_vae.main, args(data, tmp_path / "no", "--max-steps", "1")) == 2
+    assert "pass --metadata captions.csv" in capsys.readouterr().err
+    layout = ["--metadata", "captions.csv", "--image-column", "path", "--caption-column", "label"]
+    run = tmp_path / "run"
+    assert run_cli(train_vae.main, args(data, run, "--max-steps", "1", "--eval-data", str(data), *layout)) == 0
+    assert json.loads((run / "eval.json").read_text())["count"] == 24  # the held-out folder read the same way
+    saved = (run / "config.yaml").read_text()
+    assert "metadata: captions.csv" in saved and "caption_column: label" in saved
+    # A held-out folder in the standard layout, which the training folder's settings do not fit, is detected.
+    other = tmp_path / "other"
+    assert run_cli(train_vae.main, args(data, other, "--max-steps", "1", "--eval-data", str(shapes_folder), *layout)) == 0
+    assert json.loads((other / "eval.json").read_text())["count"] == 24
+    # Resuming with other layout settings would move the saved data position to another listing.
+    capsys.readouterr()
+    resume = ["--out", str(run), "--resume", "latest", "--max-steps", "2"]
+    assert run_cli(train_vae.main, [*resume, "--caption-column", "path"]) == 2
+    assert "would change the data of a run being resumed" in capsys.readouterr().err
+    assert run_cli(train_vae.main, [*resume, *layout]) == 0  # the same settings are no change
+
+
+def test_fine_tune_decoder_only_keeps_the_encoder(shapes_folder, tmp_path, micro_bundle_dir):
+    out = tmp_path / "ft"
+    argv = ["--init-from", str(micro_bundle_dir), "--decoder-only", "--data", str(shapes_folder), "--out", str(out),
+            "--max-steps", "2", "--set", "train.batch_size=4", "--set", "train.lr=1e-2"]  # fmt: skip
+    assert run_cli(train_vae.main, argv) == 0
+    before, after = load_bundle(micro_bundle_dir), load_bundle(out / "bundle")
+    enc_a, enc_b = before.vae.encoder.state_dict(), after.vae.encoder.state_dict()
+    assert all(torch.equal(enc_a[k], enc_b[k]) for k in enc_a)
+    dec_a, dec_b = before.vae.decoder.state_dict(), after.vae.decoder.state_dict()
+    assert any(not torch.equal(dec_a[k], dec_b[k]) for k in dec_a)
+    unet_a, unet_b = before.unet.state_dict(), after.unet.state_dict()
+    assert all(torch.equal(unet_a[k], unet_b[k]) for k in unet_a)  # other parts are carried over
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--preset", "micro", "--out", "x"], "no training data; pass --data FOLDER"),
+        (["--data", "d", "--out", "x"], "pass --preset NAME to train from scratch or --init-from BUNDLE"),
+        (["--preset", "micro", "--data", "d", "--decoder-only"], "--decoder-only needs --init-from BUNDLE"),
+        (["--preset", "micro", "--data", "d", "--set", "train.lr=fast"], "'train.lr' must be a number"),
+    ],
+)
+def test_bad_arguments(argv, message, capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert run_cli(train_vae.main, argv) == 2
+    assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("setting", ["posterior_logvar_init=-6", "zero_init_residual=true"])
+def test_initialisations_are_for_new_autoencoders_only(setting, micro_bundle_dir, tmp_path, capsys):
+    argv = ["--init-from", str(micro_bundle_dir), "--data", "d", "--out", str(tmp_path / "x"), "--set", setting]
+    assert run_cli(train_vae.main, argv) == 2
+    assert f"{setting.split('=')[0]} sets up a new" in capsys.readouterr().err
+
+
+def test_posterior_logvar_init_sets_the_starting_noise():
+    from ldm.formats.bundle import create_bundle
+    from ldm.models.presets import PRESETS
+
+    vae = create_bundle(PRESETS["micro"], seed=0).vae.eval()
+    x = torch.rand(2, 3, 64, 64) * 2 - 1
+    with torch.no_grad():
+        before = vae.encode(x).latent_dist
+        train_vae.init_posterior_logvar(vae, -6.0)
+        after = vae.encode(x).latent_dist
+    assert before.logvar.mean().abs() < 2  # diffusers' initialisation: log σ² near 0
+    assert after.logvar.mean().item() == pytest.approx(-6.0, abs=0.5)
+    assert after.logvar.std() < before.logvar.std()
+    torch.testing.assert_close(after.mean, before.mean)  # the means are untouched
+
+
+def test_zero_init_residual_makes_every_residual_block_start_as_the_identity():
+    from diffusers.models.attention_processor import Attention
+    from diffusers.models.resnet import ResnetBlock2D
+
+    from ldm.formats.bundle import create_bundle
+    from ldm.models.presets import PRESETS
+
+    vae = create_bundle(PRESETS["micro"], seed=0).vae.eval()
+    resnets = [m for m in vae.modules() if isinstance(m, ResnetBlock2D)]
+    attentions = [m for m in vae.modules() if isinstance(m, Attention)]
+    same_width = [m for m in resnets if m.conv_shortcut is None]
+    assert same_width and attentions
+    x = torch.randn(2, same_width[0].in_channels, 8, 8)
+    with torch.no_grad():
+        assert not torch.allclose(same_width[0](x, None), x)  # diffusers' initialisation: not the identity
+        assert train_vae.zero_residual_branches(vae) == len(resnets) + len(attentions)
+        for block in same_width:
+            x = torch.randn(2, block.in_channels, 8, 8)
+            torch.testing.assert_close(block(x, None), x)
+        for attention in attentions:
+            x = torch.randn(2, attention.inner_dim, 4, 4)
+            torch.testing.assert_close(attention(x), x)  # residual_connection: x + to_out(...) = x
+        out = vae.decode(vae.encode(torch.rand(1, 3, 64, 64) * 2 - 1).latent_dist.mean).sample
+    assert out.shape == (1, 3, 64, 64) and torch.isfinite(out).all()
