@@ -154,7 +154,10 @@ def image_change(x, y) -> tuple[float, int, float, float]:
     import numpy as np
 
     x, y = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
-    as_uint8 = lambda v: np.round(v * 255)  # as ldm.pipeline.to_uint8 and diffusers' numpy_to_pil round
+
+    def as_uint8(v):  # as ldm.pipeline.to_uint8 and diffusers' numpy_to_pil round
+        return np.round(v * 255)
+
     mse = float(np.mean((x - y) ** 2))
     psnr = float("inf") if mse == 0 else float(10 * np.log10(1 / mse))
     return float(np.abs(x - y).max()), int(np.abs(as_uint8(x) - as_uint8(y)).max()), float(np.abs(x - y).mean()), psnr

@@ -196,7 +196,10 @@ def paired(turns: dict, contender: str, batch: int) -> dict:
 
 def precision(unet) -> str:
     """What the UNet computes in: "fp32", or for the fast path's mixed-precision UNet "bf16, fp32 at t ≥ 850"."""
-    name = lambda dtype: {"torch.float32": "fp32", "torch.bfloat16": "bf16"}.get(str(dtype), str(dtype))
+
+    def name(dtype) -> str:
+        return {"torch.float32": "fp32", "torch.bfloat16": "bf16"}.get(str(dtype), str(dtype))
+
     low = getattr(unet, "low_noise", None)
     if low is None:
         return name(unet.dtype)

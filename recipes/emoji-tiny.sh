@@ -57,5 +57,5 @@ python train_unet.py --bundle "$OUT/clip/bundle" --data "$BASE/train" --eval-dat
 
 # 5. Ship: fp16 weights, under 32 MB with the tokenizer. The full CLIP (image tower too) stays in $OUT/clip for
 #    python -m ldm eval --clip $OUT/clip/clip.safetensors.
-python -m ldm bundle convert "$OUT/unet/bundle" "$SHIP" --dtype fp16 --no-extras --force
+python -m ldm bundle convert "$OUT/unet/bundle" "$SHIP" --dtype fp16 --no-extras --name emoji-tiny --force
 python -m ldm bundle info "$SHIP"

@@ -36,6 +36,7 @@ def build_parser() -> ArgumentParser:
     convert.add_argument("out", type=Path)
     convert.add_argument("--dtype", required=True, choices=sorted(DTYPES), help="precision of the stored weights")
     convert.add_argument("--no-extras", action="store_true", help="leave optional files (the CLIP) behind")
+    convert.add_argument("--name", help="model name written into image metadata (default: the bundle's own)")
     convert.add_argument("--force", action="store_true", help="overwrite an existing bundle")
     imp = sub.add_parser("import", help="read a local diffusers Stable Diffusion folder into a bundle")
     imp.add_argument("diffusers_folder", type=Path)
@@ -77,6 +78,8 @@ def convert(args) -> None:
     bundle = load_bundle(args.bundle).to(dtype=DTYPES[args.dtype])
     if args.no_extras:
         bundle.extras = {}
+    if args.name:
+        bundle.name = args.name
     save_bundle(bundle, args.out)
     size = sum(f.stat().st_size for f in args.out.rglob("*") if f.is_file())
     print(f"wrote {args.dtype} bundle {args.out} ({size / 1e6:.1f} MB, hash {bundle.short_hash})")

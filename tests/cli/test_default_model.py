@@ -27,6 +27,7 @@ def test_bundle_is_small_fp16_and_intact():
     for module in bundle.modules().values():
         assert {p.dtype for p in module.parameters()} == {torch.float16}
     assert bundle.config.vae.scaling_factor != 1.0  # measured by train_vae.py, not the preset's placeholder
+    assert bundle.name == "emoji-tiny"  # what every PNG it makes records as "Model"
 
 
 def test_generates_with_no_model_flag(tmp_path, monkeypatch):

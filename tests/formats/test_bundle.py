@@ -147,6 +147,7 @@ def test_cli_convert_to_fp16(tmp_path, micro_bundle_dir, capsys):
     assert f"wrote fp16 bundle {out}" in capsys.readouterr().out
     full, half = load_bundle(micro_bundle_dir), load_bundle(out)
     assert half.config == full.config and half.unet.dtype == torch.float16
+    assert half.name == full.name == "micro"  # a copy keeps the model's name unless told otherwise
     for name, module in full.modules().items():
         ours = half.modules()[name].state_dict()
         for key, value in module.state_dict().items():
@@ -159,3 +160,10 @@ def test_cli_convert_to_fp16(tmp_path, micro_bundle_dir, capsys):
     assert "already holds a bundle; pass --force" in capsys.readouterr().err
     assert run_cli(main, ["convert", str(out), str(out), "--dtype", "fp32", "--force"]) == 2
     assert "choose an output folder other than the input" in capsys.readouterr().err
+
+
+def test_cli_convert_renames(tmp_path, micro_bundle_dir):
+    out = tmp_path / "renamed"
+    assert run_cli(main, ["convert", str(micro_bundle_dir), str(out), "--dtype", "fp32", "--name", "shipped"]) == 0
+    renamed = load_bundle(out)
+    assert renamed.name == "shipped" and renamed.short_hash == load_bundle(micro_bundle_dir).short_hash
