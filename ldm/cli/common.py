@@ -6,6 +6,7 @@ import argparse
 import logging
 import os
 import sys
+import traceback
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import NoReturn
@@ -17,15 +18,31 @@ EXIT_USAGE = 2
 DEFAULT_MODEL = Path(__file__).resolve().parents[2] / "models" / "emoji-tiny"
 
 
-class ArgumentParser(argparse.ArgumentParser):
-    """argparse, but a bad argument is one line on stderr and exit status 2, not the usage block."""
+EXIT_INTERNAL = 70  # sysexits' EX_SOFTWARE: a defect of ours, not the user's input
+DEBUG_FLAG = "--debug"
+MESSAGE_LIMIT = 300  # characters of an unexpected exception's message: one line, however big the input was
 
-    def error(self, message: str):  # noqa: D102 - argparse hook
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse, but a bad argument is one line on stderr and exit status 2, not the usage block; every command
+    takes ``--debug`` (read by :func:`run_cli`)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        if kwargs.get("add_help", True):  # not on the parents= fragments, which would then clash
+            self.add_argument(DEBUG_FLAG, action="store_true", help="show the traceback of an internal error")
+
+    def error(self, message: str):  # argparse hook
         self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see --help)\n")
 
 
 def run_cli(main: Callable[[Sequence[str] | None], int | None], argv: Sequence[str] | None = None) -> int:
-    """Run ``main(argv)``; an :class:`LdmError` becomes ``error: ...`` on stderr and exit status 2."""
+    """Run ``main(argv)`` and turn what it raises into an exit status and one line on stderr.
+
+    An :class:`LdmError` (bad input: its message names the problem and the fix) is ``error: ...`` and status 2.
+    Anything else is a defect: ``error: internal error: ...`` and status 70, with the traceback under ``--debug``.
+    """
+    argv = list(sys.argv[1:] if argv is None else argv)
     try:
         return main(argv) or 0
     except LdmError as exc:
@@ -34,6 +51,15 @@ def run_cli(main: Callable[[Sequence[str] | None], int | None], argv: Sequence[s
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except Exception as exc:  # the net under every command: no traceback unless asked for
+        if DEBUG_FLAG in argv:
+            traceback.print_exc()
+        message = " ".join(str(exc).split()) or "(no message)"
+        if len(message) > MESSAGE_LIMIT:
+            message = message[:MESSAGE_LIMIT] + "…"
+        print(f"error: internal error: {type(exc).__name__}: {message}; please report it with {DEBUG_FLAG}'s "
+              "traceback", file=sys.stderr)  # fmt: skip
+        return EXIT_INTERNAL
 
 
 def exit_now(code: int) -> NoReturn:

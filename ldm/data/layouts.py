@@ -9,12 +9,17 @@ Three layouts are understood (see :class:`~ldm.data.config.Layout`):
 
 Captions are stripped and their whitespace runs collapsed to single spaces. A missing caption and an
 empty one differ: the first makes its image unusable, the second is kept as an unconditional sample.
+
+Nothing outside the folder is ever opened: a caption naming ``../x.png`` or ``/etc/hostname``, or an image or
+caption file that is a symlink to somewhere else, is counted as "outside the dataset" before any file is read.
+Captions are UTF-8: one that does not decode is counted as undecodable, never repaired with replacement characters.
 """
 
 from __future__ import annotations
 
 import csv
 import difflib
+import io
 import json
 import os
 from collections.abc import Iterator
@@ -50,6 +55,8 @@ class Listing:
     uncaptioned: tuple[Path, ...]  # image files no caption names
     orphans: tuple[str, ...]  # captions naming an image file that does not exist
     bad_rows: tuple[str, ...]  # "metadata.jsonl line 7: not valid JSON"
+    outside: tuple[str, ...] = ()  # files named or linked that resolve outside the folder: never opened
+    undecodable: tuple[Path, ...] = ()  # images whose caption is not valid UTF-8: unusable
 
     @property
     def images(self) -> int:
@@ -57,13 +64,45 @@ class Listing:
         return len({p.image for p in self.pairs}) + len(self.uncaptioned)
 
 
+def inside(root: Path, path: Path) -> bool:
+    """Whether ``path``, symlinks followed, lies inside the folder ``root`` (itself resolved)."""
+    try:
+        return path.resolve().is_relative_to(root.resolve())
+    except (OSError, RuntimeError):  # a symlink loop, an unreadable link
+        return False
+
+
 def walk_images(root: Path) -> Iterator[Path]:
-    """Image files under ``root`` (by extension, recursively, sorted), skipping hidden files and folders."""
+    """Image files under ``root`` (by extension, recursively, sorted), skipping hidden files and folders.
+
+    Symlinked folders are not followed; a symlinked file is yielded as it is (callers check :func:`inside`)."""
     for folder, dirs, files in os.walk(root):
         dirs[:] = sorted(d for d in dirs if not d.startswith("."))
         for name in sorted(files):
             if not name.startswith(".") and Path(name).suffix.lower() in IMAGE_EXTENSIONS:
                 yield Path(folder) / name
+
+
+def _split_outside(root: Path, paths) -> tuple[list[Path], list[str]]:
+    """``paths`` that stay inside ``root``, and the others as names relative to it."""
+    kept, outside = [], []
+    for path in paths:
+        if inside(root, path):
+            kept.append(path)
+        else:
+            outside.append(os.path.relpath(path, root))
+    return kept, outside
+
+
+def _has_undecodable(text: str) -> bool:
+    """Text decoded with ``surrogateescape`` that held bytes which are not UTF-8."""
+    return any("\udc80" <= ch <= "\udcff" for ch in text)
+
+
+def _read_table_text(table: Path) -> str:
+    """A caption table's text; bytes that are not UTF-8 survive as surrogates so their rows can be counted."""
+    text = table.read_bytes().decode("utf-8", errors="surrogateescape")
+    return text[1:] if text.startswith("\ufeff") else text
 
 
 def clean_caption(text: str) -> str:
@@ -131,6 +170,8 @@ def detect_layout(root: str | Path, *, metadata: str | None = None, caption_exte
 def _table_path(root: Path, config: DataConfig, layout: Layout) -> Path:
     name = config.metadata_name(layout)
     path = root / name
+    if not inside(root, path):
+        raise LdmError(f"caption table {name} lies outside the dataset folder {root}; put it inside, or copy it there")
     if not path.is_file():
         hints = _near_misses(root)
         found = f" (found {', '.join(hints)})" if hints else ""
@@ -149,25 +190,27 @@ def _missing_column(table: Path, kind: str, column: str, seen: list[str], flag: 
 def _read_jsonl(table: Path, image_column: str, caption_column: str):
     """Rows ``(name, caption | None)`` and bad-row notes from a metadata.jsonl."""
     rows, bad, seen = [], [], {}
-    with open(table, encoding="utf-8-sig", errors="replace") as f:
-        for number, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError:
-                bad.append(f"{table.name} line {number}: not valid JSON")
-                continue
-            if not isinstance(row, dict):
-                bad.append(f"{table.name} line {number}: not a JSON object")
-                continue
-            seen.update(dict.fromkeys(row))
-            name = row.get(image_column)
-            if not isinstance(name, str) or not name:
-                bad.append(f"{table.name} line {number}: no '{image_column}'")
-                continue
-            caption = row.get(caption_column)
-            rows.append((name, None if caption is None else str(caption)))
+    for number, line in enumerate(_read_table_text(table).split("\n"), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            bad.append(f"{table.name} line {number}: not valid JSON")
+            continue
+        if not isinstance(row, dict):
+            bad.append(f"{table.name} line {number}: not a JSON object")
+            continue
+        seen.update(dict.fromkeys(row))
+        name = row.get(image_column)
+        if not isinstance(name, str) or not name:
+            bad.append(f"{table.name} line {number}: no '{image_column}'")
+            continue
+        if _has_undecodable(name):
+            bad.append(f"{table.name} line {number}: the '{image_column}' is not valid UTF-8")
+            continue
+        caption = row.get(caption_column)
+        rows.append((name, None if caption is None else str(caption)))
     if seen and image_column not in seen:
         raise _missing_column(table, "field", image_column, list(seen), "--image-column")
     if seen and caption_column not in seen:
@@ -178,7 +221,7 @@ def _read_jsonl(table: Path, image_column: str, caption_column: str):
 def _read_csv(table: Path, image_column: str, caption_column: str):
     """Rows ``(name, caption | None)`` and bad-row notes from a csv with a header line."""
     rows, bad = [], []
-    with open(table, encoding="utf-8-sig", errors="replace", newline="") as f:
+    with io.StringIO(_read_table_text(table), newline="") as f:
         reader = csv.DictReader(f)
         header = [h for h in reader.fieldnames or [] if h is not None]
         for column, flag in ((image_column, "--image-column"), (caption_column, "--caption-column")):
@@ -189,6 +232,9 @@ def _read_csv(table: Path, image_column: str, caption_column: str):
             if not name:
                 bad.append(f"{table.name} line {reader.line_num}: no '{image_column}'")
                 continue
+            if _has_undecodable(name):
+                bad.append(f"{table.name} line {reader.line_num}: the '{image_column}' is not valid UTF-8")
+                continue
             rows.append((name, row.get(caption_column)))
     return rows, bad
 
@@ -197,30 +243,44 @@ def _list_table(root: Path, config: DataConfig, layout: Layout) -> Listing:
     table = _table_path(root, config, layout)
     read = _read_jsonl if layout is Layout.IMAGEFOLDER else _read_csv
     rows, bad = read(table, config.image_column_for(layout), config.caption_column_for(layout))
-    pairs, orphans, named = [], [], []
+    pairs, orphans, named, outside, undecodable = [], [], [], [], []
     for name, caption in rows:
         image = Path(os.path.normpath(table.parent / name))
-        if not image.is_file():
+        if not inside(root, image):  # checked before the file is so much as looked at
+            outside.append(name)
+        elif not image.is_file():
             orphans.append(name)
-        elif caption is not None:
-            pairs.append(Pair(image, clean_caption(caption)))
-        else:
+        elif caption is None:
             named.append(image)  # a row with a null caption: its image counts as uncaptioned
-    captioned = {pair.image for pair in pairs}
-    uncaptioned = dict.fromkeys(p for p in [*walk_images(root), *named] if p not in captioned)
+        elif _has_undecodable(caption):
+            undecodable.append(image)
+        else:
+            pairs.append(Pair(image, clean_caption(caption)))
+    captioned = {pair.image for pair in pairs} | set(undecodable)
+    walked, linked_out = _split_outside(root, walk_images(root))
+    uncaptioned = dict.fromkeys(p for p in [*walked, *named] if p not in captioned)
     return Listing(
         root=root, layout=layout, source=table, pairs=tuple(pairs), uncaptioned=tuple(uncaptioned),
-        orphans=tuple(orphans), bad_rows=tuple(bad),
+        orphans=tuple(orphans), bad_rows=tuple(bad), outside=tuple(dict.fromkeys(outside + linked_out)),
+        undecodable=tuple(undecodable),
     )  # fmt: skip
 
 
 def _list_kohya(root: Path, config: DataConfig) -> Listing:
-    pairs, uncaptioned, used = [], [], set()
-    for image in walk_images(root):
+    pairs, uncaptioned, used, undecodable = [], [], set(), []
+    images, outside = _split_outside(root, walk_images(root))
+    for image in images:
         caption_file = image.with_suffix(config.caption_extension)
-        if caption_file.is_file():
-            pairs.append(Pair(image, clean_caption(caption_file.read_text(encoding="utf-8-sig", errors="replace"))))
+        if caption_file.is_file() and not inside(root, caption_file):
+            outside.append(os.path.relpath(caption_file, root))  # never read: its image has no caption
             used.add(caption_file)
+            uncaptioned.append(image)
+        elif caption_file.is_file():
+            used.add(caption_file)
+            try:
+                pairs.append(Pair(image, clean_caption(caption_file.read_bytes().decode("utf-8-sig"))))
+            except UnicodeDecodeError:
+                undecodable.append(image)
         else:
             uncaptioned.append(image)
     orphans = []
@@ -232,7 +292,7 @@ def _list_kohya(root: Path, config: DataConfig) -> Listing:
                 orphans.append(str(path.relative_to(root)))
     return Listing(
         root=root, layout=Layout.KOHYA, source=None, pairs=tuple(pairs), uncaptioned=tuple(uncaptioned),
-        orphans=tuple(orphans), bad_rows=(),
+        orphans=tuple(orphans), bad_rows=(), outside=tuple(outside), undecodable=tuple(undecodable),
     )  # fmt: skip
 
 

@@ -2,7 +2,8 @@
 
 Skipped (counted, listed with examples, never fatal): images with no caption, zero-size files, files
 Pillow cannot read (including text saved as ``.png``), truncated files, images whose shorter side is
-below ``min_side``. Kept but noted: empty captions (trained as unconditional samples), non-RGB modes
+below ``min_side``, images whose caption is not valid UTF-8, and files that lie outside the folder (named by a
+caption, or symlinked; never opened). Kept but noted: empty captions (trained as unconditional samples), non-RGB modes
 (converted to RGB), exact duplicate files (same bytes), images smaller than ``resolution`` (upscaled).
 """
 
@@ -49,6 +50,8 @@ class ScanReport:
     problems: Mapping[Problem, tuple[ImageInfo, ...]]  # skipped captioned images, by reason
     missing_images: tuple[str, ...]  # captions naming a file that does not exist
     bad_rows: tuple[str, ...]  # caption table rows that could not be read
+    outside: tuple[str, ...]  # files named or linked that lie outside the folder, never opened
+    undecodable: tuple[Path, ...]  # images whose caption is not valid UTF-8
     empty_captions: int  # usable pairs whose caption is ''
     modes: Mapping[str, int]  # usable images stored in a mode other than RGB (converted), by mode
     duplicates: tuple[tuple[Path, ...], ...]  # groups of usable image files with identical bytes
@@ -65,7 +68,7 @@ class ScanReport:
 
     @property
     def skipped_images(self) -> int:
-        return len(self.missing_captions) + sum(len(v) for v in self.problems.values())
+        return len(self.missing_captions) + len(self.undecodable) + sum(len(v) for v in self.problems.values())
 
     @property
     def duplicate_files(self) -> int:
@@ -97,6 +100,7 @@ class ScanReport:
             line("usable pairs", self.usable, f"min side {self.min_side} px, resolution {self.resolution} px"),
             line("skipped images", self.skipped_images),
             line("missing caption", len(self.missing_captions), examples(map(self._rel, self.missing_captions)), 4),
+            line("caption not UTF-8", len(self.undecodable), examples(map(self._rel, self.undecodable)), 4),
         ]
         for problem in Problem:
             label = f"too small (<{self.min_side} px)" if problem is Problem.TINY else problem.value
@@ -108,6 +112,7 @@ class ScanReport:
         empty_note = "kept: trained as unconditional samples" if self.empty_captions else ""
         lines += [
             line("captions without image", len(self.missing_images), examples(self.missing_images)),
+            line("outside the dataset", len(self.outside), examples(self.outside) + (" (never opened)" if self.outside else "")),
             line("unreadable caption rows", len(self.bad_rows), examples(self.bad_rows)),
             line("empty captions", self.empty_captions, empty_note),
             line("converted to RGB", sum(self.modes.values()), modes),
@@ -161,6 +166,8 @@ def scan_dataset(config: DataConfig, *, workers: int | None = None, progress: bo
         problems={problem: tuple(problems[problem]) for problem in Problem if problems[problem]},
         missing_images=listing.orphans,
         bad_rows=listing.bad_rows,
+        outside=listing.outside,
+        undecodable=listing.undecodable,
         empty_captions=sum(1 for pair in pairs if not pair.caption),
         modes=dict(sorted(Counter(info.mode for info in good if info.mode != "RGB").items())),
         duplicates=tuple(tuple(group) for group in by_digest.values() if len(group) > 1),

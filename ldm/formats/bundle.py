@@ -185,8 +185,11 @@ def read_manifest(folder: Path) -> dict:
 
 def verify_files(folder: Path, manifest: dict) -> None:
     """Check every listed file, optional ones included, against its sha256 in the manifest."""
+    root = folder.resolve()
     for rel, digest in {**manifest["files"], **manifest.get("extras", {})}.items():
         path = folder / rel
+        if not (folder / rel).resolve().is_relative_to(root):
+            raise BundleError(f"bundle {folder}'s manifest lists {rel!r}, outside the bundle; the bundle is damaged")
         if not path.is_file():
             raise BundleError(f"bundle {folder} is missing {rel}; copy the whole folder again")
         if sha256_file(path) != digest:

@@ -80,13 +80,32 @@ def _read_weights(folder: Path, stem: str) -> dict[str, torch.Tensor]:
         return load_tensors(single)
     index = folder / f"{stem}.safetensors.index.json"
     if index.is_file():
-        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        return {k: v for shard in shards for k, v in load_tensors(folder / shard).items()}
+        return {k: v for shard in _shards(index) for k, v in load_tensors(shard).items()}
     if any(folder.glob("*.bin")):
         raise BundleError(
             f"{folder} holds only pickled .bin weights, which can run code when loaded; convert them to safetensors first"
         )
     raise BundleError(f"no {stem}.safetensors in {folder}; is this a diffusers Stable Diffusion folder?")
+
+
+def _shards(index: Path) -> list[Path]:
+    """The shard files a ``*.safetensors.index.json`` names; each must be a file in the index's own folder."""
+    try:
+        weight_map = json.loads(index.read_text())["weight_map"]
+        names = sorted(set(weight_map.values()))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, AttributeError) as exc:
+        raise BundleError(f"{index} is not a readable shard index ({type(exc).__name__}); export the model again") from None
+    folder = index.parent.resolve()
+    shards = []
+    for name in names:
+        path = (index.parent / str(name)).resolve()
+        if path.parent != folder or path.suffix != ".safetensors":
+            raise BundleError(
+                f"{index} names the shard {name!r}, which is not a .safetensors file beside it; refusing to read outside "
+                "the model folder, fix or remove the index"
+            )
+        shards.append(path)
+    return shards
 
 
 def _normalise(key: str, value):

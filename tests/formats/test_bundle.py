@@ -127,6 +127,55 @@ def test_import_refuses_pickles_and_foreign_models(tmp_path, micro_diffusers_dir
         import_diffusers(foreign)
 
 
+def shard(folder, part="unet", *, names=("a", "b")) -> dict:
+    """Split ``part``'s single weights file into shards with an index, as large diffusers exports are."""
+    from safetensors.torch import load_file
+
+    single = folder / part / "diffusion_pytorch_model.safetensors"
+    state = load_file(str(single))
+    single.unlink()
+    keys = sorted(state)
+    halves = {f"diffusion_pytorch_model-{names[0]}.safetensors": keys[: len(keys) // 2],
+              f"diffusion_pytorch_model-{names[1]}.safetensors": keys[len(keys) // 2 :]}  # fmt: skip
+    for name, part_keys in halves.items():
+        save_file({k: state[k] for k in part_keys}, str(folder / part / name))
+    weight_map = {k: name for name, part_keys in halves.items() for k in part_keys}
+    index = folder / part / "diffusion_pytorch_model.safetensors.index.json"
+    index.write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    return weight_map
+
+
+def test_import_reads_shards_and_nothing_outside_the_folder(tmp_path, micro_diffusers_dir, micro_bundle_dir):
+    sharded = tmp_path / "sharded"
+    shutil.copytree(micro_diffusers_dir, sharded)
+    weight_map = shard(sharded)
+    ours = load_bundle(micro_bundle_dir).unet.state_dict()
+    back = import_diffusers(sharded).unet.state_dict()
+    assert all(torch.equal(back[k], ours[k]) for k in ours)
+
+    secret = tmp_path / "secret.safetensors"
+    save_file({"x": torch.zeros(1)}, str(secret))
+    index = sharded / "unet" / "diffusion_pytorch_model.safetensors.index.json"
+    for name in ["../../../../../etc/passwd", "../../secret.safetensors", str(secret), "/etc/hostname"]:
+        key = next(iter(weight_map))
+        index.write_text(json.dumps({"weight_map": {**weight_map, key: name}}))
+        with pytest.raises(BundleError, match="not a .safetensors file beside it; refusing to read outside"):
+            import_diffusers(sharded)
+    index.write_text("{not json")
+    with pytest.raises(BundleError, match="is not a readable shard index"):
+        import_diffusers(sharded)
+
+
+def test_a_manifest_naming_files_outside_the_bundle_is_refused(tmp_path, micro_bundle_dir):
+    crafted = tmp_path / "crafted"
+    shutil.copytree(micro_bundle_dir, crafted)
+    manifest = json.loads((crafted / "manifest.json").read_text())
+    manifest["files"]["../../../../etc/hostname"] = "0" * 64
+    (crafted / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(BundleError, match="outside the bundle"):
+        load_bundle(crafted)
+
+
 def test_cli_create_info_export_import(tmp_path, capsys):
     assert run_cli(main, ["create", "micro", str(tmp_path / "b"), "--set", "unet.layers_per_block=2"]) == 0
     assert load_bundle(tmp_path / "b").config.unet.layers_per_block == 2
