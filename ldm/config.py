@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import enum
+import math
 import types
 import typing
 from pathlib import Path
@@ -20,6 +21,42 @@ import yaml
 from ldm.errors import ConfigError
 
 T = TypeVar("T")
+YAML_MAX_BYTES = 1 << 20  # a config file or model.yaml above this is not a config
+SHOWN_CHARS = 80  # of a value quoted back in an error message: one line whatever the input
+INT_LIMIT = 1 << 63  # config integers are int64: seeds, sizes and counts beyond it are typos or attacks
+
+
+def show(value: Any) -> str:
+    """``repr(value)``, cut to :data:`SHOWN_CHARS` so that an error message stays one readable line."""
+    text = " ".join(repr(value).split())
+    return text if len(text) <= SHOWN_CHARS else text[: SHOWN_CHARS - 1] + "…"
+
+
+class _NoAliasLoader(yaml.SafeLoader):
+    """PyYAML's safe loader without anchors and aliases: configs never need them, and nested aliases expand
+    exponentially (a "billion laughs" file of a few hundred bytes fills the memory)."""
+
+    def compose_node(self, parent, index):
+        if self.check_event(yaml.events.AliasEvent):
+            event = self.peek_event()
+            line = event.start_mark.line + 1 if event.start_mark else "?"
+            raise ConfigError(f"YAML alias *{event.anchor} at line {line}: aliases are not allowed in configs; "
+                              "write the value out")  # fmt: skip
+        return super().compose_node(parent, index)
+
+
+def parse_yaml(text: str, *, what: str) -> Any:
+    """Plain data from YAML text a user controls (``what`` names it in errors): no aliases, no tags beyond
+    the safe ones, at most :data:`YAML_MAX_BYTES`."""
+    if len(text.encode("utf-8", errors="replace")) > YAML_MAX_BYTES:
+        raise ConfigError(f"{what} is larger than {YAML_MAX_BYTES >> 20} MiB; a config is a few kilobytes, pass "
+                          "the right file")  # fmt: skip
+    try:
+        return yaml.load(text, Loader=_NoAliasLoader)  # noqa: S506 - a SafeLoader subclass
+    except yaml.YAMLError as exc:
+        line = getattr(getattr(exc, "problem_mark", None), "line", None)
+        where = f" at line {line + 1}" if line is not None else ""
+        raise ConfigError(f"{what} is not valid YAML{where}; fix the syntax") from None
 
 
 def _describe(tp: Any) -> str:
@@ -49,11 +86,11 @@ def _convert(value: Any, tp: Any, where: str) -> Any:
                 return _convert(value, arg, where)
             except ConfigError as exc:
                 errors.append(str(exc))
-        raise ConfigError(errors[0] if len(errors) == 1 else f"'{where}': {value!r} fits none of {tp}")
+        raise ConfigError(errors[0] if len(errors) == 1 else f"'{where}': {show(value)} fits none of {tp}")
     if origin is tuple:
         args = typing.get_args(tp)
         if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"'{where}' must be a list, got {value!r}")
+            raise ConfigError(f"'{where}' must be a list, got {show(value)}")
         if len(args) == 2 and args[1] is Ellipsis:
             return tuple(_convert(v, args[0], f"{where}[{i}]") for i, v in enumerate(value))
         if len(args) != len(value):
@@ -63,7 +100,7 @@ def _convert(value: Any, tp: Any, where: str) -> Any:
         if isinstance(value, tp):
             return value
         if not isinstance(value, dict):
-            raise ConfigError(f"'{where}' must be a mapping of {tp.__name__} fields, got {value!r}")
+            raise ConfigError(f"'{where}' must be a mapping of {tp.__name__} fields, got {show(value)}")
         return from_dict(tp, value, prefix=f"{where}.")
     if isinstance(tp, type) and issubclass(tp, enum.Enum):
         if isinstance(value, tp):
@@ -73,27 +110,35 @@ def _convert(value: Any, tp: Any, where: str) -> Any:
         try:
             return tp(value)
         except ValueError:
-            raise ConfigError(f"'{where}' must be {_describe(tp)}, got {value!r}") from None
+            raise ConfigError(f"'{where}' must be {_describe(tp)}, got {show(value)}") from None
     if tp is bool:
         if not isinstance(value, bool):
-            raise ConfigError(f"'{where}' must be true or false, got {value!r}")
+            raise ConfigError(f"'{where}' must be true or false, got {show(value)}")
         return value
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"'{where}' must be an integer, got {value!r}")
+            raise ConfigError(f"'{where}' must be an integer, got {show(value)}")
+        if not -INT_LIMIT <= value < INT_LIMIT:
+            raise ConfigError(f"'{where}' must be an integer of at most 63 bits, got {show(value)}")
         return value
     if tp is float:
         if isinstance(value, str):  # YAML 1.1 reads "1e-4" (no dot) as a string
             try:
                 value = float(value)
             except ValueError:
-                raise ConfigError(f"'{where}' must be a number, got {value!r}") from None
+                raise ConfigError(f"'{where}' must be a number, got {show(value)}") from None
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"'{where}' must be a number, got {value!r}")
-        return float(value)
+            raise ConfigError(f"'{where}' must be a number, got {show(value)}")
+        try:
+            value = float(value)
+        except OverflowError:  # an integer beyond any float
+            raise ConfigError(f"'{where}' must be a finite number, got {show(value)}") from None
+        if not math.isfinite(value):
+            raise ConfigError(f"'{where}' must be a finite number, got {show(value)}")
+        return value
     if tp is str:
         if not isinstance(value, str):
-            raise ConfigError(f"'{where}' must be a string, got {value!r}")
+            raise ConfigError(f"'{where}' must be a string, got {show(value)}")
         return value
     if tp is Any:
         return value
@@ -103,7 +148,7 @@ def _convert(value: Any, tp: Any, where: str) -> Any:
 def from_dict(cls: type[T], data: dict[str, Any], *, prefix: str = "") -> T:
     """Build the dataclass ``cls`` from ``data``; missing keys take their defaults."""
     if not isinstance(data, dict):
-        raise ConfigError(f"'{prefix.rstrip('.') or cls.__name__}' must be a mapping, got {data!r}")
+        raise ConfigError(f"'{prefix.rstrip('.') or cls.__name__}' must be a mapping, got {show(data)}")
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
     kwargs = {}
@@ -141,14 +186,14 @@ def load_yaml(cls: type[T], path: str | Path) -> T:
     """Read a YAML file into ``cls``; a missing or malformed file is a :class:`ConfigError`."""
     path = Path(path)
     try:
-        data = yaml.safe_load(path.read_text())
+        text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise ConfigError(f"config file {path} not found; check the path") from None
-    except yaml.YAMLError as exc:
-        line = getattr(getattr(exc, "problem_mark", None), "line", None)
-        where = f" at line {line + 1}" if line is not None else ""
-        raise ConfigError(f"config file {path} is not valid YAML{where}; fix the syntax") from None
-    return from_dict(cls, data or {})
+    except IsADirectoryError:
+        raise ConfigError(f"config file {path} is a folder; pass a .yaml file") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"config file {path} is not UTF-8 text; pass a .yaml file") from None
+    return from_dict(cls, parse_yaml(text, what=f"config file {path}") or {})
 
 
 class _Dumper(yaml.SafeDumper):
@@ -181,11 +226,8 @@ def apply_overrides(cfg: T, overrides: list[str]) -> T:
         key, sep, raw = item.partition("=")
         key = key.strip().lstrip("-")
         if not sep or not key:
-            raise ConfigError(f"override '{item}' must look like key.path=value")
-        try:
-            value = yaml.safe_load(raw)
-        except yaml.YAMLError:
-            raise ConfigError(f"override '{item}': value {raw!r} is not valid YAML") from None
+            raise ConfigError(f"override {show(item)} must look like key.path=value")
+        value = parse_yaml(raw, what=f"override {show(item)}")
         node, parts = data, key.split(".")
         for depth, part in enumerate(parts):
             where = ".".join(parts[:depth])

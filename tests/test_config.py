@@ -110,3 +110,51 @@ def test_unknown_preset():
 def test_configs_are_frozen():
     with pytest.raises(dataclasses.FrozenInstanceError):
         PRESETS["micro"].unet.layers_per_block = 5
+
+
+BILLION_LAUGHS = "\n".join(
+    ["a: &a [x, x, x, x, x, x, x, x, x]"]
+    + [f"{chr(98 + i)}: &{chr(98 + i)} [{', '.join(['*' + chr(97 + i)] * 9)}]" for i in range(8)]
+    + ["vae: *i"]
+)
+
+
+def test_yaml_aliases_are_refused_before_they_expand(tmp_path):
+    """Nine levels of nine aliases would be 9⁹ strings: refused at the first alias, in a file and in --set."""
+    path = tmp_path / "bomb.yaml"
+    path.write_text(BILLION_LAUGHS)
+    with pytest.raises(ConfigError, match=r"YAML alias \*a at line 2: aliases are not allowed in configs") as info:
+        load_yaml(ModelConfig, path)
+    assert len(str(info.value)) < 200
+    with pytest.raises(ConfigError, match="aliases are not allowed"):
+        apply_overrides(PRESETS["micro"], ["unet.block_out_channels=[&x 8, *x, *x, *x]"])
+
+
+def test_oversized_and_binary_config_files(tmp_path):
+    big = tmp_path / "big.yaml"
+    big.write_text("vae: {}\n" + "#" * (1 << 20))
+    with pytest.raises(ConfigError, match="larger than 1 MiB"):
+        load_yaml(ModelConfig, big)
+    binary = tmp_path / "binary.yaml"
+    binary.write_bytes(b"\xff\xfe\x00garbage")
+    with pytest.raises(ConfigError, match="is not UTF-8 text"):
+        load_yaml(ModelConfig, binary)
+    with pytest.raises(ConfigError, match="is a folder"):
+        load_yaml(ModelConfig, tmp_path)
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("lr=.nan", "'lr' must be a finite number, got nan"),
+        ("lr=.inf", "'lr' must be a finite number, got inf"),
+        ("lr=-.inf", "'lr' must be a finite number, got -inf"),
+        ("lr=1e400", "'lr' must be a finite number"),  # YAML reads it as a string, float() as inf
+        (f"lr={10**400}", "'lr' must be a finite number"),  # an integer too big for any float
+        (f"seed={2**70}", "'seed' must be an integer of at most 63 bits, got 1180591620717411303424"),
+        ("seed=" + "9" * 500, r"got 9{79}…$"),  # the value quoted back is cut to one line
+    ],
+)
+def test_numbers_out_of_any_sensible_range(override, message):
+    with pytest.raises(ConfigError, match=message):
+        apply_overrides(TrainConfig(), [override])

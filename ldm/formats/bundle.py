@@ -36,7 +36,7 @@ from diffusers import AutoencoderKL
 from torch import nn
 from transformers import CLIPTextModel, CLIPTokenizer
 
-from ldm.config import dump_yaml, from_dict
+from ldm.config import dump_yaml, from_dict, parse_yaml
 from ldm.errors import BundleError, ConfigError
 from ldm.io import atomic_write, load_tensors, save_tensors, sha256_file, write_json, write_text
 from ldm.models.autoencoder import build_autoencoder
@@ -221,9 +221,8 @@ def load_bundle(folder: str | Path, *, verify: bool = True) -> Bundle:
     if verify:
         verify_files(folder, manifest)
     try:
-        import yaml
-
-        config = from_dict(ModelConfig, yaml.safe_load((folder / "model.yaml").read_text()) or {})
+        text = (folder / "model.yaml").read_text(encoding="utf-8")
+        config = from_dict(ModelConfig, parse_yaml(text, what="the file") or {})
     except ConfigError as exc:
         raise BundleError(f"{folder / 'model.yaml'}: {exc}") from None
     except (OSError, ValueError) as exc:  # yaml.YAMLError is a ValueError subclass
