@@ -158,3 +158,18 @@ def test_oversized_and_binary_config_files(tmp_path):
 def test_numbers_out_of_any_sensible_range(override, message):
     with pytest.raises(ConfigError, match=message):
         apply_overrides(TrainConfig(), [override])
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("lr=-1", "train.lr must be a positive number, got -1.0"),
+        ("lr=0", "train.lr must be a positive number"),
+        ("adam_betas=[2, 3]", r"train.adam_betas must both be in \[0, 1\), got \[2.0, 3.0\]"),
+        ("weight_decay=-0.1", "train.weight_decay must be at least 0"),
+        ("seed=-1", "train.seed must be at least 0"),
+    ],
+)
+def test_optimizer_settings_are_checked(override, message):
+    with pytest.raises(ConfigError, match=message):
+        apply_overrides(TrainConfig(), [override])

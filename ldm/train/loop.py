@@ -85,6 +85,13 @@ class TrainConfig:
         for name in ("max_minutes", "budget_minutes"):
             if getattr(self, name) < 0:
                 raise ValueError(f"train.{name} must be at least 0 (0 = no limit)")
+        if not self.lr > 0:
+            raise ValueError(f"train.lr must be a positive number, got {self.lr}; 1e-4 is usual")
+        if not all(0 <= beta < 1 for beta in self.adam_betas):
+            raise ValueError(f"train.adam_betas must both be in [0, 1), got {list(self.adam_betas)}; [0.9, 0.999] is usual")
+        for name in ("weight_decay", "grad_clip", "warmup_steps", "keep_checkpoints", "num_workers", "seed"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"train.{name} must be at least 0, got {getattr(self, name)}")
 
 
 @dataclass
