@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -38,6 +39,23 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+TEMP_NAME = re.compile(r"^\..+\.[a-z0-9_]{8}\.tmp$")  # what atomic_write's mkstemp names a temp file
+
+
+def remove_stale_temps(folder: str | Path) -> list[Path]:
+    """Delete the temp files that writes killed midway left under ``folder`` (recursively); returns them.
+
+    Only for a folder that no process is writing to now: a run's own output folder as the run starts again.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    stale = [path for path in sorted(folder.rglob(".*.tmp")) if path.is_file() and TEMP_NAME.match(path.name)]
+    for path in stale:
+        path.unlink(missing_ok=True)
+    return stale
 
 
 def write_text(path: str | Path, text: str) -> Path:

@@ -34,7 +34,7 @@ from tqdm.auto import tqdm
 from ldm.config import to_dict
 from ldm.errors import LdmError
 from ldm.formats.bundle import package_versions
-from ldm.io import save_tensors
+from ldm.io import remove_stale_temps, save_tensors
 
 
 class Precision(enum.Enum):
@@ -418,8 +418,11 @@ def _model_part(config: dict) -> Any:
 
 def begin_run(accelerator: Accelerator, state: TrainingState, *, config: Any, resume: Path | None, output_dir: Path,
               name: str) -> None:  # fmt: skip
-    """Restore ``state`` from the checkpoint ``resume`` (from :func:`resolve_resume`, called early so that a wrong
-    path fails before any work), write ``OUT/config.yaml`` and start TensorBoard logging."""
+    """Remove the temp files that killed writes left in ``output_dir``, restore ``state`` from the checkpoint
+    ``resume`` (from :func:`resolve_resume`, called early so that a wrong path fails before any work), write
+    ``OUT/config.yaml`` and start TensorBoard logging."""
+    if accelerator.is_main_process and (stale := remove_stale_temps(output_dir)):
+        print(f"removed {len(stale)} temp file(s) that interrupted writes left in {output_dir}, e.g. {stale[0].name}")
     path = resume
     if path is not None:
         load_checkpoint(path, accelerator, state, config=config)
