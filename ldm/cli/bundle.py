@@ -7,9 +7,9 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from ldm.cli.common import ArgumentParser, run_cli
-from ldm.config import apply_overrides
-from ldm.errors import LdmError
-from ldm.formats.bundle import create_bundle, load_bundle, read_manifest, save_bundle
+from ldm.config import apply_overrides, dump_yaml
+from ldm.errors import BundleError, ConfigError, LdmError
+from ldm.formats.bundle import create_bundle, load_bundle, read_config, read_manifest, save_bundle
 from ldm.formats.diffusers import export_diffusers, import_diffusers
 from ldm.models.presets import PRESETS, get_preset
 from ldm.runtime import DTYPES
@@ -60,7 +60,11 @@ def create(args) -> None:
 
 def info(args) -> None:
     manifest = read_manifest(args.bundle)
-    print((args.bundle / "model.yaml").read_text(), end="")
+    try:
+        config = dump_yaml(read_config(args.bundle))  # checked: the text printed is a config this ldm reads
+    except ConfigError as exc:
+        raise BundleError(f"{args.bundle / 'model.yaml'}: {exc}") from None
+    print(config, end="")
     print(json.dumps({k: v for k, v in manifest.items() if k not in ("files", "extras")}, indent=2))
     if manifest.get("extras"):
         print(f"optional files: {', '.join(sorted(manifest['extras']))}")

@@ -45,6 +45,7 @@ from ldm.models.text_encoder import TextEncoder, build_text_encoder, fit_state_d
 from ldm.models.tokenizer import build_tokenizer, load_tokenizer, save_tokenizer
 from ldm.models.unet import build_unet
 from ldm.pipeline.denoiser import Denoiser
+from ldm.runtime import check_memory
 
 FORMAT = "ldm-bundle"
 FORMAT_VERSION = 1
@@ -92,8 +93,18 @@ def package_versions() -> dict[str, str]:
     return versions
 
 
+def parameter_count(config: ModelConfig) -> int:
+    """The number of weights of the three parts, counted on modules built without memory (meta tensors)."""
+    with torch.device("meta"):  # every tensor on meta from the start: nothing of the size is ever allocated
+        parts = (build_autoencoder(config.vae), build_text_encoder(config.text_encoder).model, build_unet(config.unet))
+    return sum(p.numel() for part in parts for p in part.parameters())
+
+
 def create_bundle(config: ModelConfig, *, seed: int = 0, name: str = "model") -> Bundle:
-    """A randomly initialised bundle (the starting point for training)."""
+    """A randomly initialised bundle (the starting point for training); one whose fp32 weights would not fit the
+    memory limit (:func:`ldm.runtime.check_memory`) is refused before anything is allocated."""
+    count = parameter_count(config)
+    check_memory(4 * count, what=f"a model of {count / 1e6:,.0f}M parameters in fp32", fix="make it smaller")
     torch.manual_seed(seed)
     return Bundle(
         config=config,
@@ -214,19 +225,24 @@ def instantiate(build, config, state: dict[str, torch.Tensor], what: str) -> nn.
     return module.eval()
 
 
+def read_config(folder: Path) -> ModelConfig:
+    """A bundle's ``model.yaml`` as its typed config; a missing or damaged one is a :class:`BundleError`."""
+    path = folder / "model.yaml"
+    try:
+        return from_dict(ModelConfig, parse_yaml(path.read_text(encoding="utf-8"), what="the file") or {})
+    except ConfigError as exc:
+        raise BundleError(f"{path}: {exc}") from None
+    except (OSError, ValueError) as exc:  # UnicodeDecodeError is a ValueError
+        raise BundleError(f"cannot read {path} ({exc.__class__.__name__}); the bundle is damaged") from None
+
+
 def load_bundle(folder: str | Path, *, verify: bool = True) -> Bundle:
     """Read a bundle saved by :func:`save_bundle`; weights keep their stored dtype, on the CPU."""
     folder = Path(folder)
     manifest = read_manifest(folder)
     if verify:
         verify_files(folder, manifest)
-    try:
-        text = (folder / "model.yaml").read_text(encoding="utf-8")
-        config = from_dict(ModelConfig, parse_yaml(text, what="the file") or {})
-    except ConfigError as exc:
-        raise BundleError(f"{folder / 'model.yaml'}: {exc}") from None
-    except (OSError, ValueError) as exc:  # yaml.YAMLError is a ValueError subclass
-        raise BundleError(f"cannot read {folder / 'model.yaml'} ({exc.__class__.__name__}); the bundle is damaged") from None
+    config = read_config(folder)
     parts = {}
     for part, build, cfg in (
         ("vae", build_autoencoder, config.vae),

@@ -40,6 +40,11 @@ class TextEncoderConfig:
     padding: Padding = Padding.END
 
     def __post_init__(self):
+        for name in ("width", "layers", "heads", "mlp_width", "context_length", "vocab_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.context_length < 3:
+            raise ValueError(f"context_length must be at least 3 (start, a token, end), got {self.context_length}")
         if self.width % self.heads:
             raise ValueError(f"width {self.width} is not divisible by heads {self.heads}")
 

@@ -29,6 +29,14 @@ class UNetConfig:
 
     def __post_init__(self):
         levels = len(self.block_out_channels)
+        if levels < 1:
+            raise ValueError("block_out_channels needs at least one level")
+        for name in ("sample_size", "in_channels", "out_channels", "layers_per_block", "cross_attention_dim",
+                     "transformer_layers_per_block", "norm_num_groups"):  # fmt: skip
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if min(self.block_out_channels) < 1 or min(self.attention_heads, default=1) < 1:
+            raise ValueError("block_out_channels and attention_heads must be positive")
         for name in ("attention_levels", "attention_heads"):
             if len(getattr(self, name)) != levels:
                 raise ValueError(f"{name} needs {levels} entries, one per block_out_channels level")

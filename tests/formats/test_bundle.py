@@ -1,4 +1,5 @@
 import json
+import re
 import shutil
 
 import pytest
@@ -216,3 +217,45 @@ def test_cli_convert_renames(tmp_path, micro_bundle_dir):
     assert run_cli(main, ["convert", str(micro_bundle_dir), str(out), "--dtype", "fp32", "--name", "shipped"]) == 0
     renamed = load_bundle(out)
     assert renamed.name == "shipped" and renamed.short_hash == load_bundle(micro_bundle_dir).short_hash
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("unet.layers_per_block=-1", "layers_per_block must be at least 1, got -1"),
+        ("unet.block_out_channels=[0, 0]", "block_out_channels and attention_heads must be positive"),
+        ("text_encoder.layers=0", "layers must be at least 1, got 0"),
+        ("unet.block_out_channels=[100000, 100000]", r"needs about \d+\.\d GiB, more than the .* limit; make it smaller"),
+    ],
+)
+def test_create_refuses_shapes_that_cannot_work(tmp_path, capsys, override, message):
+    """Refused before anything is built or written: no bundle that reports success and crashes later."""
+    settings = [] if "100000" not in override else ["--set", "unet.attention_levels=[false,false]",
+                                                    "--set", "unet.attention_heads=[8,8]"]  # fmt: skip
+    assert run_cli(main, ["create", "micro", str(tmp_path / "b"), "--set", override, *settings]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and re.search(message, err), err
+    assert not (tmp_path / "b").exists()
+
+
+def test_the_memory_limit_can_be_raised_and_is_checked(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("LDM_MEMORY_LIMIT_GB", "0.001")  # 1 MiB: the micro preset's 11 MB of weights are over it
+    assert run_cli(main, ["create", "micro", str(tmp_path / "b")]) == 2
+    assert "raise the limit with LDM_MEMORY_LIMIT_GB=N" in capsys.readouterr().err
+    monkeypatch.setenv("LDM_MEMORY_LIMIT_GB", "lots")
+    assert run_cli(main, ["create", "micro", str(tmp_path / "b")]) == 2
+    assert "LDM_MEMORY_LIMIT_GB='lots' is not a positive number of GiB" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("content", [None, b"unet: [unclosed\n", b"\xff\xfe binary", b"a: &a [1]\nb: *a\n"])
+def test_info_on_a_missing_or_damaged_config(tmp_path, micro_bundle_dir, capsys, content):
+    damaged = tmp_path / "damaged"
+    shutil.copytree(micro_bundle_dir, damaged)
+    if content is None:
+        (damaged / "model.yaml").unlink()
+    else:
+        (damaged / "model.yaml").write_bytes(content)
+    assert run_cli(main, ["info", str(damaged)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: cannot read {damaged / 'model.yaml'}") or err.startswith(f"error: {damaged}")
+    assert err.count("\n") == 1
