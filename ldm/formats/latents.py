@@ -62,6 +62,9 @@ def read_latents(path: str | Path) -> tuple[torch.Tensor, dict[str, str]]:
         raise LdmError(
             f"{path} holds no (B, C, h, w) '{LATENTS_KEY}' tensor; pass a file written by `python -m ldm vae encode`"
         )
+    if not latents.is_floating_point() or not torch.isfinite(latents).all():
+        bad = "not floating point" if not latents.is_floating_point() else f"{int((~torch.isfinite(latents)).sum())} NaN or inf values"
+        raise LdmError(f"{path}'s latents hold {bad}, which decode to a black or garbage image; encode the images again")
     try:
         scale = float(metadata[MetaKey.SCALING_FACTOR.value])
     except (KeyError, ValueError):

@@ -438,3 +438,18 @@ def test_bad_input_is_one_error_line_and_exit_2(micro_bundle_dir, tmp_path, caps
         assert len(lines) == 1 and lines[0].startswith("error: "), (name, err)
         assert needle in lines[0], (name, lines[0])
     assert not (tmp_path / "l.safetensors").exists()
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_decode_refuses_latents_that_are_not_finite(micro_bundle_dir, tmp_path, capsys, value):
+    """NaN or inf latents decode to a black image: refused with the count, and no PNG is written."""
+    bundle = load_bundle(micro_bundle_dir)
+    from ldm.formats.latents import latents_metadata
+    from ldm.io import save_tensors
+
+    latents = torch.zeros(1, 4, 4, 4)
+    latents[0, 0, 0, :2] = value
+    path = save_tensors(tmp_path / "bad.safetensors", {"latents": latents}, latents_metadata(bundle, [{"name": "x"}]))
+    code, _, err = _cli(capsys, "decode", path, "-o", tmp_path / "out", "--model", micro_bundle_dir, "--device", "cpu")
+    assert code == 2 and "latents hold 2 NaN or inf values" in err
+    assert not (tmp_path / "out").exists()
