@@ -6,7 +6,7 @@ import json
 from collections.abc import Sequence
 from pathlib import Path
 
-from ldm.cli.common import ArgumentParser, run_cli
+from ldm.cli.common import ArgumentParser, check_output, run_cli, seed
 from ldm.config import apply_overrides, dump_yaml
 from ldm.errors import BundleError, ConfigError, LdmError
 from ldm.formats.bundle import create_bundle, load_bundle, read_config, read_manifest, save_bundle
@@ -21,7 +21,7 @@ def build_parser() -> ArgumentParser:
     create = sub.add_parser("create", help="a randomly initialised bundle from a preset")
     create.add_argument("preset", choices=sorted(PRESETS))
     create.add_argument("out", type=Path)
-    create.add_argument("--seed", type=int, default=0)
+    create.add_argument("--seed", type=seed, default=0)
     create.add_argument("--name", help="model name written into image metadata (default: the folder name)")
     create.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="config override, e.g. --set unet.layers_per_block=1 (repeatable)")  # fmt: skip
@@ -51,6 +51,7 @@ def _refuse_existing(out: Path, *, force: bool) -> None:
 
 def create(args) -> None:
     _refuse_existing(args.out, force=args.force)
+    check_output(args.out, folder=True, flag="the output folder")
     config = apply_overrides(get_preset(args.preset), args.overrides)
     bundle = create_bundle(config, seed=args.seed, name=args.name or args.out.name)
     save_bundle(bundle, args.out)
@@ -71,6 +72,7 @@ def info(args) -> None:
 
 
 def export(args) -> None:
+    check_output(args.out.parent, folder=True, flag="the output folder's parent")
     export_diffusers(load_bundle(args.bundle), args.out)
     print(f"exported {args.bundle} to diffusers folder {args.out}")
 
@@ -79,6 +81,7 @@ def convert(args) -> None:
     _refuse_existing(args.out, force=args.force)
     if args.out.resolve() == args.bundle.resolve():
         raise LdmError("convert writes a new bundle; choose an output folder other than the input")
+    check_output(args.out, folder=True, flag="the output folder")
     bundle = load_bundle(args.bundle).to(dtype=DTYPES[args.dtype])
     if args.no_extras:
         bundle.extras = {}
@@ -92,6 +95,7 @@ def convert(args) -> None:
 def import_(args) -> None:
     if (args.out / "manifest.json").exists():
         raise LdmError(f"{args.out} already holds a bundle; choose another path")
+    check_output(args.out, folder=True, flag="the output folder")
     bundle = save_bundle(import_diffusers(args.diffusers_folder), args.out)
     print(f"imported {args.diffusers_folder} into bundle {bundle}")
 

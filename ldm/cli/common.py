@@ -6,6 +6,7 @@ import argparse
 import logging
 import os
 import sys
+import tempfile
 import traceback
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -34,6 +35,42 @@ class ArgumentParser(argparse.ArgumentParser):
 
     def error(self, message: str):  # argparse hook
         self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see --help)\n")
+
+
+SEED_LIMIT = 1 << 63  # torch generators take 64-bit seeds; image i uses seed + i, so leave room below 2^64
+
+
+def seed(text: str) -> int:
+    """argparse type of a ``--seed``: an integer in [0, 2^63)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if not 0 <= value < SEED_LIMIT:
+        raise argparse.ArgumentTypeError(f"{value} is out of range: seeds run from 0 to 2^63 - 1")
+    return value
+
+
+def check_output(path: Path, *, folder: bool, flag: str) -> Path:
+    """Make sure ``path`` can be written before any work starts, creating nothing: a folder, or a file, whose
+    nearest existing parent folder takes a new file. A path of the wrong kind, or where nothing may be written,
+    is an :class:`LdmError` naming ``flag``."""
+    path = Path(path)
+    if folder and path.exists() and not path.is_dir():
+        raise LdmError(f"{flag} {path} is an existing file, not a folder; choose a folder path")
+    if not folder and path.is_dir():
+        raise LdmError(f"{flag} {path} is a folder; give a file path inside it, e.g. {path / 'out'}")
+    target = path if folder else path.parent
+    existing = next(p for p in [target, *target.absolute().parents] if p.exists())
+    if not existing.is_dir():
+        raise LdmError(f"{flag} {path}: {existing} is a file, so nothing can be written under it; choose another path")
+    try:
+        with tempfile.TemporaryFile(dir=existing):  # the only sure test of "may write here"
+            pass
+    except OSError as exc:
+        reason = exc.strerror or type(exc).__name__
+        raise LdmError(f"cannot write to {flag} {path} ({reason}); choose a folder you can write to") from None
+    return path
 
 
 def run_cli(main: Callable[[Sequence[str] | None], int | None], argv: Sequence[str] | None = None) -> int:

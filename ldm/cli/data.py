@@ -13,6 +13,7 @@ from ldm.cli.common import ArgumentParser, run_cli
 from ldm.cli.options import add_layout_arguments, layout_settings
 from ldm.data.config import DataConfig
 from ldm.data.scan import report_dataset
+from ldm.errors import LdmError
 
 
 def build_parser() -> ArgumentParser:
@@ -29,6 +30,8 @@ def build_parser() -> ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.workers is not None and args.workers < 1:
+        raise LdmError(f"--workers must be at least 1, got {args.workers}; leave it out for min(8, CPUs)")
     try:
         config = DataConfig(path=args.path, min_side=args.min_side, resolution=args.resolution, **layout_settings(args))
     except ValueError as exc:

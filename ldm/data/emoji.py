@@ -46,6 +46,7 @@ from ldm.io import write_json, write_text
 
 DEFAULT_FONT = Path("/usr/share/fonts/truetype/noto/NotoColorEmoji.ttf")
 FONT_SIZE = 109  # the only size the bitmap font has
+MAX_SIZE = 1024  # output side: the bitmaps are 136 px, so anything larger is upscaling
 TEST_PERCENT = 5
 FULLY_QUALIFIED = emoji_package.STATUS["fully_qualified"]
 SKIN_TONES = frozenset(chr(c) for c in range(0x1F3FB, 0x1F400))  # U+1F3FB..U+1F3FF modifiers
@@ -81,8 +82,9 @@ class EmojiConfig:
     skin_tones: bool = True  # False: keep only the default-tone emoji
 
     def __post_init__(self):
-        if self.size < 1:
-            raise ValueError(f"size must be positive, got {self.size}")
+        if not 1 <= self.size <= MAX_SIZE:
+            raise ValueError(f"size must be from 1 to {MAX_SIZE} pixels (the font's bitmaps are about 136 px; "
+                             f"larger sizes only upscale), got {self.size}")  # fmt: skip
         if self.limit is not None and self.limit < 1:
             raise ValueError(f"limit must be positive, got {self.limit}")
 

@@ -83,6 +83,21 @@ def save_lora(path: str | Path, *, unet: nn.Module, text_encoder: nn.Module | No
     return path
 
 
+def _check_safetensors(path: Path) -> None:
+    """Refuse anything but a readable safetensors file before diffusers sees it: it would unpickle the rest."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt"):
+            pass
+    except (SafetensorError, OSError, ValueError) as exc:
+        detail = " ".join(str(exc).split())[:120]
+        raise LdmError(
+            f"LoRA file {path} is not a safetensors file ({detail}); pickle files (.ckpt, .pt, .bin) are refused, "
+            "since loading one can run code: convert it to .safetensors"
+        ) from None
+
+
 def apply_lora(bundle, path: str | Path, *, scale: float = 1.0):
     """Merge the LoRA file ``path`` into ``bundle``'s UNet (and text encoder, when the file has text-encoder layers)
     in place, W ← W + scale·(α/r)·B·A, and return the bundle. Scale 0 leaves every weight as it was.
@@ -96,6 +111,7 @@ def apply_lora(bundle, path: str | Path, *, scale: float = 1.0):
     path = Path(path)
     if not path.is_file():
         raise LdmError(f"LoRA file {path} not found; pass the lora.safetensors that train_unet.py --lora-rank wrote")
+    _check_safetensors(path)
     pipe = StableDiffusionPipeline(
         vae=bundle.vae, text_encoder=bundle.text_encoder.model, tokenizer=bundle.tokenizer, unet=bundle.unet,
         scheduler=DDIMScheduler.from_config(bundle.config.schedule.diffusers_config()), safety_checker=None,

@@ -259,3 +259,27 @@ def test_info_on_a_missing_or_damaged_config(tmp_path, micro_bundle_dir, capsys,
     err = capsys.readouterr().err
     assert err.startswith(f"error: cannot read {damaged / 'model.yaml'}") or err.startswith(f"error: {damaged}")
     assert err.count("\n") == 1
+
+
+def test_output_paths_and_seeds_are_checked_before_any_work(tmp_path, micro_bundle_dir, capsys):
+    a_file = tmp_path / "a-file"
+    a_file.write_text("not a folder")
+    cases = [
+        (["create", "micro", str(a_file)], "is an existing file, not a folder"),
+        (["create", "micro", str(a_file / "sub")], "is a file, so nothing can be written under it"),
+        (["create", "micro", "/proc/ldm-test/x"], "cannot write to the output folder /proc/ldm-test/x"),
+        (["convert", str(micro_bundle_dir), "/proc/ldm-test", "--dtype", "fp16"], "cannot write to the output folder"),
+        (["export", str(micro_bundle_dir), str(a_file / "sd")], "is an existing file, not a folder"),
+        (["import", str(micro_bundle_dir), str(a_file)], "is an existing file, not a folder"),
+        (["create", "micro", str(tmp_path / "b"), "--seed", str(2**70)], "out of range: seeds run from 0 to 2^63 - 1"),
+        (["create", "micro", str(tmp_path / "b"), "--seed", "-1"], "out of range"),
+    ]
+    for argv, message in cases:
+        try:
+            code = run_cli(main, argv)
+        except SystemExit as exit:  # argparse's own refusal of a flag's value
+            code = exit.code
+        assert code == 2, argv
+        err = capsys.readouterr().err
+        assert message in err and err.count("\n") == 1, (argv, err)
+    assert a_file.read_text() == "not a folder" and not (tmp_path / "b").exists()
