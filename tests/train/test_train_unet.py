@@ -13,6 +13,7 @@ from ldm.cli import generate, train_unet
 from ldm.cli.common import run_cli
 from ldm.formats.bundle import load_bundle
 from ldm.pipeline.schedule import Prediction
+from ldm.train.unet import ValidationConfig
 
 
 def write_shapes(root, n=8, *, sizes=None):
@@ -41,7 +42,7 @@ def args(bundle, data, out, *extra):
 
 def checkpoint_tensors(path):
     with safe_open(str(path), "pt") as f:
-        return {k: f.get_tensor(k) for k in f.keys()}
+        return {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - safe_open is not iterable
 
 
 @pytest.fixture(scope="module")
@@ -206,7 +207,7 @@ def test_bad_input_is_one_line_and_exit_2(
 
 
 def test_validation_grids_sample_as_generate_does_by_default():
-    validation = train_unet.ValidationConfig()
+    validation = ValidationConfig()
     assert (validation.sampler, validation.guidance_scale, validation.steps) == (
         generate.DEFAULTS["sampler"], generate.DEFAULTS["guidance_scale"], generate.DEFAULTS["steps"]
     )

@@ -13,6 +13,7 @@ from ldm.cli import train_vae
 from ldm.cli.common import run_cli
 from ldm.data import DataConfig, Layout
 from ldm.formats.bundle import load_bundle
+from ldm.train.vae import eval_batches, init_posterior_logvar, zero_residual_branches
 
 
 @pytest.fixture(scope="module")
@@ -40,12 +41,11 @@ def args(data, out, *extra):
 
 def checkpoint_tensors(path):
     with safe_open(str(path), "pt") as f:
-        return {k: f.get_tensor(k) for k in f.keys()}
+        return {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - safe_open is not iterable
 
 
 @pytest.mark.slow
 def test_reconstruction_loss_goes_down(shapes_folder, tmp_path):
-    from ldm.cli.train_vae import eval_batches
     from ldm.eval.reconstruction import evaluate_batches
 
     out = tmp_path / "run"
@@ -165,7 +165,7 @@ def test_posterior_logvar_init_sets_the_starting_noise():
     x = torch.rand(2, 3, 64, 64) * 2 - 1
     with torch.no_grad():
         before = vae.encode(x).latent_dist
-        train_vae.init_posterior_logvar(vae, -6.0)
+        init_posterior_logvar(vae, -6.0)
         after = vae.encode(x).latent_dist
     assert before.logvar.mean().abs() < 2  # diffusers' initialisation: log σ² near 0
     assert after.logvar.mean().item() == pytest.approx(-6.0, abs=0.5)
@@ -188,7 +188,7 @@ def test_zero_init_residual_makes_every_residual_block_start_as_the_identity():
     x = torch.randn(2, same_width[0].in_channels, 8, 8)
     with torch.no_grad():
         assert not torch.allclose(same_width[0](x, None), x)  # diffusers' initialisation: not the identity
-        assert train_vae.zero_residual_branches(vae) == len(resnets) + len(attentions)
+        assert zero_residual_branches(vae) == len(resnets) + len(attentions)
         for block in same_width:
             x = torch.randn(2, block.in_channels, 8, 8)
             torch.testing.assert_close(block(x, None), x)
