@@ -27,6 +27,7 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
+from diffusers.training_utils import EMAModel
 from open_clip.loss import ClipLoss
 from torch import nn
 
@@ -292,7 +293,7 @@ def load_base(cfg: CLIPRunConfig) -> Bundle | None:
 
 def build_trainables(
     cfg: CLIPRunConfig, clip: nn.Module, accelerator: Accelerator
-) -> tuple[nn.Module, torch.optim.Optimizer, object, object | None]:
+) -> tuple[nn.Module, torch.optim.Optimizer, object, EMAModel | None]:
     """The accelerate-prepared :class:`ContrastivePair`, its AdamW (no decay on gains and biases) and LR schedule,
     and the CLIP's EMA."""
     model = ContrastivePair(clip).train()

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
+from diffusers.training_utils import EMAModel
 from torch import nn
 
 from ldm.data import DataConfig, ScanReport, report_dataset
@@ -244,7 +245,7 @@ class Trainables:
     params: list[nn.Parameter]
     optimizer: torch.optim.Optimizer
     lr_scheduler: object
-    ema: object | None
+    ema: EMAModel | None
 
     def state(self) -> TrainingState:
         """What a checkpoint restores of them."""

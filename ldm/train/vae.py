@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+from diffusers.training_utils import EMAModel
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -176,7 +177,7 @@ class Trainables:
     opt_d: torch.optim.Optimizer
     sched_g: object
     sched_d: object
-    ema: object | None
+    ema: EMAModel | None
 
     def state(self) -> TrainingState:
         """What a checkpoint restores of them."""

@@ -49,6 +49,7 @@ def test_only_lora_parameters_change(lora_run, micro_bundle_dir):
     sa, sb = merged.unet.state_dict(), applied.unet.state_dict()
     assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
     assert not all(torch.equal(sa[k], base.unet.state_dict()[k]) for k in sa)
+    assert merged.name == "micro"  # the base bundle's name, not the output folder's
     with safe_open(str(out / "lora.safetensors"), "pt") as f:
         keys = list(f.keys())
     assert keys and all(".lora" in k for k in keys)

@@ -8,6 +8,7 @@ import pytest
 import torch
 from PIL import Image
 from safetensors import safe_open
+from tb_events import logged_steps
 
 from ldm.cli import generate, train_clip
 from ldm.cli.common import run_cli
@@ -183,7 +184,9 @@ def test_resume_is_exact(shapes_folder, tmp_path, accumulation, schedule, first_
     for key in a:
         assert torch.equal(a[key], b[key]), key
     assert json.loads((split / "eval.json").read_text()) == json.loads((straight / "eval.json").read_text())
-    assert (split / "bundle" / "manifest.json").is_file()  # from a preset: a new bundle
+    assert load_bundle(split / "bundle").name == "micro"  # from a preset: a new bundle, named after it
+    # Held-out retrieval every 2 steps in the loop, and once after the last step with the EMA weights.
+    assert logged_steps(straight, "eval/loss") == {2: 1, 4: 1, 6: 1}
 
 
 def test_bundle_carries_the_trained_text_tower(shapes_folder, tmp_path, micro_bundle_dir, capsys):
