@@ -1,6 +1,6 @@
 """UNet training speed: train_unet.py with its feature cache against the reference loop that encodes every step.
 
-Both run ``train_unet.run`` on the same bundle, data and batch; the reference is ``--no-cache``, which VAE-encodes the
+Both run ``ldm.train.unet.run`` on the same bundle, data and batch; the reference is ``--no-cache``, which VAE-encodes the
 batch's images and text-encodes its captions at every step, as diffusers' ``train_text_to_image.py`` does. Each
 runs in its own subprocess. A step's time is the interval between the starts of consecutive steps (so the next
 batch's loading counts); the first ``--warmup`` steps and the last one (its interval holds the final checkpoint) are
@@ -84,8 +84,8 @@ def write_data(folder: Path, *, count: int = 64, size: int = 64) -> Path:
 def worker(args) -> dict:
     if args.mode == "ema":
         return ema_worker(args)
-    from ldm import training
     from ldm.cli import train_unet
+    from ldm.train import loop, unet
 
     set_threads(args.threads)
     starts: list[float] = []
@@ -98,14 +98,14 @@ def worker(args) -> dict:
             starts.append(time.perf_counter())
             return step_fn(batch, step)
 
-        return training.train_loop(**kwargs | {"step_fn": timed})
+        return loop.train_loop(**kwargs | {"step_fn": timed})
 
     def timed_cache(*a, **kw):
         with build:
             return real_cache(*a, **kw)
 
-    real_cache = train_unet.load_or_build_cache
-    train_unet.train_loop, train_unet.load_or_build_cache = timed_loop, timed_cache
+    real_cache = unet.load_or_build_cache
+    unet.train_loop, unet.load_or_build_cache = timed_loop, timed_cache
     out = Path(args.out)
     shutil.rmtree(out, ignore_errors=True)
     argv = [
@@ -118,7 +118,7 @@ def worker(args) -> dict:
     if args.mode == "cache-bf16":
         argv += ["--set", "train.mixed_precision=bf16"]
     cfg = train_unet.resolve_config(train_unet.build_parser().parse_args([str(a) for a in argv]))  # fmt: skip
-    train_unet.run(cfg)
+    unet.run(cfg)
     intervals = [b - a for a, b in itertools.pairwise(starts)][args.warmup :]
     step_s = sum(intervals) / len(intervals)
     return {

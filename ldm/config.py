@@ -146,7 +146,9 @@ def _convert(value: Any, tp: Any, where: str) -> Any:
 
 
 def from_dict(cls: type[T], data: dict[str, Any], *, prefix: str = "") -> T:
-    """Build the dataclass ``cls`` from ``data``; missing keys take their defaults."""
+    """Build the dataclass ``cls`` from ``data``; missing keys take their defaults. A section whose field defaults
+    to a config with values of its own (a run's ``train`` settings) keeps those values for the keys it leaves out:
+    a run file that sets ``train.batch_size`` alone keeps that run's learning rate, not TrainConfig's."""
     if not isinstance(data, dict):
         raise ConfigError(f"'{prefix.rstrip('.') or cls.__name__}' must be a mapping, got {show(data)}")
     hints = typing.get_type_hints(cls)
@@ -155,6 +157,9 @@ def from_dict(cls: type[T], data: dict[str, Any], *, prefix: str = "") -> T:
     for key, value in data.items():
         if key not in fields:
             raise ConfigError(_unknown_key_message(str(key), prefix, sorted(fields)))
+        default = _default(fields[key])
+        if isinstance(value, dict) and dataclasses.is_dataclass(default) and not isinstance(default, type):
+            value = _merged(to_dict(default), value)  # a partial section keeps the rest of this field's default
         kwargs[key] = _convert(value, hints[key], f"{prefix}{key}")
     missing = [
         name
@@ -167,6 +172,22 @@ def from_dict(cls: type[T], data: dict[str, Any], *, prefix: str = "") -> T:
         return cls(**kwargs)
     except (TypeError, ValueError) as exc:
         raise ConfigError(f"invalid {cls.__name__}{' at ' + prefix.rstrip('.') if prefix else ''}: {exc}") from None
+
+
+def _default(f: dataclasses.Field) -> Any:
+    """A field's default value (its factory called), or ``dataclasses.MISSING``."""
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    return f.default
+
+
+def _merged(base: dict, update: dict) -> dict:
+    """``base`` with ``update``'s entries put in, nested mappings merged key by key."""
+    out = dict(base)
+    for key, value in update.items():
+        both = isinstance(value, dict) and isinstance(out.get(key), dict)
+        out[key] = _merged(out[key], value) if both else value
+    return out
 
 
 def to_dict(obj: Any) -> Any:
@@ -210,10 +231,6 @@ _Dumper.add_representer(
 
 def dump_yaml(obj: Any) -> str:
     return yaml.dump(to_dict(obj), Dumper=_Dumper, sort_keys=False)
-
-
-def save_yaml(obj: Any, path: str | Path) -> None:
-    Path(path).write_text(dump_yaml(obj))
 
 
 def apply_overrides(cfg: T, overrides: list[str]) -> T:

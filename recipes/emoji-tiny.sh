@@ -9,7 +9,10 @@
 # the shipped model; on its 2 cores (AVX-512 BF16 / AMX) the clock stopped the VAE at step 6,169 of 7,400 with the
 # cosine learning rate at 7 % of its peak, since --max-minutes does not shape the schedule. The UNet stage runs on
 # --budget-minutes instead: its cosine schedule anneals within the hour on any machine (12,935 steps here).
-# To do the same for the VAE, replace --max-minutes M by --budget-minutes M and raise --max-steps out of the way.
+# To do the same for the VAE, replace train.max_minutes by train.budget_minutes in its run config and raise
+# train.max_steps out of the way (or pass --budget-minutes M --max-minutes 0 --max-steps N).
+# Each stage's settings are a run config in configs/runs/ (emoji-tiny-vae.yaml, -clip.yaml, -unet.yaml); the command
+# lines below add the folders, which depend on $OUT, $DATA and $BASE. Flags and --set override the file.
 # README.md (Training the autoencoder) gives newer VAE settings: 26.3 dB held-out in the same 29 minutes, against
 # this stage's 24.7 dB; the shipped model predates them, and a rerun of this recipe with them followed its prompts
 # less often (README.md, "The default model"), so it was not shipped.
@@ -31,29 +34,18 @@ SHIP=${SHIP:-models/emoji-tiny}
 
 # 2. VAE (~30 min): L1 + KL 1e-6, bf16 autocast, EMA; measures the latent scaling factor at the end. Batches of 8:
 #    as many images per second as batches of 16 here, twice the updates, +1.3 dB in a side-by-side run.
-python train_vae.py --preset emoji-tiny --data "$DATA/train" --eval-data "$DATA/test" --out "$OUT/vae" \
-    --max-steps 7400 --max-minutes 29 \
-    --set train.batch_size=8 --set train.lr=6e-4 --set train.warmup_steps=100 --set train.lr_schedule=cosine \
-    --set train.mixed_precision=bf16 --set train.ema_decay=0.999 \
-    --set train.checkpoint_every=1000 --set train.sample_every=2000
+python train_vae.py --config configs/runs/emoji-tiny-vae.yaml --data "$DATA/train" --eval-data "$DATA/test" \
+    --out "$OUT/vae"
 
 # 3. CLIP (~14 min): contrastive text + image towers; the text tower goes into the bundle.
-python train_clip.py --bundle "$OUT/vae/bundle" --data "$DATA/train" --eval-data "$DATA/test" --out "$OUT/clip" \
-    --max-steps 1000 --max-minutes 14 \
-    --set train.batch_size=64 --set train.lr=5e-4 --set train.warmup_steps=50 --set train.weight_decay=0.1
+python train_clip.py --config configs/runs/emoji-tiny-clip.yaml --bundle "$OUT/vae/bundle" --data "$DATA/train" \
+    --eval-data "$DATA/test" --out "$OUT/clip"
 
 # 4. UNet (~60 min): ε-prediction, Min-SNR-5, 10 % caption dropout, cached latents and text embeddings. fp32
 #    trains this small UNet 1.31× faster than bf16 autocast on this CPU (BENCHMARKS.md), and batches of 32 pass as
 #    many images per second as batches of 64: twice the updates in the hour. The learning rate anneals on the clock.
-python train_unet.py --bundle "$OUT/clip/bundle" --data "$BASE/train" --eval-data "$BASE/test" --out "$OUT/unet" \
-    --max-steps 30000 --budget-minutes 58 \
-    --cache-dir "$OUT/cache" --set train.batch_size=32 --set train.lr=6e-4 --set train.warmup_steps=200 \
-    --set train.weight_decay=0.01 --set train.grad_clip=1.0 \
-    --set train.ema_decay=0.999 --set train.checkpoint_every=2000 --set train.sample_every=2000 \
-    --set loss.min_snr_gamma=5.0 --set loss.caption_dropout=0.1 --validation-prompt "red apple" \
-    --validation-prompt "cat face" --validation-prompt rocket --validation-prompt pizza \
-    --validation-prompt "grinning face" --validation-prompt "red heart" --validation-prompt snowman \
-    --validation-prompt banana
+python train_unet.py --config configs/runs/emoji-tiny-unet.yaml --bundle "$OUT/clip/bundle" --data "$BASE/train" \
+    --eval-data "$BASE/test" --out "$OUT/unet" --cache-dir "$OUT/cache"
 
 # 5. Ship: fp16 weights, under 32 MB with the tokenizer. The full CLIP (image tower too) stays in $OUT/clip for
 #    python -m ldm eval --clip $OUT/clip/clip.safetensors.

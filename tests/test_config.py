@@ -173,3 +173,21 @@ def test_numbers_out_of_any_sensible_range(override, message):
 def test_optimizer_settings_are_checked(override, message):
     with pytest.raises(ConfigError, match=message):
         apply_overrides(TrainConfig(), [override])
+
+
+RUN_TRAIN = TrainConfig(lr=5e-4, grad_clip=0.0, max_steps=7)  # a run's own training defaults
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class _Run:
+    train: TrainConfig = RUN_TRAIN
+
+
+def test_a_partial_section_keeps_the_values_of_its_fields_default():
+    cfg = from_dict(_Run, {"train": {"batch_size": 8, "max_steps": 9}})
+    assert (cfg.train.batch_size, cfg.train.max_steps) == (8, 9)  # given
+    assert (cfg.train.lr, cfg.train.grad_clip) == (5e-4, 0.0)  # the run's defaults, not TrainConfig's 1e-4 and 1.0
+    assert from_dict(_Run, {}).train == RUN_TRAIN
+    assert from_dict(_Run, to_dict(cfg)) == cfg
+    with pytest.raises(ConfigError, match="did you mean 'batch_size'"):
+        from_dict(_Run, {"train": {"batch_sise": 8}})

@@ -32,7 +32,8 @@ def layout_settings(args) -> dict:
 
 def add_run_arguments(parser, *, eval_help: str, out_help: str) -> None:
     """The flags every training script takes; the script adds its own."""
-    parser.add_argument("--config", type=Path, help="run config YAML (see OUT/config.yaml of an earlier run)")
+    parser.add_argument("--config", type=Path, help="run config YAML (configs/runs/, or OUT/config.yaml of an earlier "
+                        "run); the other flags and --set override it")  # fmt: skip
     parser.add_argument("--data", help="training image folder (any layout ldm.data reads)")
     parser.add_argument("--eval-data", help=eval_help)
     parser.add_argument("--resolution", type=int, help="training side in pixels (default: the model's)")
@@ -41,6 +42,8 @@ def add_run_arguments(parser, *, eval_help: str, out_help: str) -> None:
     parser.add_argument("--max-minutes", type=float, help="stop this invocation after so much wall time")
     parser.add_argument("--budget-minutes", type=float,
                         help="training time of the whole run (over resumes); a decaying LR anneals within it")  # fmt: skip
+    parser.add_argument("--name", help="name of the bundle written (PNG metadata: 'Model: NAME'; default: the "
+                        "name of the bundle or preset the run starts from)")  # fmt: skip
     parser.add_argument("--resume", help="'latest' or a checkpoint file")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="typed config override, e.g. --set train.lr=1e-4 (repeatable)")  # fmt: skip
@@ -58,10 +61,23 @@ def load_run_config(cls, args):
     return None
 
 
+def with_data_flags(cfg, args):
+    """``cfg`` (read from ``--config FILE``) with the folders and size the flags give: ``--data`` (data.path),
+    ``--eval-data`` (eval_data) and ``--resolution`` (data.resolution)."""
+    data = {key: getattr(args, flag) for flag, key in (("data", "path"), ("resolution", "resolution"))
+            if getattr(args, flag, None) is not None}  # fmt: skip
+    try:
+        cfg = replace(cfg, data=replace(cfg.data, **data))
+    except ValueError as exc:  # e.g. --resolution 0
+        raise LdmError(str(exc)) from None
+    return cfg if args.eval_data is None else replace(cfg, eval_data=args.eval_data)
+
+
 def with_run_flags(cfg, args):
     """``cfg`` with ``--out``, ``--max-steps``, ``--max-minutes`` and ``--budget-minutes`` applied to its ``train``
-    section (they may change on resume: a run is extended or moved without touching the rest of its config), and
-    the dataset layout flags (``--layout``, ``--metadata``, ...) to its ``data`` section."""
+    section (they may change on resume: a run is extended or moved without touching the rest of its config),
+    ``--name`` to its ``name``, and the dataset layout flags (``--layout``, ``--metadata``, ...) to its ``data``
+    section."""
     train = {key: getattr(args, flag) for flag, key in (("out", "output_dir"), ("max_steps", "max_steps"),
              ("max_minutes", "max_minutes"), ("budget_minutes", "budget_minutes"))
              if getattr(args, flag, None) is not None}  # fmt: skip
@@ -71,6 +87,8 @@ def with_run_flags(cfg, args):
         cfg = replace(cfg, train=replace(cfg.train, **train), data=replace(cfg.data, **layout))
     except ValueError as exc:  # a flag's value the config refuses, e.g. --budget-minutes -1
         raise LdmError(str(exc)) from None
+    if getattr(args, "name", None) is not None:
+        cfg = replace(cfg, name=args.name)
     started = (Path(cfg.train.output_dir) / "config.yaml").is_file()  # written once a run has read its data
     if args.resume and started and cfg.data != data_before:
         raise LdmError(

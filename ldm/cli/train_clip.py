@@ -1,95 +1,28 @@
 """Train a small CLIP from scratch on a captioned image folder and put its text tower into a bundle.
 
     python train_clip.py --bundle runs/vae-emoji/bundle --data data/emoji/train --eval-data data/emoji/test \\
-        --out runs/clip-emoji --max-steps 2000 --max-minutes 55 --set train.warmup_steps=100 --set train.sample_every=250
+        --out runs/clip-emoji --max-steps 2000 --max-minutes 55 --set train.warmup_steps=100
+    python train_clip.py --config configs/runs/emoji-tiny-clip.yaml --bundle runs/vae-emoji/bundle --out runs/clip
     python train_clip.py --out runs/clip-emoji --resume latest           # continue exactly where it stopped
     python train_clip.py --preset emoji-tiny --data data/emoji/train --out runs/clip-emoji   # no bundle yet
 
-The model is open_clip's ``CLIP`` with random weights (nothing is downloaded): a small ViT image tower
-(``model.vision``) and a text tower of exactly the bundle's (or preset's) text-encoder shape, trained with
-open_clip's ``ClipLoss`` (symmetric InfoNCE over the batch, learnable temperature clamped at 100). Captions are
-tokenized by the pipeline's own tokenizer and pad id. At the end:
-
-    OUT/bundle/          the input bundle (VAE, UNet, tokenizer) with the trained text encoder and a copy of
-                         clip.safetensors (the default scorer of ``python -m ldm eval``); from a preset, a
-                         new bundle whose other parts are freshly initialised
-    OUT/clip.safetensors the whole CLIP, image tower included, config in the metadata (``ldm.models.clip.load_clip``)
-    OUT/eval.json        held-out image→text and text→image top-1/top-5 retrieval accuracy
-
-Contrastive negatives are the other items of the same micro-batch: gradient accumulation does not enlarge them.
+The run itself (the model, the loss, OUT/bundle, OUT/clip.safetensors, OUT/eval.json) is ``ldm.train.clip``; this
+module turns argv into its :class:`~ldm.train.clip.CLIPRunConfig`: a ``--config`` file or the flags, then the flags
+that override, then ``--set``.
 """
 
 from __future__ import annotations
 
-import math
-import sys
-from collections import Counter
-from dataclasses import dataclass, replace
-from pathlib import Path
-
-import torch
-from open_clip.loss import ClipLoss
+from dataclasses import replace
 
 from ldm.cli.common import ArgumentParser, run_cli
-from ldm.cli.options import add_run_arguments, load_run_config, with_run_flags
+from ldm.cli.options import add_run_arguments, load_run_config, with_data_flags, with_run_flags
 from ldm.config import apply_overrides
-from ldm.data import CaptionedImageDataset, DataConfig, report_dataset
+from ldm.data import DataConfig
 from ldm.errors import LdmError
-from ldm.formats.bundle import CLIP_FILE, Bundle, create_bundle, load_bundle, save_bundle
-from ldm.io import write_json
-from ldm.models.clip import (
-    CLIPModelConfig,
-    ContrastivePair,
-    VisionTowerConfig,
-    build_clip,
-    encode_text,
-    parameter_groups,
-    retrieval_metrics,
-    save_clip,
-    text_encoder_from_clip,
-)
-from ldm.models.presets import ModelConfig, get_preset
-from ldm.models.tokenizer import build_tokenizer, tokenize
-from ldm.train.loop import (
-    LRSchedule,
-    Progress,
-    TrainConfig,
-    TrainingState,
-    backward_step,
-    begin_run,
-    make_accelerator,
-    make_ema,
-    make_lr_scheduler,
-    make_optimizer,
-    resolve_resume,
-    train_loop,
-)
+from ldm.train.clip import CLIPRunConfig, check_config, run, source_model, with_model
 
-__all__ = ["CLIPRunConfig", "build_parser", "evaluate", "main", "resolve_config", "retrieval_metrics"]
-
-
-@dataclass(frozen=True, kw_only=True)
-class CLIPRunConfig:
-    model: CLIPModelConfig  # text tower = the bundle's text encoder; vision tower and joint width are ours
-    data: DataConfig
-    # open_clip's recipe scaled down: AdamW (β2 0.98), wd 0.1 off gains/biases, cosine after a warm-up.
-    # Held-out retrieval is measured every train.sample_every steps and at the end.
-    train: TrainConfig = TrainConfig(
-        output_dir="runs/clip", batch_size=64, lr=5e-4, adam_betas=(0.9, 0.98), weight_decay=0.1,
-        lr_schedule=LRSchedule.COSINE, warmup_steps=200, max_steps=4000, grad_clip=1.0,
-        checkpoint_every=500, sample_every=500,
-    )  # fmt: skip
-    bundle: str = ""  # bundle whose text encoder is replaced; its VAE, UNet and tokenizer are carried over
-    preset: str = ""  # without a bundle: the preset whose other parts a new bundle is created from
-    eval_data: str = ""  # held-out folder: retrieval accuracy
-    eval_batch_size: int = 256
-    max_logit_scale: float = 100.0  # the learnable temperature is clamped to exp(logit_scale) ≤ this (open_clip)
-
-    def __post_init__(self):
-        if self.eval_batch_size < 1:
-            raise ValueError("eval_batch_size must be at least 1")
-        if self.max_logit_scale <= 1:
-            raise ValueError("max_logit_scale must be above 1")
+__all__ = ["build_parser", "main", "resolve_config"]
 
 
 def build_parser() -> ArgumentParser:
@@ -101,209 +34,43 @@ def build_parser() -> ArgumentParser:
     return p
 
 
-def _bundle_config(path: str) -> ModelConfig:
-    if not (Path(path) / "manifest.json").is_file():
-        raise LdmError(
-            f"no model bundle at {path}; pass --bundle with a bundle folder (e.g. runs/vae-emoji/bundle, which train_vae.py writes) "
-            "or --preset NAME to start a new one"
-        )
-    return load_bundle(path, verify=False).config
-
-
 def resolve_config(args) -> CLIPRunConfig:
-    """Config file, else flags; a resumed run reads the config its checkpoints were written with."""
+    """Config file, else flags; a resumed run reads the config its checkpoints were written with. The flags given
+    and then ``--set`` override it."""
     cfg = load_run_config(CLIPRunConfig, args)
     if cfg is None:
-        if not args.data:
-            raise LdmError("no training data; pass --data FOLDER (see `python -m ldm data check FOLDER`)")
-        if args.bundle and args.preset:
-            raise LdmError("pass --bundle BUNDLE or --preset NAME, not both (a bundle already fixes the text config)")
-        if args.bundle:
-            model = _bundle_config(args.bundle)
-        elif args.preset:
-            model = get_preset(args.preset)
-        else:
-            raise LdmError(
-                "pass --bundle BUNDLE to train its text encoder, or --preset NAME when there is no bundle yet"
-            )
-        resolution = args.resolution or model.default_size
-        cfg = CLIPRunConfig(
-            model=CLIPModelConfig(text=model.text_encoder, vision=VisionTowerConfig(image_size=resolution)),
-            data=DataConfig(path=args.data, resolution=resolution, center_crop=True),
-            bundle=args.bundle or "",
-            preset=args.preset or "",
-            eval_data=args.eval_data or "",
-        )
-    cfg = apply_overrides(with_run_flags(cfg, args), args.overrides)
+        cfg = config_from_flags(args)
+    elif args.config:
+        cfg = with_source_flags(with_data_flags(cfg, args), args)
+    cfg = apply_overrides(with_run_flags(with_model(cfg), args), args.overrides)
     check_config(cfg)
     return cfg
 
 
-def check_config(cfg: CLIPRunConfig) -> None:
-    """What the types cannot say; raised before any training so a bad run fails in seconds."""
-    if cfg.model.vision.image_size != cfg.data.resolution:
-        raise LdmError(
-            f"model.vision.image_size ({cfg.model.vision.image_size}) must equal data.resolution "
-            f"({cfg.data.resolution}); set them equal, e.g. --set model.vision.image_size={cfg.data.resolution}"
-        )
-    if bool(cfg.bundle) == bool(cfg.preset):
-        raise LdmError("the run config needs exactly one of bundle and preset; pass --bundle BUNDLE or --preset NAME")
-    if cfg.preset:
-        try:
-            replace(get_preset(cfg.preset), text_encoder=cfg.model.text)
-        except ValueError as exc:
-            raise LdmError(f"model.text does not fit preset {cfg.preset}: {exc}") from None
+def with_source_flags(cfg: CLIPRunConfig, args) -> CLIPRunConfig:
+    """What the run starts from, as the flags say: --bundle or --preset (either replaces the other)."""
+    if args.bundle and args.preset:
+        raise LdmError("pass --bundle BUNDLE or --preset NAME, not both (a bundle already fixes the text config)")
+    if args.bundle:
+        cfg = replace(cfg, bundle=args.bundle, preset="")
+    if args.preset:
+        cfg = replace(cfg, preset=args.preset, bundle="")
+    return cfg
 
 
-def token_ids_for(tokenizer, captions: list[str], cfg: CLIPModelConfig) -> torch.Tensor:
-    """(N, context_length) ids, exactly as the pipeline tokenizes prompts."""
-    return tokenize(tokenizer, captions, context_length=cfg.text.context_length, pad_id=cfg.text.pad_id)
-
-
-@torch.no_grad()
-def evaluate(clip, images: torch.Tensor, ids: torch.Tensor, captions: list[str], *, batch_size: int, device) -> dict:
-    """Held-out retrieval metrics and the contrastive loss over the whole split as one batch.
-
-    ``images``: (N, 3, S, S) in [-1, 1]; ``ids``: (N, L) token ids; ``captions``: N strings (duplicates share a
-    positive). The model is put back in the mode it was in.
-    """
-    was_training = clip.training
-    clip.eval()
-    image_f, text_f = [], []
-    for start in range(0, len(images), batch_size):
-        image_f.append(clip.encode_image(images[start : start + batch_size].to(device), normalize=True).float().cpu())
-        text_f.append(encode_text(clip, ids[start : start + batch_size].to(device), normalize=True).float().cpu())
-    clip.train(was_training)
-    image_features, text_features = torch.cat(image_f), torch.cat(text_f)  # (N, E) each
-    metrics = retrieval_metrics(image_features, text_features, captions=captions)
-    scale = clip.logit_scale.exp().float().cpu()
-    metrics["loss"] = ClipLoss()(image_features, text_features, scale).item()
-    metrics["chance_top1"], metrics["chance_top5"] = min(1.0, 1 / len(images)), min(1.0, 5 / len(images))
-    return metrics
-
-
-def format_metrics(m: dict) -> str:
-    return (
-        f"held-out retrieval over {m['n']} pairs: image→text top-1 {m['image_to_text_top1']:.3f} "
-        f"top-5 {m['image_to_text_top5']:.3f}, text→image top-1 {m['text_to_image_top1']:.3f} "
-        f"top-5 {m['text_to_image_top5']:.3f} (chance {m['chance_top1']:.3f} / {m['chance_top5']:.3f}), loss {m['loss']:.4f}"
-    )
-
-
-def _duplicates(captions: list[str]) -> int:
-    return sum(c for c in Counter(captions).values() if c > 1)
+def config_from_flags(args) -> CLIPRunConfig:
+    """The run config of a new run given by flags alone: the text tower of the bundle's (or preset's) text encoder,
+    at the model's size unless --resolution."""
+    if not args.data:
+        raise LdmError("no training data; pass --data FOLDER (see `python -m ldm data check FOLDER`)")
+    cfg = with_source_flags(CLIPRunConfig(data=DataConfig(path=args.data), eval_data=args.eval_data or ""), args)
+    resolution = args.resolution or source_model(cfg).default_size
+    return replace(cfg, data=DataConfig(path=args.data, resolution=resolution, center_crop=True))
 
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    cfg = resolve_config(args)
-    out = Path(cfg.train.output_dir)
-    resume = resolve_resume(args.resume, out)
-    accelerator = make_accelerator(cfg.train, log_dir=out / "logs")
-    say = print if accelerator.is_main_process else (lambda *a, **k: None)
-
-    report = report_dataset(cfg.data, file=sys.stdout if accelerator.is_main_process else None)
-    dataset = CaptionedImageDataset(cfg.data, report=report, seed=cfg.train.seed)
-    if dup := _duplicates(dataset.captions):
-        say(f"note: {dup} training items share their caption with another; in a batch they are false negatives")
-    eval_set = None
-    if cfg.eval_data:
-        eval_set = CaptionedImageDataset(cfg.data.held_out(cfg.eval_data))
-        dup = _duplicates(eval_set.captions)
-        say(f"held-out: {len(eval_set)} pairs in {cfg.eval_data}" + (f" ({dup} with a shared caption)" if dup else ""))
-
-    base: Bundle | None = None
-    if cfg.bundle:
-        _bundle_config(cfg.bundle)  # a clear message when it is missing
-        base = load_bundle(cfg.bundle)
-        if base.config.text_encoder != cfg.model.text:
-            raise LdmError(
-                f"bundle {cfg.bundle} has a different text encoder than model.text of this run; "
-                "start a new --out for it or pass the bundle the run was started with"
-            )
-    tokenizer = base.tokenizer if base is not None else build_tokenizer(context_length=cfg.model.text.context_length)
-    train_ids = token_ids_for(tokenizer, dataset.captions, cfg.model)  # (N, L)
-
-    torch.manual_seed(cfg.train.seed)
-    clip = build_clip(cfg.model)
-    say(
-        f"CLIP: image tower {sum(p.numel() for p in clip.visual.parameters()) / 1e6:.2f}M, "
-        f"total {sum(p.numel() for p in clip.parameters()) / 1e6:.2f}M parameters"
-    )
-    model = ContrastivePair(clip).train()
-    loss_fn = ClipLoss(rank=accelerator.process_index, world_size=accelerator.num_processes, gather_with_grad=True)
-    optimizer = make_optimizer(parameter_groups(model, cfg.train.weight_decay), cfg.train)
-    scheduler = make_lr_scheduler(optimizer, cfg.train, processes=accelerator.num_processes)
-    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
-    ema = make_ema(clip, cfg.train)
-    state = TrainingState(
-        models={"clip": model},
-        optimizers={"clip": optimizer},
-        schedulers={"clip": scheduler},
-        emas={"clip": ema} if ema else {},
-        progress=Progress(),
-    )
-    begin_run(accelerator, state, config=cfg, resume=resume, output_dir=out, name="train_clip")
-
-    max_log_scale = math.log(cfg.max_logit_scale)
-    if eval_set is not None:
-        eval_images = torch.stack([eval_set[i]["pixel_values"] for i in range(len(eval_set))])  # (M, 3, S, S)
-        eval_ids = token_ids_for(tokenizer, eval_set.captions, cfg.model)
-
-    def step_fn(batch: dict, step: int) -> dict[str, float]:
-        images = batch["pixel_values"].to(accelerator.device)  # (B, 3, S, S) in [-1, 1]
-        ids = train_ids[torch.tensor(batch["index"])].to(accelerator.device)  # (B, L)
-        with accelerator.accumulate(model):
-            image_features, text_features, logit_scale = model(images, ids)
-            loss = loss_fn(image_features, text_features, logit_scale)
-            backward_step(accelerator, loss, optimizer, scheduler, params=model.parameters(),
-                          grad_clip=cfg.train.grad_clip)  # fmt: skip
-            if accelerator.sync_gradients:
-                with torch.no_grad():
-                    clip.logit_scale.clamp_(0, max_log_scale)
-        return {"loss": loss.item(), "logit_scale": logit_scale.item()}
-
-    def sample_fn(step: int) -> None:
-        """Held-out retrieval during training (draws nothing from the global RNG, so resuming stays exact)."""
-        if eval_set is None or not accelerator.is_main_process:
-            return
-        metrics = evaluate(
-            clip, eval_images, eval_ids, eval_set.captions, batch_size=cfg.eval_batch_size, device=accelerator.device
-        )
-        accelerator.log({f"eval/{k}": v for k, v in metrics.items()}, step=step)
-
-    train_loop(
-        accelerator=accelerator, cfg=cfg.train, state=state, dataset=dataset, step_fn=step_fn, config=cfg,
-        sample_fn=sample_fn, ema_models=[(ema, model)] if ema else [],
-    )  # fmt: skip
-    accelerator.wait_for_everyone()
-    if not accelerator.is_main_process:
-        return 0
-
-    if ema is not None:
-        ema.copy_to(clip.parameters())  # the CLIP and the bundle get the EMA weights
-    clip.eval()
-    step = state.progress.step
-    if eval_set is not None:
-        metrics = evaluate(
-            clip, eval_images, eval_ids, eval_set.captions, batch_size=cfg.eval_batch_size, device=accelerator.device
-        )
-        accelerator.log({f"eval/{k}": v for k, v in metrics.items()}, step=step)
-        write_json(out / "eval.json", {"step": step, **metrics})
-        print(format_metrics(metrics))
-
-    clip = clip.float().cpu()
-    clip_path = save_clip(clip, cfg.model, out / CLIP_FILE, extra={"step": step})
-    text_encoder = text_encoder_from_clip(clip, cfg.model.text)
-    if base is None:
-        model_config = replace(get_preset(cfg.preset), text_encoder=cfg.model.text)
-        base = create_bundle(model_config, seed=cfg.train.seed, name=out.name)
-    # The bundle carries the whole CLIP too: `python -m ldm eval` scores with it by default.
-    save_bundle(replace(base, text_encoder=text_encoder, extras={**base.extras, CLIP_FILE: clip_path}), out / "bundle")
-    print(
-        f"CLIP written to {out / 'clip.safetensors'}; bundle with the trained text encoder written to {out / 'bundle'}"
-    )
-    accelerator.end_training()
+    run(resolve_config(args), resume=args.resume)
     return 0
 
 

@@ -144,16 +144,6 @@ class BucketBatches:
         return [global_batches[b][lo:hi] for b in order[start:]]
 
 
-def collate(items: list[dict]) -> dict:
-    """Stack tensors, keep everything else as lists (as ``ldm.train.loop`` collates)."""
-    return {
-        key: torch.stack([i[key] for i in items])
-        if isinstance(items[0][key], torch.Tensor)
-        else [i[key] for i in items]
-        for key in items[0]
-    }
-
-
 # --- items -----------------------------------------------------------------------------------------------------------
 
 
@@ -431,8 +421,8 @@ def load_cache(path: Path, key: dict) -> tuple[FeatureCache | None, str]:
             meta = json.loads((f.metadata() or {}).get("ldm.train.cache", "{}"))
             if meta.get("key") != key:
                 return None, f"{', '.join(_changed(meta.get('key') or {}, key))} changed"
-            tensors = {name: f.get_tensor(name) for name in f.keys()}
-    except Exception as exc:  # safetensors raises its own error types; a damaged cache is simply rebuilt
+            tensors = {name: f.get_tensor(name) for name in f.keys()}  # noqa: SIM118 - safe_open is not iterable
+    except Exception as exc:  # noqa: BLE001 - safetensors raises its own error types; a damaged cache is simply rebuilt
         return None, f"unreadable ({type(exc).__name__})"
     hidden = tensors.pop("text.hidden_states")
     return FeatureCache(key=key, latents=tensors, captions=meta["captions"], hidden_states=hidden, path=path), "hit"

@@ -380,8 +380,8 @@ def load_checkpoint(path: Path, accelerator: Accelerator, state: TrainingState, 
     try:
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
-    except Exception as exc:  # safetensors raises its own error types
+            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - safe_open is not iterable
+    except Exception as exc:  # noqa: BLE001 - safetensors raises its own error types
         raise LdmError(f"cannot read checkpoint {path} ({exc}); delete it to resume from the one before") from None
     if "ldm.checkpoint" not in meta:
         raise LdmError(f"{path} is not an ldm training checkpoint")
@@ -524,11 +524,13 @@ def train_loop(
     so that every process stops after the same step and sees the same learning rate.
 
     ``step_fn(batch, step)`` runs one micro-batch and returns float losses for logging. An optimizer step has
-    happened when ``accelerator.sync_gradients`` is true afterwards. ``batch_order`` replaces the default
+    happened when ``accelerator.sync_gradients`` is true afterwards. ``sample_fn(step)`` runs every
+    ``cfg.sample_every`` steps but not at the step training stops on: the caller samples or validates the final
+    weights (EMA copied in) after the loop, once. ``batch_order`` replaces the default
     :class:`EpochBatches` (e.g. aspect-ratio buckets); it needs ``.seed``, ``len()`` and ``.epoch(epoch, start=)``.
     """
     output_dir = Path(cfg.output_dir)
-    order = batch_order or EpochBatches(
+    order = batch_order if batch_order is not None else EpochBatches(
         len(dataset), cfg.batch_size, seed=cfg.seed, num_replicas=accelerator.num_processes, rank=accelerator.process_index
     )
     progress = state.progress
@@ -581,10 +583,10 @@ def train_loop(
                     postfix["budget"] = f"{progress.seconds / 60:.1f}/{cfg.budget_minutes:g} min"
                 bar.set_postfix(postfix)
                 running.clear()
-            if sample_fn is not None and progress.step % cfg.sample_every == 0:
-                sample_fn(progress.step)
             out_of_time = tick()
             stop = progress.step >= cfg.max_steps or out_of_time
+            if sample_fn is not None and not stop and progress.step % cfg.sample_every == 0:
+                sample_fn(progress.step)  # not at the last step: the caller validates the final weights once
             if stop or progress.step % cfg.checkpoint_every == 0:
                 save_checkpoint(accelerator, state, output_dir, config=config, keep=cfg.keep_checkpoints)
             if stop:

@@ -331,11 +331,6 @@ def adaptive_weight(
     return weight.clamp(0.0, max_weight).detach()
 
 
-def decoder_last_layer(vae) -> nn.Parameter:
-    """The weight the adaptive weight is measured at: the diffusers ``AutoencoderKL`` decoder's last conv."""
-    return vae.decoder.conv_out.weight
-
-
 @contextlib.contextmanager
 def _no_param_grads(module: nn.Module) -> Iterator[None]:
     """Gradients flow through ``module`` to its input but not into its parameters (restored afterwards)."""
@@ -448,8 +443,9 @@ class VAELoss(nn.Module):
         """The autoencoder's loss (see the class docstring for what is summed and what is averaged).
 
         ``x`` (B, C, H, W) the input, ``x_hat`` its reconstruction (with graph), ``posterior`` the encoder's
-        ``latent_dist``, ``last_layer`` :func:`decoder_last_layer`. Where no gradient can be taken (under
-        ``torch.no_grad()``, e.g. validation) the adaptive weight is 0. Returns the scalar total and float logs.
+        ``latent_dist``, ``last_layer`` the weight of the decoder's last conv (``vae.decoder.conv_out.weight``).
+        Where no gradient can be taken (under ``torch.no_grad()``, e.g. validation) the adaptive weight is 0.
+        Returns the scalar total and float logs.
         """
         rec = reconstruction_loss(x, x_hat, self.config.reconstruction)  # (B, C, H, W)
         logs = {"rec": rec.detach().mean().item()}

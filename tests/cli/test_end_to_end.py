@@ -40,6 +40,7 @@ def test_train_every_part_then_generate(pictures, tmp_path):
     assert run_cli(train_unet.main, unet_args) == 0
 
     vae_bundle, clip_bundle, final = (load_bundle(tmp_path / p / "bundle") for p in ("vae", "clip", "unet"))
+    assert vae_bundle.name == clip_bundle.name == final.name == "micro"  # the preset's name, kept by each stage
     # Each stage replaced its own part and carried the others over.
     assert final.config.vae.scaling_factor == vae_bundle.config.vae.scaling_factor != 1.0
     for part, source in (("vae", vae_bundle), ("text_encoder", clip_bundle)):

@@ -100,7 +100,8 @@ def test_cached_items_equal_encoded_pixels(micro_bundle_dir, data, tmp_path):
     cache = load_or_build_cache(path, bundle=bundle, data=config, report=report, targets=targets, buckets=None,
                                 latents=True, batch_size=3, log=lambda m: None)  # fmt: skip
     assert cache.has_flipped and len(cache) == len(report.pairs) and "" in cache.captions
-    plain = dict(report=report, targets=targets, center_crop=True, flip_p=0.5, caption_dropout=0.5, seed=4)
+    plain = {"report": report, "targets": targets, "center_crop": True, "flip_p": 0.5, "caption_dropout": 0.5,
+             "seed": 4}  # fmt: skip
     cached_items, pixel_items = UNetItems(**plain, cache=cache), UNetItems(**plain)
     flips = 0
     for epoch in (0, 1):

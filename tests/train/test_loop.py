@@ -170,6 +170,18 @@ def test_budget_stops_training_and_anneals_within_it_across_a_resume(tmp_path, m
     assert lrs[1] == pytest.approx(0.5 * (1 + math.cos(math.pi * 60 / 120)))
 
 
+def test_samples_every_sample_every_steps_but_not_at_the_last_step(tmp_path):
+    """The caller validates the final weights once after the loop; the loop does not do it too."""
+    cfg = TrainConfig(output_dir=str(tmp_path), batch_size=1, max_steps=6, sample_every=2, checkpoint_every=10**6)
+    accelerator = make_accelerator(cfg)
+    param = torch.nn.Parameter(torch.zeros(1))
+    state = TrainingState(models={"m": torch.nn.ParameterList([param])}, optimizers={})
+    sampled = []
+    progress = train_loop(accelerator=accelerator, cfg=cfg, state=state, dataset=[{"x": torch.zeros(1)}] * 4,
+                          step_fn=lambda batch, step: {}, config=cfg, sample_fn=sampled.append)  # fmt: skip
+    assert progress.step == 6 and sampled == [2, 4]
+
+
 def test_checkpoint_restores_everything(tmp_path):
     cfg = TrainConfig(output_dir=str(tmp_path), keep_checkpoints=2)
     accelerator = make_accelerator(cfg)

@@ -11,6 +11,7 @@ from ldm.formats.bundle import load_bundle
 from ldm.pipeline import Request, generate
 from ldm.pipeline.schedule import get_sampler
 from ldm.train.lora import apply_lora
+from ldm.train.unet import run
 
 PROMPT, SEED = "disc 1", 7
 
@@ -28,7 +29,7 @@ def lora_run(micro_bundle_dir, tmp_path_factory):
                 "--set", "train.lr=3e-2", "--set", "train.ema_decay=0.5",
                 "--set", "lora.merge_bundle=true")  # fmt: skip
     cfg = train_unet.resolve_config(train_unet.build_parser().parse_args(argv))
-    return train_unet.run(cfg), root / "run"
+    return run(cfg), root / "run"
 
 
 def test_only_lora_parameters_change(lora_run, micro_bundle_dir):
@@ -48,6 +49,7 @@ def test_only_lora_parameters_change(lora_run, micro_bundle_dir):
     sa, sb = merged.unet.state_dict(), applied.unet.state_dict()
     assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
     assert not all(torch.equal(sa[k], base.unet.state_dict()[k]) for k in sa)
+    assert merged.name == "micro"  # the base bundle's name, not the output folder's
     with safe_open(str(out / "lora.safetensors"), "pt") as f:
         keys = list(f.keys())
     assert keys and all(".lora" in k for k in keys)
@@ -102,7 +104,7 @@ def test_apply_lora_refuses_what_it_cannot_apply(lora_run, micro_bundle_dir, tmp
     with pytest.raises(LdmError, match="LoRA file .* not found"):
         apply_lora(load_bundle(micro_bundle_dir), tmp_path / "nope.safetensors")
     with safe_open(str(out / "lora.safetensors"), "pt") as f:
-        tensors, meta = {k: f.get_tensor(k) for k in f.keys()}, f.metadata()
+        tensors, meta = {k: f.get_tensor(k) for k in f.keys()}, f.metadata()  # noqa: SIM118 - not iterable
     key = next(k for k in tensors if k.startswith("unet.") and ".lora.down." in k)
     tensors[key] = torch.zeros(4, 3)  # a LoRA for some other model
     save_file(tensors, str(tmp_path / "other.safetensors"), metadata=meta)

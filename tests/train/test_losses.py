@@ -19,7 +19,6 @@ from ldm.train.losses import (
     VAELoss,
     VAELossConfig,
     adaptive_weight,
-    decoder_last_layer,
     gaussian_kl,
     generator_adv_loss,
     hinge_d_loss,
@@ -68,7 +67,7 @@ def _generator_step(vae, vae_loss, x, *, step):
     vae.zero_grad(set_to_none=True)
     posterior = vae.encode(x).latent_dist
     x_hat = vae.decode(posterior.mode()).sample
-    total, logs = vae_loss.generator_loss(x, x_hat, posterior, step=step, last_layer=decoder_last_layer(vae))
+    total, logs = vae_loss.generator_loss(x, x_hat, posterior, step=step, last_layer=vae.decoder.conv_out.weight)
     total.backward(retain_graph=True)  # the tests differentiate x_hat again
     return vae.decoder.conv_out.weight.grad.clone(), x_hat, logs
 
@@ -126,7 +125,7 @@ def test_generator_loss_without_grad_for_validation(vae, images):
     with torch.no_grad():
         posterior = vae.encode(images).latent_dist
         x_hat = vae.decode(posterior.mode()).sample
-        total, logs = vae_loss.generator_loss(images, x_hat, posterior, step=1, last_layer=decoder_last_layer(vae))
+        total, logs = vae_loss.generator_loss(images, x_hat, posterior, step=1, last_layer=vae.decoder.conv_out.weight)
     assert logs["d_weight"] == 0.0
     assert total.item() == pytest.approx(logs["nll"] + vae_loss.config.kl_weight * logs["kl"], rel=1e-6)
 
@@ -190,7 +189,8 @@ def test_perceptual_off_message():
         "file); training uses L1/L2 + KL only"
     )
     # The override the message names reaches the field that train_vae.py reads.
-    from ldm.cli.train_vae import VAERunConfig, build_parser, resolve_config
+    from ldm.cli.train_vae import build_parser, resolve_config
+    from ldm.train.vae import VAERunConfig
 
     cfg = resolve_config(build_parser().parse_args(
         ["--preset", "micro", "--data", "d", "--out", "o", "--set", "loss.perceptual_weights=vgg.safetensors"]))

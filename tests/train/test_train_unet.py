@@ -8,11 +8,14 @@ import pytest
 import torch
 from PIL import Image
 from safetensors import safe_open
+from tb_events import logged_steps
 
 from ldm.cli import generate, train_unet
 from ldm.cli.common import run_cli
 from ldm.formats.bundle import load_bundle
 from ldm.pipeline.schedule import Prediction
+from ldm.train.loop import EpochBatches
+from ldm.train.unet import ValidationConfig
 
 
 def write_shapes(root, n=8, *, sizes=None):
@@ -41,7 +44,7 @@ def args(bundle, data, out, *extra):
 
 def checkpoint_tensors(path):
     with safe_open(str(path), "pt") as f:
-        return {k: f.get_tensor(k) for k in f.keys()}
+        return {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - safe_open is not iterable
 
 
 @pytest.fixture(scope="module")
@@ -98,7 +101,7 @@ def test_resume_from_a_mid_run_checkpoint_is_exact(micro_bundle_dir, shapes_fold
 def test_trains_a_bundle_that_generate_loads(micro_bundle_dir, shapes_folder, tmp_path, capsys):
     out = tmp_path / "run"
     argv = args(micro_bundle_dir, shapes_folder, out, "--max-steps", "2", "--eval-data", str(shapes_folder),
-                "--prediction", "v_prediction", "--set", "train.sample_every=2", "--set", "train.lr=1e-3",
+                "--prediction", "v_prediction", "--set", "train.sample_every=1", "--set", "train.lr=1e-3",
                 "--validation-prompt", "red disc", "--validation-prompt", "blue square")  # fmt: skip
     assert run_cli(train_unet.main, argv) == 0
     printed = capsys.readouterr().out
@@ -122,6 +125,10 @@ def test_trains_a_bundle_that_generate_loads(micro_bundle_dir, shapes_folder, tm
     assert len([k for k in losses if k.startswith("eval/loss_t")]) == 5 and "eval/loss" in losses
     assert all(np.isfinite(v) and v > 0 for v in losses.values())
     assert list((out / "logs").rglob("events.out.tfevents.*"))
+    # Validated after step 1 in the loop and once after the last step, with the weights the bundle gets.
+    for tag in ("samples", "eval/loss", "eval/loss_t000-199"):
+        assert logged_steps(out, tag) == {1: 1, 2: 1}, tag
+    assert trained.name == "micro"  # the name of the bundle it started from, not of the output folder
 
     images = tmp_path / "images"
     assert run_cli(generate.main, ["disc", "--model", str(out / "bundle"), "--steps", "2", "--seed", "3",
@@ -146,8 +153,9 @@ def test_full_fine_tune_with_the_text_encoder(
 ):
     out = tmp_path / "ft"
     argv = ["--init-from", str(micro_bundle_dir), *args(micro_bundle_dir, shapes_folder, out)[2:], "--max-steps", "2",
-            "--train-text-encoder", "--gradient-checkpointing", "--set", "train.mixed_precision=bf16",
-            "--set", "adam_8bit=true", "--set", "text_encoder_lr=1e-3", "--set", "train.sample_every=100"]  # fmt: skip
+            "--train-text-encoder", "--gradient-checkpointing", "--name", "emoji-ft",
+            "--set", "train.mixed_precision=bf16", "--set", "adam_8bit=true", "--set", "text_encoder_lr=1e-3",
+            "--set", "train.sample_every=100"]  # fmt: skip
     assert run_cli(train_unet.main, argv) == 0
     assert "using torch AdamW" in capsys.readouterr().out  # bitsandbytes is not installed here, or no GPU
     base, trained = load_bundle(micro_bundle_dir), load_bundle(out / "bundle")
@@ -155,6 +163,23 @@ def test_full_fine_tune_with_the_text_encoder(
     assert any(not torch.equal(ta[k], tb[k]) for k in ta)
     va, vb = base.vae.state_dict(), trained.vae.state_dict()
     assert all(torch.equal(va[k], vb[k]) for k in va)
+    assert trained.name == "emoji-ft"  # --name
+
+
+def test_the_batch_order_is_built_once(micro_bundle_dir, shapes_folder, tmp_path, monkeypatch):
+    """The run checks its batch order before encoding anything and hands that order to the loop."""
+    built = []
+    init = EpochBatches.__init__
+
+    def counting(self, *args, **kwargs):
+        built.append(args)
+        init(self, *args, **kwargs)
+
+    monkeypatch.setattr(EpochBatches, "__init__", counting)
+    argv = args(micro_bundle_dir, shapes_folder, tmp_path / "run", "--max-steps", "1", "--no-cache",
+                "--set", "train.sample_every=100")  # fmt: skip
+    assert run_cli(train_unet.main, argv) == 0
+    assert built == [(8, 4)]  # 8 pairs in batches of 4
 
 
 @pytest.mark.parametrize(
@@ -206,7 +231,7 @@ def test_bad_input_is_one_line_and_exit_2(
 
 
 def test_validation_grids_sample_as_generate_does_by_default():
-    validation = train_unet.ValidationConfig()
+    validation = ValidationConfig()
     assert (validation.sampler, validation.guidance_scale, validation.steps) == (
         generate.DEFAULTS["sampler"], generate.DEFAULTS["guidance_scale"], generate.DEFAULTS["steps"]
     )

@@ -8,11 +8,13 @@ import torch
 from PIL import Image
 from planted import build_dataset
 from safetensors import safe_open
+from tb_events import logged_steps
 
 from ldm.cli import train_vae
 from ldm.cli.common import run_cli
 from ldm.data import DataConfig, Layout
 from ldm.formats.bundle import load_bundle
+from ldm.train.vae import eval_batches, init_posterior_logvar, zero_residual_branches
 
 
 @pytest.fixture(scope="module")
@@ -40,12 +42,11 @@ def args(data, out, *extra):
 
 def checkpoint_tensors(path):
     with safe_open(str(path), "pt") as f:
-        return {k: f.get_tensor(k) for k in f.keys()}
+        return {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - safe_open is not iterable
 
 
 @pytest.mark.slow
 def test_reconstruction_loss_goes_down(shapes_folder, tmp_path):
-    from ldm.cli.train_vae import eval_batches
     from ldm.eval.reconstruction import evaluate_batches
 
     out = tmp_path / "run"
@@ -92,6 +93,18 @@ def test_trains_on_a_folder_with_planted_problems(tmp_path, capsys):
     assert (tmp_path / "run" / "bundle" / "manifest.json").is_file()
 
 
+def test_the_last_grid_is_drawn_once_and_the_bundle_takes_the_preset_name(shapes_folder, tmp_path):
+    out = tmp_path / "run"
+    assert run_cli(train_vae.main, args(shapes_folder, out, "--max-steps", "2", "--set", "train.sample_every=1",
+                                        "--set", "train.ema_decay=0.5")) == 0  # fmt: skip
+    # After step 1 in the loop; after the last step once, with the EMA weights the bundle gets.
+    assert logged_steps(out, "reconstructions") == {1: 1, 2: 1}
+    assert sorted(p.name for p in (out / "samples").glob("*.png")) == [
+        "reconstructions-00000001.png", "reconstructions-00000002.png"
+    ]
+    assert load_bundle(out / "bundle").name == "micro"  # the preset's, not the output folder's
+
+
 def test_layout_flags_reach_the_training_and_held_out_folders(shapes_folder, tmp_path, capsys):
     # A csv table under another name with other column names: the error's hint is a flag this script takes.
     data = tmp_path / "csv"
@@ -124,7 +137,7 @@ def test_layout_flags_reach_the_training_and_held_out_folders(shapes_folder, tmp
 def test_fine_tune_decoder_only_keeps_the_encoder(shapes_folder, tmp_path, micro_bundle_dir):
     out = tmp_path / "ft"
     argv = ["--init-from", str(micro_bundle_dir), "--decoder-only", "--data", str(shapes_folder), "--out", str(out),
-            "--max-steps", "2", "--set", "train.batch_size=4", "--set", "train.lr=1e-2"]  # fmt: skip
+            "--max-steps", "2", "--set", "train.batch_size=4", "--set", "train.lr=1e-2", "--name", "fine"]  # fmt: skip
     assert run_cli(train_vae.main, argv) == 0
     before, after = load_bundle(micro_bundle_dir), load_bundle(out / "bundle")
     enc_a, enc_b = before.vae.encoder.state_dict(), after.vae.encoder.state_dict()
@@ -133,6 +146,7 @@ def test_fine_tune_decoder_only_keeps_the_encoder(shapes_folder, tmp_path, micro
     assert any(not torch.equal(dec_a[k], dec_b[k]) for k in dec_a)
     unet_a, unet_b = before.unet.state_dict(), after.unet.state_dict()
     assert all(torch.equal(unet_a[k], unet_b[k]) for k in unet_a)  # other parts are carried over
+    assert (before.name, after.name) == ("micro", "fine")  # --name
 
 
 @pytest.mark.parametrize(
@@ -165,7 +179,7 @@ def test_posterior_logvar_init_sets_the_starting_noise():
     x = torch.rand(2, 3, 64, 64) * 2 - 1
     with torch.no_grad():
         before = vae.encode(x).latent_dist
-        train_vae.init_posterior_logvar(vae, -6.0)
+        init_posterior_logvar(vae, -6.0)
         after = vae.encode(x).latent_dist
     assert before.logvar.mean().abs() < 2  # diffusers' initialisation: log σ² near 0
     assert after.logvar.mean().item() == pytest.approx(-6.0, abs=0.5)
@@ -188,7 +202,7 @@ def test_zero_init_residual_makes_every_residual_block_start_as_the_identity():
     x = torch.randn(2, same_width[0].in_channels, 8, 8)
     with torch.no_grad():
         assert not torch.allclose(same_width[0](x, None), x)  # diffusers' initialisation: not the identity
-        assert train_vae.zero_residual_branches(vae) == len(resnets) + len(attentions)
+        assert zero_residual_branches(vae) == len(resnets) + len(attentions)
         for block in same_width:
             x = torch.randn(2, block.in_channels, 8, 8)
             torch.testing.assert_close(block(x, None), x)

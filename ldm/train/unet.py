@@ -1,0 +1,661 @@
+"""Train the UNet of a bundle on its frozen VAE's latents, conditioned on its text encoder, into a new bundle.
+
+Loss: mean-squared error of the UNet's ε or v prediction (``model.schedule.prediction``, the bundle's unless the run
+config changes it; the new bundle records it), weighted per sample by Min-SNR-γ (Hang et al. 2023;
+``loss.min_snr_gamma``, 0 = off), with optional offset noise (``loss.noise_offset``) and caption dropout for
+classifier-free guidance (``loss.caption_dropout``). Latents are posterior samples of the VAE times its scaling factor
+from the bundle config. VAE posteriors and caption hidden states are cached (see ``ldm.train.cache``) unless
+``cache.enabled`` is false. ``lora.rank`` > 0 trains LoRA adapters only and writes ``OUT/lora.safetensors``.
+
+:func:`run` is the whole run, in the order of its named steps: the base bundle, the training data, the held-out set,
+what is trained, the step, the validation, the end (the final validation, ``OUT/eval.json`` and the bundle).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from diffusers.training_utils import EMAModel
+from torch import nn
+
+from ldm.data import DataConfig, ScanReport, report_dataset
+from ldm.errors import LdmError
+from ldm.formats.bundle import Bundle, load_bundle, save_bundle
+from ldm.models.presets import ModelConfig
+from ldm.models.tokenizer import tokenize
+from ldm.pipeline import DEFAULT_GUIDANCE, DEFAULT_SAMPLER, DEFAULT_STEPS, Request, generate
+from ldm.pipeline.schedule import get_sampler
+from ldm.train.cache import (
+    BucketBatches,
+    BucketConfig,
+    CacheConfig,
+    FeatureCache,
+    UNetItems,
+    assign_buckets,
+    bucket_step,
+    cache_path,
+    load_or_build_cache,
+    make_buckets,
+)
+from ldm.train.loop import (
+    EpochBatches,
+    LRSchedule,
+    Progress,
+    StepFn,
+    TrainConfig,
+    TrainingState,
+    backward_step,
+    begin_run,
+    image_grid,
+    log_grid,
+    make_accelerator,
+    make_ema,
+    make_lr_scheduler,
+    make_optimizer,
+    resolve_resume,
+    train_loop,
+)
+from ldm.train.objectives import (
+    add_noise,
+    alphas_cumprod,
+    min_snr_weights,
+    offset_noise,
+    sample_timesteps,
+    timestep_bucket_edges,
+    training_target,
+    weighted_mse,
+)
+
+# --- the run config -----------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, kw_only=True)
+class LossConfig:
+    min_snr_gamma: float = 5.0  # Min-SNR-γ loss weighting (Hang et al. 2023); 0 = off
+    noise_offset: float = 0.0  # offset-noise strength; 0 = off (0.05–0.1 is usual)
+    caption_dropout: float = 0.1  # share of captions replaced by '' (classifier-free guidance)
+
+    def __post_init__(self):
+        if self.min_snr_gamma < 0:
+            raise ValueError(f"min_snr_gamma must be ≥ 0 (0 = off), got {self.min_snr_gamma}")
+        if self.noise_offset < 0:
+            raise ValueError(f"noise_offset must be ≥ 0, got {self.noise_offset}")
+        if not 0 <= self.caption_dropout <= 1:
+            raise ValueError(f"caption_dropout must be in [0, 1], got {self.caption_dropout}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class LoraConfig:
+    rank: int = 0  # 0 = full fine-tune; R > 0 trains rank-R LoRA adapters on to_q, to_k, to_v, to_out.0 only
+    alpha: float = 0.0  # LoRA α (the update is scaled by α / rank); 0 = rank
+    merge_bundle: bool = False  # also write OUT/bundle with the adapters merged in (a full-size copy)
+
+    def __post_init__(self):
+        if self.rank < 0:
+            raise ValueError(f"rank must be ≥ 0 (0 = full fine-tune), got {self.rank}")
+        if self.alpha < 0:
+            raise ValueError(f"alpha must be ≥ 0, got {self.alpha}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class ValidationConfig:
+    prompts: tuple[str, ...] = ()  # () = the first num_prompts distinct captions of the training data
+    num_prompts: int = 4
+    seed: int = 0  # image i uses seed + i; the held-out noise is drawn from this seed too
+    # generate.py's defaults, so the grids show what the bundle will draw for users
+    steps: int = DEFAULT_STEPS
+    guidance_scale: float = DEFAULT_GUIDANCE
+    sampler: str = DEFAULT_SAMPLER
+    timestep_buckets: int = 5  # held-out loss reported per this many ranges of t
+    eval_images: int = 64  # at most this many held-out images
+
+    def __post_init__(self):  # checked when the config is read, not at the first validation mid-run
+        for name, fix in (("num_prompts", 4), ("steps", 20), ("timestep_buckets", 5), ("eval_images", 64)):
+            if getattr(self, name) < 1:
+                raise ValueError(f"validation.{name} must be at least 1, got {getattr(self, name)}; try {fix}")
+        if self.guidance_scale < 0:
+            raise ValueError(
+                f"validation.guidance_scale must be at least 0 (≤ 1: no guidance), got {self.guidance_scale}"
+            )
+        try:
+            get_sampler(self.sampler)
+        except LdmError as exc:
+            raise ValueError(f"validation.sampler: {exc}") from None
+
+
+UNET_TRAIN = TrainConfig(
+    output_dir="runs/unet", batch_size=16, lr=1e-4, weight_decay=1e-2, lr_schedule=LRSchedule.COSINE,
+    warmup_steps=500, max_steps=20000, ema_decay=0.9999, checkpoint_every=1000, sample_every=1000,
+)  # fmt: skip
+
+
+@dataclass(frozen=True, kw_only=True)
+class UNetRunConfig:
+    # The bundle's (None: filled in from it by with_model); only model.schedule may differ: what the UNet is
+    # trained for.
+    model: ModelConfig | None = None
+    data: DataConfig
+    bundle: str  # the bundle whose UNet is trained (and whose VAE, text encoder, tokenizer are used)
+    train: TrainConfig = UNET_TRAIN
+    loss: LossConfig = field(default_factory=LossConfig)
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    buckets: BucketConfig = field(default_factory=BucketConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    validation: ValidationConfig = field(default_factory=ValidationConfig)
+    train_text_encoder: bool = False  # also train the text encoder (LoRA on it too when lora.rank > 0)
+    text_encoder_lr: float = 0.0  # 0 = train.lr
+    gradient_checkpointing: bool = False  # recompute activations in the backward pass: less memory, ~30 % slower
+    adam_8bit: bool = False  # bitsandbytes' 8-bit AdamW (CUDA only; falls back to torch AdamW with a note)
+    eval_data: str = ""  # held-out folder: loss per timestep range at every validation
+    name: str = ""  # the written bundle's name (PNG metadata says "Model: NAME"); "" = the base bundle's
+
+
+def bundle_config(path: str) -> ModelConfig:
+    """The model config of the bundle at ``path``, with a message that says what to pass when there is none."""
+    if not Path(path).is_dir():
+        raise LdmError(f"no model bundle at {path}; pass --bundle the bundle folder train_vae.py wrote (OUT/bundle)")
+    return load_bundle(path, verify=False).config
+
+
+def with_model(cfg: UNetRunConfig) -> UNetRunConfig:
+    """``cfg`` with its model filled in from its bundle when the run config leaves it out."""
+    return cfg if cfg.model is not None else replace(cfg, model=bundle_config(cfg.bundle))
+
+
+def check_model(cfg: UNetRunConfig, base: Bundle) -> None:
+    """The run config's model must be the bundle's, but for the schedule (which LoRA must keep as well)."""
+    for part in ("vae", "text_encoder", "unet"):
+        if getattr(cfg.model, part) != getattr(base.config, part):
+            raise LdmError(
+                f"model.{part} differs from the bundle {cfg.bundle}'s; only model.schedule may be changed (the UNet is "
+                "trained for it), the parts' shapes come from the bundle"
+            )
+    if cfg.lora.rank and cfg.model.schedule != base.config.schedule:
+        raise LdmError(
+            "LoRA adapters keep the base model's schedule and prediction type; train without --lora-rank to change them"
+        )
+
+
+# --- what a run builds and leaves -----------------------------------------------------------------------------------
+
+
+class Denoiser(nn.Module):
+    """(x_t, t, text) → the UNet's prediction, with the text encoder inside when it is trained, so that accelerate/DDP
+    see every trained parameter in one forward. Checkpoints keep the trained parameters only."""
+
+    def __init__(self, unet: nn.Module, text_encoder: nn.Module | None = None):
+        super().__init__()
+        self.unet = unet
+        self.text_encoder = text_encoder
+
+    def forward(self, x_t: torch.Tensor, t: torch.Tensor, *, context: torch.Tensor | None = None,
+                input_ids: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
+        if input_ids is not None:  # (B, L) token ids → (B, L, D) hidden states, with gradients
+            context = self.text_encoder(input_ids).hidden_states
+        return self.unet(x_t, t, encoder_hidden_states=context).sample  # (B, C, h, w)
+
+    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
+        return {name: p for name, p in self.named_parameters() if p.requires_grad}
+
+    def load_trainable_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        expected = set(self.trainable_state_dict())
+        if set(state) != expected:
+            raise LdmError(
+                "the checkpoint's trained parameters do not fit this run (LoRA rank or --train-text-encoder changed?)"
+            )
+        self.load_state_dict(state, strict=False)
+
+
+@dataclass
+class TrainData:
+    """The training items and the order they are batched in; ``cache`` holds their features (None: encoded live)."""
+
+    report: ScanReport
+    items: UNetItems
+    order: EpochBatches | BucketBatches
+    cache: FeatureCache | None
+
+
+@dataclass
+class HeldOut:
+    latents: torch.Tensor  # (N, C, h, w) scaled posterior means
+    captions: list[str]
+    buckets: list[tuple[int, int]]  # [lo, hi) timestep ranges
+    timesteps: torch.Tensor  # (K, N) one fixed t per bucket and image
+    noise: torch.Tensor  # (K, N, C, h, w)
+    features: FeatureCache | None = None  # the held-out captions' hidden states when the cache is on
+
+
+@dataclass
+class Trainables:
+    """What is trained: the UNet (all of it, or its LoRA adapters) and the text encoder when asked, wrapped in the
+    accelerate-prepared :class:`Denoiser`, with its optimizer, LR schedule and EMA."""
+
+    unet: nn.Module
+    text_encoder: nn.Module
+    denoiser: nn.Module
+    params: list[nn.Parameter]
+    optimizer: torch.optim.Optimizer
+    lr_scheduler: object
+    ema: EMAModel | None
+
+    def state(self) -> TrainingState:
+        """What a checkpoint restores of them."""
+        return TrainingState(
+            models={"unet": self.denoiser}, optimizers={"unet": self.optimizer},
+            schedulers={"unet": self.lr_scheduler}, emas={"unet": self.ema} if self.ema else {}, progress=Progress(),
+        )  # fmt: skip
+
+
+@dataclass
+class RunResult:
+    """What a run leaves behind; the modules are the trained ones (EMA weights copied in)."""
+
+    progress: Progress
+    unet: nn.Module
+    text_encoder: nn.Module
+    bundle_dir: Path | None = None
+    lora_path: Path | None = None
+    eval_losses: dict[str, float] = field(default_factory=dict)
+    steps_per_second: float = 0.0
+
+
+# --- the run --------------------------------------------------------------------------------------------------------
+
+
+def run(cfg: UNetRunConfig, *, resume: str | None = None) -> RunResult:
+    """Train as ``cfg`` says, from the checkpoint ``resume`` names ('latest' or a file; None: from the start), and
+    write ``OUT/bundle`` (or ``OUT/lora.safetensors``) and ``OUT/eval.json``."""
+    cfg = with_model(cfg)
+    out = Path(cfg.train.output_dir)
+    accelerator = make_accelerator(cfg.train, log_dir=out / "logs")
+    resume_path = resolve_resume(resume, out)
+    torch.manual_seed(cfg.train.seed)
+
+    base = load_base(cfg, accelerator)
+    data = training_data(cfg, base, accelerator)
+    held = held_out_set(cfg, base, accelerator)
+    model = build_trainables(cfg, base, accelerator)
+    state = model.state()
+    begin_run(accelerator, state, config=cfg, resume=resume_path, output_dir=out, name="train_unet")
+
+    conditioning = TextConditioning(base, trains_text=cfg.train_text_encoder, accelerator=accelerator)
+    result_bundle = replace(base, config=replace(base.config, schedule=cfg.model.schedule))
+    validate = validation(cfg, result_bundle, model, conditioning, held, prompts=validation_prompts(cfg, data.report),
+                          accelerator=accelerator)  # fmt: skip
+    started, first_step = time.monotonic(), state.progress.step
+    train_loop(
+        accelerator=accelerator, cfg=cfg.train, state=state, dataset=data.items, config=cfg,
+        step_fn=step_function(cfg, base, model, conditioning, data.cache, accelerator=accelerator),
+        sample_fn=validate, ema_models=[(model.ema, model.unet)] if model.ema else [], batch_order=data.order,
+    )  # fmt: skip
+    elapsed = time.monotonic() - started
+    steps = state.progress.step - first_step
+    accelerator.wait_for_everyone()
+    result = RunResult(progress=state.progress, unet=model.unet, text_encoder=model.text_encoder,
+                       steps_per_second=steps / elapsed if elapsed > 0 else 0.0)  # fmt: skip
+    if not accelerator.is_main_process:
+        return result
+    print(f"{steps} steps in {elapsed:.1f} s ({result.steps_per_second:.2f} steps/s)")
+    finish(cfg, result_bundle, model, validate, result, accelerator=accelerator)
+    return result
+
+
+def load_base(cfg: UNetRunConfig, accelerator: Accelerator) -> Bundle:
+    """The bundle whose UNet is trained, checked against the run config; its VAE frozen on the device, its text
+    encoder on the device too."""
+    base = load_bundle(cfg.bundle)
+    check_model(cfg, base)
+    if accelerator.is_main_process:
+        if base.config.vae.scaling_factor == 1.0:
+            print("note: the VAE's scaling factor is 1.0 (not measured); train_vae.py measures it, and latents far "
+                  "from unit variance train poorly")  # fmt: skip
+        was, now = base.config.schedule, cfg.model.schedule
+        if now != was:
+            print(f"note: training for {now.prediction.value} / {now.beta_schedule.value}; the bundle was "
+                  f"{was.prediction.value} / {was.beta_schedule.value}")  # fmt: skip
+    base.vae.float().eval().requires_grad_(False).to(accelerator.device)
+    base.text_encoder.float().to(accelerator.device)
+    return base
+
+
+def training_data(cfg: UNetRunConfig, base: Bundle, accelerator: Accelerator) -> TrainData:
+    """The data report, the batch order (checked before anything is encoded: too little data for one batch fails
+    here), the feature cache and the items."""
+    main_process = accelerator.is_main_process
+    report = report_dataset(cfg.data, file=sys.stdout if main_process else None)
+    targets, buckets = training_targets(cfg, report, base)
+    if buckets is not None:
+        order = BucketBatches([buckets.index(t) for t in targets], cfg.train.batch_size, seed=cfg.train.seed,
+                              num_replicas=accelerator.num_processes, rank=accelerator.process_index)  # fmt: skip
+    else:
+        order = EpochBatches(len(targets), cfg.train.batch_size, seed=cfg.train.seed,
+                             num_replicas=accelerator.num_processes, rank=accelerator.process_index)  # fmt: skip
+    cache = feature_cache(cfg, base, report, targets, buckets, accelerator=accelerator)
+    items = UNetItems(
+        report, targets=targets, center_crop=cfg.data.center_crop, flip_p=cfg.data.random_flip,
+        caption_dropout=cfg.loss.caption_dropout, seed=cfg.train.seed, cache=cache,
+    )  # fmt: skip
+    return TrainData(report=report, items=items, order=order, cache=cache)
+
+
+def training_targets(cfg: UNetRunConfig, report: ScanReport, base: Bundle) -> tuple[list[tuple[int, int]], list | None]:
+    """(width, height) per usable pair, and the buckets (None without bucketing); prints the bucket table."""
+    r = cfg.data.resolution
+    if not cfg.buckets.enabled:
+        return [(r, r)] * len(report.pairs), None
+    step = cfg.buckets.step or bucket_step(
+        vae_factor=base.config.vae.downsampling_factor, unet_levels=len(base.config.unet.block_out_channels)
+    )
+    buckets = make_buckets(r, step=step, max_aspect=cfg.buckets.max_aspect)
+    sizes = [report.sizes[pair.image] for pair in report.pairs]
+    assignment = assign_buckets(sizes, buckets, min_count=cfg.train.batch_size)
+    counts = {b: assignment.count(i) for i, b in enumerate(buckets) if i in assignment}
+    print(
+        f"buckets ({step} px steps, about {r}×{r} px each): "
+        + ", ".join(f"{w}×{h} {n}" for (w, h), n in counts.items())
+    )
+    return [buckets[i] for i in assignment], buckets
+
+
+def cache_dir(cfg: UNetRunConfig) -> Path:
+    return Path(cfg.cache.dir) if cfg.cache.dir else Path(cfg.train.output_dir) / "cache"
+
+
+def feature_cache(cfg: UNetRunConfig, base: Bundle, report: ScanReport, targets, buckets, *,
+                  accelerator: Accelerator) -> FeatureCache | None:  # fmt: skip
+    """VAE posteriors (centre crops only) and caption hidden states in float32; None when the cache is off. The main
+    process builds the file, the others then read it."""
+    if not cfg.cache.enabled:
+        return None
+    main_process = accelerator.is_main_process
+    cache_latents = cfg.data.center_crop
+    if not cache_latents and main_process:
+        print("note: random crops (data.center_crop=false) cannot be cached; the VAE encodes every step")
+    cache = None
+    for builder in (True, False):
+        if builder == main_process:
+            cache = load_or_build_cache(
+                cache_path(cache_dir(cfg), cfg.data, "train"), bundle=base, data=cfg.data, report=report,
+                targets=targets, buckets=buckets, latents=cache_latents, batch_size=cfg.cache.batch_size,
+                device=accelerator.device, log=None if main_process else (lambda message: None),
+            )  # fmt: skip
+        if builder:
+            accelerator.wait_for_everyone()
+    return cache
+
+
+def held_out_set(cfg: UNetRunConfig, base: Bundle, accelerator: Accelerator) -> HeldOut | None:
+    """The held-out set, on the main process: fixed latents (posterior means), and per timestep range one t and one
+    noise per image, drawn once from a private generator (the training RNG is untouched). None without eval_data."""
+    if not (cfg.eval_data and accelerator.is_main_process):
+        return None
+    data = cfg.data.held_out(cfg.eval_data)
+    report = report_dataset(data, progress=False)
+    report = replace(report, pairs=report.pairs[: cfg.validation.eval_images])
+    n, r = len(report.pairs), cfg.data.resolution
+    features = load_or_build_cache(
+        cache_path(cache_dir(cfg), data, "eval") if cfg.cache.enabled else None, bundle=base, data=data,
+        report=report, targets=[(r, r)] * n, buckets=None, latents=True, batch_size=cfg.cache.batch_size,
+        device=accelerator.device,
+    )  # fmt: skip
+    latents = torch.stack([features.latent(i)[0] for i in range(n)]) * base.config.vae.scaling_factor  # (N, C, h, w)
+    generator = torch.Generator().manual_seed(cfg.validation.seed)
+    ranges = timestep_bucket_edges(cfg.model.schedule.num_train_timesteps, cfg.validation.timestep_buckets)
+    timesteps = torch.stack([torch.randint(lo, hi, (n,), generator=generator) for lo, hi in ranges])  # (K, N)
+    noise = torch.randn((len(ranges), *latents.shape), generator=generator)  # (K, N, C, h, w)
+    return HeldOut(latents=latents, captions=[pair.caption for pair in report.pairs], buckets=ranges,
+                   timesteps=timesteps, noise=noise, features=features if cfg.cache.enabled else None)  # fmt: skip
+
+
+def build_trainables(cfg: UNetRunConfig, base: Bundle, accelerator: Accelerator) -> Trainables:
+    """The trained parameters in their optimizer groups (the text encoder's at ``text_encoder_lr``), the
+    accelerate-prepared denoiser, optimizer and LR schedule, and the UNet's EMA."""
+    unet = base.unet.float().to(accelerator.device)
+    unet_params, text_params = trained_parameters(cfg, unet, base.text_encoder)
+    groups = [{"params": unet_params}]
+    if text_params:
+        groups.append({"params": text_params, "lr": cfg.text_encoder_lr or cfg.train.lr})
+    denoiser = Denoiser(unet, base.text_encoder if cfg.train_text_encoder else None)
+    optimizer = make_unet_optimizer(groups, cfg, cuda=accelerator.device.type == "cuda")
+    lr_scheduler = make_lr_scheduler(optimizer, cfg.train, processes=accelerator.num_processes)
+    denoiser, optimizer, lr_scheduler = accelerator.prepare(denoiser, optimizer, lr_scheduler)
+    return Trainables(unet=unet, text_encoder=base.text_encoder, denoiser=denoiser, params=unet_params + text_params,
+                      optimizer=optimizer, lr_scheduler=lr_scheduler, ema=make_ema(unet, cfg.train))  # fmt: skip
+
+
+def trained_parameters(cfg: UNetRunConfig, unet: nn.Module, text_encoder: nn.Module) -> tuple[list, list]:
+    """The UNet's and the text encoder's trained parameters (LoRA adapters when ``lora.rank`` > 0; the text
+    encoder's only with ``train_text_encoder``); the modules put in train or eval mode to match."""
+    text_model = text_encoder.model
+    if cfg.lora.rank:
+        from ldm.train.lora import TEXT_TARGETS, UNET_TARGETS, add_lora
+
+        unet_params = add_lora(unet, rank=cfg.lora.rank, alpha=cfg.lora.alpha, targets=UNET_TARGETS)
+        text_params = (
+            add_lora(text_model, rank=cfg.lora.rank, alpha=cfg.lora.alpha, targets=TEXT_TARGETS)
+            if cfg.train_text_encoder
+            else []
+        )
+    else:
+        unet_params = list(unet.requires_grad_(True).parameters())
+        text_params = list(text_model.requires_grad_(True).parameters()) if cfg.train_text_encoder else []
+    unet.train()
+    if cfg.train_text_encoder:
+        text_encoder.train()
+    else:
+        text_encoder.requires_grad_(False).eval()
+    if cfg.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+        if cfg.train_text_encoder:  # transformers 5 renamed it
+            getattr(text_model, "activation_checkpointing_enable", text_model.gradient_checkpointing_enable)()
+    return unet_params, text_params
+
+
+def make_unet_optimizer(groups: list[dict], cfg: UNetRunConfig, *, cuda: bool) -> torch.optim.Optimizer:
+    """AdamW: bitsandbytes' 8-bit one when asked for, installed and on CUDA; else torch's, with a note why."""
+    if cfg.adam_8bit:
+        try:
+            import bitsandbytes as bnb
+        except ImportError:
+            print("note: adam_8bit asked for but bitsandbytes is not installed; using torch AdamW")
+        else:
+            if cuda:
+                t = cfg.train
+                return bnb.optim.AdamW8bit(groups, lr=t.lr, betas=t.adam_betas, weight_decay=t.weight_decay)
+            print("note: 8-bit AdamW needs a CUDA GPU; using torch AdamW")
+    return make_optimizer(groups, cfg.train)
+
+
+# --- the step -------------------------------------------------------------------------------------------------------
+
+
+class TextConditioning:
+    """Captions → the denoiser's text input: token ids when the text encoder is trained (its gradients flow through
+    the denoiser), else hidden states, from a feature cache or from the frozen encoder."""
+
+    def __init__(self, bundle: Bundle, *, trains_text: bool, accelerator: Accelerator):
+        self.bundle, self.trains_text, self.accelerator = bundle, trains_text, accelerator
+
+    def token_ids(self, captions: list[str]) -> torch.Tensor:  # (B, L)
+        te = self.bundle.config.text_encoder
+        ids = tokenize(self.bundle.tokenizer, captions, context_length=te.context_length, pad_id=te.pad_id)
+        return ids.to(self.accelerator.device)
+
+    def __call__(self, captions: list[str], features: FeatureCache | None) -> dict:
+        if self.trains_text:
+            return {"input_ids": self.token_ids(captions)}
+        if features is not None:
+            return {"context": features.text(captions).to(self.accelerator.device)}  # (B, L, D)
+        with torch.no_grad(), self.accelerator.autocast():
+            return {"context": self.bundle.text_encoder(self.token_ids(captions)).hidden_states}
+
+
+def latents_of(batch: dict, vae: nn.Module, *, scaling: float, accelerator: Accelerator) -> torch.Tensor:
+    """Scaled posterior samples z = (μ + σ·n)·scaling_factor, from the cache's (mean, logvar) or the VAE's encoding
+    of the pixels; n from the global RNG, which checkpoints restore."""
+    device = accelerator.device
+    if "mean" in batch:
+        mean, logvar = batch["mean"].to(device), batch["logvar"].to(device)  # (B, C, h, w)
+    else:
+        with torch.no_grad(), accelerator.autocast():
+            posterior = vae.encode(batch["pixel_values"].to(device)).latent_dist
+        mean, logvar = posterior.mean.float(), posterior.logvar.float()
+    n = torch.randn(mean.shape).to(device)
+    return (mean + torch.exp(0.5 * logvar) * n) * scaling  # (B, C, h, w)
+
+
+def step_function(cfg: UNetRunConfig, base: Bundle, model: Trainables, conditioning: TextConditioning,
+                  cache: FeatureCache | None, *, accelerator: Accelerator) -> StepFn:  # fmt: skip
+    """One micro-batch: noise the latents at random timesteps, predict, Min-SNR-weighted MSE, update."""
+    schedule, device = cfg.model.schedule, accelerator.device
+    ac = alphas_cumprod(schedule)  # (T,)
+    scaling = base.config.vae.scaling_factor
+
+    def step_fn(batch: dict, step: int) -> dict[str, float]:
+        with accelerator.accumulate(model.denoiser):
+            x0 = latents_of(batch, base.vae, scaling=scaling, accelerator=accelerator)  # (B, C, h, w)
+            noise = offset_noise(x0.shape, strength=cfg.loss.noise_offset).to(device)
+            t = sample_timesteps(len(x0), schedule.num_train_timesteps).to(device)  # (B,)
+            x_t = add_noise(x0, noise, t, ac)
+            target = training_target(x0, noise, t, ac, schedule.prediction)
+            prediction = model.denoiser(x_t, t, **conditioning(batch["caption"], cache))
+            weights = min_snr_weights(t, ac, gamma=cfg.loss.min_snr_gamma, prediction=schedule.prediction)
+            loss = weighted_mse(prediction, target, weights)
+            backward_step(accelerator, loss, model.optimizer, model.lr_scheduler, params=model.params,
+                          grad_clip=cfg.train.grad_clip)  # fmt: skip
+        return {"loss": float(loss.detach())}
+
+    return step_fn
+
+
+# --- validation -----------------------------------------------------------------------------------------------------
+
+
+def validation_prompts(cfg: UNetRunConfig, report: ScanReport) -> list[str]:
+    if cfg.validation.prompts:
+        return list(cfg.validation.prompts)
+    distinct = list(dict.fromkeys(pair.caption for pair in report.pairs if pair.caption))
+    return distinct[: cfg.validation.num_prompts] or [""]
+
+
+@contextlib.contextmanager
+def ema_weights(ema, module: nn.Module):
+    """Run the body with the EMA weights in ``module``; the training weights come back bit-exactly."""
+    if ema is None:
+        yield
+        return
+    ema.store(module.parameters())
+    ema.copy_to(module.parameters())
+    try:
+        yield
+    finally:
+        ema.restore(module.parameters())
+
+
+def validation(cfg: UNetRunConfig, bundle: Bundle, model: Trainables, conditioning: TextConditioning,
+               held: HeldOut | None, *, prompts: list[str],
+               accelerator: Accelerator) -> Callable[[int], dict[str, float]]:  # fmt: skip
+    """``validate(step)``: on the main process, the sample grid of ``prompts`` (``samples/``, TensorBoard) and the
+    held-out losses (logged and returned), with the EMA weights; the training weights, modes and RNG are left as
+    they were. ``bundle`` is the one being trained, with the schedule it is trained for."""
+    out, v, r = Path(cfg.train.output_dir), cfg.validation, cfg.data.resolution
+    devices = [accelerator.device] if accelerator.device.type == "cuda" else []
+
+    @torch.no_grad()
+    def validate(step: int) -> dict[str, float]:
+        if not accelerator.is_main_process:
+            return {}
+        losses = {}
+        with torch.random.fork_rng(devices=devices), ema_weights(model.ema, model.unet):
+            model.unet.eval()
+            model.text_encoder.eval()
+            request = Request(
+                prompts=prompts, negative_prompts=[""] * len(prompts), seeds=[v.seed + i for i in range(len(prompts))],
+                steps=v.steps, guidance_scale=v.guidance_scale, sampler=get_sampler(v.sampler), width=r, height=r,
+            )  # fmt: skip
+            images = generate(bundle, request, progress=False)  # (N, 3, H, W) in [0, 1]
+            log_grid(accelerator, "samples", image_grid(images, columns=len(images)), step, out)
+            if held is not None:
+                losses = held_out_losses(held, denoiser=accelerator.unwrap_model(model.denoiser),
+                                         conditioning=lambda captions: conditioning(captions, held.features),
+                                         schedule=cfg.model.schedule, batch_size=cfg.train.batch_size,
+                                         accelerator=accelerator)  # fmt: skip
+                accelerator.log(losses, step=step)
+            model.unet.train()
+            if cfg.train_text_encoder:
+                model.text_encoder.train()
+        return losses
+
+    return validate
+
+
+@torch.no_grad()
+def held_out_losses(held: HeldOut, *, denoiser, conditioning, schedule, batch_size, accelerator) -> dict[str, float]:
+    """Unweighted MSE of the prediction target per timestep range (``eval/loss_t000-199``) and their mean."""
+    device = accelerator.device
+    ac, prediction = alphas_cumprod(schedule), schedule.prediction  # (T,)
+    losses = {}
+    for k, (lo, hi) in enumerate(held.buckets):
+        total = 0.0
+        for start in range(0, len(held.latents), batch_size):
+            end = min(start + batch_size, len(held.latents))
+            x0 = held.latents[start:end].to(device)
+            noise, t = held.noise[k, start:end].to(device), held.timesteps[k, start:end].to(device)
+            with accelerator.autocast():
+                pred = denoiser(add_noise(x0, noise, t, ac), t, **conditioning(held.captions[start:end]))
+            total += weighted_mse(pred, training_target(x0, noise, t, ac, prediction)).item() * (end - start)
+        width = len(str(held.buckets[-1][1] - 1))
+        losses[f"eval/loss_t{lo:0{width}d}-{hi - 1:0{width}d}"] = total / len(held.latents)
+    losses["eval/loss"] = sum(losses.values()) / len(held.buckets)
+    return losses
+
+
+# --- the end --------------------------------------------------------------------------------------------------------
+
+
+def finish(cfg: UNetRunConfig, bundle: Bundle, model: Trainables, validate, result: RunResult, *,
+           accelerator: Accelerator) -> None:  # fmt: skip
+    """The EMA weights into the modules, the final validation (once) and ``OUT/eval.json``, then the result:
+    ``OUT/bundle``, or for LoRA ``OUT/lora.safetensors`` (and a merged bundle when asked)."""
+    out = Path(cfg.train.output_dir)
+    if model.ema is not None:
+        model.ema.copy_to(model.unet.parameters())  # the result gets the EMA weights
+    result.eval_losses = validate(result.progress.step)
+    if result.eval_losses:
+        (out / "eval.json").write_text(json.dumps(result.eval_losses, indent=2) + "\n")
+        print(
+            "held-out loss: " + ", ".join(f"{k.removeprefix('eval/')} {v:.4f}" for k, v in result.eval_losses.items())
+        )
+    model.unet.eval()
+    model.text_encoder.eval()
+    if cfg.lora.rank:
+        write_lora(cfg, model, result)
+    else:
+        written = replace(bundle, vae=bundle.vae.cpu(), text_encoder=model.text_encoder.cpu(), unet=model.unet.cpu(),
+                          name=cfg.name or bundle.name)  # fmt: skip
+        result.bundle_dir = save_bundle(written, out / "bundle")
+        print(f"bundle written to {result.bundle_dir} (UNet trained for {cfg.model.schedule.prediction.value})")
+    accelerator.end_training()
+
+
+def write_lora(cfg: UNetRunConfig, model: Trainables, result: RunResult) -> None:
+    """``OUT/lora.safetensors``, and with ``lora.merge_bundle`` ``OUT/bundle``: the base with the adapters merged."""
+    from ldm.train.lora import apply_lora, save_lora
+
+    out = Path(cfg.train.output_dir)
+    text_model = model.text_encoder.model.cpu() if cfg.train_text_encoder else None
+    result.lora_path = save_lora(out / "lora.safetensors", unet=model.unet.cpu(), text_encoder=text_model)
+    print(f"LoRA written to {result.lora_path}; use it with: generate.py --model {cfg.bundle} --lora FILE")
+    if cfg.lora.merge_bundle:
+        merged = apply_lora(load_bundle(cfg.bundle), result.lora_path, scale=1.0)
+        result.bundle_dir = save_bundle(replace(merged, name=cfg.name or merged.name), out / "bundle")
+        print(f"bundle with the LoRA merged written to {result.bundle_dir}")
