@@ -85,3 +85,40 @@ def test_importing_the_pipeline_loads_no_speed_up():
     script = "import ldm.pipeline, sys; assert not [m for m in sys.modules if m.startswith(('ldm.accel', 'ldm.cli'))]"
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert result.returncode == 0, result.stderr
+
+
+@cache
+def targets_of(module: str) -> frozenset[str]:
+    """The modules ``module`` imports (anywhere in it), each resolved to the longest name that is a module."""
+    found = set()
+    for node in ast.walk(ast.parse(MODULES[module].read_text())):
+        if isinstance(node, ast.Import):
+            names = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names = [f"{node.module}.{alias.name}" for alias in node.names]
+        else:
+            continue
+        for name in names:
+            parts = name.split(".")
+            found.update(next(([".".join(parts[:i])] for i in range(len(parts), 1, -1) if ".".join(parts[:i]) in MODULES), []))
+    return frozenset(found - {module})
+
+
+def test_no_import_cycles():
+    """A cycle (two modules that import each other, even lazily) means one of them is in the wrong place."""
+    state: dict[str, str] = {}
+    cycles = []
+
+    def visit(module: str, path: list[str]) -> None:
+        state[module] = "open"
+        for target in sorted(targets_of(module)):
+            if state.get(target) == "open":
+                cycles.append(path[path.index(target):] + [target])
+            elif target not in state:
+                visit(target, [*path, target])
+        state[module] = "done"
+
+    for module in sorted(MODULES):
+        if module not in state:
+            visit(module, [module])
+    assert not cycles, " ; ".join(" → ".join(c) for c in cycles)

@@ -13,7 +13,7 @@ so ``python -m ldm data check`` starts without loading torch.
 import importlib
 
 from ldm.data.config import DataConfig, Layout
-from ldm.data.layouts import IMAGE_EXTENSIONS, Listing, Pair, detect_layout, list_dataset
+from ldm.data.layouts import IMAGE_EXTENSIONS, Listing, Pair, detect_layout, held_out, list_dataset
 from ldm.data.scan import ScanReport, report_dataset, scan_dataset
 from ldm.images import ImageInfo, Problem, inspect_image, open_rgb, to_rgb
 
@@ -28,6 +28,7 @@ __all__ = [
     "Problem",
     "ScanReport",
     "detect_layout",
+    "held_out",
     "inspect_image",
     "item_seed",
     "list_dataset",

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 
 class Layout(enum.Enum):
@@ -47,25 +47,6 @@ class DataConfig:
             raise ValueError(f"min_side must be at least 1, got {self.min_side}")
         if not self.caption_extension.startswith("."):
             raise ValueError(f"caption_extension must start with '.', got {self.caption_extension!r}")
-
-    def held_out(self, path: str) -> DataConfig:
-        """The config of a held-out folder: this one's size and, where they fit that folder, its layout settings
-        (a test split laid out like the training data); where they do not but detection does, detection. No random
-        augmentation."""
-        from ldm.data.layouts import list_dataset
-        from ldm.errors import LdmError
-
-        inherited = replace(self, path=path, center_crop=True, random_flip=0.0)
-        detected = replace(inherited, layout=None, metadata=None, image_column=None, caption_column=None)
-        if inherited == detected:
-            return inherited
-        for config in (inherited, detected):
-            try:
-                list_dataset(config)
-                return config
-            except LdmError:
-                continue
-        return inherited  # neither reads it: the error then names the settings that were given
 
     def metadata_name(self, layout: Layout) -> str | None:
         return self.metadata or DEFAULT_METADATA.get(layout)

@@ -23,7 +23,7 @@ import io
 import json
 import os
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from ldm.data.config import DEFAULT_METADATA, DataConfig, Layout
@@ -294,6 +294,23 @@ def _list_kohya(root: Path, config: DataConfig) -> Listing:
         root=root, layout=Layout.KOHYA, source=None, pairs=tuple(pairs), uncaptioned=tuple(uncaptioned),
         orphans=tuple(orphans), bad_rows=(), outside=tuple(outside), undecodable=tuple(undecodable),
     )  # fmt: skip
+
+
+def held_out(config: DataConfig, path: str) -> DataConfig:
+    """The config of a held-out folder: ``config``'s size and, where they fit that folder, its layout settings
+    (a test split laid out like the training data); where they do not but detection does, detection. No random
+    augmentation."""
+    inherited = replace(config, path=path, center_crop=True, random_flip=0.0)
+    detected = replace(inherited, layout=None, metadata=None, image_column=None, caption_column=None)
+    if inherited == detected:
+        return inherited
+    for candidate in (inherited, detected):
+        try:
+            list_dataset(candidate)
+            return candidate
+        except LdmError:
+            continue
+    return inherited  # neither reads it: the error then names the settings that were given
 
 
 def list_dataset(config: DataConfig) -> Listing:

@@ -31,7 +31,7 @@ from diffusers.training_utils import EMAModel
 from open_clip.loss import ClipLoss
 from torch import nn
 
-from ldm.data import CaptionedImageDataset, DataConfig, report_dataset
+from ldm.data import CaptionedImageDataset, DataConfig, held_out, report_dataset
 from ldm.errors import LdmError
 from ldm.formats.bundle import CLIP_FILE, Bundle, create_bundle, load_bundle, save_bundle
 from ldm.io import write_json
@@ -271,7 +271,7 @@ def datasets(
         say(f"note: {dup} training items share their caption with another; in a batch they are false negatives")
     eval_set = None
     if cfg.eval_data:
-        eval_set = CaptionedImageDataset(cfg.data.held_out(cfg.eval_data))
+        eval_set = CaptionedImageDataset(held_out(cfg.data, cfg.eval_data))
         dup = _duplicates(eval_set.captions)
         say(f"held-out: {len(eval_set)} pairs in {cfg.eval_data}" + (f" ({dup} with a shared caption)" if dup else ""))
     return dataset, eval_set

@@ -26,7 +26,7 @@ from accelerate import Accelerator
 from diffusers.training_utils import EMAModel
 from torch import nn
 
-from ldm.data import DataConfig, ScanReport, report_dataset
+from ldm.data import DataConfig, ScanReport, held_out, report_dataset
 from ldm.errors import LdmError
 from ldm.formats.bundle import Bundle, load_bundle, save_bundle
 from ldm.models.presets import ModelConfig
@@ -398,7 +398,7 @@ def held_out_set(cfg: UNetRunConfig, base: Bundle, accelerator: Accelerator) -> 
     noise per image, drawn once from a private generator (the training RNG is untouched). None without eval_data."""
     if not (cfg.eval_data and accelerator.is_main_process):
         return None
-    data = cfg.data.held_out(cfg.eval_data)
+    data = held_out(cfg.data, cfg.eval_data)
     report = report_dataset(data, progress=False)
     report = replace(report, pairs=report.pairs[: cfg.validation.eval_images])
     n, r = len(report.pairs), cfg.data.resolution

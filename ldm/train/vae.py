@@ -24,7 +24,7 @@ from diffusers.training_utils import EMAModel
 from torch import nn
 from tqdm.auto import tqdm
 
-from ldm.data import CaptionedImageDataset, DataConfig, report_dataset
+from ldm.data import CaptionedImageDataset, DataConfig, held_out, report_dataset
 from ldm.errors import LdmError
 from ldm.eval.reconstruction import evaluate_batches
 from ldm.formats.bundle import Bundle, create_bundle, load_bundle, save_bundle
@@ -316,7 +316,7 @@ def finish(cfg: VAERunConfig, base: Bundle, model: Trainables, dataset, sample_f
     result.scaling_factor = scale
     print(f"latent scaling factor {scale:.5f}; bundle written to {out / 'bundle'}")
     if cfg.eval_data:
-        result.metrics = evaluate_batches(vae, eval_batches(cfg.data.held_out(cfg.eval_data), cfg.train.batch_size))
+        result.metrics = evaluate_batches(vae, eval_batches(held_out(cfg.data, cfg.eval_data), cfg.train.batch_size))
         (out / "eval.json").write_text(json.dumps(result.metrics, indent=2) + "\n")
         print("held-out: " + ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"
                                        for k, v in result.metrics.items()))  # fmt: skip

@@ -288,10 +288,10 @@ def test_image_grid_layout():
 
 
 def test_held_out_folder_config_keeps_the_layout_and_drops_augmentation():
-    from ldm.data import DataConfig, Layout
+    from ldm.data import DataConfig, Layout, held_out
 
     train = DataConfig(path="a", layout=Layout.CSV, metadata="m.csv", caption_column="c", resolution=32,
                        center_crop=False, random_flip=0.5)  # fmt: skip
-    held = train.held_out("b")
+    held = held_out(train, "b")
     assert (held.path, held.layout, held.metadata, held.caption_column, held.resolution) == ("b", Layout.CSV, "m.csv", "c", 32)
     assert held.center_crop and held.random_flip == 0.0
