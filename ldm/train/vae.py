@@ -308,7 +308,7 @@ def finish(cfg: VAERunConfig, base: Bundle, model: Trainables, dataset, sample_f
     sample_fn(result.progress.step)
     vae.eval()
     scale = measure_scaling_factor(vae, dataset, samples=cfg.scale_samples, batch_size=cfg.train.batch_size,
-                                   device=accelerator.device)  # fmt: skip
+                                   device=accelerator.device, seed=cfg.train.seed)  # fmt: skip
     vae.register_to_config(scaling_factor=scale)
     config = replace(base.config, vae=replace(base.config.vae, scaling_factor=scale))
     result.bundle_dir = save_bundle(replace(base, config=config, vae=vae.cpu(), name=cfg.name or base.name),
@@ -324,13 +324,21 @@ def finish(cfg: VAERunConfig, base: Bundle, model: Trainables, dataset, sample_f
 
 
 @torch.no_grad()
-def measure_scaling_factor(vae, dataset, *, samples: int, batch_size: int, device) -> float:
-    """1 / std of posterior samples over up to ``samples`` images (how SD's 0.18215 was obtained)."""
+def measure_scaling_factor(vae, dataset, *, samples: int, batch_size: int, device, seed: int = 0) -> float:
+    """1 / std of posterior samples over up to ``samples`` images (how SD's 0.18215 was obtained).
+
+    A pure function of the weights, the data and ``seed``: the images as the first epoch draws them and the
+    posterior noise from a generator of its own, so a run resumed at its last step, whose epoch and global RNG
+    are not those of the unbroken run, measures the same factor."""
+    images = CaptionedImageDataset(dataset.config, report=dataset.report, seed=dataset.seed)  # epoch 0
+    generator = torch.Generator().manual_seed(seed)
     values = []
-    indices = list(range(min(samples, len(dataset))))
+    indices = list(range(min(samples, len(images))))
     for start in tqdm(range(0, len(indices), batch_size), desc="scaling factor", leave=False):
-        x = torch.stack([dataset[i]["pixel_values"] for i in indices[start : start + batch_size]]).to(device, vae.dtype)
-        values.append(vae.encode(x).latent_dist.sample().float().flatten().cpu())
+        x = torch.stack([images[i]["pixel_values"] for i in indices[start : start + batch_size]]).to(device, vae.dtype)
+        posterior = vae.encode(x).latent_dist
+        noise = torch.randn(posterior.mean.shape, generator=generator).to(posterior.mean)
+        values.append((posterior.mean + posterior.std * noise).float().flatten().cpu())
     return 1.0 / torch.cat(values).std().item()
 
 
