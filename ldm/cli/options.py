@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import replace
 from pathlib import Path
 
+from ldm.cli.common import check_output
 from ldm.config import load_yaml
 from ldm.data.config import LAYOUT_FLAGS, Layout
 from ldm.errors import LdmError
@@ -96,3 +97,12 @@ def with_run_flags(cfg, args):
             "in that listing); drop them, or start a new run with --out"
         )
     return cfg
+
+
+def check_run_outputs(cfg) -> None:
+    """A run's output folder (and a feature cache folder, where the run has one) can be written: checked before
+    the data is scanned or a model loaded."""
+    check_output(Path(cfg.train.output_dir), folder=True, flag="--out")
+    cache = getattr(getattr(cfg, "cache", None), "dir", None)
+    if cache:
+        check_output(Path(cache), folder=True, flag="--cache-dir")

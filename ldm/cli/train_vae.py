@@ -15,7 +15,7 @@ from __future__ import annotations
 from dataclasses import replace
 
 from ldm.cli.common import ArgumentParser, run_cli
-from ldm.cli.options import add_run_arguments, load_run_config, with_data_flags, with_run_flags
+from ldm.cli.options import add_run_arguments, check_run_outputs, load_run_config, with_data_flags, with_run_flags
 from ldm.config import apply_overrides
 from ldm.data import DataConfig
 from ldm.errors import LdmError
@@ -71,7 +71,9 @@ def config_from_flags(args) -> VAERunConfig:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    run(resolve_config(args), resume=args.resume)
+    cfg = resolve_config(args)
+    check_run_outputs(cfg)
+    run(cfg, resume=args.resume)
     return 0
 
 

@@ -35,6 +35,7 @@ from ldm.config import to_dict
 from ldm.errors import LdmError
 from ldm.formats.bundle import package_versions
 from ldm.io import remove_stale_temps, save_tensors
+from ldm.runtime import check_memory
 
 
 class Precision(enum.Enum):
@@ -178,6 +179,24 @@ class _BudgetLR(torch.optim.lr_scheduler.LambdaLR):
 
     def state_dict(self) -> dict:  # loading then leaves the clock in place: it is not in the state
         return {k: v for k, v in super().state_dict().items() if k != "budget_clock"}
+
+
+ACTIVATION_COPIES = 6  # tensors of a level's size a step keeps per layer (conv, norm and activation outputs, both halves)
+
+
+def check_training_size(*, side: int, factor: int, batch: int, channels: Sequence[int], layers: int, what: str,
+                        input_scale: int = 1) -> None:  # fmt: skip
+    """Refuse a training resolution (pixels) the model cannot take (not a multiple of ``factor``, the VAE's pixels
+    per latent cell) or whose activations would not fit the memory limit: a rough upper bound of what a step keeps
+    for the backward pass, from the batch, the model's input side (``side / input_scale``: pixels for the VAE,
+    latent cells for the UNet) and the channels of each level (each a quarter the area of the one above)."""
+    if side < factor or side % factor:
+        fix = max(factor, side // factor * factor)
+        raise LdmError(f"{what}: the resolution must be a positive multiple of {factor}, got {side}; try {fix}")
+    cells = sum(c / 4**level for level, c in enumerate(channels))
+    needed = 4 * batch * (side // input_scale) ** 2 * cells * (2 * layers + 2) * ACTIVATION_COPIES
+    check_memory(needed, what=f"{what} at {side}×{side} px, batch {batch}",
+                 fix="lower --resolution or train.batch_size")  # fmt: skip
 
 
 def backward_step(

@@ -54,6 +54,7 @@ from ldm.train.loop import (
     TrainingState,
     backward_step,
     begin_run,
+    check_training_size,
     image_grid,
     log_grid,
     make_accelerator,
@@ -182,6 +183,10 @@ def check_model(cfg: UNetRunConfig, base: Bundle) -> None:
         raise LdmError(
             "LoRA adapters keep the base model's schedule and prediction type; train without --lora-rank to change them"
         )
+    factor, unet = base.config.vae.downsampling_factor, base.config.unet
+    check_training_size(side=cfg.data.resolution, factor=factor, batch=cfg.train.batch_size,
+                        channels=unet.block_out_channels, layers=unet.layers_per_block, what="UNet training",
+                        input_scale=factor)  # fmt: skip
 
 
 # --- what a run builds and leaves -----------------------------------------------------------------------------------

@@ -36,6 +36,7 @@ from ldm.train.loop import (
     TrainingState,
     backward_step,
     begin_run,
+    check_training_size,
     image_grid,
     log_grid,
     make_accelerator,
@@ -95,6 +96,9 @@ def check_config(cfg: VAERunConfig) -> None:
         raise LdmError("zero_init_residual sets up a new autoencoder; drop it when fine-tuning with --init-from")
     if cfg.posterior_logvar_init is not None and cfg.init_from:
         raise LdmError("posterior_logvar_init sets up a new encoder; drop it when fine-tuning with --init-from")
+    vae = cfg.model.vae
+    check_training_size(side=cfg.data.resolution, factor=vae.downsampling_factor, batch=cfg.train.batch_size,
+                        channels=vae.block_out_channels, layers=vae.layers_per_block, what="VAE training")  # fmt: skip
 
 
 # --- the autoencoder ------------------------------------------------------------------------------------------------
