@@ -88,6 +88,10 @@ class Plan:
     batch_size: int
     keep: set[int]
 
+    @property
+    def batches(self) -> int:
+        return -(-len(self.jobs) // self.batch_size)
+
 
 def build_parser() -> ArgumentParser:
     p = ArgumentParser(prog="generate.py", description="Text-to-image generation with an ldm model bundle.")
@@ -244,6 +248,7 @@ def make_grid(images: list[Image.Image]) -> Image.Image:
 
 
 def warn_long_prompts(bundle: Bundle, prompts: list[str]) -> None:
+    """A warning for each prompt the text encoder will cut short."""
     limit = bundle.config.text_encoder.context_length
     for prompt in set(prompts):
         if (n := token_count(bundle.tokenizer, prompt)) > limit:
@@ -293,6 +298,7 @@ def write_images(
 
 
 def main(argv=None) -> int:
+    """Settings (flags over --from-png), the model, the plan of batches, the speed-ups, then the images and the grid."""
     args = build_parser().parse_args(argv)
     settings = resolve_settings(args)
     bundle = load_model(settings, quiet=args.quiet)
@@ -300,7 +306,7 @@ def main(argv=None) -> int:
     warn_long_prompts(bundle, [j.prompt for j in plan.jobs] + [j.negative_prompt for j in plan.jobs])
     accel.prepare(
         bundle, fast=settings.fast, compile=settings.compile, deep_cache=settings.deep_cache,
-        token_merging=settings.token_merging, unet_calls=settings.steps * -(-len(plan.jobs) // plan.batch_size),
+        token_merging=settings.token_merging, unet_calls=settings.steps * plan.batches,
     )  # fmt: skip
     written = write_images(bundle, settings, plan, args.out, progress=not args.quiet)
     if args.grid and written:

@@ -450,7 +450,7 @@ def check_inputs(cfg: EvalConfig) -> None:
         raise LdmError(f"no Inception weights at {cfg.inception}; pass a torchvision inception_v3 state dict")
     g = cfg.generation
     get_sampler(g.sampler)
-    size = config.default_size if config is not None else 1
+    size = config.default_size if config is not None else 1  # no model, nothing made: sizes need only be positive
     check_settings(steps=g.steps, width=g.width or size, height=g.height or size, guidance_scale=g.guidance_scale,
                    factor=factor)  # fmt: skip
 
