@@ -3,6 +3,13 @@
 Problems that make an image unusable (:class:`Problem`) are reported, never raised. Modes other than RGB
 are converted: alpha (RGBA, LA, PA, palette or grey with a transparent colour) is composited on white,
 16-bit grey (``I;16``, ``I``) is scaled to 8 bits, CMYK / palette / grey / 1-bit go through Pillow.
+
+This is the one home of the pixel conversions and of the crops and resizes, so that every command turns an image
+into numbers, and numbers back into an image, the same way. Pixels come in three ranges:
+
+- **uint8**: 0…255, (3, H, W), as stored in image files;
+- **unit**: float in [0, 1], what the metrics, the CLIP scorers and the sampling loop's output use;
+- **signed**: float in [-1, 1], what the VAE takes and gives.
 """
 
 from __future__ import annotations
@@ -16,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from ldm.errors import LdmError
@@ -24,8 +32,9 @@ from ldm.io import atomic_write
 WHITE = (255, 255, 255, 255)
 SIXTEEN_BIT_MODES = frozenset({"I;16", "I;16L", "I;16B", "I;16N", "I"})
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".webp"})
-FACTOR = 8  # pixels per latent cell (AutoencoderConfig insists on a downsampling factor of 8)
 SIZE_FLAGS = "--size N (python -m ldm eval: --vae-size N)"  # the flags that resize images on the way in
+
+Size = tuple[int, int]  # (width, height) in pixels
 
 
 class Problem(enum.Enum):
@@ -109,6 +118,17 @@ def inspect_image(path: str | Path, *, min_side: int = 1) -> ImageInfo:
             digest=digest,
         )  # fmt: skip
     return info
+
+
+def read_rgb(path: str | Path) -> torch.Tensor:
+    """An image file → (3, H, W) uint8 RGB (alpha on white); an unreadable file is an :class:`LdmError`."""
+    try:
+        image = open_rgb(path)
+    except (OSError, SyntaxError, ValueError) as exc:
+        raise LdmError(f"cannot read image {path} ({exc}); remove it or replace it") from None
+    return pil_to_uint8(image)
+
+
 def find_images(folder: str | Path, *, limit: int | None = None) -> list[Path]:
     """PNG, JPEG and WebP files under ``folder`` (recursively), sorted by path, the first ``limit`` of them."""
     folder = Path(folder)
@@ -120,40 +140,151 @@ def find_images(folder: str | Path, *, limit: int | None = None) -> list[Path]:
     return paths[:limit] if limit is not None else paths
 
 
-def iter_batches(paths: Sequence[Path], *, size: int | None, batch_size: int) -> Iterator[torch.Tensor]:
-    """(B, 3, H, W) batches in [-1, 1] of consecutive same-sized images (at most ``batch_size`` each), in order."""
-    batch: list[torch.Tensor] = []
-    for path in paths:
-        pixels, _ = load_image(path, size=size)  # (3, H, W)
-        if batch and (len(batch) == batch_size or batch[0].shape != pixels.shape):
-            yield torch.stack(batch)
-            batch = []
-        batch.append(pixels)
-    if batch:
-        yield torch.stack(batch)
+# --- pixels: one conversion per pair of ranges ---------------------------------------------------------------------
+
+
+def pil_to_uint8(image: Image.Image) -> torch.Tensor:
+    """An RGB image → (3, H, W) uint8."""
+    return torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1)  # (3, H, W)
+
+
+def uint8_to_pil(pixels: torch.Tensor) -> Image.Image:
+    """(3, H, W) uint8 → an RGB image."""
+    return Image.fromarray(pixels.permute(1, 2, 0).numpy())  # (H, W, 3)
+
+
+def to_uint8(images: torch.Tensor) -> torch.Tensor:
+    """(..., H, W) unit pixels → uint8 of the same shape: clamped, ×255, rounded half to even.
+
+    Rounding, not truncation: as diffusers' ``numpy_to_pil`` and PIL users do, so an image written here reads back
+    as the nearest 8-bit value.
+    """
+    return (images.clamp(0, 1) * 255).round().to(torch.uint8)
+
+
+def uint8_to_unit(pixels: torch.Tensor) -> torch.Tensor:
+    """uint8 pixels → float32 unit pixels of the same shape (value / 255)."""
+    return pixels.float() / 255
+
+
+def uint8_to_signed(pixels: torch.Tensor) -> torch.Tensor:
+    """uint8 pixels → float32 signed pixels of the same shape (value / 127.5 − 1)."""
+    return pixels.float() / 127.5 - 1.0
+
+
+def signed_to_unit(images: torch.Tensor) -> torch.Tensor:
+    """(..., H, W) signed pixels (a VAE's output) → float32 unit pixels on the CPU, contiguous.
+
+    The affine map and the clamp run in the input's dtype, then the result is cast: a half-precision VAE's images
+    keep the numbers they always had.
+    """
+    return (images / 2 + 0.5).clamp(0, 1).float().cpu().contiguous()  # a channels_last VAE answers channels_last
+
+
+# --- fitting: resize and crop ---------------------------------------------------------------------------------------
+
+
+def cover_size(size: Size, target: Size) -> Size:
+    """The (width, height) that ``size`` is resized to, aspect kept, so that it just covers ``target``.
+
+    ``size`` itself when one side already matches and the other covers; otherwise scaled by the larger of the two
+    side ratios, each side rounded and never below the target's.
+    """
+    width, height = size
+    tw, th = target
+    scale = max(tw / width, th / height)
+    if scale != 1:
+        width, height = max(tw, round(width * scale)), max(th, round(height * scale))
+    return width, height
 
 
 def fit_square(image: Image.Image, size: int) -> Image.Image:
     """Shorter side → ``size`` (bicubic), then the centre ``size``×``size`` square."""
-    width, height = image.size
-    if min(width, height) != size:
-        scale = size / min(width, height)
-        width, height = max(size, round(width * scale)), max(size, round(height * scale))
+    width, height = cover_size(image.size, (size, size))
+    if (width, height) != image.size:
         image = image.resize((width, height), Image.Resampling.BICUBIC)
     left, top = (width - size) // 2, (height - size) // 2
     return image.crop((left, top, left + size, top + size))
 
 
-def check_size(size: int | None) -> None:
-    if size is not None and (size < FACTOR or size % FACTOR):
-        fix = max(FACTOR, size // FACTOR * FACTOR)
-        raise LdmError(f"--size must be a positive multiple of {FACTOR}, got {size}; try {fix}")
+def square_resize(images: torch.Tensor, size: int) -> torch.Tensor:
+    """Centre square crop, then an antialiased bilinear resize: (B, C, H, W) → (B, C, size, size).
+
+    The tensor counterpart of :func:`fit_square`, used on unit pixels ready for a feature extractor; its numbers
+    differ from :func:`fit_square`'s (crop before resize, bilinear rather than bicubic), so the two are kept apart.
+    """
+    h, w = images.shape[-2:]
+    side = min(h, w)
+    top, left = (h - side) // 2, (w - side) // 2
+    images = images[..., top : top + side, left : left + side]
+    if side == size:
+        return images
+    return F.interpolate(images, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
 
 
-def load_image(path: str | Path, *, size: int | None = None) -> tuple[torch.Tensor, tuple[int, int]]:
-    """An image file → float32 (3, H, W) in [-1, 1] and its (width, height) before any resize.
+@dataclass(frozen=True)
+class CropPlan:
+    resized: Size  # the image is resized to this (width, height) first, aspect kept, covering the target
+    box: tuple[int, int, int, int]  # then cropped to (left, top, right, bottom)
+    flip: bool  # then mirrored left-right
 
-    Converted to RGB (alpha on white); with ``size``, resized and centre-cropped to ``size``×``size``.
+
+def plan_crop(
+    size: Size, target: Size, *, center_crop: bool, flip_p: float, generator: torch.Generator | None
+) -> CropPlan:
+    """Where ``size`` is cropped to cover ``target``; draws exactly three numbers (top, left, flip) from
+    ``generator`` (None: torch's global generator) whatever the settings, so turning one option off does not shift
+    the others."""
+    width, height = cover_size(size, target)
+    tw, th = target
+    top = int(torch.randint(0, height - th + 1, (), generator=generator))
+    left = int(torch.randint(0, width - tw + 1, (), generator=generator))
+    flip = bool(torch.rand((), generator=generator) < flip_p)
+    if center_crop:
+        top, left = (height - th) // 2, (width - tw) // 2
+    return CropPlan(resized=(width, height), box=(left, top, left + tw, top + th), flip=flip)
+
+
+def crop_tensor(image: Image.Image, plan: CropPlan) -> torch.Tensor:
+    """Apply ``plan`` to an RGB image (bicubic resize, crop, flip): (3, H, W) signed pixels."""
+    if image.size != plan.resized:
+        image = image.resize(plan.resized, Image.Resampling.BICUBIC)
+    image = image.crop(plan.box)
+    if plan.flip:
+        image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    return uint8_to_signed(pil_to_uint8(image))  # (3, H, W)
+
+
+def fit_tensor(
+    image: Image.Image, target: Size, *, center_crop: bool = True, flip_p: float = 0.0,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:  # fmt: skip
+    """``image`` resized to cover ``target`` (width, height), cropped and maybe flipped: (3, H, W) signed pixels.
+
+    The crop and flip are drawn from ``generator``; without one, from a fresh generator seeded with 0.
+    """
+    generator = generator if generator is not None else torch.Generator().manual_seed(0)
+    return crop_tensor(
+        image, plan_crop(image.size, target, center_crop=center_crop, flip_p=flip_p, generator=generator)
+    )
+
+
+# --- loading and saving ---------------------------------------------------------------------------------------------
+
+
+def check_size(size: int | None, *, factor: int) -> None:
+    """Reject a ``--size`` that is not a positive multiple of ``factor``, the VAE's downsampling factor."""
+    if size is not None and (size < factor or size % factor):
+        fix = max(factor, size // factor * factor)
+        raise LdmError(f"--size must be a positive multiple of {factor} (the VAE's downsampling factor), got {size}; "
+                       f"try {fix}")  # fmt: skip
+
+
+def load_image(path: str | Path, *, factor: int, size: int | None = None) -> tuple[torch.Tensor, tuple[int, int]]:
+    """An image file → float32 (3, H, W) signed pixels and its (width, height) before any resize.
+
+    Converted to RGB (alpha on white); with ``size``, resized and centre-cropped to ``size``×``size``. Each side must
+    be a multiple of ``factor``, the downsampling factor of the VAE the image is for.
     """
     path = Path(path)
     if not path.exists():
@@ -167,23 +298,36 @@ def load_image(path: str | Path, *, size: int | None = None) -> tuple[torch.Tens
     image = open_rgb(path)
     original = image.size
     if size is not None:
-        check_size(size)
+        check_size(size, factor=factor)
         image = fit_square(image, size)
     width, height = image.size
-    if width % FACTOR or height % FACTOR:
-        fix = f"{max(FACTOR, width // FACTOR * FACTOR)}×{max(FACTOR, height // FACTOR * FACTOR)}"
+    if width % factor or height % factor:
+        fix = f"{max(factor, width // factor * factor)}×{max(factor, height // factor * factor)}"
         raise LdmError(
-            f"{path} is {width}×{height}, not a multiple of {FACTOR} on each side; resize with {SIZE_FLAGS} or crop to "
+            f"{path} is {width}×{height}, not a multiple of {factor} on each side; resize with {SIZE_FLAGS} or crop to "
             f"{fix}"
         )
-    pixels = torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1)  # (3, H, W) uint8
-    return pixels.float() / 127.5 - 1.0, original
+    return uint8_to_signed(pil_to_uint8(image)), original
+
+
+def iter_batches(paths: Sequence[Path], *, factor: int, size: int | None, batch_size: int) -> Iterator[torch.Tensor]:
+    """(B, 3, H, W) signed batches of consecutive same-sized images (at most ``batch_size`` each), in order;
+    ``factor`` and ``size`` as for :func:`load_image`."""
+    batch: list[torch.Tensor] = []
+    for path in paths:
+        pixels, _ = load_image(path, factor=factor, size=size)  # (3, H, W)
+        if batch and (len(batch) == batch_size or batch[0].shape != pixels.shape):
+            yield torch.stack(batch)
+            batch = []
+        batch.append(pixels)
+    if batch:
+        yield torch.stack(batch)
 
 
 def save_png(path: Path, image: torch.Tensor) -> Path:
-    """(3, H, W) in [0, 1] → an 8-bit RGB PNG, written atomically."""
-    array = (image.permute(1, 2, 0) * 255).round().to(torch.uint8).numpy()  # (H, W, 3)
-    return atomic_write(path, lambda tmp: Image.fromarray(array, mode="RGB").save(tmp, format="PNG"))
+    """(3, H, W) unit pixels → an 8-bit RGB PNG, written atomically."""
+    picture = uint8_to_pil(to_uint8(image))
+    return atomic_write(path, lambda tmp: picture.save(tmp, format="PNG"))
 
 
 def output_names(sources: Sequence[str]) -> list[str]:

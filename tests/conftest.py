@@ -3,11 +3,13 @@ import os
 os.environ["HF_HUB_OFFLINE"] = "1"  # nothing in the test suite may reach a model hub
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
 
-import pytest  # noqa: E402
+from dataclasses import replace
 
-from ldm.formats.bundle import create_bundle, save_bundle  # noqa: E402
-from ldm.formats.diffusers import export_diffusers  # noqa: E402
-from ldm.models.presets import PRESETS  # noqa: E402
+import pytest
+
+from ldm.formats.bundle import create_bundle, save_bundle
+from ldm.formats.diffusers import export_diffusers
+from ldm.models.presets import PRESETS
 
 
 @pytest.fixture(scope="session")
@@ -15,6 +17,16 @@ def micro_bundle_dir(tmp_path_factory):
     """A randomly initialised ``micro`` bundle on disk, shared by the session (treat as read-only)."""
     folder = tmp_path_factory.mktemp("bundles") / "micro"
     save_bundle(create_bundle(PRESETS["micro"], seed=0, name="micro"), folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def micro_f4_bundle_dir(tmp_path_factory):
+    """The ``micro`` bundle with a three-level VAE: 4 pixels per latent cell, where every preset has 8 (read-only)."""
+    micro = PRESETS["micro"]
+    config = replace(micro, vae=replace(micro.vae, block_out_channels=(8, 16, 16)))
+    folder = tmp_path_factory.mktemp("bundles") / "micro-f4"
+    save_bundle(create_bundle(config, seed=0, name="micro-f4"), folder)
     return folder
 
 

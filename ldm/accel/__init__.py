@@ -1,0 +1,110 @@
+"""Optional speed-ups for sampling, each off unless asked for; :func:`prepare` is the one way in.
+
+- ``fast`` (:mod:`ldm.accel.fast`): the same images up to rounding, faster on CPUs; ``compile`` hands its graphs to
+  inductor.
+- ``deep_cache`` (:mod:`ldm.accel.deepcache`): an approximation, the whole UNet on every N-th step only.
+- ``token_merging`` (:mod:`ldm.accel.tome`): an approximation, fewer tokens in the finest self-attention.
+
+The sampling loop (:mod:`ldm.pipeline`) imports nothing from here: a prepared bundle's UNet keeps the UNet's call,
+and a wrapper that keeps state across steps says so through :mod:`ldm.pipeline.denoiser`. The rules for the
+settings (:func:`check`) live here, apart from the heavy modules, so that importing this package stays cheap;
+:func:`prepare` imports the module each speed-up needs.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import TYPE_CHECKING
+
+from ldm.errors import LdmError
+
+if TYPE_CHECKING:
+    from ldm.formats.bundle import Bundle
+
+
+def check_interval(interval: int, *, off: bool = True) -> None:
+    """The one rule for a deep-cache interval, whoever takes it: 2 or more, or 0 (reuse off) where ``off``."""
+    if interval >= 2 or (off and interval == 0):
+        return
+    allowed = "0 (off) or 2 or more" if off else "2 or more"
+    raise LdmError(f"--deep-cache N runs the whole UNet every N-th step; N must be {allowed}, not {interval}")
+
+
+def check_ratio(ratio: float) -> None:
+    """The one rule for a token-merging ratio, whoever takes it: 0 (off) up to, not including, 1."""
+    if not (0.0 <= ratio < 1.0) or math.isnan(ratio):
+        raise LdmError(f"--token-merging R merges a fraction R of the self-attention's tokens; R must be at least 0 "
+                       f"(off) and below 1, e.g. 0.5, not {ratio}")  # fmt: skip
+
+
+def check(
+    *, fast: bool = False, compile: bool = False, deep_cache: int = 0, token_merging: float = 0.0, dtype: str = "fp32"
+) -> None:
+    """Reject speed-up settings that cannot run, or not together, each with the fix.
+
+    ``dtype`` is the name (``ldm.runtime.DTYPES``) the weights are, or will be, loaded in. Cheap, and needs no
+    model: a command calls it on its flags before loading one, and :func:`prepare` calls it again.
+    """
+    if compile and not fast:
+        raise LdmError("--compile speeds up the fast path; add --fast")
+    check_interval(deep_cache)
+    check_ratio(token_merging)
+    if token_merging and deep_cache:
+        raise LdmError("--token-merging and --deep-cache do not combine (the reuse's shallow steps bypass the merging); "
+                       "pick one")  # fmt: skip
+    if fast and dtype != "fp32":
+        raise LdmError(f"--fast sets the UNet's precision itself and needs fp32 weights, not --dtype {dtype}")
+
+
+def prepare(
+    bundle: Bundle, *, fast: bool = False, compile: bool = False, deep_cache: int = 0, token_merging: float = 0.0,
+    unet_calls: int | None = None,
+) -> Bundle:  # fmt: skip
+    """``bundle`` made ready, in place, for sampling with the speed-ups asked for; returns it (untouched when none is).
+
+    ``fast``: :func:`ldm.accel.fast.speed_up`, with ``compile`` and the deep-feature reuse folded in. ``unet_calls``:
+    how many UNet calls the job will make (steps × batches), where known; tracing graphs pays on long jobs only
+    (``ldm.accel.fast.GRAPH_MIN_CALLS``), so a shorter job runs the modules, unless ``compile`` asks for the graphs.
+    None leaves that choice to the fast path. ``deep_cache`` without ``fast``: the UNet wrapped in
+    :class:`ldm.accel.deepcache.DeepCacheUNet`. ``token_merging``: :func:`ldm.accel.tome.apply_token_merging`, last.
+
+    The fast path changes the bundle for good (save the bundle it came from, not it); :func:`prepared` takes the
+    approximations off again afterwards.
+    """
+    from ldm.runtime import DTYPES
+
+    dtype = next((name for name, value in DTYPES.items() if value == bundle.unet.dtype), str(bundle.unet.dtype))
+    check(fast=fast, compile=compile, deep_cache=deep_cache, token_merging=token_merging, dtype=dtype)
+    if fast:
+        from ldm.accel.fast import GRAPH_MIN_CALLS, FastConfig, speed_up
+
+        long_job = unet_calls is None or unet_calls >= GRAPH_MIN_CALLS
+        graph = None if long_job or compile else False  # None: the fast path decides by the UNet and the device
+        speed_up(bundle, FastConfig(compile=compile, graph=graph, deep_cache=deep_cache))
+    elif deep_cache:
+        from ldm.accel.deepcache import DeepCacheUNet
+
+        bundle.unet = DeepCacheUNet(bundle.unet, interval=deep_cache)
+    if token_merging:
+        from ldm.accel.tome import apply_token_merging
+
+        apply_token_merging(bundle.unet, token_merging)
+    return bundle
+
+
+@contextmanager
+def prepared(bundle: Bundle, *, deep_cache: int = 0, token_merging: float = 0.0) -> Iterator[Bundle]:
+    """:func:`prepare` with the approximations for the length of a ``with`` block; afterwards the bundle's UNet is the
+    one it had, its attention as it was. For callers that go on using the bundle exactly (an evaluation, a test)."""
+    unet = bundle.unet
+    prepare(bundle, deep_cache=deep_cache, token_merging=token_merging)
+    try:
+        yield bundle
+    finally:
+        if token_merging:
+            from ldm.accel.tome import remove_token_merging
+
+            remove_token_merging(bundle.unet)
+        bundle.unet = unet

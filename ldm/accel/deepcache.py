@@ -24,6 +24,7 @@ import torch
 from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
 from torch import nn
 
+from ldm.accel import check_interval
 from ldm.accel.graph import TraceCache, TracedUNet, UNetWrapper, as_tensor, can_run_traced, input_key, mismatch
 from ldm.errors import LdmError
 
@@ -143,14 +144,6 @@ class DeepCacheUNet(UNetWrapper):
         if unet.conv_norm_out is not None:
             hidden = unet.conv_act(unet.conv_norm_out(hidden))
         return unet.conv_out(hidden)  # (B, C, h, w)
-
-
-def check_interval(interval: int, *, off: bool = True) -> None:
-    """The one rule for an interval, whoever takes it: 2 or more, or 0 (reuse off) where ``off``."""
-    if interval >= 2 or (off and interval == 0):
-        return
-    allowed = "0 (off) or 2 or more" if off else "2 or more"
-    raise LdmError(f"--deep-cache N runs the whole UNet every N-th step; N must be {allowed}, not {interval}")
 
 
 def check_supported(unet: nn.Module) -> None:

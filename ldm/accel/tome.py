@@ -16,11 +16,10 @@ feed-forward layers and the convolutions are left as they are.
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import nn
 
+from ldm.accel import check_ratio
 from ldm.accel.graph import TraceCache
 from ldm.errors import LdmError
 
@@ -28,13 +27,6 @@ from ldm.errors import LdmError
 # so that it also holds in traced graphs (ldm.accel.graph), where the timestep is a tensor. Odd multipliers, then a
 # multiply-xorshift mix whose high bits pick one of four: the low bits alone would repeat every 4 blocks and steps.
 _HASH = (0x9E3779B1, 0x85EBCA77, 0xC2B2AE3D, 0x27D4EB2F)
-
-
-def check_ratio(ratio: float) -> None:
-    """The one rule for a merging ratio, whoever takes it: 0 (off) up to, not including, 1."""
-    if not (0.0 <= ratio < 1.0) or math.isnan(ratio):
-        raise LdmError(f"--token-merging R merges a fraction R of the self-attention's tokens; R must be at least 0 "
-                       f"(off) and below 1, e.g. 0.5, not {ratio}")  # fmt: skip
 
 
 def partition(height: int, width: int, timestep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -60,8 +60,11 @@ def build_parser() -> ArgumentParser:
     gen.add_argument("--token-merging", type=float, default=0.0, metavar="R",
                      help="approximate sampling as generate.py --token-merging R, to score what it changes (default "
                           "0: exact)")  # fmt: skip
-    gen.add_argument("--width", type=int, default=None, help="multiple of 8 (default: the bundle's training size)")
-    gen.add_argument("--height", type=int, default=None, help="multiple of 8 (default: the bundle's training size)")
+    gen.add_argument("--width", type=int, default=None,
+                     help="a multiple of the VAE's downsampling factor, 8 in every preset (default: the bundle's "
+                          "training size)")  # fmt: skip
+    gen.add_argument("--height", type=int, default=None,
+                     help="a multiple of the VAE's downsampling factor (default: the bundle's training size)")
     add_layout_arguments(p)  # for --images and a --prompts folder
     p.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N, mps")
     p.add_argument("--dtype", default="fp32", choices=sorted(DTYPES), help="the bundle's dtype (default fp32)")

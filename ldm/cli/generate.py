@@ -26,21 +26,21 @@ from diffusers.utils import logging as diffusers_logging
 from PIL import Image
 
 import ldm
-from ldm.accel.deepcache import DeepCacheUNet, check_interval
-from ldm.accel.tome import apply_token_merging, check_ratio
+from ldm import accel
 from ldm.cli.common import DEFAULT_MODEL, ArgumentParser, exit_now, run_cli
 from ldm.errors import LdmError
-from ldm.formats.bundle import Bundle, load_bundle
-from ldm.formats.pngmeta import format_parameters, parse_parameters, read_png_parameters, save_png
+from ldm.formats.bundle import Bundle, load_bundle, read_config
+from ldm.formats.pngmeta import ImageParameters, read_png_parameters, save_png
+from ldm.images import to_uint8, uint8_to_pil
 from ldm.models.tokenizer import token_count
-from ldm.pipeline import DEFAULT_GUIDANCE, DEFAULT_SAMPLER, DEFAULT_STEPS, Request, check_settings, generate, to_uint8
-from ldm.pipeline.schedule import SAMPLERS, get_sampler
+from ldm.pipeline import DEFAULT_GUIDANCE, DEFAULT_SAMPLER, DEFAULT_STEPS, Request, check_settings, generate
+from ldm.pipeline.schedule import SAMPLERS, Sampler, get_sampler
 from ldm.runtime import DTYPES, resolve_device, resolve_dtype
 
-DEFAULTS = dict(
-    negative_prompt="", steps=DEFAULT_STEPS, guidance_scale=DEFAULT_GUIDANCE, sampler=DEFAULT_SAMPLER, dtype="fp32",
-    fast=False, deep_cache=0, token_merging=0.0,
-)
+DEFAULTS = {
+    "negative_prompt": "", "steps": DEFAULT_STEPS, "guidance_scale": DEFAULT_GUIDANCE, "sampler": DEFAULT_SAMPLER,
+    "dtype": "fp32", "fast": False, "deep_cache": 0, "token_merging": 0.0,
+}  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -50,6 +50,47 @@ class Job:
     prompt: str
     negative_prompt: str
     seed: int
+
+
+@dataclass(frozen=True, kw_only=True)
+class Settings:
+    """How this run makes its images: each flag given, else what ``--from-png`` recorded, else the default; checked."""
+
+    model: Path
+    prompts: list[str]
+    negative_prompt: str
+    steps: int
+    guidance_scale: float
+    sampler: Sampler
+    width: int
+    height: int
+    device: torch.device
+    dtype: str  # a name of ldm.runtime.DTYPES
+    fast: bool
+    compile: bool
+    deep_cache: int
+    token_merging: float
+    lora: Path | None  # --lora: the LoRA file merged into the model
+    lora_scale: float
+    seed: int | None  # --seed; None: a random one
+    num_images: int  # per prompt
+    batch_size: int
+    from_png: Path | None
+    recorded: ImageParameters | None  # what --from-png's image recorded
+    rebuild: bool  # remake --from-png's own batch: it was given without prompts or a seed
+
+
+@dataclass(frozen=True)
+class Plan:
+    """The images to make, in UNet batches of ``batch_size``; only the jobs at the ``keep`` positions are written."""
+
+    jobs: list[Job]
+    batch_size: int
+    keep: set[int]
+
+    @property
+    def batches(self) -> int:
+        return -(-len(self.jobs) // self.batch_size)
 
 
 def build_parser() -> ArgumentParser:
@@ -65,8 +106,11 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--seed", type=int, default=None, help="seed of the first image; image i uses seed+i (default: random)")
     p.add_argument("-n", "--num-images", type=int, default=1, help="images per prompt (default 1)")
     p.add_argument("--batch-size", type=int, default=1, help="images per UNet batch (default 1)")
-    p.add_argument("--width", type=int, default=None, help="multiple of 8 (default: the model's training size)")
-    p.add_argument("--height", type=int, default=None, help="multiple of 8 (default: the model's training size)")
+    p.add_argument("--width", type=int, default=None,
+                   help="a multiple of the VAE's downsampling factor, 8 in every preset (default: the model's "
+                        "training size)")  # fmt: skip
+    p.add_argument("--height", type=int, default=None,
+                   help="a multiple of the VAE's downsampling factor (default: the model's training size)")
     p.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N, mps")
     p.add_argument("--dtype", default=None, choices=sorted(DTYPES), help=f"weights and activations (default {DEFAULTS['dtype']})")
     p.add_argument("--fast", action=argparse.BooleanOptionalAction, default=None,
@@ -94,22 +138,88 @@ def build_parser() -> ArgumentParser:
     return p
 
 
-def settings_from_png(path: Path) -> dict:
-    """generate.py arguments recorded in a PNG's parameters chunk."""
-    prompt, negative, s = parse_parameters(read_png_parameters(path))
+def settings_from_png(path: Path) -> tuple[ImageParameters, dict]:
+    """A PNG's parameters chunk, and the generate.py arguments it records (by their argparse names)."""
     try:
-        width, height = (int(v) for v in s["Size"].split("x"))
-        recorded = dict(
-            prompts=[prompt], negative_prompt=negative, steps=int(s["Steps"]), guidance_scale=float(s["CFG scale"]),
-            sampler=get_sampler(s["Sampler"]).name, seed=int(s["Seed"]), width=width, height=height,
-            batch_size=int(s.get("Batch size", 1)), batch_pos=int(s.get("Batch pos", 0)),
-            dtype=s.get("Dtype", "fp32"), model_hash=s.get("Model hash"),
-            lora=s.get("Lora"), lora_scale=float(s.get("Lora scale", 1.0)), fast=s.get("Fast") == "on",
-            deep_cache=int(s.get("Deep cache", 0)), token_merging=float(s.get("Token merging ratio", 0)),
-        )  # fmt: skip
+        p = ImageParameters.from_text(read_png_parameters(path))
+        sampler = get_sampler(p.sampler).name
     except (KeyError, ValueError) as exc:
         raise LdmError(f"{path}: the parameters chunk lacks or garbles {exc}; it cannot be regenerated") from None
-    return recorded
+    return p, {
+        "prompts": [p.prompt], "negative_prompt": p.negative_prompt, "steps": p.steps, "guidance_scale": p.guidance_scale,
+        "sampler": sampler, "width": p.width, "height": p.height, "dtype": p.dtype or "fp32", "lora_scale": p.lora_scale,
+        "fast": p.fast, "deep_cache": p.deep_cache, "token_merging": p.token_merging,
+    }  # fmt: skip
+
+
+def resolve_settings(args: argparse.Namespace) -> Settings:
+    """The run's settings from the flags and ``--from-png``, checked against the model's config before its weights
+    load (the slow part), so that a bad flag fails at once."""
+    recorded, from_png = settings_from_png(args.from_png) if args.from_png else (None, {})
+
+    def pick(name):  # an explicit flag beats the PNG's value, which beats the default
+        value = getattr(args, name, None)
+        return value if value not in (None, []) else from_png.get(name, DEFAULTS.get(name))
+
+    prompts = pick("prompts")
+    if not prompts:
+        raise LdmError('no prompt given; try: python generate.py "red apple"')
+    sampler = get_sampler(pick("sampler"))
+    if args.num_images < 1 or args.batch_size < 1:
+        raise LdmError("--num-images and --batch-size must be at least 1")
+    if args.model is None and not DEFAULT_MODEL.exists():
+        raise LdmError(
+            f"no default model at {DEFAULT_MODEL}; pass --model PATH, or make one with `python -m ldm bundle create micro models/micro`"
+        )
+    fast, deep_cache, token_merging, dtype = pick("fast"), pick("deep_cache"), pick("token_merging"), pick("dtype")
+    accel.check(fast=fast, compile=args.compile, deep_cache=deep_cache, token_merging=token_merging, dtype=dtype)
+    device = resolve_device(args.device)
+    model = args.model or DEFAULT_MODEL
+    config = read_config(model)  # the training size and the VAE's downsampling factor, without the weights
+    width, height = pick("width") or config.default_size, pick("height") or config.default_size
+    steps, guidance = pick("steps"), pick("guidance_scale")
+    check_settings(steps=steps, width=width, height=height, guidance_scale=guidance,
+                   factor=config.vae.downsampling_factor)  # fmt: skip
+    return Settings(
+        model=model, prompts=prompts, negative_prompt=pick("negative_prompt"), steps=steps, guidance_scale=guidance,
+        sampler=sampler, width=width, height=height, device=device, dtype=dtype, fast=fast, compile=args.compile,
+        deep_cache=deep_cache, token_merging=token_merging, lora=args.lora,
+        lora_scale=pick("lora_scale") if pick("lora_scale") is not None else 1.0, seed=args.seed,
+        num_images=args.num_images, batch_size=args.batch_size, from_png=args.from_png, recorded=recorded,
+        rebuild=bool(args.from_png) and not (args.prompts or args.seed is not None),
+    )  # fmt: skip
+
+
+def load_model(settings: Settings, *, quiet: bool = False) -> Bundle:
+    """The bundle with the LoRA merged in, on the device in the dtype; warns where it differs from --from-png's."""
+    bundle = load_bundle(settings.model)
+    recorded = settings.recorded
+    if settings.lora:
+        from ldm.train.lora import apply_lora
+
+        apply_lora(bundle, settings.lora, scale=settings.lora_scale)
+    elif recorded and recorded.lora:
+        print(f"warning: {settings.from_png} was made with LoRA {recorded.lora}; pass --lora FILE to reproduce it", file=sys.stderr)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore" if quiet else "default")
+        dtype = resolve_dtype(settings.dtype, settings.device)
+    bundle.to(settings.device, dtype)
+    if recorded and recorded.model_hash and recorded.model_hash != bundle.short_hash:
+        print(f"warning: {settings.from_png} was made with model hash {recorded.model_hash}, this is {bundle.short_hash}", file=sys.stderr)
+    return bundle
+
+
+def plan_batches(settings: Settings) -> Plan:
+    """The jobs and their batches: ``--from-png``'s own batch again (same size and position, so the numbers are the
+    same) and that one image kept, or every prompt ``--num-images`` times, all kept."""
+    if settings.rebuild:
+        recorded = settings.recorded
+        first_seed = recorded.seed - recorded.batch_pos
+        jobs = [Job(settings.prompts[0], settings.negative_prompt, first_seed + k) for k in range(recorded.batch_size)]
+        return Plan(jobs, recorded.batch_size, {recorded.batch_pos})
+    seed = settings.seed if settings.seed is not None else random.randrange(2**31)
+    jobs = plan_jobs(settings.prompts, settings.negative_prompt, seed=seed, per_prompt=settings.num_images)
+    return Plan(jobs, settings.batch_size, set(range(len(jobs))))
 
 
 def plan_jobs(prompts: list[str], negative: str, *, seed: int, per_prompt: int) -> list[Job]:
@@ -138,6 +248,7 @@ def make_grid(images: list[Image.Image]) -> Image.Image:
 
 
 def warn_long_prompts(bundle: Bundle, prompts: list[str]) -> None:
+    """A warning for each prompt the text encoder will cut short."""
     limit = bundle.config.text_encoder.context_length
     for prompt in set(prompts):
         if (n := token_count(bundle.tokenizer, prompt)) > limit:
@@ -147,115 +258,60 @@ def warn_long_prompts(bundle: Bundle, prompts: list[str]) -> None:
             )
 
 
-def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
-    recorded = settings_from_png(args.from_png) if args.from_png else {}
+def image_parameters(settings: Settings, bundle: Bundle, job: Job, *, batch_size: int, batch_pos: int) -> ImageParameters:
+    """What one image's PNG records: enough for ``--from-png`` to make it again."""
+    return ImageParameters(
+        prompt=job.prompt, negative_prompt=job.negative_prompt, steps=settings.steps, sampler=settings.sampler.label,
+        guidance_scale=settings.guidance_scale, seed=job.seed, width=settings.width, height=settings.height,
+        model_hash=bundle.short_hash, model=bundle.name, batch_size=batch_size, batch_pos=batch_pos,
+        lora=settings.lora.name if settings.lora else None, lora_scale=settings.lora_scale, dtype=settings.dtype,
+        fast=settings.fast, deep_cache=settings.deep_cache, token_merging=settings.token_merging,
+        version=f"ldm {ldm.__version__}",
+    )  # fmt: skip
 
-    def pick(name):  # an explicit flag beats the PNG's value, which beats the default
-        value = getattr(args, name, None)
-        return value if value not in (None, []) else recorded.get(name, DEFAULTS.get(name))
 
-    prompts = pick("prompts")
-    if not prompts:
-        raise LdmError('no prompt given; try: python generate.py "red apple"')
-    sampler = get_sampler(pick("sampler"))
-    if args.num_images < 1 or args.batch_size < 1:
-        raise LdmError("--num-images and --batch-size must be at least 1")
-
-    model_path = args.model or DEFAULT_MODEL
-    if args.model is None and not DEFAULT_MODEL.exists():
-        raise LdmError(
-            f"no default model at {DEFAULT_MODEL}; pass --model PATH, or make one with `python -m ldm bundle create micro models/micro`"
-        )
-    steps, guidance = pick("steps"), pick("guidance_scale")
-    # Fail fast on what the flags alone decide, before the (slow) bundle load; sizes are checked again below.
-    check_settings(steps=steps, width=args.width or 8, height=args.height or 8, guidance_scale=guidance)
-    fast = pick("fast")
-    if args.compile and not fast:
-        raise LdmError("--compile speeds up the fast path; add --fast")
-    deep_cache = pick("deep_cache")
-    check_interval(deep_cache)
-    token_merging = pick("token_merging")
-    check_ratio(token_merging)
-    if token_merging and deep_cache:
-        raise LdmError("--token-merging and --deep-cache do not combine (the reuse's shallow steps bypass the merging); "
-                       "pick one")  # fmt: skip
-    if fast and pick("dtype") != "fp32":
-        raise LdmError(f"--fast sets the UNet's precision itself and needs fp32 weights, not --dtype {pick('dtype')}")
-    bundle = load_bundle(model_path)
-    lora_scale = pick("lora_scale") if pick("lora_scale") is not None else 1.0
-    if args.lora:
-        from ldm.train.lora import apply_lora
-
-        apply_lora(bundle, args.lora, scale=lora_scale)
-    elif recorded.get("lora"):
-        print(f"warning: {args.from_png} was made with LoRA {recorded['lora']}; pass --lora FILE to reproduce it", file=sys.stderr)
-    width, height = pick("width") or bundle.config.default_size, pick("height") or bundle.config.default_size
-    check_settings(steps=steps, width=width, height=height, guidance_scale=guidance)
-    device = resolve_device(args.device)
-    dtype_name = pick("dtype")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore" if args.quiet else "default")
-        dtype = resolve_dtype(dtype_name, device)
-    bundle.to(device, dtype)
-    if recorded.get("model_hash") and recorded["model_hash"] != bundle.short_hash:
-        print(f"warning: {args.from_png} was made with model hash {recorded['model_hash']}, this is {bundle.short_hash}", file=sys.stderr)
-
-    if args.from_png and not (args.prompts or args.seed is not None):
-        # Rebuild the batch the image came from: same size and position, so the numbers are the same.
-        first_seed = recorded["seed"] - recorded["batch_pos"]
-        batch_size = recorded["batch_size"]
-        jobs = [Job(prompts[0], pick("negative_prompt"), first_seed + k) for k in range(batch_size)]
-        keep = {recorded["batch_pos"]}
-    else:
-        seed = args.seed if args.seed is not None else random.randrange(2**31)
-        jobs = plan_jobs(prompts, pick("negative_prompt"), seed=seed, per_prompt=args.num_images)
-        batch_size, keep = args.batch_size, set(range(len(jobs)))
-    warn_long_prompts(bundle, [j.prompt for j in jobs] + [j.negative_prompt for j in jobs])
-    if fast:
-        from ldm.accel.fast import GRAPH_MIN_CALLS, FastConfig, speed_up
-
-        unet_calls = steps * -(-len(jobs) // batch_size)  # tracing the UNet's graphs pays on long jobs only
-        graph = None if unet_calls >= GRAPH_MIN_CALLS or args.compile else False  # --compile: the graphs are asked for
-        speed_up(bundle, FastConfig(compile=args.compile, graph=graph, deep_cache=deep_cache))
-    elif deep_cache:
-        bundle.unet = DeepCacheUNet(bundle.unet, interval=deep_cache)
-    apply_token_merging(bundle.unet, token_merging)
-
-    args.out.mkdir(parents=True, exist_ok=True)
-    index, written = next_index(args.out), []
-    for start in range(0, len(jobs), batch_size):
-        batch = jobs[start : start + batch_size]
+def write_images(
+    bundle: Bundle, settings: Settings, plan: Plan, out: Path, *, progress: bool = True
+) -> dict[Path, Image.Image]:
+    """Run the plan batch by batch and write the kept images as ``out/NNNNN-SEED.png``, printing each path; returns
+    the images by path, in order."""
+    out.mkdir(parents=True, exist_ok=True)
+    index, written = next_index(out), {}
+    for start in range(0, len(plan.jobs), plan.batch_size):
+        batch = plan.jobs[start : start + plan.batch_size]
         request = Request(
             prompts=[j.prompt for j in batch], negative_prompts=[j.negative_prompt for j in batch],
-            seeds=[j.seed for j in batch], steps=steps, guidance_scale=guidance, sampler=sampler,
-            width=width, height=height,
+            seeds=[j.seed for j in batch], steps=settings.steps, guidance_scale=settings.guidance_scale,
+            sampler=settings.sampler, width=settings.width, height=settings.height,
         )  # fmt: skip
-        pixels = to_uint8(generate(bundle, request, progress=not args.quiet)).numpy()  # (B, H, W, 3)
-        for pos, (job, array) in enumerate(zip(batch, pixels)):
-            if start + pos not in keep:
+        images = to_uint8(generate(bundle, request, progress=progress))  # (B, 3, H, W) uint8
+        for pos, (job, pixels) in enumerate(zip(batch, images)):
+            if start + pos not in plan.keep:
                 continue
-            settings = {
-                "Steps": steps, "Sampler": sampler.label, "CFG scale": guidance, "Seed": job.seed,
-                "Size": f"{width}x{height}", "Model hash": bundle.short_hash, "Model": bundle.name,
-            }  # fmt: skip
-            if len(batch) > 1:
-                settings |= {"Batch size": len(batch), "Batch pos": pos}
-            if args.lora:
-                settings |= {"Lora": args.lora.name, "Lora scale": lora_scale}
-            settings |= {"Dtype": dtype_name} | ({"Fast": "on"} if fast else {})
-            settings |= {"Deep cache": deep_cache} if deep_cache else {}
-            settings |= {"Token merging ratio": token_merging} if token_merging else {}
-            settings |= {"Version": f"ldm {ldm.__version__}"}
-            path = args.out / f"{index:05d}-{job.seed}.png"
-            image = Image.fromarray(array)
-            save_png(image, path, format_parameters(job.prompt, job.negative_prompt, settings))
-            written.append(image)
+            path = out / f"{index:05d}-{job.seed}.png"
+            parameters = image_parameters(settings, bundle, job, batch_size=len(batch), batch_pos=pos)
+            written[path] = uint8_to_pil(pixels)
+            save_png(written[path], path, parameters.text())
             index += 1
             print(path)
+    return written
+
+
+def main(argv=None) -> int:
+    """Settings (flags over --from-png), the model, the plan of batches, the speed-ups, then the images and the grid."""
+    args = build_parser().parse_args(argv)
+    settings = resolve_settings(args)
+    bundle = load_model(settings, quiet=args.quiet)
+    plan = plan_batches(settings)
+    warn_long_prompts(bundle, [j.prompt for j in plan.jobs] + [j.negative_prompt for j in plan.jobs])
+    accel.prepare(
+        bundle, fast=settings.fast, compile=settings.compile, deep_cache=settings.deep_cache,
+        token_merging=settings.token_merging, unet_calls=settings.steps * plan.batches,
+    )  # fmt: skip
+    written = write_images(bundle, settings, plan, args.out, progress=not args.quiet)
     if args.grid and written:
-        grid_path = args.out / f"grid-{index - 1:05d}.png"
-        make_grid(written).save(grid_path)
+        grid_path = args.out / f"grid-{list(written)[-1].name[:5]}.png"  # numbered as the last image
+        make_grid(list(written.values())).save(grid_path)
         print(grid_path)
     return 0
 

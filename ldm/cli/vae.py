@@ -22,11 +22,11 @@ from ldm.cli.common import DEFAULT_MODEL, ArgumentParser, run_cli
 from ldm.errors import LdmError
 from ldm.eval.metrics import psnr, ssim
 from ldm.eval.reconstruction import SSIM_MIN_SIDE, evaluate_folder, load_inception_features
-from ldm.formats.bundle import Bundle, load_bundle
+from ldm.formats.bundle import Bundle, load_bundle, read_config
 from ldm.formats.latents import LATENTS_KEY, MetaKey, latents_metadata, read_latents, source_names
-from ldm.images import FACTOR, check_size, find_images, load_image, output_names, save_png
+from ldm.images import check_size, find_images, load_image, output_names, save_png, signed_to_unit
 from ldm.io import save_tensors, write_json
-from ldm.models.tiling import DEFAULT_OVERLAP, DEFAULT_TILE, check_tiling, decode, encode_images, reconstruct, to_unit
+from ldm.models.tiling import DEFAULT_OVERLAP, DEFAULT_TILE, check_tiling, decode, encode_images, reconstruct
 from ldm.runtime import DTYPES, resolve_device, resolve_dtype
 
 
@@ -46,10 +46,12 @@ class Command(str, enum.Enum):
 
 @dataclass(frozen=True)
 class Tiling:
-    """Tile side and overlap in pixels; ``tile=None`` never tiles."""
+    """Tile side and overlap in pixels, on the VAE's grid of ``factor``-pixel latent cells; ``tile=None`` never
+    tiles."""
 
     tile: int | None
     overlap: int
+    factor: int  # the VAE's downsampling factor, which image sides must be multiples of too
 
 
 def build_parser() -> ArgumentParser:
@@ -65,7 +67,8 @@ def build_parser() -> ArgumentParser:
     common.add_argument("--batch-size", type=int, default=8, help="images per VAE batch (default 8)")
     sized = ArgumentParser(add_help=False)
     sized.add_argument("--size", type=int, default=None, metavar="N",
-                       help="resize the shorter side to N and centre-crop N×N (multiple of 8)")  # fmt: skip
+                       help="resize the shorter side to N and centre-crop N×N (a multiple of the VAE's "
+                       "downsampling factor, 8 in every preset)")  # fmt: skip
 
     parser = ArgumentParser(prog="python -m ldm vae", description="Encode, decode and evaluate with a bundle's VAE.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -88,15 +91,17 @@ def build_parser() -> ArgumentParser:
 
 
 def _check_args(args) -> Tiling:
+    """The flags, checked against the bundle's config (its VAE's downsampling factor) before any weights load."""
     if args.batch_size < 1:
         raise LdmError(f"--batch-size must be at least 1, got {args.batch_size}")
     if getattr(args, "limit", None) is not None and args.limit < 1:
         raise LdmError(f"--limit must be at least 1, got {args.limit}")
-    check_size(getattr(args, "size", None))
+    factor = read_config(args.model).vae.downsampling_factor
+    check_size(getattr(args, "size", None), factor=factor)
     if args.tile_size < 0:
-        raise LdmError(f"--tile-size must be 0 (no tiling) or a multiple of {FACTOR}, got {args.tile_size}")
-    tiling = Tiling(tile=args.tile_size or None, overlap=args.tile_overlap if args.tile_size else 0)
-    check_tiling(tiling.tile, tiling.overlap)
+        raise LdmError(f"--tile-size must be 0 (no tiling) or a multiple of {factor}, got {args.tile_size}")
+    tiling = Tiling(tile=args.tile_size or None, overlap=args.tile_overlap if args.tile_size else 0, factor=factor)
+    check_tiling(tiling.tile, tiling.overlap, factor=factor)
     return tiling
 
 
@@ -107,18 +112,18 @@ def _load_vae_bundle(args) -> Bundle:
     return bundle
 
 
-def _load_images(paths: Sequence[Path], size: int | None) -> tuple[list[torch.Tensor], list[dict]]:
+def _load_images(paths: Sequence[Path], size: int | None, factor: int) -> tuple[list[torch.Tensor], list[dict]]:
     """Every image as (3, H, W) in [-1, 1], and its source record {name, width, height}."""
     images, sources = [], []
     for path in paths:
-        pixels, (width, height) = load_image(path, size=size)
+        pixels, (width, height) = load_image(path, factor=factor, size=size)
         images.append(pixels)
         sources.append({"name": path.name, "width": width, "height": height})
     return images, sources
 
 
 def _encode(args, tiling: Tiling) -> None:
-    images, sources = _load_images(args.images, args.size)
+    images, sources = _load_images(args.images, args.size, tiling.factor)
     odd = next((i for i, p in enumerate(images) if p.shape != images[0].shape), None)
     if odd is not None:
         (h0, w0), (h1, w1) = images[0].shape[-2:], images[odd].shape[-2:]
@@ -133,7 +138,7 @@ def _encode(args, tiling: Tiling) -> None:
         encode_images(bundle.vae, batch, scaling_factor=scale, tile=tiling.tile, overlap=tiling.overlap).cpu()
         for batch in tqdm(pixels.split(args.batch_size), desc="encoding", leave=False)
     ]
-    latents = torch.cat(chunks)  # (N, C, H/8, W/8)
+    latents = torch.cat(chunks)  # (N, C, H/f, W/f)
     save_tensors(args.output, {LATENTS_KEY: latents}, metadata=latents_metadata(bundle, sources))
     print(f"wrote {args.output}: {len(images)} latents of shape {tuple(latents.shape[1:])}, scaling factor {scale:g}")
 
@@ -162,7 +167,7 @@ def _decode(args, tiling: Tiling) -> None:
     args.output.mkdir(parents=True, exist_ok=True)
     done = 0
     for batch in tqdm(latents.split(args.batch_size), desc="decoding", leave=False):
-        images = to_unit(decode(bundle.vae, batch, scaling_factor=scale, tile=tiling.tile, overlap=tiling.overlap))
+        images = signed_to_unit(decode(bundle.vae, batch, scaling_factor=scale, tile=tiling.tile, overlap=tiling.overlap))
         for image in images:
             save_png(args.output / names[done], image)
             done += 1
@@ -170,7 +175,7 @@ def _decode(args, tiling: Tiling) -> None:
 
 
 def _roundtrip(args, tiling: Tiling) -> None:
-    images, sources = _load_images(args.images, args.size)
+    images, sources = _load_images(args.images, args.size, tiling.factor)
     bundle = _load_vae_bundle(args)
     args.output.mkdir(parents=True, exist_ok=True)
     for pixels, name, source in zip(images, output_names([s["name"] for s in sources]), sources, strict=True):
@@ -178,7 +183,7 @@ def _roundtrip(args, tiling: Tiling) -> None:
             bundle.vae, pixels[None], scaling_factor=bundle.config.vae.scaling_factor, tile=tiling.tile,
             overlap=tiling.overlap,
         )  # fmt: skip
-        real, fake = to_unit(pixels[None]), to_unit(recon)  # (1, 3, H, W) in [0, 1]
+        real, fake = signed_to_unit(pixels[None]), signed_to_unit(recon)  # (1, 3, H, W) in [0, 1]
         save_png(args.output / name, torch.cat([real, fake], dim=-1)[0])  # (3, H, 2W): original | reconstruction
         quality = f"PSNR {psnr(real, fake).item():.2f} dB"
         if min(real.shape[-2:]) >= SSIM_MIN_SIDE:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
-import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import Dataset
@@ -19,7 +18,7 @@ from torch.utils.data import Dataset
 from ldm.data.config import DataConfig
 from ldm.data.scan import ScanReport, scan_dataset
 from ldm.errors import LdmError
-from ldm.images import open_rgb
+from ldm.images import crop_tensor, open_rgb, plan_crop
 
 
 def read_scanned_image(path: Path) -> Image.Image:
@@ -45,21 +44,8 @@ def square_tensor(
     Exactly three numbers are drawn from ``generator`` (crop top, crop left, flip) whatever the settings,
     so turning one option off does not shift the others.
     """
-    width, height = image.size
-    if min(width, height) != resolution:  # shorter side → resolution, aspect kept (antialiased when shrinking)
-        scale = resolution / min(width, height)
-        width, height = max(resolution, round(width * scale)), max(resolution, round(height * scale))
-        image = image.resize((width, height), Image.Resampling.BICUBIC)
-    top = int(torch.randint(0, height - resolution + 1, (), generator=generator))
-    left = int(torch.randint(0, width - resolution + 1, (), generator=generator))
-    flip = bool(torch.rand((), generator=generator) < flip_p)
-    if center_crop:
-        top, left = (height - resolution) // 2, (width - resolution) // 2
-    image = image.crop((left, top, left + resolution, top + resolution))
-    if flip:
-        image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-    pixels = torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1)  # (3, R, R) uint8
-    return pixels.float() / 127.5 - 1.0  # (3, R, R) in [-1, 1]
+    plan = plan_crop(image.size, (resolution, resolution), center_crop=center_crop, flip_p=flip_p, generator=generator)
+    return crop_tensor(image, plan)  # (3, R, R) in [-1, 1]
 
 
 class CaptionedImageDataset(Dataset):

@@ -29,15 +29,12 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
-import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image
 from tqdm.auto import tqdm
 
-from ldm.accel.deepcache import DeepCacheUNet, check_interval
-from ldm.accel.tome import apply_token_merging, check_ratio, remove_token_merging
-from ldm.data import DataConfig, list_dataset, open_rgb, scan_dataset
+from ldm import accel
+from ldm.data import DataConfig, list_dataset, scan_dataset
 from ldm.errors import LdmError
 from ldm.eval.metrics import (
     KID_SUBSET_SIZE,
@@ -48,9 +45,9 @@ from ldm.eval.metrics import (
     kernel_inception_distance,
 )
 from ldm.eval.reconstruction import evaluate_folder, load_inception_features
-from ldm.formats.bundle import CLIP_FILE, Bundle, load_bundle
-from ldm.formats.pngmeta import format_parameters, save_png
-from ldm.images import find_images
+from ldm.formats.bundle import CLIP_FILE, Bundle, load_bundle, read_config
+from ldm.formats.pngmeta import ImageParameters, save_png
+from ldm.images import find_images, read_rgb, square_resize, to_uint8, uint8_to_pil, uint8_to_unit
 from ldm.io import write_json, write_text
 from ldm.models.clip import IMAGE_RANGE, encode_text, load_clip, read_clip_metadata
 from ldm.models.tokenizer import build_tokenizer, tokenize
@@ -85,10 +82,7 @@ class GenerationSettings:
     def __post_init__(self):
         if self.images_per_prompt < 1 or self.batch_size < 1:
             raise LdmError("--images-per-prompt and --batch-size must be at least 1")
-        check_interval(self.deep_cache)
-        check_ratio(self.token_merging)
-        if self.deep_cache and self.token_merging:
-            raise LdmError("--token-merging and --deep-cache do not combine; pick one")
+        accel.check(deep_cache=self.deep_cache, token_merging=self.token_merging)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -131,20 +125,6 @@ class Samples:
         return len(self.images)
 
 
-def to_uint8(pixels: torch.Tensor) -> torch.Tensor:
-    """(..., 3, H, W) float in [0, 1] → uint8, rounded."""
-    return (pixels.clamp(0, 1) * 255).round().to(torch.uint8)
-
-
-def read_rgb(path: Path) -> torch.Tensor:
-    """An image file → (3, H, W) uint8 RGB (alpha on white)."""
-    try:
-        image = open_rgb(path)
-    except (OSError, SyntaxError, ValueError) as exc:
-        raise LdmError(f"cannot read image {path} ({exc}); remove it or replace it") from None
-    return torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1)  # (3, H, W)
-
-
 def unit_batches(images: Sequence[torch.Tensor], batch_size: int) -> Iterator[torch.Tensor]:
     """Consecutive same-sized uint8 (3, H, W) images as float (B, 3, H, W) batches in [0, 1], in order."""
     start = 0
@@ -152,7 +132,7 @@ def unit_batches(images: Sequence[torch.Tensor], batch_size: int) -> Iterator[to
         shape, end = images[start].shape, start + 1
         while end < len(images) and end - start < batch_size and images[end].shape == shape:
             end += 1
-        yield torch.stack(list(images[start:end])).float() / 255  # (B, 3, H, W)
+        yield uint8_to_unit(torch.stack(list(images[start:end])))  # (B, 3, H, W)
         start = end
 
 
@@ -160,17 +140,6 @@ def file_batches(paths: Sequence[Path], batch_size: int) -> Iterator[torch.Tenso
     """Image files read ``batch_size`` at a time (not all at once) as float (B, 3, H, W) batches in [0, 1]."""
     for start in range(0, len(paths), batch_size):
         yield from unit_batches([read_rgb(p) for p in paths[start : start + batch_size]], batch_size)
-
-
-def square_resize(images: torch.Tensor, size: int) -> torch.Tensor:
-    """Centre square crop, then an antialiased bilinear resize: (B, C, H, W) → (B, C, size, size)."""
-    h, w = images.shape[-2:]
-    side = min(h, w)
-    top, left = (h - side) // 2, (w - side) // 2
-    images = images[..., top : top + side, left : left + side]
-    if side == size:
-        return images
-    return F.interpolate(images, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
 
 
 def read_prompts(source: str | Path, *, limit: int | None = None, layout: dict | None = None) -> list[str]:
@@ -224,23 +193,18 @@ def generation_requests(bundle: Bundle, prompts: Sequence[str], settings: Genera
 def generate_samples(
     bundle: Bundle, prompts: Sequence[str], settings: GenerationSettings, *, progress: bool = True
 ) -> Samples:
-    """Make ``images_per_prompt`` images of every prompt with :func:`ldm.pipeline.generate`, batch by batch."""
+    """Make ``images_per_prompt`` images of every prompt with :func:`ldm.pipeline.generate`, batch by batch; the
+    approximations asked for (``deep_cache``, ``token_merging``) are on for these images only."""
     requests = generation_requests(bundle, prompts, settings)
     samples = Samples(prompts=[], images=[], seeds=[])
     bar = tqdm(total=sum(len(r.seeds) for r in requests), desc="generating", unit="img", disable=not progress)
-    unet = bundle.unet
-    if settings.deep_cache:
-        bundle.unet = DeepCacheUNet(unet, interval=settings.deep_cache)
-    apply_token_merging(unet, settings.token_merging)
-    try:
+    with accel.prepared(bundle, deep_cache=settings.deep_cache, token_merging=settings.token_merging):
         for request in requests:
             images = generate(bundle, request, progress=False)  # (B, 3, H, W) in [0, 1]
             samples.prompts.extend(request.prompts)
             samples.seeds.extend(request.seeds)
             samples.images.extend(to_uint8(images))
             bar.update(len(request.seeds))
-    finally:
-        bundle.unet = remove_token_merging(unet) if settings.token_merging else unet
     bar.close()
     return samples
 
@@ -372,7 +336,7 @@ def prompt_grids(samples: Samples, *, rows_per_page: int = GRID_ROWS) -> list[tu
         grid = Image.new("RGB", (columns * width, len(page) * height), "white")
         for r, prompt in enumerate(page):
             for c, image in enumerate(groups[prompt]):
-                cell = Image.fromarray(image.permute(1, 2, 0).numpy())
+                cell = uint8_to_pil(image)
                 if cell.size != (width, height):
                     cell = cell.resize((width, height), Image.Resampling.BICUBIC)
                 grid.paste(cell, (c * width, r * height))
@@ -386,12 +350,13 @@ def save_generated(samples: Samples, folder: Path, *, bundle: Bundle, settings: 
     rows = []
     for i, (prompt, seed, image) in enumerate(zip(samples.prompts, samples.seeds, samples.images, strict=True)):
         name = f"{i:05d}-{seed}.png"
-        params = format_parameters(prompt, settings.negative_prompt, {
-            "Steps": settings.steps, "Sampler": sampler.label, "CFG scale": settings.guidance_scale, "Seed": seed,
-            "Size": f"{image.shape[-1]}x{image.shape[-2]}", "Model hash": bundle.short_hash, "Model": bundle.name,
-        } | ({"Deep cache": settings.deep_cache} if settings.deep_cache else {})
-          | ({"Token merging ratio": settings.token_merging} if settings.token_merging else {}))  # fmt: skip
-        save_png(Image.fromarray(image.permute(1, 2, 0).numpy()), folder / name, params)
+        params = ImageParameters(
+            prompt=prompt, negative_prompt=settings.negative_prompt, steps=settings.steps, sampler=sampler.label,
+            guidance_scale=settings.guidance_scale, seed=seed, width=image.shape[-1], height=image.shape[-2],
+            model_hash=bundle.short_hash, model=bundle.name, deep_cache=settings.deep_cache,
+            token_merging=settings.token_merging,
+        )  # fmt: skip
+        save_png(uint8_to_pil(image), folder / name, params.text())
         rows.append({"file_name": name, "text": prompt, "seed": seed})
     write_text(folder / "metadata.jsonl", "".join(json.dumps(row) + "\n" for row in rows))
     return rows
@@ -467,8 +432,11 @@ def check_inputs(cfg: EvalConfig) -> None:
         raise LdmError(f"image folder {cfg.images} not found; pass a captioned image folder (any ldm.data layout)")
     if cfg.vae_data is not None and cfg.model is None:
         raise LdmError("--vae-data needs a bundle whose VAE to measure; pass --model BUNDLE")
-    if cfg.vae_size is not None and (cfg.vae_size < 16 or cfg.vae_size % 8):
-        raise LdmError(f"--vae-size must be a multiple of 8 of at least 16 (the SSIM window), got {cfg.vae_size}")
+    config = read_config(cfg.model) if cfg.model is not None else None  # its sizes, before its weights load
+    factor = config.vae.downsampling_factor if config is not None else None  # None: no model, no VAE, nothing made
+    if cfg.vae_size is not None and factor is not None and (cfg.vae_size < 16 or cfg.vae_size % factor):
+        raise LdmError(f"--vae-size must be a multiple of {factor} (the VAE's downsampling factor) of at least 16 "
+                       f"(the SSIM window), got {cfg.vae_size}")  # fmt: skip
     if cfg.kid_subsets < 1 or cfg.kid_subset_size < 2:
         raise LdmError("--kid-subsets must be at least 1 and --kid-subset-size at least 2; try 100 and 1000")
     for flag, folder in (("--reference", cfg.reference), ("--vae-data", cfg.vae_data)):
@@ -482,7 +450,9 @@ def check_inputs(cfg: EvalConfig) -> None:
         raise LdmError(f"no Inception weights at {cfg.inception}; pass a torchvision inception_v3 state dict")
     g = cfg.generation
     get_sampler(g.sampler)
-    check_settings(steps=g.steps, width=g.width or 8, height=g.height or 8, guidance_scale=g.guidance_scale)
+    size = config.default_size if config is not None else 1  # no model, nothing made: sizes need only be positive
+    check_settings(steps=g.steps, width=g.width or size, height=g.height or size, guidance_scale=g.guidance_scale,
+                   factor=factor)  # fmt: skip
 
 
 def find_clip(cfg: EvalConfig, bundle: Bundle | None) -> tuple[Path | None, str]:

@@ -17,8 +17,8 @@ from tqdm.auto import tqdm
 from ldm.errors import LdmError
 from ldm.eval.metrics import feature_statistics, frechet_distance, mean_absolute_error, psnr, ssim
 from ldm.formats.bundle import Bundle
-from ldm.images import SIZE_FLAGS, find_images, iter_batches
-from ldm.models.tiling import DEFAULT_OVERLAP, reconstruct, to_unit
+from ldm.images import SIZE_FLAGS, find_images, iter_batches, signed_to_unit
+from ldm.models.tiling import DEFAULT_OVERLAP, reconstruct
 
 SSIM_MIN_SIDE = 11  # the SSIM window
 
@@ -59,7 +59,7 @@ def evaluate_batches(
             width, height = pixels.shape[-1], pixels.shape[-2]
             raise LdmError(f"images of {width}×{height} are too small for SSIM; resize with {SIZE_FLAGS}, N ≥ 16")
         recon = reconstruct(vae, pixels, scaling_factor=scaling_factor, tile=tile, overlap=overlap)
-        real, fake = to_unit(pixels), to_unit(recon)  # (B, 3, H, W) in [0, 1]
+        real, fake = signed_to_unit(pixels), signed_to_unit(recon)  # (B, 3, H, W) in [0, 1]
         sums.psnr += psnr(real, fake).double().sum().item()
         sums.ssim += ssim(real, fake).double().sum().item()
         sums.mae += mean_absolute_error(real, fake).double().sum().item()
@@ -97,7 +97,7 @@ def evaluate_folder(
     if device is not None:
         bundle.vae.to(device)
     return evaluate_batches(
-        bundle.vae, iter_batches(paths, size=size, batch_size=batch_size),
+        bundle.vae, iter_batches(paths, factor=bundle.config.vae.downsampling_factor, size=size, batch_size=batch_size),
         scaling_factor=bundle.config.vae.scaling_factor, tile=tile, overlap=overlap,
         feature_extractor=feature_extractor, progress=progress, total=len(paths),
     )  # fmt: skip

@@ -225,7 +225,7 @@ def instantiate(build, config, state: dict[str, torch.Tensor], what: str) -> nn.
     return module.eval()
 
 
-def read_config(folder: Path) -> ModelConfig:
+def _parse_config(folder: Path) -> ModelConfig:
     """A bundle's ``model.yaml`` as its typed config; a missing or damaged one is a :class:`BundleError`."""
     path = folder / "model.yaml"
     try:
@@ -236,13 +236,24 @@ def read_config(folder: Path) -> ModelConfig:
         raise BundleError(f"cannot read {path} ({exc.__class__.__name__}); the bundle is damaged") from None
 
 
+def read_config(folder: str | Path) -> ModelConfig:
+    """A bundle's ModelConfig without its weights: what a command checks its flags against before the load.
+
+    The manifest and ``model.yaml`` (against its sha256) are checked as :func:`load_bundle` checks them.
+    """
+    folder = Path(folder)
+    manifest = read_manifest(folder)
+    verify_files(folder, {"files": {k: v for k, v in manifest["files"].items() if k == "model.yaml"}})
+    return _parse_config(folder)
+
+
 def load_bundle(folder: str | Path, *, verify: bool = True) -> Bundle:
     """Read a bundle saved by :func:`save_bundle`; weights keep their stored dtype, on the CPU."""
     folder = Path(folder)
     manifest = read_manifest(folder)
     if verify:
         verify_files(folder, manifest)
-    config = read_config(folder)
+    config = _parse_config(folder)
     parts = {}
     for part, build, cfg in (
         ("vae", build_autoencoder, config.vae),
@@ -252,7 +263,7 @@ def load_bundle(folder: str | Path, *, verify: bool = True) -> Bundle:
         path = folder / f"{part}.safetensors"
         try:
             state = load_tensors(path)
-        except (OSError, Exception) as exc:  # safetensors raises its own SafetensorError
+        except Exception as exc:  # noqa: BLE001 - safetensors raises its own SafetensorError, and more
             raise BundleError(f"cannot read {path} ({exc}); the bundle is damaged, save or copy it again") from None
         parts[part] = instantiate(build, cfg, state, part)
     try:

@@ -3,11 +3,15 @@
     red apple, glossy
     Negative prompt: blurry
     Steps: 20, Sampler: DPM++ 2M Karras, CFG scale: 7.5, Seed: 42, Size: 64x64, Model hash: 1a2b3c4d5e, Model: emoji-tiny
+
+:class:`ImageParameters` is what one image records, typed; it writes the text (:meth:`ImageParameters.text`) and
+reads it back (:meth:`ImageParameters.from_text`), so the keys and their order live here only.
 """
 
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 from pathlib import Path
 
 from PIL import Image, PngImagePlugin
@@ -35,6 +39,7 @@ def _unquote(value: str) -> str:
 
 
 def format_parameters(prompt: str, negative_prompt: str, settings: dict[str, object]) -> str:
+    """The ``parameters`` text: the prompt, the negative prompt's line when there is one, then ``Key: value, ...``."""
     lines = [prompt]
     if negative_prompt:
         lines.append(_NEGATIVE + negative_prompt)
@@ -77,3 +82,80 @@ def read_png_parameters(path: str | Path) -> str:
     if not text:
         raise LdmError(f"{path} has no '{KEY}' text chunk; pass a PNG written by generate.py (or A1111)")
     return text
+
+
+@dataclass(frozen=True, kw_only=True)
+class ImageParameters:
+    """What made one image, as its PNG's ``parameters`` records it (A1111's keys, and ldm's own for the rest).
+
+    Optional entries are written only when they say something: a batch of more than one image, a LoRA, a dtype, the
+    fast path, an approximation, a version.
+    """
+
+    prompt: str
+    negative_prompt: str = ""
+    steps: int
+    sampler: str  # the A1111 label, e.g. "DPM++ 2M" (ldm.pipeline.schedule.Sampler.label)
+    guidance_scale: float
+    seed: int
+    width: int
+    height: int
+    model_hash: str | None = None  # the bundle's short hash
+    model: str | None = None  # the bundle's name
+    batch_size: int = 1  # the UNet batch the image was made in, and its place there: the numbers depend on them
+    batch_pos: int = 0
+    lora: str | None = None  # the LoRA file's name
+    lora_scale: float = 1.0
+    dtype: str | None = None  # "fp32", "bf16", "fp16"; None: not recorded
+    fast: bool = False  # made on the fast path (ldm.accel.fast)
+    deep_cache: int = 0  # the deep-feature reuse interval (ldm.accel.deepcache); 0: exact
+    token_merging: float = 0.0  # the token-merging ratio (ldm.accel.tome); 0: exact
+    version: str | None = None  # e.g. "ldm 0.1.0"
+
+    def settings(self) -> dict[str, object]:
+        """The ``Key: value`` pairs of the last line, in A1111's order and then ldm's."""
+        pairs: dict[str, object] = {
+            "Steps": self.steps, "Sampler": self.sampler, "CFG scale": self.guidance_scale, "Seed": self.seed,
+            "Size": f"{self.width}x{self.height}",
+        }  # fmt: skip
+        if self.model_hash is not None:
+            pairs["Model hash"] = self.model_hash
+        if self.model is not None:
+            pairs["Model"] = self.model
+        if self.batch_size > 1:
+            pairs |= {"Batch size": self.batch_size, "Batch pos": self.batch_pos}
+        if self.lora is not None:
+            pairs |= {"Lora": self.lora, "Lora scale": self.lora_scale}
+        if self.dtype is not None:
+            pairs["Dtype"] = self.dtype
+        if self.fast:
+            pairs["Fast"] = "on"
+        if self.deep_cache:
+            pairs["Deep cache"] = self.deep_cache
+        if self.token_merging:
+            pairs["Token merging ratio"] = self.token_merging
+        if self.version is not None:
+            pairs["Version"] = self.version
+        return pairs
+
+    def text(self) -> str:
+        """The ``parameters`` chunk's text."""
+        return format_parameters(self.prompt, self.negative_prompt, self.settings())
+
+    @classmethod
+    def from_text(cls, text: str) -> ImageParameters:
+        """Inverse of :meth:`text`; also reads A1111's own PNGs (keys it does not know are ignored).
+
+        Raises :class:`KeyError` or :class:`ValueError` (naming the entry) when a needed entry is missing or garbled,
+        and :class:`LdmError` when there is no settings line at all.
+        """
+        prompt, negative, s = parse_parameters(text)
+        width, height = (int(v) for v in s["Size"].split("x"))
+        return cls(
+            prompt=prompt, negative_prompt=negative, steps=int(s["Steps"]), sampler=s["Sampler"],
+            guidance_scale=float(s["CFG scale"]), seed=int(s["Seed"]), width=width, height=height,
+            model_hash=s.get("Model hash"), model=s.get("Model"), batch_size=int(s.get("Batch size", 1)),
+            batch_pos=int(s.get("Batch pos", 0)), lora=s.get("Lora"), lora_scale=float(s.get("Lora scale", 1.0)),
+            dtype=s.get("Dtype"), fast=s.get("Fast") == "on", deep_cache=int(s.get("Deep cache", 0)),
+            token_merging=float(s.get("Token merging ratio", 0)), version=s.get("Version"),
+        )  # fmt: skip

@@ -26,31 +26,32 @@ class AutoencoderConfig:
     scaling_factor: float = 1.0
 
     def __post_init__(self):
-        if self.downsampling_factor != 8:
-            raise ValueError(f"block_out_channels needs 4 levels for downsampling factor 8, got {len(self.block_out_channels)}")
+        if not self.block_out_channels:
+            raise ValueError("block_out_channels needs at least one level (L levels downsample by 2^(L-1))")
         bad = [c for c in self.block_out_channels if c % self.norm_num_groups]
         if bad:
             raise ValueError(f"channels {bad} are not divisible by norm_num_groups={self.norm_num_groups}")
 
     @property
     def downsampling_factor(self) -> int:
+        """Pixels per latent cell along each side: 2^(levels − 1), 8 for the usual four levels."""
         return 2 ** (len(self.block_out_channels) - 1)
 
     def diffusers_kwargs(self) -> dict:
         levels = len(self.block_out_channels)
-        return dict(
-            in_channels=self.in_channels,
-            out_channels=self.in_channels,
-            down_block_types=("DownEncoderBlock2D",) * levels,
-            up_block_types=("UpDecoderBlock2D",) * levels,
-            block_out_channels=self.block_out_channels,
-            layers_per_block=self.layers_per_block,
-            act_fn="silu",
-            latent_channels=self.latent_channels,
-            norm_num_groups=self.norm_num_groups,
-            sample_size=self.sample_size,
-            scaling_factor=self.scaling_factor,
-        )
+        return {
+            "in_channels": self.in_channels,
+            "out_channels": self.in_channels,
+            "down_block_types": ("DownEncoderBlock2D",) * levels,
+            "up_block_types": ("UpDecoderBlock2D",) * levels,
+            "block_out_channels": self.block_out_channels,
+            "layers_per_block": self.layers_per_block,
+            "act_fn": "silu",
+            "latent_channels": self.latent_channels,
+            "norm_num_groups": self.norm_num_groups,
+            "sample_size": self.sample_size,
+            "scaling_factor": self.scaling_factor,
+        }
 
     @classmethod
     def from_diffusers(cls, config: dict) -> AutoencoderConfig:
@@ -76,8 +77,14 @@ def build_autoencoder(config: AutoencoderConfig) -> AutoencoderKL:
     return AutoencoderKL(**config.diffusers_kwargs())
 
 
+def downsampling_factor(vae: AutoencoderKL) -> int:
+    """Pixels per latent cell of a diffusers VAE, read from its config as :attr:`AutoencoderConfig.downsampling_factor`
+    is (each level but the last halves the grid)."""
+    return 2 ** (len(vae.config.block_out_channels) - 1)
+
+
 def decode_latents(vae: AutoencoderKL, latents: torch.Tensor, *, scaling_factor: float) -> torch.Tensor:
-    """(B, C, h, w) scaled latents → (B, 3, 8h, 8w) images in [-1, 1].
+    """(B, C, h, w) scaled latents → (B, 3, f·h, f·w) images in [-1, 1], f the VAE's downsampling factor.
 
     A half-precision decode that overflows (NaN or inf, the "black image" failure) is redone in fp32, with a warning.
     """

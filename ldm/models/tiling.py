@@ -20,8 +20,8 @@ from diffusers import AutoencoderKL
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 
 from ldm.errors import LdmError
-from ldm.images import FACTOR, SIZE_FLAGS
-from ldm.models.autoencoder import decode_latents
+from ldm.images import SIZE_FLAGS
+from ldm.models.autoencoder import decode_latents, downsampling_factor
 
 DEFAULT_TILE = 512  # pixels: the CLI tiles images with a side above this
 DEFAULT_OVERLAP = 64  # pixels of overlap between neighbouring tiles
@@ -30,17 +30,17 @@ DEFAULT_OVERLAP = 64  # pixels of overlap between neighbouring tiles
 # --- tiles -------------------------------------------------------------------------------------------------------
 
 
-def check_tiling(tile: int | None, overlap: int) -> None:
-    """Reject a tile size or overlap (pixels) that does not fit the 8-pixel latent grid."""
+def check_tiling(tile: int | None, overlap: int, *, factor: int) -> None:
+    """Reject a tile size or overlap (pixels) that does not fit the latent grid of ``factor``-pixel cells."""
     if tile is None:
         return
-    if tile < FACTOR or tile % FACTOR:
-        fix = max(FACTOR, tile // FACTOR * FACTOR)
-        raise LdmError(f"tile size {tile} must be a positive multiple of {FACTOR} pixels; try {fix}")
-    if overlap < 0 or overlap % FACTOR or 2 * overlap > tile:
-        fix = min(max(0, overlap) // FACTOR * FACTOR, tile // 2 // FACTOR * FACTOR)
+    if tile < factor or tile % factor:
+        fix = max(factor, tile // factor * factor)
+        raise LdmError(f"tile size {tile} must be a positive multiple of {factor} pixels; try {fix}")
+    if overlap < 0 or overlap % factor or 2 * overlap > tile:
+        fix = min(max(0, overlap) // factor * factor, tile // 2 // factor * factor)
         raise LdmError(
-            f"tile overlap {overlap} must be a multiple of {FACTOR} from 0 to half the tile size ({tile}); try {fix}"
+            f"tile overlap {overlap} must be a multiple of {factor} from 0 to half the tile size ({tile}); try {fix}"
         )
 
 
@@ -110,31 +110,33 @@ def run_tiled(
 # --- encode / decode ---------------------------------------------------------------------------------------------
 
 
-def _cells(tile: int | None, overlap: int, side: int) -> tuple[int, int]:
-    """Pixel tile settings → (tile, overlap) in latent cells; no tiling is one tile as large as the input."""
-    check_tiling(tile, overlap)
+def _cells(tile: int | None, overlap: int, side: int, factor: int) -> tuple[int, int]:
+    """Pixel tile settings → (tile, overlap) in latent cells of ``factor`` pixels; no tiling is one tile as large as
+    the input (``side`` cells)."""
+    check_tiling(tile, overlap, factor=factor)
     if tile is None:
         return side, 0
-    return tile // FACTOR, overlap // FACTOR
+    return tile // factor, overlap // factor
 
 
 @torch.no_grad()
 def encode_posterior(
     vae: AutoencoderKL, pixels: torch.Tensor, *, tile: int | None = None, overlap: int = DEFAULT_OVERLAP
 ) -> DiagonalGaussianDistribution:
-    """(B, 3, H, W) pixels in [-1, 1] → the posterior q(z|x) over unscaled (B, C, H/8, W/8) latents.
+    """(B, 3, H, W) pixels in [-1, 1] → the posterior q(z|x) over unscaled (B, C, H/f, W/f) latents.
 
     Tiled (``tile`` pixels, ``overlap`` pixels) when a side exceeds ``tile``: the posterior's mean and log-variance
     are blended, so a sample drawn afterwards has the right variance in the overlaps too.
     """
     height, width = pixels.shape[-2:]
-    if height % FACTOR or width % FACTOR:
-        raise LdmError(f"image size {width}×{height} is not a multiple of {FACTOR}; resize with {SIZE_FLAGS} or crop it")
-    cells, over = _cells(tile, overlap, max(height, width) // FACTOR)
+    factor = downsampling_factor(vae)
+    if height % factor or width % factor:
+        raise LdmError(f"image size {width}×{height} is not a multiple of {factor}; resize with {SIZE_FLAGS} or crop it")
+    cells, over = _cells(tile, overlap, max(height, width) // factor, factor)
     pixels = pixels.to(device=vae.device, dtype=vae.dtype)
     params = run_tiled(
-        lambda x: vae.encode(x).latent_dist.parameters, pixels, tile=cells, overlap=over, in_scale=FACTOR, out_scale=1
-    )  # (B, 2C, H/8, W/8): mean | log-variance
+        lambda x: vae.encode(x).latent_dist.parameters, pixels, tile=cells, overlap=over, in_scale=factor, out_scale=1
+    )  # (B, 2C, H/f, W/f): mean | log-variance
     return DiagonalGaussianDistribution(params)
 
 
@@ -142,13 +144,13 @@ def encode_images(
     vae: AutoencoderKL, pixels: torch.Tensor, *, scaling_factor: float, tile: int | None = None,
     overlap: int = DEFAULT_OVERLAP, generator: torch.Generator | None = None,
 ) -> torch.Tensor:  # fmt: skip
-    """(B, 3, H, W) pixels in [-1, 1] → float32 (B, C, H/8, W/8) latents × ``scaling_factor``.
+    """(B, 3, H, W) pixels in [-1, 1] → float32 (B, C, H/f, W/f) latents × ``scaling_factor``.
 
     The posterior mean (deterministic), or a sample from the posterior when a ``generator`` is given.
     ``scaling_factor`` is the bundle's ``config.vae.scaling_factor``; ``tile=None`` never tiles.
     """
     posterior = encode_posterior(vae, pixels, tile=tile, overlap=overlap)
-    latents = posterior.mean if generator is None else posterior.sample(generator)  # (B, C, H/8, W/8)
+    latents = posterior.mean if generator is None else posterior.sample(generator)  # (B, C, H/f, W/f)
     return latents * scaling_factor
 
 
@@ -157,18 +159,19 @@ def decode(
     vae: AutoencoderKL, latents: torch.Tensor, *, scaling_factor: float, tile: int | None = None,
     overlap: int = DEFAULT_OVERLAP,
 ) -> torch.Tensor:  # fmt: skip
-    """(B, C, h, w) latents × ``scaling_factor`` → float32 (B, 3, 8h, 8w) images in [-1, 1].
+    """(B, C, h, w) latents × ``scaling_factor`` → float32 (B, 3, f·h, f·w) images in [-1, 1].
 
-    Tiled when 8·h or 8·w exceeds ``tile`` pixels. Each tile goes through
+    Tiled when f·h or f·w exceeds ``tile`` pixels. Each tile goes through
     :func:`ldm.models.autoencoder.decode_latents`, so a half-precision tile that overflows is redone in fp32 with a warning.
     """
-    cells, over = _cells(tile, overlap, max(latents.shape[-2:]))
+    factor = downsampling_factor(vae)
+    cells, over = _cells(tile, overlap, max(latents.shape[-2:]), factor)
     latents = latents.to(device=vae.device, dtype=vae.dtype)
     images = run_tiled(
         lambda z: decode_latents(vae, z, scaling_factor=scaling_factor), latents, tile=cells, overlap=over,
-        in_scale=1, out_scale=FACTOR,
+        in_scale=1, out_scale=factor,
     )  # fmt: skip
-    return images.clamp(-1, 1)  # (B, 3, 8h, 8w)
+    return images.clamp(-1, 1)  # (B, 3, f·h, f·w)
 
 
 def reconstruct(
@@ -178,8 +181,3 @@ def reconstruct(
     """(B, 3, H, W) in [-1, 1] → float32 (B, 3, H, W) in [-1, 1]: decode(encode(pixels)), posterior mean by default."""
     latents = encode_images(vae, pixels, scaling_factor=scaling_factor, tile=tile, overlap=overlap, generator=generator)
     return decode(vae, latents, scaling_factor=scaling_factor, tile=tile, overlap=overlap)
-
-
-def to_unit(images: torch.Tensor) -> torch.Tensor:
-    """(B, 3, H, W) in [-1, 1] → float32 in [0, 1] on the CPU."""
-    return (images.float() / 2 + 0.5).clamp(0, 1).cpu()

@@ -1,6 +1,7 @@
 """Sampling: the denoising loop (:mod:`ldm.pipeline.text_to_image`), the samplers (:mod:`ldm.pipeline.schedule`)
 and what the loop asks of the model it calls (:mod:`ldm.pipeline.denoiser`)."""
 
+from ldm.images import to_uint8  # generate's images, (B, 3, H, W) in [0, 1], as 8-bit pixels
 from ldm.pipeline.text_to_image import (
     DEFAULT_GUIDANCE,
     DEFAULT_SAMPLER,
@@ -9,7 +10,6 @@ from ldm.pipeline.text_to_image import (
     check_settings,
     encode_prompts,
     generate,
-    to_uint8,
 )
 
 __all__ = [

@@ -15,6 +15,7 @@ from diffusers.utils.torch_utils import randn_tensor
 from tqdm.auto import tqdm
 
 from ldm.errors import LdmError
+from ldm.images import signed_to_unit
 from ldm.models.autoencoder import decode_latents
 from ldm.models.tokenizer import tokenize
 from ldm.pipeline.denoiser import start_sampling_run
@@ -45,17 +46,25 @@ class Request:
     def __post_init__(self):
         if not len(self.prompts) == len(self.negative_prompts) == len(self.seeds) > 0:
             raise ValueError("prompts, negative_prompts and seeds must be non-empty and of one length")
+        # the sizes against the VAE's downsampling factor: in generate, which has the model
         check_settings(steps=self.steps, width=self.width, height=self.height, guidance_scale=self.guidance_scale)
 
 
-def check_settings(*, steps: int, width: int, height: int, guidance_scale: float) -> None:
-    """Reject settings the loop cannot run, each with the fix."""
+def check_settings(*, steps: int, width: int, height: int, guidance_scale: float, factor: int | None = None) -> None:
+    """Reject settings the loop cannot run, each with the fix.
+
+    ``factor``: the VAE's downsampling factor (``bundle.config.vae.downsampling_factor``), which the width and height
+    must be multiples of; a caller that has no model yet passes None, and only positive sizes are checked then.
+    """
     if steps <= 0:
         raise LdmError(f"steps must be a positive number, got {steps}; try --steps 20")
     for name, value in (("width", width), ("height", height)):
-        if value <= 0 or value % 8:
-            fix = max(8, value // 8 * 8)
-            raise LdmError(f"{name} must be a positive multiple of 8 (the VAE's downsampling factor), got {value}; try {fix}")
+        if factor is None and value <= 0:
+            raise LdmError(f"{name} must be a positive number of pixels, got {value}; leave it out for the model's size")
+        if factor is not None and (value <= 0 or value % factor):
+            fix = max(factor, value // factor * factor)
+            raise LdmError(f"{name} must be a positive multiple of {factor} (the VAE's downsampling factor), got {value}; "
+                           f"try {fix}")  # fmt: skip
     if guidance_scale < 0:
         raise LdmError(f"guidance scale must be ≥ 0, got {guidance_scale}; ≤ 1 turns guidance off, 5–9 is usual")
 
@@ -76,6 +85,9 @@ def encode_prompts(bundle: Bundle, prompts: list[str], *, dtype: torch.dtype | N
 @torch.no_grad()
 def generate(bundle: Bundle, request: Request, *, progress: bool = True) -> torch.Tensor:
     """Run one batch; returns (B, 3, H, W) float32 images in [0, 1] on the CPU."""
+    factor = bundle.config.vae.downsampling_factor
+    check_settings(steps=request.steps, width=request.width, height=request.height,
+                   guidance_scale=request.guidance_scale, factor=factor)  # fmt: skip
     unet = bundle.unet
     device, dtype = unet.device, unet.dtype  # once: diffusers' properties walk every submodule (1.5 ms each)
     batch = len(request.prompts)
@@ -92,23 +104,22 @@ def generate(bundle: Bundle, request: Request, *, progress: bool = True) -> torc
 
     # One CPU generator per image: an image depends on its own seed only, on any device and at any batch size.
     generators = [torch.Generator("cpu").manual_seed(seed) for seed in request.seeds]
-    factor = bundle.config.vae.downsampling_factor
     shape = (batch, unet.config.in_channels, request.height // factor, request.width // factor)
-    latents = randn_tensor(shape, generator=generators, device=device, dtype=dtype)  # (B, 4, H/8, W/8)
+    latents = randn_tensor(shape, generator=generators, device=device, dtype=dtype)  # (B, C, H/f, W/f)
     latents = latents * scheduler.init_noise_sigma
     step_kwargs = _step_kwargs(scheduler, generators)
 
     for t in tqdm(scheduler.timesteps, desc="sampling", disable=not progress, leave=False):
-        model_input = torch.cat([latents] * 2) if guided else latents  # (2B or B, 4, h, w)
+        model_input = torch.cat([latents] * 2) if guided else latents  # (2B or B, C, h, w)
         model_input = scheduler.scale_model_input(model_input, t)
         prediction = unet(model_input, t, encoder_hidden_states=context).sample
         if guided:
             uncond, cond = prediction.chunk(2)
-            prediction = uncond + request.guidance_scale * (cond - uncond)  # (B, 4, h, w)
+            prediction = uncond + request.guidance_scale * (cond - uncond)  # (B, C, h, w)
         latents = scheduler.step(prediction, t, latents, **step_kwargs).prev_sample
 
     images = decode_latents(bundle.vae, latents, scaling_factor=bundle.config.vae.scaling_factor)  # (B, 3, H, W)
-    return (images / 2 + 0.5).clamp(0, 1).float().cpu().contiguous()  # a channels_last VAE (fast path) answers so
+    return signed_to_unit(images)
 
 
 def _step_kwargs(scheduler, generators: list[torch.Generator]) -> dict:
@@ -120,8 +131,3 @@ def _step_kwargs(scheduler, generators: list[torch.Generator]) -> dict:
     if "generator" in accepted:
         kwargs["generator"] = generators
     return kwargs
-
-
-def to_uint8(images: torch.Tensor) -> torch.Tensor:
-    """(B, 3, H, W) in [0, 1] → (B, H, W, 3) uint8, rounding as diffusers and PIL users expect."""
-    return (images.permute(0, 2, 3, 1) * 255).round().to(torch.uint8)

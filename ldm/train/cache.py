@@ -29,7 +29,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from PIL import Image
 from safetensors import safe_open
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
@@ -38,7 +37,7 @@ from ldm.data.config import DataConfig
 from ldm.data.dataset import item_seed, read_scanned_image
 from ldm.data.scan import ScanReport
 from ldm.errors import LdmError
-from ldm.images import open_rgb
+from ldm.images import crop_tensor, fit_tensor, open_rgb, plan_crop
 from ldm.io import save_tensors
 from ldm.models.tokenizer import tokenize
 from ldm.train.objectives import drop_captions
@@ -145,57 +144,6 @@ class BucketBatches:
 
 
 # --- items -----------------------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class CropPlan:
-    resized: Size  # the image is resized to this (width, height) first, aspect kept, covering the target
-    box: tuple[int, int, int, int]  # then cropped to (left, top, right, bottom)
-    flip: bool  # then mirrored left-right
-
-
-def plan_crop(size: Size, target: Size, *, center_crop: bool, flip_p: float, generator: torch.Generator) -> CropPlan:
-    """Where ``size`` is cropped to cover ``target``; draws exactly three numbers (top, left, flip) from
-    ``generator``, as :func:`ldm.data.square_tensor` does, whatever the settings."""
-    width, height = size
-    tw, th = target
-    scale = max(tw / width, th / height)
-    if scale != 1:  # the smallest resize (aspect kept) that covers the target
-        width, height = max(tw, round(width * scale)), max(th, round(height * scale))
-    top = int(torch.randint(0, height - th + 1, (), generator=generator))
-    left = int(torch.randint(0, width - tw + 1, (), generator=generator))
-    flip = bool(torch.rand((), generator=generator) < flip_p)
-    if center_crop:
-        top, left = (height - th) // 2, (width - tw) // 2
-    return CropPlan(resized=(width, height), box=(left, top, left + tw, top + th), flip=flip)
-
-
-def crop_tensor(image: Image.Image, plan: CropPlan) -> torch.Tensor:
-    """Apply ``plan`` to an RGB image: (3, H, W) float32 in [-1, 1]."""
-    import numpy as np
-
-    if image.size != plan.resized:
-        image = image.resize(plan.resized, Image.Resampling.BICUBIC)
-    image = image.crop(plan.box)
-    if plan.flip:
-        image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-    pixels = torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1)  # (3, H, W) uint8
-    return pixels.float() / 127.5 - 1.0
-
-
-def fit_tensor(
-    image: Image.Image,
-    target: Size,
-    *,
-    center_crop: bool = True,
-    flip_p: float = 0.0,
-    generator: torch.Generator | None = None,
-) -> torch.Tensor:
-    """:func:`ldm.data.square_tensor` for any (width, height) target: (3, H, W) in [-1, 1]."""
-    generator = generator if generator is not None else torch.Generator().manual_seed(0)
-    return crop_tensor(
-        image, plan_crop(image.size, target, center_crop=center_crop, flip_p=flip_p, generator=generator)
-    )
 
 
 class UNetItems(Dataset):

@@ -471,12 +471,9 @@ def image_grid(images: torch.Tensor, *, columns: int | None = None) -> torch.Ten
 
 
 def save_grid(grid: torch.Tensor, path: Path) -> None:
-    from PIL import Image
+    from ldm.images import save_png
 
-    from ldm.io import atomic_write
-
-    array = (grid.clamp(0, 1).permute(1, 2, 0) * 255).round().to(torch.uint8).numpy()
-    atomic_write(path, lambda tmp: Image.fromarray(array).save(tmp, format="PNG"))
+    save_png(path, grid)
 
 
 def log_grid(accelerator: Accelerator, tag: str, grid: torch.Tensor, step: int, output_dir: Path) -> Path:

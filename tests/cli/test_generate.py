@@ -66,6 +66,19 @@ def test_from_png_with_overrides(micro_bundle_dir, tmp_path):
     assert settings["Steps"] == "3" and settings["Seed"] == "1"
 
 
+def test_sizes_follow_the_models_vae(micro_f4_bundle_dir, tmp_path, capsys):
+    """A VAE of 4 pixels a cell: the model's own size by default, any multiple of 4, and an error that names 4."""
+    common = ["x", "--seed", "1", "--steps", "1", "--model", micro_f4_bundle_dir, "--out", tmp_path, "--quiet"]
+    assert run(common) == 0 and run([*common, "--width", "36"]) == 0
+    first, second = sorted(tmp_path.glob("0*.png"))
+    assert Image.open(first).size == (32, 32) and Image.open(second).size == (36, 32)
+    assert parse_parameters(read_png_parameters(second))[2]["Size"] == "36x32"
+    capsys.readouterr()
+    assert run([*common, "--width", "34"]) == 2
+    err = capsys.readouterr().err
+    assert err == "error: width must be a positive multiple of 4 (the VAE's downsampling factor), got 34; try 32\n"
+
+
 def test_long_prompt_is_truncated_with_a_warning(micro_bundle_dir, tmp_path, capsys):
     long_prompt = "red apple " * 50
     assert run([long_prompt, "--seed", "1", "--steps", "1", "--model", micro_bundle_dir, "--out", tmp_path, "--quiet"]) == 0
@@ -117,12 +130,13 @@ def test_subprocess_exit_status_and_no_traceback(micro_bundle_dir, tmp_path):
     """The real entry point: exit status 2, one line on stderr, no traceback."""
     result = subprocess.run(
         [sys.executable, str(ROOT / "generate.py"), "x", "--width", "65", "--model", str(micro_bundle_dir)],
-        capture_output=True, text=True, cwd=tmp_path, timeout=300,
+        capture_output=True, text=True, cwd=tmp_path, timeout=300, check=False,
     )  # fmt: skip
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == ["error: width must be a positive multiple of 8 (the VAE's downsampling factor), got 65; try 64"]
     result = subprocess.run(
-        [sys.executable, str(ROOT / "generate.py"), "x", "--num-imgs", "2"], capture_output=True, text=True, timeout=300
+        [sys.executable, str(ROOT / "generate.py"), "x", "--num-imgs", "2"], capture_output=True, text=True, timeout=300,
+        check=False,
     )
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert result.stderr.strip().splitlines()[-1].startswith("generate.py: error: unrecognized arguments")
@@ -134,6 +148,7 @@ def test_subprocess_success_prints_the_paths(micro_bundle_dir, tmp_path):
         [sys.executable, str(ROOT / "generate.py"), "a", "b", "--steps", "2", "--seed", "3", "--quiet",
          "--model", str(micro_bundle_dir), "--out", str(tmp_path / "out")],
         capture_output=True, text=True, timeout=300, env={k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"},
+        check=False,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
     paths = [Path(line) for line in result.stdout.splitlines()]

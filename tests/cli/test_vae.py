@@ -4,6 +4,7 @@ import itertools
 import json
 import math
 import warnings
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -19,7 +20,7 @@ from ldm.eval.metrics import psnr, ssim
 from ldm.eval.reconstruction import evaluate_batches, evaluate_folder, load_inception_features
 from ldm.formats.bundle import create_bundle, load_bundle, save_bundle
 from ldm.formats.latents import MetaKey
-from ldm.models.autoencoder import build_autoencoder
+from ldm.models.autoencoder import build_autoencoder, decode_latents
 from ldm.models.presets import PRESETS
 from ldm.models.tiling import blend_weights, check_tiling, decode, encode_images, reconstruct, run_tiled, tile_spans
 
@@ -94,9 +95,12 @@ def test_run_tiled_is_exact_for_a_local_function(size, tile, overlap):
 def test_bad_tiling_settings_are_rejected():
     for tile, overlap in [(100, 8), (0, 0), (64, 12), (64, 40), (64, -8)]:
         with pytest.raises(LdmError, match="try"):
-            check_tiling(tile, overlap)
-    check_tiling(None, 12345)  # no tiling: the overlap does not matter
-    check_tiling(64, 32)
+            check_tiling(tile, overlap, factor=8)
+    check_tiling(None, 12345, factor=8)  # no tiling: the overlap does not matter
+    check_tiling(64, 32, factor=8)
+    check_tiling(100, 12, factor=4)  # on a 4-pixel grid
+    with pytest.raises(LdmError, match="tile overlap 6 must be a multiple of 4 .*; try 4"):
+        check_tiling(100, 6, factor=4)
 
 
 # --- tiled VAE vs untiled ----------------------------------------------------------------------------------------
@@ -213,6 +217,29 @@ def test_encode_scales_by_the_factor_and_can_sample(vae):
     assert 0.7 < z.std().item() < 1.3
     with pytest.raises(LdmError, match="multiple of 8"):
         encode_images(vae, pixels[..., :30], scaling_factor=1.0)
+
+
+@torch.no_grad()
+def test_a_factor_4_vae_tiles_on_its_own_grid():
+    """Tiles are cut on the VAE's own latent grid: where only the first tile reaches, the tiled output is that tile's."""
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        vae = build_autoencoder(replace(PRESETS["micro"].vae, block_out_channels=(8, 16, 16))).eval()  # 4 px a cell
+    pixels = torch.from_numpy(_smooth_image(4, 36, 44)).permute(2, 0, 1)[None].float() / 127.5 - 1  # (1, 3, 44, 36)
+    whole = encode_images(vae, pixels, scaling_factor=1.0)
+    tiled = encode_images(vae, pixels, scaling_factor=1.0, tile=16, overlap=8)  # 4-cell tiles, 2 cells shared
+    assert whole.shape == tiled.shape == (1, 4, 11, 9)
+    rows, cols = tile_spans(11, 4, 2), tile_spans(9, 4, 2)
+    top, left = rows[1][0], cols[1][0]  # where the second tile starts, down and across
+    first = vae.encode(pixels[..., :16, :16]).latent_dist.mean  # (1, 4, 4, 4)
+    torch.testing.assert_close(tiled[..., :top, :left], first[..., :top, :left])
+    images = decode(vae, whole, scaling_factor=1.0, tile=16, overlap=8)
+    assert images.shape == (1, 3, 44, 36)
+    first = decode_latents(vae, whole[..., :4, :4], scaling_factor=1.0).clamp(-1, 1)  # (1, 3, 16, 16)
+    torch.testing.assert_close(images[..., : 4 * top, : 4 * left], first[..., : 4 * top, : 4 * left])
+    torch.testing.assert_close(decode(vae, whole, scaling_factor=1.0, tile=None), vae.decode(whole).sample.clamp(-1, 1))
+    with pytest.raises(LdmError, match="image size 34×44 is not a multiple of 4"):
+        encode_images(vae, pixels[..., :34], scaling_factor=1.0)
 
 
 def test_half_precision_overflow_is_redone_in_fp32_per_tile(vae):
@@ -397,6 +424,20 @@ def test_eval_with_features_reports_rfid(micro_bundle_dir, tmp_path, capsys, mon
     assert loaded == [tmp_path / "inception.safetensors"]
     rfid = [line for line in stdout.splitlines() if line.startswith("rFID:")]
     assert len(rfid) == 1 and float(rfid[0].split()[1]) >= 0
+
+
+def test_the_command_line_takes_sizes_on_the_vaes_grid(micro_f4_bundle_dir, tmp_path, capsys):
+    image = _write(tmp_path / "in" / "tall.png", seed=3, size=(36, 44))
+    model = ["--model", micro_f4_bundle_dir, "--device", "cpu"]
+    code, _, err = _cli(capsys, "encode", image, "-o", tmp_path / "l.safetensors", "--size", 36, *model)
+    assert code == 0, err
+    with safe_open(str(tmp_path / "l.safetensors"), framework="pt") as f:
+        assert f.get_tensor("latents").shape == (1, 4, 9, 9)
+    code, _, err = _cli(capsys, "roundtrip", image, "-o", tmp_path / "rt", "--tile-size", 16, "--tile-overlap", 4, *model)
+    assert code == 0, err
+    assert Image.open(tmp_path / "rt" / "tall.png").size == (72, 44)  # original | reconstruction
+    code, _, err = _cli(capsys, "encode", image, "-o", tmp_path / "m.safetensors", "--size", 30, *model)
+    assert code == 2 and "--size must be a positive multiple of 4" in err and "try 28" in err
 
 
 def _bad_cases(tmp_path):

@@ -355,7 +355,7 @@ def test_a_folder_with_bad_items_is_scored_without_them_and_says_so(tmp_path):
         f.write(json.dumps({"file_name": "broken.png", "text": "red"}) + "\n")
     report = evaluate(EvalConfig(out=tmp_path / "out", images=folder, progress=False))
     assert report["source"]["images"] == 3 and report["source"]["skipped"] == 2
-    assert any("2 images of" in note and "ldm.data check" in note for note in report["notes"])
+    assert any("2 images of" in note and "ldm data check" in note for note in report["notes"])
     assert report["clip_score"] is None and any("CLIP score skipped" in note for note in report["notes"])
     assert report["grids"] == [{"file": "grid-000.png", "prompts": ["red", "green", "blue"]}]
 

@@ -257,8 +257,7 @@ def test_info_on_a_missing_or_damaged_config(tmp_path, micro_bundle_dir, capsys,
         (damaged / "model.yaml").write_bytes(content)
     assert run_cli(main, ["info", str(damaged)]) == 2
     err = capsys.readouterr().err
-    assert err.startswith(f"error: cannot read {damaged / 'model.yaml'}") or err.startswith(f"error: {damaged}")
-    assert err.count("\n") == 1
+    assert err.startswith("error: ") and "model.yaml" in err and err.count("\n") == 1, err
 
 
 def test_output_paths_and_seeds_are_checked_before_any_work(tmp_path, micro_bundle_dir, capsys):

@@ -2,7 +2,7 @@ import pytest
 from PIL import Image
 
 from ldm.errors import LdmError
-from ldm.formats.pngmeta import format_parameters, parse_parameters, read_png_parameters, save_png
+from ldm.formats.pngmeta import ImageParameters, format_parameters, parse_parameters, read_png_parameters, save_png
 
 
 def test_a1111_text_parses():
@@ -42,3 +42,51 @@ def test_png_without_parameters(tmp_path):
         read_png_parameters(tmp_path / "fake.png")
     with pytest.raises(LdmError, match="not found"):
         read_png_parameters(tmp_path / "missing.png")
+
+
+
+# What generate.py and `python -m ldm eval` wrote before the one builder (ImageParameters) took over: the same text.
+GENERATE_TEXT = (
+    "pizza\nNegative prompt: blurry\nSteps: 3, Sampler: Euler a, CFG scale: 7.5, Seed: 41, Size: 64x64, "
+    "Model hash: 3e3b90092c, Model: micro, Batch size: 3, Batch pos: 1, Lora: style.safetensors, Lora scale: 0.8, "
+    "Dtype: fp32, Fast: on, Deep cache: 2, Version: ldm 0.1.0"
+)
+EVALUATE_TEXT = (
+    "a\nSteps: 3, Sampler: DPM++ 2M, CFG scale: 7.5, Seed: 1, Size: 96x64, Model hash: 3e3b90092c, Model: micro, "
+    "Token merging ratio: 0.5"
+)
+
+
+def test_the_builder_writes_what_the_commands_wrote():
+    made_by_generate = ImageParameters(
+        prompt="pizza", negative_prompt="blurry", steps=3, sampler="Euler a", guidance_scale=7.5, seed=41, width=64,
+        height=64, model_hash="3e3b90092c", model="micro", batch_size=3, batch_pos=1, lora="style.safetensors",
+        lora_scale=0.8, dtype="fp32", fast=True, deep_cache=2, version="ldm 0.1.0",
+    )  # fmt: skip
+    assert made_by_generate.text() == GENERATE_TEXT
+    made_by_evaluate = ImageParameters(
+        prompt="a", steps=3, sampler="DPM++ 2M", guidance_scale=7.5, seed=1, width=96, height=64,
+        model_hash="3e3b90092c", model="micro", token_merging=0.5,
+    )  # fmt: skip
+    assert made_by_evaluate.text() == EVALUATE_TEXT
+    # nothing optional: no batch, LoRA, dtype, fast path, approximation or version entry
+    plain = ImageParameters(prompt="x", steps=1, sampler="DDIM", guidance_scale=1.0, seed=0, width=8, height=8)
+    assert plain.text() == "x\nSteps: 1, Sampler: DDIM, CFG scale: 1.0, Seed: 0, Size: 8x8"
+
+
+@pytest.mark.parametrize("text", [GENERATE_TEXT, EVALUATE_TEXT])
+def test_the_builder_reads_back_what_it_wrote(text):
+    assert ImageParameters.from_text(text).text() == text
+
+
+def test_reading_a1111_text_and_garbled_entries():
+    a1111 = ImageParameters.from_text(
+        "a cat\nSteps: 20, Sampler: DPM++ 2M Karras, CFG scale: 7, Seed: 1234, Size: 512x768, Model hash: 6ce0161689, "
+        "Model: v1-5, Version: v1.6.0"
+    )
+    assert (a1111.width, a1111.height, a1111.guidance_scale, a1111.sampler) == (512, 768, 7.0, "DPM++ 2M Karras")
+    assert a1111.dtype is None and not a1111.fast and a1111.batch_size == 1 and a1111.lora is None
+    with pytest.raises(KeyError, match="Seed"):
+        ImageParameters.from_text("x\nSteps: 1, Sampler: DDIM, CFG scale: 1, Size: 8x8")
+    with pytest.raises(ValueError):
+        ImageParameters.from_text("x\nSteps: 1, Sampler: DDIM, CFG scale: 1, Seed: 0, Size: 8by8")

@@ -1,4 +1,5 @@
-"""ldm.models.autoencoder: decoding scaled latents, and the fp32 retry of a half-precision decode that overflows."""
+"""ldm.models.autoencoder: the downsampling factor, decoding scaled latents, and the fp32 retry of a half-precision
+decode that overflows."""
 
 import math
 import warnings
@@ -6,7 +7,7 @@ import warnings
 import pytest
 import torch
 
-from ldm.models.autoencoder import build_autoencoder, decode_latents
+from ldm.models.autoencoder import AutoencoderConfig, build_autoencoder, decode_latents, downsampling_factor
 from ldm.models.presets import PRESETS
 
 
@@ -44,3 +45,16 @@ def test_half_precision_overflow_is_decoded_again_in_fp32():
     assert torch.isfinite(images).all()
     assert half.dtype == torch.bfloat16  # put back after the retry
     torch.testing.assert_close(images, decode_latents(rounded, z.float(), scaling_factor=1.0))
+
+
+@torch.no_grad()
+def test_the_downsampling_factor_is_two_to_the_levels_but_one():
+    for channels, factor in [((8,), 1), ((8, 16, 16), 4), ((8, 8, 16, 16), 8)]:
+        config = AutoencoderConfig(block_out_channels=channels, layers_per_block=1, norm_num_groups=4)
+        vae = build_autoencoder(config).eval()
+        assert config.downsampling_factor == downsampling_factor(vae) == factor
+        z = vae.encode(torch.zeros(1, 3, 16, 16)).latent_dist.mean
+        assert z.shape[-2:] == (16 // factor, 16 // factor)
+        assert decode_latents(vae, z, scaling_factor=1.0).shape == (1, 3, 16, 16)
+    with pytest.raises(ValueError, match="at least one level"):
+        AutoencoderConfig(block_out_channels=())

@@ -1,10 +1,13 @@
 """The sampling loop against an independent implementation: diffusers' own StableDiffusionPipeline."""
 
+from dataclasses import replace
+
 import pytest
 import torch
 
 from ldm.errors import LdmError
 from ldm.formats.bundle import load_bundle
+from ldm.formats.diffusers import export_diffusers
 from ldm.pipeline import Request, check_settings, generate
 from ldm.pipeline.schedule import SAMPLERS, get_sampler
 
@@ -80,16 +83,53 @@ def test_non_square_sizes(bundle):
 @pytest.mark.parametrize(
     "kwargs, message",
     [
-        (dict(steps=0), "steps must be a positive number, got 0"),
-        (dict(width=65), "width must be a positive multiple of 8 .* got 65; try 64"),
-        (dict(height=0), "height must be a positive multiple of 8"),
-        (dict(guidance_scale=-1.0), "guidance scale must be ≥ 0"),
+        ({"steps": 0}, "steps must be a positive number, got 0"),
+        ({"width": 65}, "width must be a positive multiple of 8 .* got 65; try 64"),
+        ({"height": 0}, "height must be a positive multiple of 8"),
+        ({"width": 66, "factor": 4}, "width must be a positive multiple of 4 .* got 66; try 64"),
+        ({"height": 0, "factor": None}, "height must be a positive number of pixels, got 0"),
+        ({"guidance_scale": -1.0}, "guidance scale must be ≥ 0"),
     ],
 )
 def test_bad_settings(kwargs, message):
-    settings = dict(steps=10, width=64, height=64, guidance_scale=7.5) | kwargs
+    settings = {"steps": 10, "width": 64, "height": 64, "guidance_scale": 7.5, "factor": 8} | kwargs
     with pytest.raises(LdmError, match=message):
         check_settings(**settings)
+
+
+def test_sizes_are_multiples_of_the_factor_given():
+    check_settings(steps=1, width=36, height=44, guidance_scale=1.0, factor=4)
+    check_settings(steps=1, width=65, height=3, guidance_scale=1.0, factor=None)  # no model yet: positive is enough
+
+
+def test_a_vae_of_factor_4_samples_as_diffusers_does(micro_f4_bundle_dir, tmp_path):
+    """Latents of (H/4, W/4), decoded back to (H, W): the same numbers as diffusers' pipeline, which reads its VAE's
+    factor from the config too (though its own size check insists on multiples of 8)."""
+    from diffusers import StableDiffusionPipeline
+
+    bundle = load_bundle(micro_f4_bundle_dir)
+    assert bundle.config.vae.downsampling_factor == 4 and bundle.config.default_size == 32
+    export_diffusers(bundle, tmp_path / "diffusers")
+    pipe = StableDiffusionPipeline.from_pretrained(tmp_path / "diffusers", local_files_only=True)
+    pipe.set_progress_bar_config(disable=True)
+    assert pipe.vae_scale_factor == 4
+    sampler = get_sampler("euler")
+    pipe.scheduler = sampler.scheduler.from_config(pipe.scheduler.config, **dict(sampler.options))
+    out = pipe(PROMPTS[:1], negative_prompt=NEGATIVE[:1], num_inference_steps=3, guidance_scale=5.0,
+               generator=[torch.Generator().manual_seed(SEEDS[0])], height=24, width=40, output_type="np")  # fmt: skip
+    theirs = torch.from_numpy(out.images).permute(0, 3, 1, 2)  # (1, 3, 24, 40) from (1, 4, 6, 10) latents
+    request = Request(
+        prompts=PROMPTS[:1], negative_prompts=NEGATIVE[:1], seeds=SEEDS[:1], steps=3, guidance_scale=5.0,
+        sampler=sampler, width=40, height=24,
+    )  # fmt: skip
+    ours = generate(bundle, request, progress=False)
+    assert ours.shape == theirs.shape == (1, 3, 24, 40) and ours.std() > 0.01
+    assert (ours - theirs).abs().max().item() <= 1e-4
+    assert generate(bundle, replace(request, width=44, height=36), progress=False).shape == (1, 3, 36, 44)
+    odd = Request(prompts=["x"], negative_prompts=[""], seeds=[0], steps=1, guidance_scale=1.0, sampler=sampler,
+                  width=42, height=36)  # a Request has no model; generate checks its sizes against the VAE  # fmt: skip
+    with pytest.raises(LdmError, match="width must be a positive multiple of 4 .* got 42; try 40"):
+        generate(bundle, odd, progress=False)
 
 
 def test_sampler_lookup():
