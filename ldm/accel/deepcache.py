@@ -24,7 +24,7 @@ import torch
 from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
 from torch import nn
 
-from ldm.accel import check_interval
+from ldm.accel.checks import check_interval
 from ldm.accel.graph import TraceCache, TracedUNet, UNetWrapper, as_tensor, can_run_traced, input_key, mismatch
 from ldm.errors import LdmError
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ldm.accel import check_ratio
+from ldm.accel.checks import check_ratio
 from ldm.accel.graph import TraceCache
 from ldm.errors import LdmError
 
