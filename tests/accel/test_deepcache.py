@@ -5,6 +5,7 @@ import pytest
 import torch
 from cli_runs import pixels, run
 from diffusers import UNet2DConditionModel
+from support import NEEDS_PACKING
 
 import ldm.accel.fast
 import ldm.accel.packed
@@ -187,7 +188,7 @@ def test_generation_reuses_every_other_step(micro_bundle_dir):
     assert 0 < (approx - exact).abs().max() < 1
 
 
-@pytest.mark.skipif(not ldm.accel.packed.can_pack(torch.device("cpu")), reason="this torch has no oneDNN packed ops")
+@NEEDS_PACKING
 def test_reuse_on_packed_modules(micro_bundle_dir):
     """A big UNet's route (modules with packed weights, no graphs): the same images as on plain modules, up to the
     summation order."""
