@@ -16,8 +16,9 @@ What :func:`speed_up` does (measured with ``bench/``; numbers in BENCHMARKS.md):
   arithmetic; 1×1 convolutions run as packed linears over the cells, since oneDNN's packed 1×1 convolution is
   15-40× slower than that on an AVX-512 CPU without AMX; fp32 3×3 convolutions with 256 channels or more run as
   Winograd F(2×2, 3×3) convolutions (``ldm.accel.winograd``), 2.25× fewer multiply-adds: sd-v1's fp32 UNet steps and its
-  VAE decoder, whose weights are packed along with a packed UNet's. Rounding changes only (about 1e-6 in fp32; sd-v1's
-  fp32 UNet and VAE with Winograd convolutions gave images 0.0007/255 from diffusers').
+  VAE decoder, whose weights are packed along with a packed UNet's. Rounding changes only (about 1e-6 in fp32;
+  sd-v1's fp32 UNet and VAE with Winograd convolutions gave images 0.0007/255 from diffusers'). bf16 weights are
+  packed only where oneDNN has bf16 kernels (``ldm.accel.cpu.has_bf16_kernels``) and stay unpacked elsewhere.
 - **Traced graphs** (``ldm.accel.graph``), for a small UNet on CPU, where per-op overhead rather than arithmetic sets the
   pace: the UNet traced once per input shape into aten calls without the module tree, weights-only work folded,
   the cross-attention keys and values computed once per prompt, convolutions on tiny grids run as one matrix
@@ -51,7 +52,6 @@ from __future__ import annotations
 
 import copy
 import os
-import platform
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
@@ -60,6 +60,7 @@ import torch
 from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
 from torch import nn
 
+from ldm.accel.cpu import cpu_flags, has_native_bf16  # noqa: F401 - cpu_flags for bench/, which asks here
 from ldm.accel.deepcache import DeepCacheUNet, check_interval
 from ldm.accel.graph import GraphUNet, TraceCache, quiet_logger
 from ldm.accel.packed import PackedConv2d, PackedLinear, PackedPointwiseConv2d, can_pack, is_pointwise
@@ -95,32 +96,6 @@ class FastConfig:
 
 
 @cache
-def cpu_flags() -> frozenset[str]:
-    """The CPU feature flags of /proc/cpuinfo (empty where there is none, e.g. macOS)."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                return frozenset(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return frozenset()
-
-
-def has_native_bf16(device: torch.device) -> bool:
-    """Whether bf16 matmuls and convolutions run natively (faster than fp32) on ``device``.
-
-    On x86 CPUs that is AVX512-BF16 or AMX: without them oneDNN emulates bf16, which is slower than fp32.
-    """
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    if device.type != "cpu" or platform.machine().lower() not in ("x86_64", "amd64"):
-        return False
-    return torch.backends.cpu.get_cpu_capability().startswith("AVX512") and bool(
-        {"avx512_bf16", "amx_bf16"} & cpu_flags()
-    )
-
-
-@cache
 def physical_cores() -> int:
     """Physical cores (hyper-threads share one core's FMA units, so more threads than cores do not help)."""
     try:
@@ -153,9 +128,13 @@ def pack_weights(module: nn.Module) -> nn.Module:
 
     1×1 convolutions become packed linears over the cells (:class:`PackedPointwiseConv2d`), fp32 3×3 ones with
     many channels Winograd convolutions (:class:`ldm.accel.winograd.WinogradConv2d`; not bf16 ones, whose error its
-    transforms about double); fp32 linears with fewer than ``PACK_MIN_FP32_LINEAR`` weights stay as they are.
+    transforms about double); fp32 linears with fewer than ``PACK_MIN_FP32_LINEAR`` weights stay as they are, and so
+    does every layer whose weights oneDNN cannot pack here (:func:`ldm.accel.packed.can_pack`: bf16 ones on a CPU
+    without oneDNN's bf16 kernels), so that the fast path still runs there, unpacked.
     """
     for name, child in list(module.named_modules()):
+        if type(child) not in (nn.Conv2d, nn.Linear) or not can_pack(child.weight.device, child.weight.dtype):
+            continue
         if type(child) is nn.Conv2d:
             if is_pointwise(child):
                 packed = PackedPointwiseConv2d(child.weight, child.bias)

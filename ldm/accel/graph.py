@@ -390,7 +390,7 @@ def rewrite_convolutions(
         w, b = _constant(gm, weight), None if bias is None else _constant(gm, bias)
         if w.device.type != "cpu":  # CUDA convolutions may run in TF32 where matmuls do not: keep them as traced
             continue
-        pack = can_pack(w.device)
+        pack = can_pack(w.device, w.dtype)  # bf16: where oneDNN has bf16 kernels
         batch, *in_shape = x.meta["val"].shape
         out = node.meta["val"]
         _, *out_shape = out.shape

@@ -4,6 +4,10 @@ An ordinary CPU convolution or linear reorders its weight into oneDNN's blocked 
 reordered (the same operators inductor's weight freezing uses). For inference only: the packed weights are opaque
 tensors, neither parameters nor buffers. ``ldm.accel.fast.pack_weights`` puts them into a model; ``ldm.accel.winograd`` runs its
 16 products through :class:`PackedLinear`.
+
+fp32 weights pack wherever oneDNN is; bf16 ones only on CPUs with oneDNN's bf16 kernels
+(``ldm.accel.cpu.has_bf16_kernels``): elsewhere the modules refuse them with a ValueError, and ``pack_weights``
+leaves such layers as they are.
 """
 
 from __future__ import annotations
@@ -11,16 +15,34 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ldm.accel.cpu import BF16_KERNELS_NEED, has_bf16_kernels
 
-def can_pack(device: torch.device) -> bool:
-    """Whether oneDNN's prepacked convolution and linear ops (the ones inductor's freezing uses) are here."""
+
+def can_pack(device: torch.device, dtype: torch.dtype = torch.float32) -> bool:
+    """Whether oneDNN's prepacked convolution and linear ops (the ones inductor's freezing uses) take ``dtype``
+    weights on ``device``: fp32 wherever the ops are, bf16 where the CPU has oneDNN's bf16 kernels, nothing else."""
     if device.type != "cpu" or not torch.backends.mkldnn.is_available():
         return False
     try:
         torch.ops.mkldnn._convolution_pointwise, torch.ops.mkldnn._linear_pointwise  # noqa: B018 - lookup only
     except (AttributeError, RuntimeError):
         return False
-    return True
+    if dtype == torch.bfloat16:
+        return has_bf16_kernels()
+    return dtype == torch.float32
+
+
+def check_packable(weight: torch.Tensor) -> None:
+    """Raise a ValueError that says why, where ``weight`` cannot be packed (rather than oneDNN's error)."""
+    if can_pack(weight.device, weight.dtype):
+        return
+    if can_pack(weight.device) and weight.dtype == torch.bfloat16:
+        why = f"{BF16_KERNELS_NEED}, which this CPU lacks"
+    elif can_pack(weight.device):
+        why = "only fp32 and bf16 weights are packed"
+    else:
+        why = "oneDNN's packed ops are for the CPU, in a torch built with oneDNN"
+    raise ValueError(f"cannot pack a {weight.dtype} weight on {weight.device}: {why}; keep the layer unpacked")
 
 
 class PackedConv2d(nn.Module):
@@ -48,6 +70,7 @@ class PackedConv2d(nn.Module):
 
 def pack_convolution(weight: torch.Tensor, *, padding, stride, dilation, groups: int) -> tuple[tuple, torch.Tensor]:
     """A convolution weight reordered for oneDNN, and the arguments that go with it into ``_convolution_pointwise``."""
+    check_packable(weight)
     args = (list(padding), list(stride), list(dilation), groups)
     return args, torch.ops.mkldnn._reorder_convolution_weight(weight, *args, None)
 
@@ -61,6 +84,7 @@ class PackedLinear(nn.Module):
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None):
         super().__init__()
         weight = weight.detach().flatten(1)
+        check_packable(weight)
         self.packed = torch.ops.mkldnn._reorder_linear_weight(weight, None)  # opaque, not a buffer
         self.bias = None if bias is None else bias.detach()
         self.dtype = weight.dtype

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ldm.accel.packed import PackedLinear
+from ldm.accel.packed import PackedLinear, can_pack
 
 # The kernel transform G (4×3): U = G·w·Gᵀ per channel pair. The input transform Bᵀ and the output transform Aᵀ
 # are written out as additions in WinogradConv2d.forward: Bᵀ = [[1,0,-1,0], [0,1,1,0], [0,-1,1,0], [0,1,0,-1]],
@@ -75,12 +75,12 @@ def transform_kernel(weight: torch.Tensor) -> torch.Tensor:
 class WinogradConv2d(nn.Module):
     """A frozen 3×3 ``nn.Conv2d`` (see :func:`can_winograd`) computed by F(2×2, 3×3), for inference.
 
-    The 16 products are oneDNN linears with prepacked weights (``ldm.accel.packed.PackedLinear``) where oneDNN is available
-    (``pack=True``), else one batched matmul. Any input layout and grid size (odd sides are padded by a zero row or
-    column, whose outputs are dropped); the output is channels_last.
+    The 16 products are oneDNN linears with prepacked weights (``ldm.accel.packed.PackedLinear``; ``pack=True``, or
+    by default where oneDNN packs the weight's dtype), else one batched matmul. Any input layout and grid size (odd
+    sides are padded by a zero row or column, whose outputs are dropped); the output is channels_last.
     """
 
-    def __init__(self, conv: nn.Conv2d, *, pack: bool = True):
+    def __init__(self, conv: nn.Conv2d, *, pack: bool | None = None):
         super().__init__()
         if not can_winograd(conv):
             raise ValueError("Winograd F(2×2, 3×3) takes 3×3 convolutions with stride 1, zero padding 1, no dilation "
@@ -89,8 +89,8 @@ class WinogradConv2d(nn.Module):
         self.out_channels = conv.out_channels
         self.dtype = conv.weight.dtype
         self.bias = None if conv.bias is None else conv.bias.detach()
-        self.pack = pack
-        if pack:
+        self.pack = can_pack(conv.weight.device, conv.weight.dtype) if pack is None else pack
+        if self.pack:
             self.linears = nn.ModuleList(
                 PackedLinear(t, self.bias if i == BIAS_TERM else None) for i, t in enumerate(terms)
             )

@@ -5,6 +5,7 @@ import pytest
 import torch
 from cli_runs import pixels, run
 from diffusers import UNet2DConditionModel
+from support import NEEDS_PACKING
 
 import ldm.accel.fast
 import ldm.accel.packed
@@ -96,10 +97,11 @@ def test_full_calls_follow_the_interval_and_restart_with_each_run():
 def test_single_step_runs_do_not_share_features(micro_bundle_dir):
     bundle = load_bundle(micro_bundle_dir)
     bundle.unet = DeepCacheUNet(bundle.unet, interval=2)
-    req = lambda seed: Request(
-        prompts=["red apple"], negative_prompts=[""], seeds=[seed], steps=1, guidance_scale=7.5,
-        sampler=get_sampler("dpmpp_2m"), width=64, height=64,
-    )  # fmt: skip
+    def req(seed):
+        return Request(
+            prompts=["red apple"], negative_prompts=[""], seeds=[seed], steps=1, guidance_scale=7.5,
+            sampler=get_sampler("dpmpp_2m"), width=64, height=64,
+        )  # fmt: skip
     generate(bundle, req(0), progress=False)
     second = generate(bundle, req(1), progress=False)
     assert (bundle.unet.full_calls, bundle.unet.shallow_calls) == (2, 0)
@@ -187,7 +189,7 @@ def test_generation_reuses_every_other_step(micro_bundle_dir):
     assert 0 < (approx - exact).abs().max() < 1
 
 
-@pytest.mark.skipif(not ldm.accel.packed.can_pack(torch.device("cpu")), reason="this torch has no oneDNN packed ops")
+@NEEDS_PACKING
 def test_reuse_on_packed_modules(micro_bundle_dir):
     """A big UNet's route (modules with packed weights, no graphs): the same images as on plain modules, up to the
     summation order."""

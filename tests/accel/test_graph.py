@@ -3,10 +3,12 @@
 import pytest
 import torch
 import torch.nn.functional as F
+from support import assert_rounding_close
 from torch import nn
 from torch.fx.experimental.proxy_tensor import make_fx
 
 import ldm.accel.graph
+import ldm.accel.packed
 from ldm.accel.fast import FastConfig, MixedPrecisionUNet, speed_up
 from ldm.accel.graph import (
     GraphUNet,
@@ -210,10 +212,18 @@ class Convs(nn.Module):
         return a, b, c, self.grouped(self.large(y))
 
 
+# The sums behind each of Convs' outputs, chained: a (small), b (down after small), c (pointwise after small), the
+# grouped convolution after the large one.
+CONVS_TERMS = (16 * 9, 2 * 16 * 9, 16 * 9 + 16, 8 * 9 + 4 * 9)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("tokens", [False, True])
-def test_rewritten_convolutions_match_conv2d(tokens):
-    module = Convs().eval()
-    x, y = torch.randn(3, 16, 2, 2), torch.randn(3, 8, 32, 32)
+def test_rewritten_convolutions_match_conv2d(tokens, dtype):
+    """Each rewrite answers as the convolution; the large one is packed where oneDNN packs the dtype (bf16: where it
+    has bf16 kernels), else left as it is."""
+    module = Convs().eval().to(dtype)
+    x, y = torch.randn(3, 16, 2, 2, dtype=dtype), torch.randn(3, 8, 32, 32, dtype=dtype)
     with torch.no_grad():
         gm = make_fx(module)(x, y)
         counts = rewrite_convolutions(gm, tokens=tokens)
@@ -221,11 +231,24 @@ def test_rewritten_convolutions_match_conv2d(tokens):
     products = {n.target for n in gm.graph.nodes} & {aten.baddbmm.default, aten.bmm.default, aten.addmm.default}
     assert (aten.baddbmm.default in products or aten.bmm.default in products) != tokens  # the 1×1: batched or not
     dense, pointwise, packed = counts
-    assert (dense, pointwise) == (2, 1) and packed in (0, 1)  # packed where oneDNN is available
+    assert (dense, pointwise) == (2, 1) and packed == ldm.accel.packed.can_pack(torch.device("cpu"), dtype)
     assert sum(n.target is aten.convolution.default for n in gm.graph.nodes) == 2 - packed
-    for e, g in zip(expected, got):
+    for e, g, terms in zip(expected, got, CONVS_TERMS, strict=True):
         assert g.shape == e.shape and g.is_contiguous()
-        torch.testing.assert_close(g, e, atol=1e-5, rtol=0)
+        assert_rounding_close(g, e, terms=terms)
+
+
+def test_bf16_convolutions_stay_unpacked_without_bf16_kernels(monkeypatch):
+    """Where oneDNN has no bf16 kernels the rewrite leaves a bf16 convolution as traced rather than pack it (which
+    oneDNN would refuse), and still makes the others matrix products."""
+    monkeypatch.setattr(ldm.accel.packed, "has_bf16_kernels", lambda: False)
+    module = Convs().eval().to(torch.bfloat16)
+    x, y = torch.randn(3, 16, 2, 2, dtype=torch.bfloat16), torch.randn(3, 8, 32, 32, dtype=torch.bfloat16)
+    with torch.no_grad():
+        gm = make_fx(module)(x, y)
+        assert rewrite_convolutions(gm) == (2, 1, 0)
+        for e, g, terms in zip(module(x, y), gm(x, y), CONVS_TERMS, strict=True):
+            assert_rounding_close(g, e, terms=terms)
 
 
 def attention(x, causal):
@@ -238,6 +261,9 @@ def attention(x, causal):
 
 def test_decomposed_attention_matches_the_kernel():
     x = torch.randn(3, 10, 16, generator=torch.Generator().manual_seed(0))
+    # Rounding only: the scores sum over a head's 8 channels, the output over the 10 keys, and each output is a
+    # weighted mean of the values (x * 2), so their largest sets the scale.
+    terms, scale = 8 + 10, 2 * x.abs().max().item()
     with torch.no_grad():
         gm = make_fx(lambda x: attention(x, False))(x)
         kernel = aten._scaled_dot_product_flash_attention_for_cpu.default
@@ -246,11 +272,13 @@ def test_decomposed_attention_matches_the_kernel():
         assert aten.view.default in [n.target for n in gm.graph.nodes]
         assert decompose_attention(gm) == 1
         assert kernel not in [n.target for n in gm.graph.nodes]
-        torch.testing.assert_close(gm(x), attention(x, False), atol=1e-6, rtol=0)
+        assert_rounding_close(gm(x), attention(x, False), terms=terms, scale=scale)
+        with pytest.raises(AssertionError, match="more than rounding explains"):  # yet inputs 1e-4 off are caught
+            assert_rounding_close(gm(x * (1 + 1e-4)), attention(x, False), terms=terms, scale=scale)
 
         causal = make_fx(lambda x: attention(x, True))(x)
         assert decompose_attention(causal) == 0  # masked attention stays the kernel's
-        torch.testing.assert_close(causal(x), attention(x, True), atol=1e-6, rtol=0)
+        assert_rounding_close(causal(x), attention(x, True), terms=terms, scale=scale)
 
 
 def test_fold_constants_and_split_prompt():
@@ -282,7 +310,8 @@ def test_shared_inputs_are_computed_once_and_their_products_merged():
     x, emb = torch.randn(2, 4, 6), torch.randn(2, 6)
     gm = make_fx(f)(x, emb)
     fold_constants(gm)
-    count = lambda *targets: sum(n.target in targets for n in gm.graph.nodes)
+    def count(*targets):
+        return sum(n.target in targets for n in gm.graph.nodes)
     assert count(aten.silu.default) == 2
     assert eliminate_common(gm) >= 3  # the second SiLU, two of the three views of x
     assert count(aten.silu.default) == 1
@@ -341,4 +370,4 @@ def test_dense_matrix_is_the_convolution():
     x = torch.randn(4, 3, 3, 2)
     matrix = ldm.accel.graph._dense_matrix(weight, [2, 1], [1, 1], (3, 3, 2))
     expected = F.conv2d(x, weight, None, [2, 1], [1, 1])
-    torch.testing.assert_close((x.flatten(1) @ matrix).view(expected.shape), expected, atol=1e-5, rtol=0)
+    assert_rounding_close((x.flatten(1) @ matrix).view(expected.shape), expected, terms=3 * 3 * 3)

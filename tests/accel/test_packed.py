@@ -2,11 +2,14 @@
 
 import pytest
 import torch
+from support import NEEDS_PACKING, PACKED_DTYPES, assert_rounding_close
 from torch import nn
 
+import ldm.accel.cpu
+import ldm.accel.packed
 from ldm.accel.packed import PackedConv2d, PackedLinear, PackedPointwiseConv2d, can_pack, is_pointwise
 
-pytestmark = pytest.mark.skipif(not can_pack(torch.device("cpu")), reason="this torch has no oneDNN packed ops")
+pytestmark = NEEDS_PACKING
 
 
 @pytest.fixture(autouse=True)
@@ -19,7 +22,7 @@ def channels_last(x: torch.Tensor) -> torch.Tensor:
     return x.contiguous(memory_format=torch.channels_last)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", PACKED_DTYPES)
 @pytest.mark.parametrize("stride, padding, groups", [(1, 1, 1), (2, 1, 1), (1, 0, 4)])
 def test_packed_convolution_answers_as_the_layer(dtype, stride, padding, groups):
     """Same values as nn.Conv2d (bit for bit in bf16, where both are oneDNN's), channels_last out, any layout in."""
@@ -34,7 +37,7 @@ def test_packed_convolution_answers_as_the_layer(dtype, stride, padding, groups)
         if dtype == torch.bfloat16:
             assert torch.equal(got, expected)
         else:
-            torch.testing.assert_close(got, expected)
+            assert_rounding_close(got, expected, terms=8 // groups * 3 * 3)
 
 
 @pytest.mark.parametrize(
@@ -45,7 +48,7 @@ def test_packed_convolution_refuses_other_padding(conv):
         PackedConv2d(conv)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", PACKED_DTYPES)
 @pytest.mark.parametrize("bias", [True, False])
 def test_packed_linear_answers_as_the_layer(dtype, bias):
     torch.manual_seed(0)
@@ -53,10 +56,10 @@ def test_packed_linear_answers_as_the_layer(dtype, bias):
     x = torch.randn(3, 5, 32, dtype=dtype)
     got = PackedLinear(layer.weight, layer.bias)(x)
     assert got.shape == (3, 5, 24) and got.dtype == dtype
-    torch.testing.assert_close(got, layer(x))
+    assert_rounding_close(got, layer(x), terms=32)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", PACKED_DTYPES)
 def test_pointwise_convolution_is_a_linear_over_the_cells(dtype):
     """A 1×1 convolution's (out, in, 1, 1) weight as a linear over each cell's channels, either layout in."""
     torch.manual_seed(0)
@@ -66,7 +69,7 @@ def test_pointwise_convolution_is_a_linear_over_the_cells(dtype):
     for given in (x, channels_last(x)):
         got = packed(given)
         assert got.shape == (2, 8, 5, 3) and got.is_contiguous(memory_format=torch.channels_last)
-        torch.testing.assert_close(got, conv(x))
+        assert_rounding_close(got, conv(x), terms=16)
 
 
 def test_is_pointwise():
@@ -82,3 +85,21 @@ def test_is_pointwise():
 
 def test_can_pack_is_for_the_cpu_only():
     assert can_pack(torch.device("cpu")) and not can_pack(torch.device("meta"))
+    assert not can_pack(torch.device("cpu"), torch.float16) and not can_pack(torch.device("cpu"), torch.int8)
+
+
+def test_bf16_packing_follows_the_cpu(monkeypatch):
+    """bf16 weights pack where oneDNN has bf16 kernels; where it has none the modules refuse them with a reason,
+    before oneDNN would fail, and fp32 weights still pack."""
+    cpu = torch.device("cpu")
+    assert can_pack(cpu, torch.bfloat16) == ldm.accel.cpu.has_bf16_kernels()
+    monkeypatch.setattr(ldm.accel.packed, "has_bf16_kernels", lambda: False)
+    assert not can_pack(cpu, torch.bfloat16) and can_pack(cpu, torch.float32)
+    conv, linear = nn.Conv2d(4, 4, 3, padding=1), nn.Linear(8, 4)
+    message = "cannot pack a torch.bfloat16 weight on cpu: oneDNN's bf16 kernels need avx512bw, avx512vl and avx512dq"
+    for make in (lambda: PackedConv2d(conv.to(torch.bfloat16)), lambda: PackedLinear(linear.weight.bfloat16())):
+        with pytest.raises(ValueError, match=message):
+            make()
+    with pytest.raises(ValueError, match="only fp32 and bf16 weights are packed"):
+        PackedLinear(linear.weight.half())
+    PackedLinear(linear.weight.float())

@@ -1,13 +1,14 @@
 import pytest
 import torch
 import torch.nn.functional as F
+from support import NEEDS_BF16_KERNELS, NEEDS_PACKING, assert_rounding_close
 from torch import nn
 
+import ldm.accel.packed
 from ldm.accel import winograd
-from ldm.accel.packed import can_pack
 from ldm.accel.winograd import BIAS_TERM, WINOGRAD_MIN_CHANNELS, WinogradConv2d, can_winograd, transform_kernel
 
-PACKING = [pytest.param(True, marks=pytest.mark.skipif(not can_pack(torch.device("cpu")), reason="no oneDNN")), False]
+PACKING = [pytest.param(True, marks=NEEDS_PACKING, id="packed"), pytest.param(False, id="bmm")]
 C = WINOGRAD_MIN_CHANNELS
 
 
@@ -58,7 +59,8 @@ def test_bands_give_the_same_result(pack, monkeypatch):
     layer = WinogradConv2d(conv, pack=pack)
     band = layer.band
     monkeypatch.setattr(layer, "band", lambda xp, out: calls.append(out.shape[1]) or band(xp, out))
-    torch.testing.assert_close(layer(x), whole, rtol=0, atol=1e-6)
+    # products of other lengths may sum in other orders: each output adds up to 9 of the 16, each a sum over C
+    assert_rounding_close(layer(x), whole, terms=9 * C)
     assert calls == [2, 2, 2, 1]
 
 
@@ -76,6 +78,20 @@ def test_kernel_transform():
     term = torch.zeros(16)
     term[BIAS_TERM] = 1
     torch.testing.assert_close(a @ term.reshape(4, 4) @ a.T, torch.ones(2, 2))
+
+
+@pytest.mark.parametrize("bf16_kernels", [pytest.param(True, marks=NEEDS_BF16_KERNELS), False])
+def test_packs_by_default_where_onednn_packs_the_dtype(bf16_kernels, monkeypatch):
+    """pack=None: packed products for fp32 weights, and for bf16 ones where oneDNN has bf16 kernels; else the batched
+    matmul, with no error from oneDNN."""
+    if not bf16_kernels:
+        monkeypatch.setattr(ldm.accel.packed, "has_bf16_kernels", lambda: False)
+    conv = nn.Conv2d(C, C, 3, padding=1)
+    assert WinogradConv2d(conv).pack == ldm.accel.packed.can_pack(torch.device("cpu"))
+    half = WinogradConv2d(conv.to(torch.bfloat16))
+    assert half.pack == (bf16_kernels and ldm.accel.packed.can_pack(torch.device("cpu")))
+    x = torch.randn(1, C, 4, 4, dtype=torch.bfloat16)
+    assert half(x).dtype == torch.bfloat16
 
 
 @pytest.mark.parametrize(

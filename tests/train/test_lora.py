@@ -1,5 +1,7 @@
 """LoRA training with train_unet.py --lora-rank: only adapters train, diffusers loads the file, scale 0 is the base."""
 
+import sys
+
 import pytest
 import torch
 from safetensors import safe_open
@@ -10,10 +12,11 @@ from ldm.errors import LdmError
 from ldm.formats.bundle import load_bundle
 from ldm.pipeline import Request, generate
 from ldm.pipeline.schedule import get_sampler
-from ldm.train.lora import apply_lora
+from ldm.train.lora import add_lora, apply_lora
 from ldm.train.unet import run
 
 PROMPT, SEED = "disc 1", 7
+NO_PEFT = "LoRA needs the optional package peft: pip install -e '.[test,lora]'"
 
 
 def request(steps=3):
@@ -23,6 +26,7 @@ def request(steps=3):
 
 @pytest.fixture(scope="module")
 def lora_run(micro_bundle_dir, tmp_path_factory):
+    pytest.importorskip("peft", reason=NO_PEFT)  # every test that trains or applies a LoRA skips without it
     root = tmp_path_factory.mktemp("lora")
     data = write_shapes(root / "data")
     argv = args(micro_bundle_dir, data, root / "run", "--max-steps", "3", "--lora-rank", "4", "--train-text-encoder",
@@ -104,7 +108,7 @@ def test_apply_lora_refuses_what_it_cannot_apply(lora_run, micro_bundle_dir, tmp
     with pytest.raises(LdmError, match="LoRA file .* not found"):
         apply_lora(load_bundle(micro_bundle_dir), tmp_path / "nope.safetensors")
     with safe_open(str(out / "lora.safetensors"), "pt") as f:
-        tensors, meta = {k: f.get_tensor(k) for k in f.keys()}, f.metadata()  # noqa: SIM118 - not iterable
+        tensors, meta = {k: f.get_tensor(k) for k in f.keys()}, f.metadata()
     key = next(k for k in tensors if k.startswith("unet.") and ".lora.down." in k)
     tensors[key] = torch.zeros(4, 3)  # a LoRA for some other model
     save_file(tensors, str(tmp_path / "other.safetensors"), metadata=meta)
@@ -135,3 +139,17 @@ def test_generate_applies_lora_and_records_it(lora_run, micro_bundle_dir, tmp_pa
     assert not np.array_equal(base, full)
     settings = parse_parameters(read_png_parameters(png))[2]
     assert settings["Lora"] == "lora.safetensors" and settings["Lora scale"] == "1.0"
+
+
+def test_without_peft_lora_says_what_to_install(micro_bundle_dir, tmp_path, monkeypatch):
+    """Runs with or without peft: where it is missing, a one-line LdmError that names the install, no traceback."""
+    monkeypatch.setitem(sys.modules, "peft", None)  # import peft fails as where it is not installed
+    file = tmp_path / "lora.safetensors"
+    calls = (
+        lambda: add_lora(torch.nn.Linear(2, 2), rank=4, alpha=4, targets=("to_q",)),
+        lambda: apply_lora(load_bundle(micro_bundle_dir), file),
+    )
+    for call in calls:
+        with pytest.raises(LdmError, match=r"LoRA needs peft; install it with `pip install -e \.\[lora\]`") as err:
+            call()
+        assert "\n" not in str(err.value) and err.value.__cause__ is None
