@@ -25,10 +25,24 @@ WEIGHT_NAME = "lora.safetensors"
 
 
 def _peft():
+    """peft, or a one-line error: missing, or older than the installed transformers accepts."""
     try:
-        import peft  # noqa: F401
+        import peft
     except ImportError:
         raise LdmError("LoRA needs peft; install it with `pip install -e .[lora]` (or `pip install peft`)") from None
+    try:
+        from transformers.integrations.peft import MIN_PEFT_VERSION
+    except ImportError:  # a transformers without the constant checks nothing
+        return
+    from packaging.version import Version
+
+    if Version(peft.__version__) < Version(MIN_PEFT_VERSION):
+        import transformers
+
+        raise LdmError(
+            f"LoRA needs peft >= {MIN_PEFT_VERSION} with transformers {transformers.__version__}, and peft "
+            f"{peft.__version__} is installed; `pip install -e .[lora]` installs a pair that fits"
+        )
 
 
 def add_lora(module: nn.Module, *, rank: int, alpha: float, targets: tuple[str, ...]) -> list[nn.Parameter]:

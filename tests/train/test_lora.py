@@ -153,3 +153,23 @@ def test_without_peft_lora_says_what_to_install(micro_bundle_dir, tmp_path, monk
         with pytest.raises(LdmError, match=r"LoRA needs peft; install it with `pip install -e \.\[lora\]`") as err:
             call()
         assert "\n" not in str(err.value) and err.value.__cause__ is None
+
+
+def test_a_peft_older_than_transformers_accepts_is_named(monkeypatch):
+    """transformers refuses a peft below its MIN_PEFT_VERSION deep inside a call: said up front, in one line."""
+    peft = pytest.importorskip("peft", reason=NO_PEFT)
+    pytest.importorskip("transformers.integrations.peft")
+    import transformers.integrations.peft as integration
+
+    monkeypatch.setattr(integration, "MIN_PEFT_VERSION", "999.0", raising=False)
+    with pytest.raises(LdmError, match=rf"LoRA needs peft >= 999.0 with transformers .*, and peft {peft.__version__}"):
+        add_lora(torch.nn.Linear(2, 2), rank=4, alpha=4, targets=("to_q",))
+
+
+def test_a_pickled_lora_is_refused_as_a_pickle(micro_bundle_dir, tmp_path):
+    """diffusers would unpickle (weights_only) anything but safetensors: refused first, for what it is."""
+    pytest.importorskip("peft", reason=NO_PEFT)
+    pickled = tmp_path / "lora.ckpt"
+    torch.save({"unet.x": torch.zeros(1)}, pickled)
+    with pytest.raises(LdmError, match=r"is not a safetensors file .*pickle files \(\.ckpt, \.pt, \.bin\) are refused"):
+        apply_lora(load_bundle(micro_bundle_dir), pickled)
