@@ -27,13 +27,23 @@ from PIL import Image
 
 import ldm
 from ldm import accel
-from ldm.cli.common import DEFAULT_MODEL, ArgumentParser, exit_now, run_cli
+from ldm.cli.common import DEFAULT_MODEL, SEED_LIMIT, ArgumentParser, check_output, exit_now, run_cli
+from ldm.cli.common import seed as seed_type
+from ldm.config import show
 from ldm.errors import LdmError
 from ldm.formats.bundle import Bundle, load_bundle, read_config
 from ldm.formats.pngmeta import ImageParameters, read_png_parameters, save_png
 from ldm.images import to_uint8, uint8_to_pil
 from ldm.models.tokenizer import token_count
-from ldm.pipeline import DEFAULT_GUIDANCE, DEFAULT_SAMPLER, DEFAULT_STEPS, Request, check_settings, generate
+from ldm.pipeline import (
+    DEFAULT_GUIDANCE,
+    DEFAULT_SAMPLER,
+    DEFAULT_STEPS,
+    Request,
+    check_generation_memory,
+    check_settings,
+    generate,
+)
 from ldm.pipeline.schedule import SAMPLERS, Sampler, get_sampler
 from ldm.runtime import DTYPES, resolve_device, resolve_dtype
 
@@ -103,7 +113,8 @@ def build_parser() -> ArgumentParser:
                    help=f"classifier-free guidance scale; ≤ 1 turns it off (default {DEFAULTS['guidance_scale']})")
     p.add_argument("--sampler", default=None, metavar="NAME",
                    help=f"one of {', '.join(SAMPLERS)} (default {DEFAULTS['sampler']})")
-    p.add_argument("--seed", type=int, default=None, help="seed of the first image; image i uses seed+i (default: random)")
+    p.add_argument("--seed", type=seed_type, default=None,
+                   help="seed of the first image; image i uses seed+i (default: random)")
     p.add_argument("-n", "--num-images", type=int, default=1, help="images per prompt (default 1)")
     p.add_argument("--batch-size", type=int, default=1, help="images per UNet batch (default 1)")
     p.add_argument("--width", type=int, default=None,
@@ -144,7 +155,10 @@ def settings_from_png(path: Path) -> tuple[ImageParameters, dict]:
         p = ImageParameters.from_text(read_png_parameters(path))
         sampler = get_sampler(p.sampler).name
     except (KeyError, ValueError) as exc:
-        raise LdmError(f"{path}: the parameters chunk lacks or garbles {exc}; it cannot be regenerated") from None
+        raise LdmError(f"{path}: the parameters chunk lacks or garbles {show(str(exc))}; it cannot be "
+                       "regenerated") from None  # fmt: skip
+    if not 0 <= p.seed < SEED_LIMIT:
+        raise LdmError(f"{path}: the recorded seed {show(p.seed)} is out of range (0 to 2^63 - 1); pass --seed")
     return p, {
         "prompts": [p.prompt], "negative_prompt": p.negative_prompt, "steps": p.steps, "guidance_scale": p.guidance_scale,
         "sampler": sampler, "width": p.width, "height": p.height, "dtype": p.dtype or "fp32", "lora_scale": p.lora_scale,
@@ -164,9 +178,10 @@ def resolve_settings(args: argparse.Namespace) -> Settings:
     prompts = pick("prompts")
     if not prompts:
         raise LdmError('no prompt given; try: python generate.py "red apple"')
+    check_text([*prompts, pick("negative_prompt")])
     sampler = get_sampler(pick("sampler"))
-    if args.num_images < 1 or args.batch_size < 1:
-        raise LdmError("--num-images and --batch-size must be at least 1")
+    check_counts(args, len(prompts))
+    check_output(args.out, folder=True, flag="--out")
     if args.model is None and not DEFAULT_MODEL.exists():
         raise LdmError(
             f"no default model at {DEFAULT_MODEL}; pass --model PATH, or make one with `python -m ldm bundle create micro models/micro`"
@@ -177,17 +192,45 @@ def resolve_settings(args: argparse.Namespace) -> Settings:
     model = args.model or DEFAULT_MODEL
     config = read_config(model)  # the training size and the VAE's downsampling factor, without the weights
     width, height = pick("width") or config.default_size, pick("height") or config.default_size
-    steps, guidance = pick("steps"), pick("guidance_scale")
+    steps, guidance, lora_scale = pick("steps"), pick("guidance_scale"), pick("lora_scale")
     check_settings(steps=steps, width=width, height=height, guidance_scale=guidance,
-                   factor=config.vae.downsampling_factor)  # fmt: skip
+                   factor=config.vae.downsampling_factor, train_timesteps=config.schedule.num_train_timesteps)  # fmt: skip
+    rebuild = bool(args.from_png) and not (args.prompts or args.seed is not None)
+    batch = recorded.batch_size if rebuild else args.batch_size
+    check_generation_memory(config, width=width, height=height, batch=batch)
+    if lora_scale is not None and not math.isfinite(lora_scale):
+        raise LdmError(f"--lora-scale must be a finite number, got {lora_scale}; 1 is the LoRA as trained")
     return Settings(
         model=model, prompts=prompts, negative_prompt=pick("negative_prompt"), steps=steps, guidance_scale=guidance,
         sampler=sampler, width=width, height=height, device=device, dtype=dtype, fast=fast, compile=args.compile,
         deep_cache=deep_cache, token_merging=token_merging, lora=args.lora,
-        lora_scale=pick("lora_scale") if pick("lora_scale") is not None else 1.0, seed=args.seed,
+        lora_scale=lora_scale if lora_scale is not None else 1.0, seed=args.seed,
         num_images=args.num_images, batch_size=args.batch_size, from_png=args.from_png, recorded=recorded,
-        rebuild=bool(args.from_png) and not (args.prompts or args.seed is not None),
+        rebuild=rebuild,
     )  # fmt: skip
+
+
+MAX_IMAGES = 100_000  # per run: the plan holds every image, and one folder numbers them with five digits
+
+
+def check_counts(args: argparse.Namespace, prompts: int) -> None:
+    """Image counts that fit one run, and seeds that stay in range for all of its images."""
+    if args.num_images < 1 or args.batch_size < 1:
+        raise LdmError("--num-images and --batch-size must be at least 1")
+    total = args.num_images * prompts
+    if total > MAX_IMAGES or args.batch_size > MAX_IMAGES:
+        raise LdmError(f"{max(total, args.batch_size):,} images in one run is more than {MAX_IMAGES:,}; split the "
+                       "job into several runs (each with its own --seed)")  # fmt: skip
+    if args.seed is not None and args.seed + total > SEED_LIMIT:
+        raise LdmError(f"--seed {args.seed} + {total} images passes 2^63 - 1; pass a smaller --seed")
+
+
+def check_text(texts: list[str]) -> None:
+    """Prompts must be text: bytes that are not UTF-8 reach argv as surrogates, which no tokenizer or PNG takes."""
+    for text in texts:
+        if any("\udc80" <= ch <= "\udcff" for ch in text):
+            raise LdmError(f"the prompt {show(text)} is not valid UTF-8 text; check the terminal's encoding or the "
+                           "file it came from")  # fmt: skip
 
 
 def load_model(settings: Settings, *, quiet: bool = False) -> Bundle:

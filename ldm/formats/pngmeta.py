@@ -70,6 +70,9 @@ def save_png(image: Image.Image, path: str | Path, parameters: str | None = None
     return atomic_write(Path(path), lambda tmp: image.save(tmp, format="PNG", pnginfo=info))
 
 
+MAX_TEXT = 1 << 16  # characters of a parameters chunk: A1111 writes a few hundred, a long prompt a few thousand
+
+
 def read_png_parameters(path: str | Path) -> str:
     path = Path(path)
     try:
@@ -81,6 +84,9 @@ def read_png_parameters(path: str | Path) -> str:
         raise LdmError(f"{path} is not a readable image; pass a PNG written by generate.py") from None
     if not text:
         raise LdmError(f"{path} has no '{KEY}' text chunk; pass a PNG written by generate.py (or A1111)")
+    if len(text) > MAX_TEXT:
+        raise LdmError(f"{path}'s '{KEY}' chunk is {len(text):,} characters, more than the {MAX_TEXT:,} that settings "
+                       "take; it is not a generation record")  # fmt: skip
     return text
 
 
@@ -151,6 +157,9 @@ class ImageParameters:
         """
         prompt, negative, s = parse_parameters(text)
         width, height = (int(v) for v in s["Size"].split("x"))
+        size, pos = int(s.get("Batch size", 1)), int(s.get("Batch pos", 0))
+        if size < 1 or not 0 <= pos < size:
+            raise ValueError(f"'Batch pos: {pos}' of 'Batch size: {size}' (a position from 0 below a size of 1 or more)")
         return cls(
             prompt=prompt, negative_prompt=negative, steps=int(s["Steps"]), sampler=s["Sampler"],
             guidance_scale=float(s["CFG scale"]), seed=int(s["Seed"]), width=width, height=height,

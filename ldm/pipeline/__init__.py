@@ -7,12 +7,13 @@ from ldm.pipeline.text_to_image import (
     DEFAULT_SAMPLER,
     DEFAULT_STEPS,
     Request,
+    check_generation_memory,
     check_settings,
     encode_prompts,
     generate,
 )
 
 __all__ = [
-    "DEFAULT_GUIDANCE", "DEFAULT_SAMPLER", "DEFAULT_STEPS", "Request", "check_settings", "encode_prompts", "generate",
-    "to_uint8",
+    "DEFAULT_GUIDANCE", "DEFAULT_SAMPLER", "DEFAULT_STEPS", "Request", "check_generation_memory", "check_settings",
+    "encode_prompts", "generate", "to_uint8",
 ]  # fmt: skip

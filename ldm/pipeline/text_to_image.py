@@ -7,6 +7,7 @@ scheduler step → VAE decode. Classifier-free guidance: Ho & Salimans 2022, ε�
 from __future__ import annotations
 
 import inspect
+import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -20,14 +21,17 @@ from ldm.models.autoencoder import decode_latents
 from ldm.models.tokenizer import tokenize
 from ldm.pipeline.denoiser import start_sampling_run
 from ldm.pipeline.schedule import Sampler, build_scheduler
+from ldm.runtime import check_memory
 
 if TYPE_CHECKING:
     from ldm.formats.bundle import Bundle
+    from ldm.models.presets import ModelConfig
 
 # What generate.py draws with unless told otherwise; train_unet's validation grids use the same.
 DEFAULT_STEPS = 20
 DEFAULT_GUIDANCE = 7.5
 DEFAULT_SAMPLER = "dpmpp_2m"
+MAX_SIDE = 16384  # pixels: sixteen times SD's training size; larger sides are typos, and would run for days
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -50,23 +54,51 @@ class Request:
         check_settings(steps=self.steps, width=self.width, height=self.height, guidance_scale=self.guidance_scale)
 
 
-def check_settings(*, steps: int, width: int, height: int, guidance_scale: float, factor: int | None = None) -> None:
+def check_settings(
+    *, steps: int, width: int, height: int, guidance_scale: float, factor: int | None = None,
+    train_timesteps: int | None = None,
+) -> None:  # fmt: skip
     """Reject settings the loop cannot run, each with the fix.
 
     ``factor``: the VAE's downsampling factor (``bundle.config.vae.downsampling_factor``), which the width and height
     must be multiples of; a caller that has no model yet passes None, and only positive sizes are checked then.
+    ``train_timesteps``: the schedule's ``num_train_timesteps``, the most sampling steps it has.
     """
     if steps <= 0:
         raise LdmError(f"steps must be a positive number, got {steps}; try --steps 20")
+    if train_timesteps is not None and steps > train_timesteps:
+        raise LdmError(f"steps must be at most {train_timesteps} (the model's training timesteps), got {steps}; "
+                       "20-50 is usual")  # fmt: skip
     for name, value in (("width", width), ("height", height)):
+        if value > MAX_SIDE:
+            raise LdmError(f"{name} must be at most {MAX_SIDE} pixels, got {value}; generate smaller and upscale")
         if factor is None and value <= 0:
             raise LdmError(f"{name} must be a positive number of pixels, got {value}; leave it out for the model's size")
         if factor is not None and (value <= 0 or value % factor):
             fix = max(factor, value // factor * factor)
             raise LdmError(f"{name} must be a positive multiple of {factor} (the VAE's downsampling factor), got {value}; "
                            f"try {fix}")  # fmt: skip
-    if guidance_scale < 0:
-        raise LdmError(f"guidance scale must be ≥ 0, got {guidance_scale}; ≤ 1 turns guidance off, 5–9 is usual")
+    if not math.isfinite(guidance_scale) or guidance_scale < 0:
+        raise LdmError(f"guidance scale must be a finite number ≥ 0, got {guidance_scale}; ≤ 1 turns guidance off, "
+                       "5–9 is usual")  # fmt: skip
+
+
+LIVE_TENSORS = 4  # activations of a level's size alive at once in an inference pass: input, norm, output, residual
+
+
+def check_generation_memory(config: ModelConfig, *, width: int, height: int, batch: int) -> None:
+    """Refuse a batch whose activations would not fit the memory limit (:func:`ldm.runtime.check_memory`), before
+    any work: a rough bound from the UNet's levels at the latent size (a guided batch is two halves) and the VAE
+    decoder's levels at the image size, each level a quarter the area of the one above."""
+    factor = config.vae.downsampling_factor
+
+    def level_bytes(channels, pixels: int, images: int) -> float:
+        return 4.0 * images * pixels * sum(c / 4**level for level, c in enumerate(channels)) * LIVE_TENSORS
+
+    unet = level_bytes(config.unet.block_out_channels, (width // factor) * (height // factor), 2 * batch)
+    vae = level_bytes(config.vae.block_out_channels, width * height, batch)
+    check_memory(max(unet, vae) + 4.0 * batch * 3 * width * height, what=f"a batch of {batch} at {width}×{height}",
+                 fix="lower --width/--height or --batch-size")  # fmt: skip
 
 
 @torch.no_grad()
