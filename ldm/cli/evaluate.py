@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from ldm.cli.common import ArgumentParser, run_cli
+from ldm.cli.common import ArgumentParser, check_output, run_cli, seed
 from ldm.cli.options import add_layout_arguments, layout_settings
 from ldm.errors import LdmError
 from ldm.eval import evaluate as evaluation
@@ -52,7 +52,7 @@ def build_parser() -> ArgumentParser:
                      help=f"classifier-free guidance scale; ≤ 1 turns it off (default {defaults.guidance_scale})")
     gen.add_argument("--sampler", default=defaults.sampler, metavar="NAME",
                      help=f"one of {', '.join(SAMPLERS)} (default {defaults.sampler})")
-    gen.add_argument("--seed", type=int, default=defaults.seed, help="image j of each prompt uses seed + j (default 0)")
+    gen.add_argument("--seed", type=seed, default=defaults.seed, help="image j of each prompt uses seed + j (default 0)")
     gen.add_argument("--negative-prompt", default="", help="the unconditional half of guidance (default: empty)")
     gen.add_argument("--deep-cache", type=int, default=0, metavar="N",
                      help="approximate sampling as generate.py --deep-cache N, to score what it changes (default 0: "
@@ -101,6 +101,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from diffusers.utils import logging as diffusers_logging
 
     args = build_parser().parse_args(argv)
+    check_output(args.out, folder=True, flag="--out")  # before the generation work, not after it
     cfg = config_from_args(args)
     diffusers_logging.set_verbosity_error()  # its dtype-cast notices are noise here
     with torch.no_grad():

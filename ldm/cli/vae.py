@@ -18,7 +18,7 @@ import torch
 from diffusers.utils import logging as diffusers_logging
 from tqdm.auto import tqdm
 
-from ldm.cli.common import DEFAULT_MODEL, ArgumentParser, run_cli
+from ldm.cli.common import DEFAULT_MODEL, ArgumentParser, check_output, run_cli
 from ldm.errors import LdmError
 from ldm.eval.metrics import psnr, ssim
 from ldm.eval.reconstruction import SSIM_MIN_SIDE, evaluate_folder, load_inception_features
@@ -98,6 +98,12 @@ def _check_args(args) -> Tiling:
         raise LdmError(f"--limit must be at least 1, got {args.limit}")
     factor = read_config(args.model).vae.downsampling_factor
     check_size(getattr(args, "size", None), factor=factor)
+    if args.command == Command.ENCODE.value:
+        check_output(args.output, folder=False, flag="-o")
+    elif args.command in (Command.DECODE.value, Command.ROUNDTRIP.value):
+        check_output(args.output, folder=True, flag="-o")
+    if getattr(args, "json", None) is not None:
+        check_output(args.json, folder=False, flag="--json")
     if args.tile_size < 0:
         raise LdmError(f"--tile-size must be 0 (no tiling) or a multiple of {factor}, got {args.tile_size}")
     tiling = Tiling(tile=args.tile_size or None, overlap=args.tile_overlap if args.tile_size else 0, factor=factor)

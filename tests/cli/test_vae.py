@@ -494,3 +494,27 @@ def test_decode_refuses_latents_that_are_not_finite(micro_bundle_dir, tmp_path, 
     code, _, err = _cli(capsys, "decode", path, "-o", tmp_path / "out", "--model", micro_bundle_dir, "--device", "cpu")
     assert code == 2 and "latents hold 2 NaN or inf values" in err
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(
+    "command, output, message",
+    [
+        ("encode", "folder", "-o {path} is a folder; give a file path inside it"),
+        ("encode", "file/x.safetensors", "is a file, so nothing can be written under it"),
+        ("decode", "file", "-o {path} is an existing file, not a folder"),
+        ("roundtrip", "file", "is an existing file, not a folder"),
+        ("roundtrip", "/proc/ldm/x", "cannot write to -o /proc/ldm/x"),
+        ("eval", "folder", "--json {path} is a folder"),
+    ],
+)
+def test_output_paths_are_checked_before_the_work(micro_bundle_dir, tmp_path, capsys, command, output, message):
+    image = _write(tmp_path / "in" / "a.png")
+    (tmp_path / "folder").mkdir()
+    (tmp_path / "file").write_text("keep me")
+    path = output if output.startswith("/") else tmp_path / output
+    source = {"encode": image, "roundtrip": image, "decode": tmp_path / "latents.safetensors", "eval": image.parent}
+    flag = "--json" if command == "eval" else "-o"
+    code, _, err = _cli(capsys, command, source[command], flag, path, "--model", micro_bundle_dir, "--device", "cpu")
+    assert code == 2 and err.count("\n") == 1, err
+    assert message.format(path=path) in err, err
+    assert (tmp_path / "file").read_text() == "keep me"

@@ -430,3 +430,16 @@ def test_bad_input(argv, message, micro_bundle_dir, tmp_path, monkeypatch, capsy
     err = capsys.readouterr().err
     assert code == 2 and message in err and err.count("\n") == 1, err
     assert not (tmp_path / "out" / "eval.json").exists()
+
+
+def test_output_folder_and_seed_are_checked_before_generating(micro_bundle_dir, tmp_path, capsys, monkeypatch):
+    import ldm.eval.evaluate as evaluation
+
+    monkeypatch.setattr(evaluation, "generate_samples", lambda *a, **k: pytest.fail("generated before checking --out"))
+    (tmp_path / "file").write_text("keep me")
+    argv = ["--model", micro_bundle_dir, "--prompt", "red", "--steps", "1", "--quiet"]
+    assert run_cli(main, [str(a) for a in [*argv, "--out", tmp_path / "file"]]) == 2
+    assert "--out" in capsys.readouterr().err and (tmp_path / "file").read_text() == "keep me"
+    with pytest.raises(SystemExit):
+        run_cli(main, [str(a) for a in [*argv, "--seed", 2**70, "--out", tmp_path / "e"]])
+    assert "out of range" in capsys.readouterr().err
