@@ -272,8 +272,13 @@ def fit_tensor(
 # --- loading and saving ---------------------------------------------------------------------------------------------
 
 
+MAX_SIDE = 16384  # pixels: the largest --size, as the largest side generate.py makes
+
+
 def check_size(size: int | None, *, factor: int) -> None:
     """Reject a ``--size`` that is not a positive multiple of ``factor``, the VAE's downsampling factor."""
+    if size is not None and size > MAX_SIDE:
+        raise LdmError(f"--size must be at most {MAX_SIDE} pixels, got {size}")
     if size is not None and (size < factor or size % factor):
         fix = max(factor, size // factor * factor)
         raise LdmError(f"--size must be a positive multiple of {factor} (the VAE's downsampling factor), got {size}; "

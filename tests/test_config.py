@@ -89,8 +89,13 @@ def test_cross_part_consistency_is_checked():
 
 
 def test_invalid_values_are_config_errors():
-    with pytest.raises(ConfigError, match="needs 4 levels for downsampling factor 8"):
-        apply_overrides(PRESETS["micro"], ["vae.block_out_channels=[8,8,16]"])
+    with pytest.raises(ConfigError, match="block_out_channels needs at least one level"):
+        apply_overrides(PRESETS["micro"], ["vae.block_out_channels=[]"])
+    with pytest.raises(ConfigError, match="vae: layers_per_block must be at least 1, got 0"):
+        apply_overrides(PRESETS["micro"], ["vae.layers_per_block=0"])
+    with pytest.raises(ConfigError, match="scaling_factor must be a positive number"):
+        apply_overrides(PRESETS["micro"], ["vae.scaling_factor=0"])
+    assert apply_overrides(PRESETS["micro"], ["vae.block_out_channels=[8,8,16]"]).vae.downsampling_factor == 4
 
 
 def test_malformed_yaml_and_missing_file(tmp_path):

@@ -6,6 +6,7 @@ diffusion runs on ``latent * scaling_factor`` so that latents have about unit va
 
 from __future__ import annotations
 
+import math
 import warnings
 from dataclasses import dataclass
 
@@ -28,6 +29,13 @@ class AutoencoderConfig:
     def __post_init__(self):
         if not self.block_out_channels:
             raise ValueError("block_out_channels needs at least one level (L levels downsample by 2^(L-1))")
+        for name in ("in_channels", "latent_channels", "layers_per_block", "norm_num_groups", "sample_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if min(self.block_out_channels) < 1:
+            raise ValueError("block_out_channels must be positive")
+        if not math.isfinite(self.scaling_factor) or self.scaling_factor <= 0:
+            raise ValueError(f"scaling_factor must be a positive number, got {self.scaling_factor}")
         bad = [c for c in self.block_out_channels if c % self.norm_num_groups]
         if bad:
             raise ValueError(f"channels {bad} are not divisible by norm_num_groups={self.norm_num_groups}")
