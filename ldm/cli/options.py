@@ -6,7 +6,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from ldm.cli.common import check_output
-from ldm.config import load_yaml
+from ldm.config import apply_overrides, load_yaml
 from ldm.data.config import LAYOUT_FLAGS, Layout
 from ldm.errors import LdmError
 
@@ -106,3 +106,26 @@ def check_run_outputs(cfg) -> None:
     cache = getattr(getattr(cfg, "cache", None), "dir", None)
     if cache:
         check_output(Path(cache), folder=True, flag="--cache-dir")
+
+
+def resolve_run_config(cls, args, *, from_flags, with_source, with_model, check):
+    """A training run's config: ``--config FILE`` (the flags that name the data and the starting point apply on top),
+    else the resumed run's own ``OUT/config.yaml``, else ``from_flags(args)``; then the run flags and ``--set``
+    override it, and ``check`` refuses what the types cannot."""
+    cfg = load_run_config(cls, args)
+    if cfg is None:
+        cfg = from_flags(args)
+    elif args.config:
+        cfg = with_source(with_data_flags(cfg, args), args)
+    cfg = apply_overrides(with_run_flags(with_model(cfg), args), args.overrides)
+    check(cfg)
+    return cfg
+
+
+def train_main(argv, *, parser, resolve, run) -> int:
+    """A training command: argv to the run config, the outputs checked, then the library's ``run``."""
+    args = parser.parse_args(argv)
+    cfg = resolve(args)
+    check_run_outputs(cfg)
+    run(cfg, resume=args.resume)
+    return 0

@@ -16,8 +16,11 @@ from __future__ import annotations
 from dataclasses import replace
 
 from ldm.cli.common import ArgumentParser, run_cli
-from ldm.cli.options import add_run_arguments, check_run_outputs, load_run_config, with_data_flags, with_run_flags
-from ldm.config import apply_overrides
+from ldm.cli.options import (
+    add_run_arguments,
+    resolve_run_config,
+    train_main,
+)
 from ldm.data import DataConfig
 from ldm.errors import LdmError
 from ldm.train.clip import CLIPRunConfig, check_config, run, source_model, with_model
@@ -37,14 +40,8 @@ def build_parser() -> ArgumentParser:
 def resolve_config(args) -> CLIPRunConfig:
     """Config file, else flags; a resumed run reads the config its checkpoints were written with. The flags given
     and then ``--set`` override it."""
-    cfg = load_run_config(CLIPRunConfig, args)
-    if cfg is None:
-        cfg = config_from_flags(args)
-    elif args.config:
-        cfg = with_source_flags(with_data_flags(cfg, args), args)
-    cfg = apply_overrides(with_run_flags(with_model(cfg), args), args.overrides)
-    check_config(cfg)
-    return cfg
+    return resolve_run_config(CLIPRunConfig, args, from_flags=config_from_flags, with_source=with_source_flags,
+                              with_model=with_model, check=check_config)  # fmt: skip
 
 
 def with_source_flags(cfg: CLIPRunConfig, args) -> CLIPRunConfig:
@@ -69,11 +66,7 @@ def config_from_flags(args) -> CLIPRunConfig:
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
-    cfg = resolve_config(args)
-    check_run_outputs(cfg)
-    run(cfg, resume=args.resume)
-    return 0
+    return train_main(argv, parser=build_parser(), resolve=resolve_config, run=run)
 
 
 def entry() -> None:

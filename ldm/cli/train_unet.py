@@ -17,7 +17,13 @@ from __future__ import annotations
 from dataclasses import replace
 
 from ldm.cli.common import ArgumentParser, run_cli
-from ldm.cli.options import add_run_arguments, check_run_outputs, load_run_config, with_data_flags, with_run_flags
+from ldm.cli.options import (
+    add_run_arguments,
+    load_run_config,
+    train_main,
+    with_data_flags,
+    with_run_flags,
+)
 from ldm.config import apply_overrides
 from ldm.data import DataConfig
 from ldm.errors import LdmError
@@ -105,11 +111,7 @@ def with_unet_flags(cfg: UNetRunConfig, args) -> UNetRunConfig:
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
-    cfg = resolve_config(args)
-    check_run_outputs(cfg)
-    run(cfg, resume=args.resume)
-    return 0
+    return train_main(argv, parser=build_parser(), resolve=resolve_config, run=run)
 
 
 def entry() -> None:
