@@ -69,6 +69,21 @@ def test_shallow_call_on_the_same_input_equals_the_full_unet(first_cross, activa
 
 
 @torch.no_grad()
+def test_wrapping_leaves_no_hook_behind():
+    """The hook that keeps the deep features lives for a full call only: wrapping a UNet again, or dropping the
+    wrapper, leaves the UNet as it was (a hook per wrap, never removed, kept every old wrapper alive)."""
+    unet = tiny_unet()
+    sample, context = inputs()
+    hooks = unet.up_blocks[-1]._forward_pre_hooks
+    plain = unet(sample, torch.tensor(900), encoder_hidden_states=context).sample
+    for _ in range(3):
+        cached = DeepCacheUNet(unet, interval=2)
+        cached(sample, torch.tensor(900), encoder_hidden_states=context)
+        assert cached._deep is not None and not hooks
+    assert torch.equal(unet(sample, torch.tensor(900), encoder_hidden_states=context).sample, plain)
+
+
+@torch.no_grad()
 def test_full_calls_follow_the_interval_and_restart_with_each_run():
     cached = DeepCacheUNet(tiny_unet(), interval=3)
     sample, context = inputs()
@@ -97,6 +112,7 @@ def test_full_calls_follow_the_interval_and_restart_with_each_run():
 def test_single_step_runs_do_not_share_features(micro_bundle_dir):
     bundle = load_bundle(micro_bundle_dir)
     bundle.unet = DeepCacheUNet(bundle.unet, interval=2)
+
     def req(seed):
         return Request(
             prompts=["red apple"], negative_prompts=[""], seeds=[seed], steps=1, guidance_scale=7.5,
