@@ -235,3 +235,13 @@ def test_validation_grids_sample_as_generate_does_by_default():
     assert (validation.sampler, validation.guidance_scale, validation.steps) == (
         generate.DEFAULTS["sampler"], generate.DEFAULTS["guidance_scale"], generate.DEFAULTS["steps"]
     )
+
+
+def test_cache_dir_and_resolution_are_checked_before_any_work(micro_bundle_dir, shapes_folder, tmp_path, capsys):
+    (tmp_path / "a-file").write_text("keep me")
+    argv = args(micro_bundle_dir, shapes_folder, tmp_path / "run", "--max-steps", "1", "--cache-dir", str(tmp_path / "a-file"))
+    assert run_cli(train_unet.main, argv) == 2
+    assert "--cache-dir" in capsys.readouterr().err and (tmp_path / "a-file").read_text() == "keep me"
+    argv = args(micro_bundle_dir, shapes_folder, tmp_path / "run", "--max-steps", "1", "--resolution", "12")
+    assert run_cli(train_unet.main, argv) == 2
+    assert "UNet training: the resolution must be a positive multiple of 8, got 12; try 8" in capsys.readouterr().err

@@ -251,3 +251,30 @@ def test_killed_while_writing_the_bundle_resumes_to_the_same_bundle(shapes_folde
     a, b = json.loads((straight / "bundle" / "manifest.json").read_text()), json.loads((killed / "bundle" / "manifest.json").read_text())
     assert a["files"] == b["files"] and a["hash"] == b["hash"]
     assert load_bundle(killed / "bundle").config.vae.scaling_factor == load_bundle(straight / "bundle").config.vae.scaling_factor
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--resolution", "7"], "VAE training: the resolution must be a positive multiple of 8, got 7; try 8"),
+        (["--resolution", "100000"], "VAE training at 100000×100000 px, batch 4 needs about"),
+        (["--set", "train.seed=" + str(2**70)], "'train.seed' must be an integer of at most 63 bits"),
+        (["--set", "train.lr=-1"], "train.lr must be a positive number"),
+        (["--set", "train.adam_betas=[2, 3]"], "train.adam_betas must both be in [0, 1)"),
+    ],
+)
+def test_bad_run_settings_fail_before_training(shapes_folder, tmp_path, capsys, extra, message):
+    assert run_cli(train_vae.main, args(shapes_folder, tmp_path / "run", "--max-steps", "1", *extra)) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and message in err, err
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+@pytest.mark.parametrize("out", ["a-file", "a-file/run", "/proc/ldm/run"])
+def test_the_output_folder_is_checked_before_the_data(shapes_folder, tmp_path, capsys, out):
+    (tmp_path / "a-file").write_text("keep me")
+    path = out if out.startswith("/") else tmp_path / out
+    assert run_cli(train_vae.main, args(shapes_folder, path, "--max-steps", "1")) == 2
+    err = capsys.readouterr()
+    assert "--out" in err.err and err.err.count("\n") == 1 and "dataset" not in err.out  # no data report yet
+    assert (tmp_path / "a-file").read_text() == "keep me"
