@@ -518,3 +518,9 @@ def test_output_paths_are_checked_before_the_work(micro_bundle_dir, tmp_path, ca
     assert code == 2 and err.count("\n") == 1, err
     assert message.format(path=path) in err, err
     assert (tmp_path / "file").read_text() == "keep me"
+
+
+def test_size_above_the_largest_side_is_refused(micro_bundle_dir, tmp_path, capsys):
+    image = _write(tmp_path / "a.png")
+    code, _, err = _cli(capsys, "roundtrip", image, "-o", tmp_path / "o", "--size", 100000, "--model", micro_bundle_dir)
+    assert code == 2 and "--size must be at most 16384 pixels, got 100000" in err

@@ -67,3 +67,24 @@ def test_bad_argument_exits_2(tmp_path):
     result = run("check", str(tmp_path), "--layout", "folder")
     assert result.returncode == 2
     assert result.stderr.count("\n") == 1 and "invalid choice: 'folder'" in result.stderr
+
+
+def test_bad_counts_and_sizes_are_one_error_line(tmp_path, make_dataset, capsys):
+    """--workers -1 was a traceback, --size 100000 an attempt to render 30-gigabyte images."""
+    from ldm.cli import data as data_cli
+    from ldm.cli import emoji as emoji_cli
+    from ldm.cli.common import run_cli
+
+    root = make_dataset(tmp_path / "d", Layout.CSV)
+    for main, argv, message in [
+        (data_cli.main, ["check", str(root), "--workers", "-1"], "--workers must be at least 1, got -1"),
+        (emoji_cli.main, [str(tmp_path / "e"), "--size", "100000"], "size must be from 1 to 1024 pixels"),
+    ]:
+        try:
+            code = run_cli(main, argv)
+        except SystemExit as exit:  # argparse-level refusals exit 2 as well
+            code = exit.code
+        assert code == 2, argv
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and message in err, err
+    assert not (tmp_path / "e").exists()
