@@ -88,7 +88,11 @@ def test_non_square_sizes(bundle):
         ({"height": 0}, "height must be a positive multiple of 8"),
         ({"width": 66, "factor": 4}, "width must be a positive multiple of 4 .* got 66; try 64"),
         ({"height": 0, "factor": None}, "height must be a positive number of pixels, got 0"),
-        ({"guidance_scale": -1.0}, "guidance scale must be ≥ 0"),
+        ({"guidance_scale": -1.0}, "guidance scale must be a finite number ≥ 0, got -1.0"),
+        ({"guidance_scale": float("nan")}, "guidance scale must be a finite number ≥ 0, got nan"),
+        ({"guidance_scale": float("inf")}, "guidance scale must be a finite number ≥ 0, got inf"),
+        ({"steps": 1001, "train_timesteps": 1000}, "steps must be at most 1000"),
+        ({"width": 16392}, "width must be at most 16384 pixels"),
     ],
 )
 def test_bad_settings(kwargs, message):
