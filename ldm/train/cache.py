@@ -56,8 +56,8 @@ class BucketConfig:
     max_aspect: float = 4.0  # the widest bucket's width / height (and the tallest's height / width)
 
     def __post_init__(self):
-        if self.step < 0 or (self.step and self.step % 8):
-            raise ValueError(f"step must be 0 (auto) or a positive multiple of 8, got {self.step}")
+        if self.step < 0:  # a multiple of the VAE's factor too: checked against the bundle, which knows it
+            raise ValueError(f"step must be 0 (auto) or a positive multiple of the VAE's factor, got {self.step}")
         if self.max_aspect < 1:
             raise ValueError(f"max_aspect must be at least 1, got {self.max_aspect}")
 

@@ -184,6 +184,9 @@ def check_model(cfg: UNetRunConfig, base: Bundle) -> None:
             "LoRA adapters keep the base model's schedule and prediction type; train without --lora-rank to change them"
         )
     factor, unet = base.config.vae.downsampling_factor, base.config.unet
+    if cfg.buckets.step % factor:
+        raise LdmError(f"buckets.step must be a multiple of the VAE's downsampling factor {factor}, got "
+                       f"{cfg.buckets.step}; try {max(factor, cfg.buckets.step // factor * factor)}")  # fmt: skip
     check_training_size(side=cfg.data.resolution, factor=factor, batch=cfg.train.batch_size,
                         channels=unet.block_out_channels, layers=unet.layers_per_block, what="UNet training",
                         input_scale=factor)  # fmt: skip

@@ -245,3 +245,7 @@ def test_cache_dir_and_resolution_are_checked_before_any_work(micro_bundle_dir, 
     argv = args(micro_bundle_dir, shapes_folder, tmp_path / "run", "--max-steps", "1", "--resolution", "12")
     assert run_cli(train_unet.main, argv) == 2
     assert "UNet training: the resolution must be a positive multiple of 8, got 12; try 8" in capsys.readouterr().err
+    argv = args(micro_bundle_dir, shapes_folder, tmp_path / "run", "--max-steps", "1", "--bucketing",
+                "--set", "buckets.step=36")  # fmt: skip
+    assert run_cli(train_unet.main, argv) == 2
+    assert "buckets.step must be a multiple of the VAE's downsampling factor 8, got 36; try 32" in capsys.readouterr().err
