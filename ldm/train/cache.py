@@ -339,7 +339,7 @@ def encode_features(
                 if flip:
                     x = torch.cat([x, x.flip(-1)])  # (2n, 3, H, W): the mirror images in the same VAE call
                 dist = vae.encode(x.to(device, vae.dtype)).latent_dist
-                mean, logvar = dist.mean.float().cpu(), dist.logvar.float().cpu()  # (n or 2n, C, h/8, w/8)
+                mean, logvar = dist.mean.float().cpu(), dist.logvar.float().cpu()  # (n or 2n, C, h/f, w/f)
                 n = len(chunk)
                 parts.setdefault("mean", []).append(mean[:n])
                 parts.setdefault("logvar", []).append(logvar[:n])
