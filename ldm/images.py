@@ -20,14 +20,16 @@ import io
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
-import torch.nn.functional as F
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from ldm.errors import LdmError
 from ldm.io import atomic_write
+
+if TYPE_CHECKING:
+    import torch
 
 WHITE = (255, 255, 255, 255)
 SIXTEEN_BIT_MODES = frozenset({"I;16", "I;16L", "I;16B", "I;16N", "I"})
@@ -145,6 +147,8 @@ def find_images(folder: str | Path, *, limit: int | None = None) -> list[Path]:
 
 def pil_to_uint8(image: Image.Image) -> torch.Tensor:
     """An RGB image → (3, H, W) uint8."""
+    import torch
+
     return torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1)  # (3, H, W)
 
 
@@ -159,6 +163,8 @@ def to_uint8(images: torch.Tensor) -> torch.Tensor:
     Rounding, not truncation: as diffusers' ``numpy_to_pil`` and PIL users do, so an image written here reads back
     as the nearest 8-bit value.
     """
+    import torch
+
     return (images.clamp(0, 1) * 255).round().to(torch.uint8)
 
 
@@ -213,6 +219,8 @@ def square_resize(images: torch.Tensor, size: int) -> torch.Tensor:
     The tensor counterpart of :func:`fit_square`, used on unit pixels ready for a feature extractor; its numbers
     differ from :func:`fit_square`'s (crop before resize, bilinear rather than bicubic), so the two are kept apart.
     """
+    import torch.nn.functional as F
+
     h, w = images.shape[-2:]
     side = min(h, w)
     top, left = (h - side) // 2, (w - side) // 2
@@ -235,6 +243,8 @@ def plan_crop(
     """Where ``size`` is cropped to cover ``target``; draws exactly three numbers (top, left, flip) from
     ``generator`` (None: torch's global generator) whatever the settings, so turning one option off does not shift
     the others."""
+    import torch
+
     width, height = cover_size(size, target)
     tw, th = target
     top = int(torch.randint(0, height - th + 1, (), generator=generator))
@@ -263,6 +273,8 @@ def fit_tensor(
 
     The crop and flip are drawn from ``generator``; without one, from a fresh generator seeded with 0.
     """
+    import torch
+
     generator = generator if generator is not None else torch.Generator().manual_seed(0)
     return crop_tensor(
         image, plan_crop(image.size, target, center_crop=center_crop, flip_p=flip_p, generator=generator)
@@ -318,6 +330,8 @@ def load_image(path: str | Path, *, factor: int, size: int | None = None) -> tup
 def iter_batches(paths: Sequence[Path], *, factor: int, size: int | None, batch_size: int) -> Iterator[torch.Tensor]:
     """(B, 3, H, W) signed batches of consecutive same-sized images (at most ``batch_size`` each), in order;
     ``factor`` and ``size`` as for :func:`load_image`."""
+    import torch
+
     batch: list[torch.Tensor] = []
     for path in paths:
         pixels, _ = load_image(path, factor=factor, size=size)  # (3, H, W)

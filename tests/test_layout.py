@@ -122,3 +122,10 @@ def test_no_import_cycles():
         if module not in state:
             visit(module, [module])
     assert not cycles, " ; ".join(" → ".join(c) for c in cycles)
+
+
+def test_checking_a_dataset_does_not_load_torch():
+    """``python -m ldm data check`` reads captions and decodes images only: torch, seconds to import, stays out."""
+    script = "import sys, ldm.cli.data, ldm.data; assert 'torch' not in sys.modules, 'torch was imported'"
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert result.returncode == 0, result.stderr
