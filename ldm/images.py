@@ -284,7 +284,7 @@ def fit_tensor(
 # --- loading and saving ---------------------------------------------------------------------------------------------
 
 
-MAX_SIDE = 16384  # pixels: the largest --size, as the largest side generate.py makes
+MAX_SIDE = 16384  # pixels: the largest side anything is made or resized to; larger ones are typos, and take days
 
 
 def check_size(size: int | None, *, factor: int) -> None:

@@ -59,6 +59,12 @@ def remove_stale_temps(folder: str | Path) -> list[Path]:
     return stale
 
 
+def has_undecodable(text: str) -> bool:
+    """Whether ``text`` holds bytes that were not UTF-8: decoded with ``surrogateescape`` (as Python decodes argv,
+    and as the dataset reader decodes caption tables), each such byte is a lone surrogate U+DC80..U+DCFF."""
+    return any("\udc80" <= ch <= "\udcff" for ch in text)
+
+
 def write_text(path: str | Path, text: str) -> Path:
     return atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
 

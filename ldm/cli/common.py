@@ -15,11 +15,9 @@ from typing import NoReturn
 from ldm.errors import LdmError
 
 EXIT_USAGE = 2
+EXIT_INTERNAL = 70  # sysexits' EX_SOFTWARE: a defect of ours, not the user's input
 # The model this project ships, found from the package's own place, so every command finds it from any folder.
 DEFAULT_MODEL = Path(__file__).resolve().parents[2] / "models" / "emoji-tiny"
-
-
-EXIT_INTERNAL = 70  # sysexits' EX_SOFTWARE: a defect of ours, not the user's input
 DEBUG_FLAG = "--debug"
 MESSAGE_LIMIT = 300  # characters of an unexpected exception's message: one line, however big the input was
 

@@ -34,6 +34,7 @@ from ldm.errors import LdmError
 from ldm.formats.bundle import Bundle, load_bundle, read_config
 from ldm.formats.pngmeta import ImageParameters, read_png_parameters, save_png
 from ldm.images import to_uint8, uint8_to_pil
+from ldm.io import has_undecodable
 from ldm.models.tokenizer import token_count
 from ldm.pipeline import (
     DEFAULT_GUIDANCE,
@@ -228,7 +229,7 @@ def check_counts(args: argparse.Namespace, prompts: int) -> None:
 def check_text(texts: list[str]) -> None:
     """Prompts must be text: bytes that are not UTF-8 reach argv as surrogates, which no tokenizer or PNG takes."""
     for text in texts:
-        if any("\udc80" <= ch <= "\udcff" for ch in text):
+        if has_undecodable(text):
             raise LdmError(f"the prompt {show(text)} is not valid UTF-8 text; check the terminal's encoding or the "
                            "file it came from")  # fmt: skip
 

@@ -28,6 +28,7 @@ from pathlib import Path
 
 from ldm.data.config import DEFAULT_METADATA, DataConfig, Layout
 from ldm.errors import LdmError
+from ldm.io import has_undecodable
 
 IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
 EXPECTED = (
@@ -92,11 +93,6 @@ def _split_outside(root: Path, paths) -> tuple[list[Path], list[str]]:
         else:
             outside.append(os.path.relpath(path, root))
     return kept, outside
-
-
-def _has_undecodable(text: str) -> bool:
-    """Text decoded with ``surrogateescape`` that held bytes which are not UTF-8."""
-    return any("\udc80" <= ch <= "\udcff" for ch in text)
 
 
 def _read_table_text(table: Path) -> str:
@@ -206,7 +202,7 @@ def _read_jsonl(table: Path, image_column: str, caption_column: str):
         if not isinstance(name, str) or not name:
             bad.append(f"{table.name} line {number}: no '{image_column}'")
             continue
-        if _has_undecodable(name):
+        if has_undecodable(name):
             bad.append(f"{table.name} line {number}: the '{image_column}' is not valid UTF-8")
             continue
         caption = row.get(caption_column)
@@ -232,7 +228,7 @@ def _read_csv(table: Path, image_column: str, caption_column: str):
             if not name:
                 bad.append(f"{table.name} line {reader.line_num}: no '{image_column}'")
                 continue
-            if _has_undecodable(name):
+            if has_undecodable(name):
                 bad.append(f"{table.name} line {reader.line_num}: the '{image_column}' is not valid UTF-8")
                 continue
             rows.append((name, row.get(caption_column)))
@@ -252,7 +248,7 @@ def _list_table(root: Path, config: DataConfig, layout: Layout) -> Listing:
             orphans.append(name)
         elif caption is None:
             named.append(image)  # a row with a null caption: its image counts as uncaptioned
-        elif _has_undecodable(caption):
+        elif has_undecodable(caption):
             undecodable.append(image)
         else:
             pairs.append(Pair(image, clean_caption(caption)))

@@ -16,7 +16,7 @@ from diffusers.utils.torch_utils import randn_tensor
 from tqdm.auto import tqdm
 
 from ldm.errors import LdmError
-from ldm.images import signed_to_unit
+from ldm.images import MAX_SIDE, signed_to_unit
 from ldm.models.autoencoder import decode_latents
 from ldm.models.tokenizer import tokenize
 from ldm.pipeline.denoiser import start_sampling_run
@@ -31,7 +31,6 @@ if TYPE_CHECKING:
 DEFAULT_STEPS = 20
 DEFAULT_GUIDANCE = 7.5
 DEFAULT_SAMPLER = "dpmpp_2m"
-MAX_SIDE = 16384  # pixels: sixteen times SD's training size; larger sides are typos, and would run for days
 
 
 @dataclass(frozen=True, kw_only=True)
