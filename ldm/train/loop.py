@@ -78,6 +78,12 @@ class TrainConfig:
     num_workers: int = 0
 
     def __post_init__(self):
+        floats = {"lr": self.lr, "weight_decay": self.weight_decay, "grad_clip": self.grad_clip,
+                  "ema_decay": self.ema_decay, "max_minutes": self.max_minutes, "budget_minutes": self.budget_minutes,
+                  **{f"adam_betas[{i}]": b for i, b in enumerate(self.adam_betas)}}  # fmt: skip
+        for name, value in floats.items():  # flags reach here without the YAML reader's check (--max-minutes nan)
+            if not math.isfinite(value):
+                raise ValueError(f"train.{name} must be a finite number, got {value}")
         for name in ("batch_size", "gradient_accumulation", "max_steps", "checkpoint_every", "log_every", "sample_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"train.{name} must be at least 1")

@@ -261,6 +261,8 @@ def test_killed_while_writing_the_bundle_resumes_to_the_same_bundle(shapes_folde
         (["--set", "train.seed=" + str(2**70)], "'train.seed' must be an integer of at most 63 bits"),
         (["--set", "train.lr=-1"], "train.lr must be a positive number"),
         (["--set", "train.adam_betas=[2, 3]"], "train.adam_betas must both be in [0, 1)"),
+        (["--max-minutes", "nan"], "train.max_minutes must be a finite number, got nan"),
+        (["--budget-minutes", "inf"], "train.budget_minutes must be a finite number, got inf"),
     ],
 )
 def test_bad_run_settings_fail_before_training(shapes_folder, tmp_path, capsys, extra, message):
