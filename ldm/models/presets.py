@@ -5,7 +5,8 @@ Each preset also stands in ``configs/<name>.yaml``; a test keeps the two equal.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import enum
+from dataclasses import dataclass, replace
 
 from ldm.errors import ConfigError
 from ldm.models.autoencoder import AutoencoderConfig
@@ -14,20 +15,65 @@ from ldm.models.unet import UNetConfig
 from ldm.pipeline.schedule import Prediction, ScheduleConfig
 
 
+class Task(enum.Enum):
+    """What the UNet is trained to do, which fixes what its input holds beside the C noisy latent channels."""
+
+    TEXT_TO_IMAGE = "text_to_image"  # the noisy latents only: C channels
+    # + the mask downsampled to the latent size (1) + the masked image's latents (C): 2·C + 1, SD's inpainting layout
+    INPAINT = "inpaint"
+    # + the low-resolution image's latents, upsampled to the latent size (C): 2·C; its noise-augmentation level is
+    # the UNet's class label (unet.num_class_embeds levels), as in SD's upscalers
+    UPSCALE = "upscale"
+
+
+def task_input_channels(task: Task, latent_channels: int) -> int:
+    """The UNet's input channels for ``task`` with a VAE of ``latent_channels``."""
+    c = latent_channels
+    return {Task.TEXT_TO_IMAGE: c, Task.INPAINT: 2 * c + 1, Task.UPSCALE: 2 * c}[task]
+
+
 @dataclass(frozen=True, kw_only=True)
 class ModelConfig:
     vae: AutoencoderConfig
     text_encoder: TextEncoderConfig
     unet: UNetConfig
     schedule: ScheduleConfig = ScheduleConfig()
+    task: Task = Task.TEXT_TO_IMAGE
+    upscale_factor: int = 1  # task upscale: output side / input side (2 or more); 1 for the other tasks
 
     def __post_init__(self):
         if self.unet.cross_attention_dim != self.text_encoder.width:
             raise ValueError(
                 f"unet.cross_attention_dim ({self.unet.cross_attention_dim}) must equal text_encoder.width ({self.text_encoder.width})"
             )
-        if not self.unet.in_channels == self.unet.out_channels == self.vae.latent_channels:
-            raise ValueError(f"unet in/out channels must equal vae.latent_channels ({self.vae.latent_channels})")
+        c = self.vae.latent_channels
+        if self.unet.out_channels != c:
+            raise ValueError(f"unet.out_channels must equal vae.latent_channels ({c})")
+        if self.unet.in_channels != self.unet_input_channels:
+            raise ValueError(f"unet.in_channels must be {self.unet_input_channels} for task {self.task.value} "
+                             f"(vae.latent_channels {c}), got {self.unet.in_channels}")  # fmt: skip
+        if (self.task is Task.UPSCALE) != (self.upscale_factor > 1) or self.upscale_factor < 1:
+            raise ValueError(f"upscale_factor must be 2 or more for task upscale and 1 otherwise, got "
+                             f"{self.upscale_factor} for {self.task.value}")  # fmt: skip
+        if (self.task is Task.UPSCALE) != (self.unet.num_class_embeds is not None):
+            raise ValueError("unet.num_class_embeds (the noise-augmentation levels) is set for task upscale only")
+
+    @property
+    def unet_input_channels(self) -> int:
+        """The UNet's input channels that :attr:`task` implies."""
+        return task_input_channels(self.task, self.vae.latent_channels)
+
+    def for_task(self, task: Task, *, upscale_factor: int = 2, noise_levels: int = 1000) -> ModelConfig:
+        """This text-to-image model's config made over for ``task``: the UNet's input channels, and for an upscaler
+        its noise-level embedding (``noise_levels``) and the sizes ``upscale_factor`` times larger."""
+        if self.task is not Task.TEXT_TO_IMAGE:
+            raise ValueError(f"for_task starts from a text_to_image model, this one is {self.task.value}")
+        factor = upscale_factor if task is Task.UPSCALE else 1
+        unet = replace(self.unet, num_class_embeds=noise_levels if task is Task.UPSCALE else None,
+                       sample_size=self.unet.sample_size * factor,
+                       in_channels=task_input_channels(task, self.vae.latent_channels))  # fmt: skip
+        return replace(self, unet=unet, vae=replace(self.vae, sample_size=self.vae.sample_size * factor), task=task,
+                       upscale_factor=factor)  # fmt: skip
 
     @property
     def default_size(self) -> int:

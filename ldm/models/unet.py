@@ -26,6 +26,9 @@ class UNetConfig:
     norm_num_groups: int = 32
     use_linear_projection: bool = False
     upcast_attention: bool = False  # attention scores in fp32 (SD 2.1, for fp16 stability)
+    # A learned embedding of this many integer class labels, added to the timestep embedding: the noise-augmentation
+    # level of an upscaler's low-resolution input (SD's x4 upscaler: 1000). None: no class input.
+    num_class_embeds: int | None = None
 
     def __post_init__(self):
         levels = len(self.block_out_channels)
@@ -35,6 +38,8 @@ class UNetConfig:
                      "transformer_layers_per_block", "norm_num_groups"):  # fmt: skip
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.num_class_embeds is not None and self.num_class_embeds < 2:
+            raise ValueError(f"num_class_embeds must be at least 2 (or None), got {self.num_class_embeds}")
         if min(self.block_out_channels) < 1 or min(self.attention_heads, default=1) < 1:
             raise ValueError("block_out_channels and attention_heads must be positive")
         for name in ("attention_levels", "attention_heads"):
@@ -62,12 +67,14 @@ class UNetConfig:
             norm_num_groups=self.norm_num_groups,
             use_linear_projection=self.use_linear_projection,
             upcast_attention=self.upcast_attention,
+            num_class_embeds=self.num_class_embeds,
         )
 
     @classmethod
     def from_diffusers(cls, config: dict) -> UNetConfig:
         """The inverse of :meth:`diffusers_kwargs` for SD-style UNets; other UNets raise ValueError."""
-        for key in ("addition_embed_type", "class_embed_type", "encoder_hid_dim", "time_cond_proj_dim"):
+        for key in ("addition_embed_type", "class_embed_type", "encoder_hid_dim", "time_cond_proj_dim",
+                    "projection_class_embeddings_input_dim"):  # fmt: skip
             if config.get(key) is not None:
                 raise ValueError(f"UNet setting {key}={config[key]!r} (not an SD 1.x/2.x UNet) is not supported")
         if config.get("mid_block_type", "UNetMidBlock2DCrossAttn") != "UNetMidBlock2DCrossAttn":
@@ -97,6 +104,7 @@ class UNetConfig:
             norm_num_groups=config.get("norm_num_groups", 32),
             use_linear_projection=config.get("use_linear_projection", False),
             upcast_attention=config.get("upcast_attention", False),
+            num_class_embeds=config.get("num_class_embeds"),
         )
         if tuple(result.diffusers_kwargs()["up_block_types"]) != tuple(config["up_block_types"]):
             raise ValueError(f"UNet up_block_types {config['up_block_types']} do not mirror the down blocks")

@@ -1,9 +1,12 @@
+from dataclasses import replace
+
 import pytest
 import torch
 from accelerate import init_empty_weights
 
+from ldm.config import from_dict, to_dict
 from ldm.models.autoencoder import build_autoencoder
-from ldm.models.presets import PRESETS
+from ldm.models.presets import PRESETS, ModelConfig, Task
 from ldm.models.text_encoder import build_text_encoder
 from ldm.models.unet import build_unet
 
@@ -44,3 +47,24 @@ def test_sd_presets_match_published_sizes():
     assert PRESETS["sd-v1"].vae.scaling_factor == 0.18215
     assert PRESETS["sd-v2"].schedule.prediction.value == "v_prediction"
     assert PRESETS["sd-v2"].default_size == 768
+
+
+@pytest.mark.parametrize("task, channels", [(Task.INPAINT, 2 * 4 + 1), (Task.UPSCALE, 2 * 4)])
+def test_for_task_sets_the_unet_input_and_round_trips(task, channels):
+    config = PRESETS["micro"].for_task(task, upscale_factor=2)
+    assert config.unet.in_channels == channels and config.unet.out_channels == 4
+    assert config.default_size == PRESETS["micro"].default_size * (2 if task is Task.UPSCALE else 1)
+    assert from_dict(ModelConfig, to_dict(config)) == config
+    unet = build_unet(config.unet)
+    assert unet.conv_in.in_channels == channels
+    assert (unet.class_embedding is not None) == (task is Task.UPSCALE)
+
+
+def test_task_and_input_channels_must_agree():
+    micro = PRESETS["micro"]
+    with pytest.raises(ValueError, match="in_channels must be 9 for task inpaint"):
+        replace(micro, task=Task.INPAINT)
+    with pytest.raises(ValueError, match="upscale_factor must be 2 or more"):
+        replace(micro.for_task(Task.UPSCALE), upscale_factor=1)
+    with pytest.raises(ValueError, match="for task upscale only"):
+        replace(micro, unet=replace(micro.unet, num_class_embeds=10))
