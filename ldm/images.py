@@ -178,6 +178,11 @@ def uint8_to_signed(pixels: torch.Tensor) -> torch.Tensor:
     return pixels.float() / 127.5 - 1.0
 
 
+def unit_to_signed(images: torch.Tensor) -> torch.Tensor:
+    """(..., H, W) unit pixels → signed pixels (2·x − 1, what the VAE encodes), in the input's dtype."""
+    return 2.0 * images - 1.0
+
+
 def signed_to_unit(images: torch.Tensor) -> torch.Tensor:
     """(..., H, W) signed pixels (a VAE's output) → float32 unit pixels on the CPU, contiguous.
 

@@ -22,7 +22,7 @@ from ldm.errors import BundleError, LdmError
 from ldm.formats.bundle import Bundle, instantiate
 from ldm.io import load_tensors, umask
 from ldm.models.autoencoder import AutoencoderConfig, build_autoencoder
-from ldm.models.presets import ModelConfig
+from ldm.models.presets import ModelConfig, Task, task_input_channels
 from ldm.models.text_encoder import Padding, TextEncoderConfig, build_text_encoder
 from ldm.models.tokenizer import load_tokenizer, save_tokenizer
 from ldm.models.unet import UNetConfig, build_unet
@@ -36,14 +36,21 @@ def _fresh_folder(folder: Path) -> Path:
 
 
 def export_diffusers(bundle: Bundle, folder: str | Path) -> Path:
-    """Write a diffusers Stable Diffusion folder that ``StableDiffusionPipeline.from_pretrained`` loads offline."""
-    from diffusers import StableDiffusionPipeline
+    """Write a diffusers Stable Diffusion folder that ``StableDiffusionPipeline.from_pretrained`` loads offline (an
+    inpainting bundle: ``StableDiffusionInpaintPipeline``, which its model_index.json names). An upscaler has no
+    diffusers pipeline of its layout and is refused."""
+    from diffusers import StableDiffusionInpaintPipeline, StableDiffusionPipeline
 
+    task = bundle.config.task
+    if task is Task.UPSCALE:
+        raise LdmError("a latent upscaler has no diffusers pipeline of its layout (diffusers' upscaler concatenates "
+                       "pixels, not latents); keep it as an ldm bundle")  # fmt: skip
+    pipeline_class = StableDiffusionInpaintPipeline if task is Task.INPAINT else StableDiffusionPipeline
     folder = _fresh_folder(Path(folder))
     tokenizer = bundle.tokenizer
     if bundle.config.text_encoder.padding is Padding.ZERO:  # SD 2.x tokenizers pad with "!" (id 0)
         tokenizer = _with_pad(tokenizer, "!")
-    pipe = StableDiffusionPipeline(
+    pipe = pipeline_class(
         vae=bundle.vae,
         text_encoder=bundle.text_encoder.model,
         tokenizer=tokenizer,
@@ -142,7 +149,14 @@ def import_diffusers(folder: str | Path, *, name: str | None = None) -> Bundle:
         sched_raw = DDIMScheduler.load_config(folder / "scheduler")
         tokenizer = load_tokenizer(folder / "tokenizer")
         padding = Padding.ZERO if tokenizer.pad_token_id == 0 else Padding.END
+        latent = vae_raw.get("latent_channels", 4)
+        tasks = {task_input_channels(t, latent): t for t in (Task.TEXT_TO_IMAGE, Task.INPAINT)}
+        task = tasks.get(unet_raw.get("in_channels"))
+        if task is None:
+            raise ValueError(f"a UNet of {unet_raw.get('in_channels')} input channels fits neither a text-to-image "
+                             f"({latent}) nor an inpainting ({2 * latent + 1}) model of this VAE")  # fmt: skip
         config = ModelConfig(
+            task=task,
             vae=AutoencoderConfig.from_diffusers(vae_raw),
             text_encoder=TextEncoderConfig.from_transformers(text_raw, padding=padding),
             unet=UNetConfig.from_diffusers(unet_raw),

@@ -5,31 +5,14 @@ Each preset also stands in ``configs/<name>.yaml``; a test keeps the two equal.
 
 from __future__ import annotations
 
-import enum
 from dataclasses import dataclass, replace
 
 from ldm.errors import ConfigError
 from ldm.models.autoencoder import AutoencoderConfig
+from ldm.models.tasks import Task, task_input_channels
 from ldm.models.text_encoder import Activation, Padding, TextEncoderConfig
 from ldm.models.unet import UNetConfig
 from ldm.pipeline.schedule import Prediction, ScheduleConfig
-
-
-class Task(enum.Enum):
-    """What the UNet is trained to do, which fixes what its input holds beside the C noisy latent channels."""
-
-    TEXT_TO_IMAGE = "text_to_image"  # the noisy latents only: C channels
-    # + the mask downsampled to the latent size (1) + the masked image's latents (C): 2·C + 1, SD's inpainting layout
-    INPAINT = "inpaint"
-    # + the low-resolution image's latents, upsampled to the latent size (C): 2·C; its noise-augmentation level is
-    # the UNet's class label (unet.num_class_embeds levels), as in SD's upscalers
-    UPSCALE = "upscale"
-
-
-def task_input_channels(task: Task, latent_channels: int) -> int:
-    """The UNet's input channels for ``task`` with a VAE of ``latent_channels``."""
-    c = latent_channels
-    return {Task.TEXT_TO_IMAGE: c, Task.INPAINT: 2 * c + 1, Task.UPSCALE: 2 * c}[task]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -80,6 +63,8 @@ class ModelConfig:
         """Pixel side the UNet was trained at."""
         return self.unet.sample_size * self.vae.downsampling_factor
 
+
+__all__ = ["PRESETS", "ModelConfig", "Task", "get_preset", "task_input_channels"]
 
 PRESETS: dict[str, ModelConfig] = {
     # Builds and runs in well under a second: for tests.

@@ -1,7 +1,8 @@
-"""Text-to-image sampling: the latent diffusion loop, top to bottom.
+"""The latent diffusion sampling loop, top to bottom, for every mode.
 
-tokenize → encode text → initial noise → for each timestep: UNet on (uncond, cond) in one batch, guidance,
-scheduler step → VAE decode. Classifier-free guidance: Ho & Salimans 2022, ε̂ = ε_u + s·(ε_c − ε_u).
+tokenize → encode text → first latents → for each timestep: UNet on (uncond, cond) in one batch, guidance,
+scheduler step → VAE decode. Classifier-free guidance: Ho & Salimans 2022, ε̂ = ε_u + s·(ε_c − ε_u). The image
+inputs (img2img, inpainting, upscaling) are pieces the loop calls at fixed points: :mod:`ldm.pipeline.modes`.
 """
 
 from __future__ import annotations
@@ -12,7 +13,6 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
-from diffusers.utils.torch_utils import randn_tensor
 from tqdm.auto import tqdm
 
 from ldm.errors import LdmError
@@ -20,6 +20,8 @@ from ldm.images import MAX_SIDE, signed_to_unit
 from ldm.models.autoencoder import decode_latents
 from ldm.models.tokenizer import tokenize
 from ldm.pipeline.denoiser import start_sampling_run
+from ldm.pipeline.modes import DEFAULT_NOISE_LEVEL, Fill
+from ldm.pipeline.modes import start as start_latents
 from ldm.pipeline.schedule import Sampler, build_scheduler
 from ldm.runtime import check_memory
 
@@ -35,7 +37,8 @@ DEFAULT_SAMPLER = "dpmpp_2m"
 
 @dataclass(frozen=True, kw_only=True)
 class Request:
-    """One batch of images to make: ``prompts[i]`` with ``seeds[i]``."""
+    """One batch of images to make: ``prompts[i]`` with ``seeds[i]``, and the image inputs of a mode
+    (:mod:`ldm.pipeline.modes`), all at ``width``×``height`` but the upscaler's input."""
 
     prompts: list[str]
     negative_prompts: list[str]
@@ -45,6 +48,12 @@ class Request:
     sampler: Sampler
     width: int
     height: int
+    image: torch.Tensor | None = None  # (B, 3, H, W) in [0, 1]: img2img's start, inpainting's original
+    strength: float = 1.0  # img2img's denoising strength: 1 ignores the image, 0 returns its VAE round trip
+    mask: torch.Tensor | None = None  # (B, 1, H, W) in [0, 1], 1 = repaint; soft edges blend the final composite
+    fill: Fill = Fill.ORIGINAL  # what the masked region starts from when strength < 1
+    low_res: torch.Tensor | None = None  # (B, 3, H/s, W/s) in [0, 1]: an upscaler's input (s its factor)
+    noise_level: int = DEFAULT_NOISE_LEVEL  # an upscaler's noise augmentation of its input
 
     def __post_init__(self):
         if not len(self.prompts) == len(self.negative_prompts) == len(self.seeds) > 0:
@@ -135,22 +144,24 @@ def generate(bundle: Bundle, request: Request, *, progress: bool = True) -> torc
 
     # One CPU generator per image: an image depends on its own seed only, on any device and at any batch size.
     generators = [torch.Generator("cpu").manual_seed(seed) for seed in request.seeds]
-    shape = (batch, unet.config.in_channels, request.height // factor, request.width // factor)
-    latents = randn_tensor(shape, generator=generators, device=device, dtype=dtype)  # (B, C, H/f, W/f)
-    latents = latents * scheduler.init_noise_sigma
+    shape = (batch, bundle.config.vae.latent_channels, request.height // factor, request.width // factor)
+    latents, timesteps, inputs = start_latents(bundle, request, scheduler, generators, shape=shape, device=device,
+                                               dtype=dtype)  # (B, C, H/f, W/f); the timesteps strength leaves  # fmt: skip
     step_kwargs = _step_kwargs(scheduler, generators)
+    unet_kwargs = inputs.unet_kwargs(guided=guided)
 
-    for t in tqdm(scheduler.timesteps, desc="sampling", disable=not progress, leave=False):
+    for i, t in enumerate(tqdm(timesteps, desc="sampling", disable=not progress, leave=False)):
         model_input = torch.cat([latents] * 2) if guided else latents  # (2B or B, C, h, w)
-        model_input = scheduler.scale_model_input(model_input, t)
-        prediction = unet(model_input, t, encoder_hidden_states=context).sample
+        model_input = inputs.model_input(scheduler.scale_model_input(model_input, t), guided=guided)
+        prediction = unet(model_input, t, encoder_hidden_states=context, **unet_kwargs).sample
         if guided:
             uncond, cond = prediction.chunk(2)
             prediction = uncond + request.guidance_scale * (cond - uncond)  # (B, C, h, w)
         latents = scheduler.step(prediction, t, latents, **step_kwargs).prev_sample
+        latents = inputs.after_step(latents, scheduler, timesteps[i + 1] if i + 1 < len(timesteps) else None)
 
     images = decode_latents(bundle.vae, latents, scaling_factor=bundle.config.vae.scaling_factor)  # (B, 3, H, W)
-    return signed_to_unit(images)
+    return inputs.finish(signed_to_unit(images))
 
 
 def _step_kwargs(scheduler, generators: list[torch.Generator]) -> dict:
