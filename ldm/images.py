@@ -92,6 +92,29 @@ def open_rgb(path: str | Path) -> Image.Image:
     return to_rgb(image)
 
 
+def read_image_file(path: str | Path, *, what: str = "image") -> tuple[Image.Image, str]:
+    """The upright image in ``path`` as stored (its mode kept) and the sha256 of its bytes; a missing or undecodable
+    file is a one-line :class:`LdmError` naming ``what`` it was meant to be."""
+    path = Path(path)
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise LdmError(f"the {what} {path} does not exist; check the path") from None
+    except IsADirectoryError:
+        raise LdmError(f"the {what} {path} is a folder; pass an image file") from None
+    except OSError as exc:
+        raise LdmError(f"cannot read the {what} {path} ({exc.strerror or exc}); check its permissions") from None
+    try:
+        image, _ = _decode(data)
+    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as exc:
+        kind = "truncated" if "truncated" in str(exc) else "not a readable image"
+        raise LdmError(f"the {what} {path} is {kind}; pass a PNG, JPEG or WebP file") from None
+    if image.width > MAX_SIDE or image.height > MAX_SIDE:
+        raise LdmError(f"the {what} {path} is {image.width}×{image.height}, larger than {MAX_SIDE} pixels a side; "
+                       "scale it down first")  # fmt: skip
+    return image, hashlib.sha256(data).hexdigest()
+
+
 def inspect_image(path: str | Path, *, min_side: int = 1) -> ImageInfo:
     """Read and fully decode ``path``, classifying it. Never raises for a bad image file."""
     path = Path(path)

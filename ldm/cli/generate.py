@@ -6,6 +6,10 @@
     python generate.py "red apple" --fast                   # faster on CPUs; see ldm/accel/fast.py
     python generate.py "red apple" --deep-cache 2           # faster still, approximate: see ldm/accel/deepcache.py
     python generate.py "a castle" --model M --token-merging 0.5   # approximate, for large images: see ldm/accel/tome.py
+    python generate.py "red apple" --init-image in.png --strength 0.6              # img2img
+    python generate.py "red apple" --init-image in.png --mask mask.png             # inpainting (white = repaint)
+    python generate.py "red apple" --init-image in.png --outpaint 0,0,32,0         # outpainting
+    python generate.py "red apple" --upscale models/emoji-upscale                  # then a latent upscaler
 
 Each PNG carries an A1111-style ``parameters`` text chunk. Prompts longer than the text encoder's context
 (77 tokens with the start and end tokens) are truncated, with a warning.
@@ -29,6 +33,9 @@ import ldm
 from ldm import accel
 from ldm.cli.common import DEFAULT_MODEL, SEED_LIMIT, ArgumentParser, check_output, exit_now, run_cli
 from ldm.cli.common import seed as seed_type
+from ldm.cli.image_inputs import ImageInputs, UpscaleSettings, check_task, resolve_upscale
+from ldm.cli.image_inputs import add_arguments as add_image_arguments
+from ldm.cli.image_inputs import resolve as resolve_image_inputs
 from ldm.config import show
 from ldm.errors import LdmError
 from ldm.formats.bundle import Bundle, load_bundle, read_config
@@ -89,6 +96,8 @@ class Settings:
     from_png: Path | None
     recorded: ImageParameters | None  # what --from-png's image recorded
     rebuild: bool  # remake --from-png's own batch: it was given without prompts or a seed
+    inputs: ImageInputs | None = None  # img2img / inpainting / outpainting; None: text-to-image
+    upscale: UpscaleSettings | None = None  # --upscale: every image upscaled after it is made
 
 
 @dataclass(frozen=True)
@@ -147,6 +156,7 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--lora", type=Path, metavar="FILE", help="LoRA file (train_unet.py --lora-rank) merged into the model")
     p.add_argument("--lora-scale", type=float, default=None, help="strength of --lora (default 1; 0 = the base model)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_image_arguments(p)
     return p
 
 
@@ -192,13 +202,20 @@ def resolve_settings(args: argparse.Namespace) -> Settings:
     device = resolve_device(args.device)
     model = args.model or DEFAULT_MODEL
     config = read_config(model)  # the training size and the VAE's downsampling factor, without the weights
-    width, height = pick("width") or config.default_size, pick("height") or config.default_size
+    inputs = resolve_image_inputs(args, recorded, args.from_png)
+    check_task(config, model, inputs)
+    default_width, default_height = inputs.default_size(config) if inputs else (config.default_size,) * 2
+    width, height = pick("width") or default_width, pick("height") or default_height
+    upscale = resolve_upscale(args, recorded)
     steps, guidance, lora_scale = pick("steps"), pick("guidance_scale"), pick("lora_scale")
     check_settings(steps=steps, width=width, height=height, guidance_scale=guidance,
                    factor=config.vae.downsampling_factor, train_timesteps=config.schedule.num_train_timesteps)  # fmt: skip
     rebuild = bool(args.from_png) and not (args.prompts or args.seed is not None)
     batch = recorded.batch_size if rebuild else args.batch_size
     check_generation_memory(config, width=width, height=height, batch=batch)
+    if upscale is not None:
+        s = upscale.config.upscale_factor
+        check_generation_memory(upscale.config, width=width * s, height=height * s, batch=batch)
     if lora_scale is not None and not math.isfinite(lora_scale):
         raise LdmError(f"--lora-scale must be a finite number, got {lora_scale}; 1 is the LoRA as trained")
     return Settings(
@@ -207,7 +224,7 @@ def resolve_settings(args: argparse.Namespace) -> Settings:
         deep_cache=deep_cache, token_merging=token_merging, lora=args.lora,
         lora_scale=lora_scale if lora_scale is not None else 1.0, seed=args.seed,
         num_images=args.num_images, batch_size=args.batch_size, from_png=args.from_png, recorded=recorded,
-        rebuild=rebuild,
+        rebuild=rebuild, inputs=inputs, upscale=upscale,
     )  # fmt: skip
 
 
@@ -302,7 +319,8 @@ def warn_long_prompts(bundle: Bundle, prompts: list[str]) -> None:
             )
 
 
-def image_parameters(settings: Settings, bundle: Bundle, job: Job, *, batch_size: int, batch_pos: int) -> ImageParameters:
+def image_parameters(settings: Settings, bundle: Bundle, job: Job, *, batch_size: int, batch_pos: int,
+                     upscaler: Bundle | None = None) -> ImageParameters:  # fmt: skip
     """What one image's PNG records: enough for ``--from-png`` to make it again."""
     return ImageParameters(
         prompt=job.prompt, negative_prompt=job.negative_prompt, steps=settings.steps, sampler=settings.sampler.label,
@@ -310,35 +328,79 @@ def image_parameters(settings: Settings, bundle: Bundle, job: Job, *, batch_size
         model_hash=bundle.short_hash, model=bundle.name, batch_size=batch_size, batch_pos=batch_pos,
         lora=settings.lora.name if settings.lora else None, lora_scale=settings.lora_scale, dtype=settings.dtype,
         fast=settings.fast, deep_cache=settings.deep_cache, token_merging=settings.token_merging,
-        version=f"ldm {ldm.__version__}",
+        version=f"ldm {ldm.__version__}", **(settings.inputs.record() if settings.inputs else {}),
+        **(upscale_record(settings.upscale, upscaler) if settings.upscale else {}),
     )  # fmt: skip
 
 
+def upscale_record(upscale: UpscaleSettings, upscaler: Bundle | None) -> dict:
+    return dict(upscaler=str(upscale.bundle), upscaler_hash=upscaler.short_hash if upscaler else None,
+                upscale_steps=upscale.steps, noise_level=upscale.noise_level)  # fmt: skip
+
+
 def write_images(
-    bundle: Bundle, settings: Settings, plan: Plan, out: Path, *, progress: bool = True
+    bundle: Bundle, settings: Settings, plan: Plan, out: Path, *, progress: bool = True, upscaler: Bundle | None = None
 ) -> dict[Path, Image.Image]:
     """Run the plan batch by batch and write the kept images as ``out/NNNNN-SEED.png``, printing each path; returns
-    the images by path, in order."""
+    the images by path, in order. Image inputs are fitted to the size once; outputs are pasted back into the picture
+    (only masked) and upscaled (--upscale) before they are written."""
     out.mkdir(parents=True, exist_ok=True)
     index, written = next_index(out), {}
+    canvas = settings.inputs.canvas(width=settings.width, height=settings.height) if settings.inputs else None
     for start in range(0, len(plan.jobs), plan.batch_size):
         batch = plan.jobs[start : start + plan.batch_size]
+        image_inputs = {}
+        if canvas is not None:
+            n, inputs = len(batch), settings.inputs
+            image_inputs = dict(image=canvas.image.expand(n, -1, -1, -1), strength=inputs.strength, fill=inputs.fill,
+                                mask=canvas.mask.expand(n, -1, -1, -1) if canvas.mask is not None else None)  # fmt: skip
         request = Request(
             prompts=[j.prompt for j in batch], negative_prompts=[j.negative_prompt for j in batch],
             seeds=[j.seed for j in batch], steps=settings.steps, guidance_scale=settings.guidance_scale,
-            sampler=settings.sampler, width=settings.width, height=settings.height,
+            sampler=settings.sampler, width=settings.width, height=settings.height, **image_inputs,
         )  # fmt: skip
-        images = to_uint8(generate(bundle, request, progress=progress))  # (B, 3, H, W) uint8
+        images = generate(bundle, request, progress=progress)  # (B, 3, H, W) in [0, 1]
+        if canvas is not None:
+            images = canvas.paste(images)
+        if upscaler is not None:
+            images = upscale_images(upscaler, settings, request, images, progress=progress)
+        images = to_uint8(images)  # (B, 3, H, W) uint8
         for pos, (job, pixels) in enumerate(zip(batch, images)):
             if start + pos not in plan.keep:
                 continue
             path = out / f"{index:05d}-{job.seed}.png"
-            parameters = image_parameters(settings, bundle, job, batch_size=len(batch), batch_pos=pos)
+            parameters = image_parameters(settings, bundle, job, batch_size=len(batch), batch_pos=pos,
+                                          upscaler=upscaler)  # fmt: skip
             written[path] = uint8_to_pil(pixels)
             save_png(written[path], path, parameters.text())
             index += 1
             print(path)
     return written
+
+
+def upscale_images(upscaler: Bundle, settings: Settings, request: Request, images, *, progress: bool):
+    """The batch's images through the upscaler, with their own prompts and seeds; a picture whose sides are not
+    multiples of the VAE's factor (only masked, outpainting) is cropped to them first."""
+    from ldm.pipeline.upscale import upscale
+
+    factor = upscaler.config.vae.downsampling_factor
+    h, w = (side // factor * factor for side in images.shape[-2:])
+    return upscale(upscaler, images[..., :h, :w], prompts=request.prompts, negative_prompts=request.negative_prompts,
+                   seeds=request.seeds, steps=settings.upscale.steps, guidance_scale=settings.guidance_scale,
+                   sampler=settings.sampler, noise_level=settings.upscale.noise_level, progress=progress)  # fmt: skip
+
+
+def load_upscaler(settings: Settings) -> Bundle | None:
+    """The --upscale bundle on the run's device and dtype; warns where its hash differs from --from-png's."""
+    if settings.upscale is None:
+        return None
+    upscaler = load_bundle(settings.upscale.bundle)
+    upscaler.to(settings.device, resolve_dtype(settings.dtype, settings.device))
+    recorded = settings.recorded
+    if recorded and recorded.upscaler_hash and recorded.upscaler_hash != upscaler.short_hash:
+        print(f"warning: {settings.from_png} was upscaled with hash {recorded.upscaler_hash}, this upscaler is "
+              f"{upscaler.short_hash}", file=sys.stderr)  # fmt: skip
+    return upscaler
 
 
 def main(argv=None) -> int:
@@ -352,7 +414,7 @@ def main(argv=None) -> int:
         bundle, fast=settings.fast, compile=settings.compile, deep_cache=settings.deep_cache,
         token_merging=settings.token_merging, unet_calls=settings.steps * plan.batches,
     )  # fmt: skip
-    written = write_images(bundle, settings, plan, args.out, progress=not args.quiet)
+    written = write_images(bundle, settings, plan, args.out, progress=not args.quiet, upscaler=load_upscaler(settings))
     if args.grid and written:
         grid_path = args.out / f"grid-{list(written)[-1].name[:5]}.png"  # numbered as the last image
         make_grid(list(written.values())).save(grid_path)

@@ -117,6 +117,23 @@ class ImageParameters:
     deep_cache: int = 0  # the deep-feature reuse interval (ldm.accel.deepcache); 0: exact
     token_merging: float = 0.0  # the token-merging ratio (ldm.accel.tome); 0: exact
     version: str | None = None  # e.g. "ldm 0.1.0"
+    # img2img and inpainting (A1111's keys where it has them); None: not used. Files are recorded by path and sha256.
+    strength: float | None = None  # "Denoising strength"
+    resize_mode: str | None = None  # A1111's label, e.g. "Crop and resize"
+    init_image: str | None = None
+    init_image_hash: str | None = None
+    mask: str | None = None
+    mask_hash: str | None = None
+    mask_blur: int | None = None
+    masked_content: str | None = None  # "original", "latent noise", "latent nothing"
+    only_masked: bool = False  # "Inpaint area: Only masked" (else "Whole picture")
+    masked_padding: int | None = None  # "Masked area padding", with only_masked
+    outpaint: str | None = None  # "left,top,right,bottom" pixels
+    # latent upscaling of the image after it was made
+    upscaler: str | None = None  # the upscaler bundle's path
+    upscaler_hash: str | None = None  # its short hash
+    upscale_steps: int | None = None
+    noise_level: int | None = None
 
     def settings(self) -> dict[str, object]:
         """The ``Key: value`` pairs of the last line, in A1111's order and then ldm's."""
@@ -140,6 +157,23 @@ class ImageParameters:
             pairs["Deep cache"] = self.deep_cache
         if self.token_merging:
             pairs["Token merging ratio"] = self.token_merging
+        if self.init_image is not None:
+            pairs["Denoising strength"] = self.strength
+            if self.resize_mode is not None:
+                pairs["Resize mode"] = self.resize_mode
+            pairs |= {"Init image": self.init_image, "Init image hash": self.init_image_hash}
+        if self.mask is not None or self.outpaint is not None:
+            if self.mask is not None:
+                pairs |= {"Mask": self.mask, "Mask hash": self.mask_hash}
+            pairs |= {"Mask blur": self.mask_blur, "Masked content": self.masked_content,
+                      "Inpaint area": "Only masked" if self.only_masked else "Whole picture"}  # fmt: skip
+            if self.only_masked:
+                pairs["Masked area padding"] = self.masked_padding
+            if self.outpaint is not None:
+                pairs["Outpaint"] = self.outpaint
+        if self.upscaler is not None:
+            pairs |= {"Upscaler": self.upscaler, "Upscaler hash": self.upscaler_hash,
+                      "Upscale steps": self.upscale_steps, "Noise level": self.noise_level}  # fmt: skip
         if self.version is not None:
             pairs["Version"] = self.version
         return pairs
@@ -167,4 +201,16 @@ class ImageParameters:
             batch_pos=int(s.get("Batch pos", 0)), lora=s.get("Lora"), lora_scale=float(s.get("Lora scale", 1.0)),
             dtype=s.get("Dtype"), fast=s.get("Fast") == "on", deep_cache=int(s.get("Deep cache", 0)),
             token_merging=float(s.get("Token merging ratio", 0)), version=s.get("Version"),
+            strength=_maybe(float, s.get("Denoising strength")), resize_mode=s.get("Resize mode"),
+            init_image=s.get("Init image"), init_image_hash=s.get("Init image hash"), mask=s.get("Mask"),
+            mask_hash=s.get("Mask hash"), mask_blur=_maybe(int, s.get("Mask blur")),
+            masked_content=s.get("Masked content"), only_masked=s.get("Inpaint area") == "Only masked",
+            masked_padding=_maybe(int, s.get("Masked area padding")), outpaint=s.get("Outpaint"),
+            upscaler=s.get("Upscaler"), upscaler_hash=s.get("Upscaler hash"),
+            upscale_steps=_maybe(int, s.get("Upscale steps")), noise_level=_maybe(int, s.get("Noise level")),
         )  # fmt: skip
+
+
+def _maybe(kind: type, value: str | None):
+    """``kind(value)``, or None for an entry that is not there."""
+    return None if value is None else kind(value)
