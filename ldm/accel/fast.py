@@ -42,8 +42,9 @@ What :func:`speed_up` does (measured with ``bench/``; numbers in BENCHMARKS.md):
 Attention already runs through ``F.scaled_dot_product_attention`` (diffusers' ``AttnProcessor2_0``);
 :func:`attention_processors` reports what is in use. Text embeddings are computed once per distinct prompt on every
 path (``ldm.pipeline.encode_prompts``); on the fast path once per job as well (:class:`PromptCache`): a job that
-samples the same prompts batch after batch encodes them for the first batch only, and the traced graphs' cached
-cross-attention keys and values carry over with them.
+samples the same prompts batch after batch encodes them for the first batch only, and for plain prompts of one
+chunk the traced graphs' cached cross-attention keys and values carry over with them (weighted or chunked prompts
+are weighted and joined afresh each batch, elementwise work, and their keys and values computed once per batch).
 
 A sped-up bundle is for sampling only: save the bundle it came from, not it.
 """
@@ -189,7 +190,8 @@ class MixedPrecisionUNet(nn.Module):
 
 class PromptCache(nn.Module):
     """A text encoder that keeps its last ``size`` encodings by token ids: the same batch of prompts again (the next
-    batch of a job) returns the same tensors without running the encoder.
+    batch of a job) returns the same tensors without running the encoder. The ids are the prompts' chunks
+    (``ldm.pipeline.prompts``) as ``encode_prompts`` hands them over, so it keeps long and weighted prompts too.
 
     An entry is used only while it can be trusted: the encoder's weights unchanged in place since (version counters,
     of the parameters it had when wrapped) and the returned tensors not written into. Inference-mode calls, whose

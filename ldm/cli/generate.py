@@ -11,8 +11,9 @@
     python generate.py "red apple" --init-image in.png --outpaint 0,0,32,0         # outpainting
     python generate.py "red apple" --upscale models/emoji-upscale                  # then a latent upscaler
 
-Each PNG carries an A1111-style ``parameters`` text chunk. Prompts longer than the text encoder's context
-(77 tokens with the start and end tokens) are truncated, with a warning.
+Prompts are read in A1111's prompt language (``ldm/pipeline/prompts.py``): ``(word)``, ``[word]`` and
+``(word:1.3)`` weight words, ``BREAK`` starts a new chunk; prompts longer than the text encoder's context are encoded
+in chunks of 75 tokens, none truncated. Each PNG carries an A1111-style ``parameters`` text chunk.
 """
 
 from __future__ import annotations
@@ -42,7 +43,6 @@ from ldm.formats.bundle import Bundle, load_bundle, read_config
 from ldm.formats.pngmeta import ImageParameters, read_png_parameters, save_png
 from ldm.images import to_uint8, uint8_to_pil
 from ldm.io import has_undecodable
-from ldm.models.tokenizer import token_count
 from ldm.pipeline import (
     DEFAULT_GUIDANCE,
     DEFAULT_SAMPLER,
@@ -308,17 +308,6 @@ def make_grid(images: list[Image.Image]) -> Image.Image:
     return grid
 
 
-def warn_long_prompts(bundle: Bundle, prompts: list[str]) -> None:
-    """A warning for each prompt the text encoder will cut short."""
-    limit = bundle.config.text_encoder.context_length
-    for prompt in set(prompts):
-        if (n := token_count(bundle.tokenizer, prompt)) > limit:
-            print(
-                f"warning: prompt has {n - 2} tokens; only the first {limit - 2} are used, the rest is dropped: {prompt[:60]!r}",
-                file=sys.stderr,
-            )
-
-
 def image_parameters(settings: Settings, bundle: Bundle, job: Job, *, batch_size: int, batch_pos: int,
                      upscaler: Bundle | None = None) -> ImageParameters:  # fmt: skip
     """What one image's PNG records: enough for ``--from-png`` to make it again."""
@@ -409,7 +398,6 @@ def main(argv=None) -> int:
     settings = resolve_settings(args)
     bundle = load_model(settings, quiet=args.quiet)
     plan = plan_batches(settings)
-    warn_long_prompts(bundle, [j.prompt for j in plan.jobs] + [j.negative_prompt for j in plan.jobs])
     accel.prepare(
         bundle, fast=settings.fast, compile=settings.compile, deep_cache=settings.deep_cache,
         token_merging=settings.token_merging, unet_calls=settings.steps * plan.batches,

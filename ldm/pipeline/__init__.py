@@ -1,5 +1,6 @@
-"""Sampling: the denoising loop (:mod:`ldm.pipeline.text_to_image`), the samplers (:mod:`ldm.pipeline.schedule`)
-and what the loop asks of the model it calls (:mod:`ldm.pipeline.denoiser`)."""
+"""Sampling: the denoising loop (:mod:`ldm.pipeline.text_to_image`), the samplers (:mod:`ldm.pipeline.schedule`),
+what the loop asks of the model it calls (:mod:`ldm.pipeline.denoiser`) and how it reads prompts
+(:mod:`ldm.pipeline.prompts`)."""
 
 from ldm.images import to_uint8  # generate's images, (B, 3, H, W) in [0, 1], as 8-bit pixels
 from ldm.pipeline.text_to_image import (

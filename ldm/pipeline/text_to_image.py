@@ -13,15 +13,16 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
+from torch import nn
 from tqdm.auto import tqdm
 
 from ldm.errors import LdmError
 from ldm.images import MAX_SIDE, signed_to_unit
 from ldm.models.autoencoder import decode_latents
-from ldm.models.tokenizer import tokenize
 from ldm.pipeline.denoiser import start_sampling_run
 from ldm.pipeline.modes import DEFAULT_NOISE_LEVEL, Fill
 from ldm.pipeline.modes import start as start_latents
+from ldm.pipeline.prompts import apply_weights, chunk_prompt
 from ldm.pipeline.schedule import Sampler, build_scheduler
 from ldm.runtime import check_memory
 
@@ -111,15 +112,39 @@ def check_generation_memory(config: ModelConfig, *, width: int, height: int, bat
 
 @torch.no_grad()
 def encode_prompts(bundle: Bundle, prompts: list[str], *, dtype: torch.dtype | None = None) -> torch.Tensor:
-    """(B,) prompts → (B, L, D) text hidden states in ``dtype`` (default: the UNet's); each distinct prompt is encoded
-    once."""
+    """(B,) prompts → (B, k·L, D) text hidden states in ``dtype`` (default: the UNet's), read in A1111's prompt
+    language (:mod:`ldm.pipeline.prompts`): each prompt k chunks of L tokens, encoded chunk by chunk and weighted.
+
+    k is the most chunks any of the prompts needs: one batch, one sequence length, so the prompts with fewer are
+    padded with the empty prompt's chunk. Each distinct prompt is encoded once, each distinct chunk too.
+    """
     cfg = bundle.config.text_encoder
     row = {prompt: i for i, prompt in enumerate(dict.fromkeys(prompts))}  # distinct prompts, first-seen order
-    ids = tokenize(bundle.tokenizer, list(row), context_length=cfg.context_length, pad_id=cfg.pad_id)  # (U, L)
-    hidden = bundle.text_encoder(ids).hidden_states.to(dtype or bundle.unet.dtype)  # (U, L, D)
+    chunked = [chunk_prompt(bundle.tokenizer, p, context_length=cfg.context_length, pad_id=cfg.pad_id) for p in row]
+    k = max(len(c) for c in chunked)
+    if k > 1:
+        empty = chunk_prompt(bundle.tokenizer, "", context_length=cfg.context_length, pad_id=cfg.pad_id)
+        chunked = [c.padded(k, empty) for c in chunked]
+    ids = torch.cat([c.ids for c in chunked])  # (U·k, L)
+    weights = torch.cat([c.weights for c in chunked])  # (U·k, L)
+    hidden = _encode_distinct(bundle.text_encoder, ids)  # (U·k, L, D)
+    hidden = apply_weights(hidden, weights).to(dtype or bundle.unet.dtype)
+    if k > 1:
+        hidden = hidden.reshape(len(row), k * cfg.context_length, hidden.shape[-1])  # (U, k·L, D): chunks in a row
     if len(row) == len(prompts):
         return hidden
-    return hidden[torch.tensor([row[p] for p in prompts], device=hidden.device)]  # (B, L, D)
+    return hidden[torch.tensor([row[p] for p in prompts], device=hidden.device)]  # (B, k·L, D)
+
+
+def _encode_distinct(text_encoder: nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    """(N, L) token ids → (N, L, D) hidden states, each distinct row through the encoder once (the empty prompt's
+    chunk that pads a batch is often one of its prompts' too). Rows all distinct: the encoder's tensor itself."""
+    first = {}  # a row's ids → its position among the distinct rows
+    index = [first.setdefault(tuple(r), len(first)) for r in ids.tolist()]
+    if len(first) == len(index):
+        return text_encoder(ids).hidden_states
+    hidden = text_encoder(torch.tensor(list(first), dtype=ids.dtype)).hidden_states  # (U, L, D), first-seen order
+    return hidden[torch.tensor(index, device=hidden.device)]  # (N, L, D)
 
 
 @torch.no_grad()
@@ -136,7 +161,7 @@ def generate(bundle: Bundle, request: Request, *, progress: bool = True) -> torc
     # Text: the unconditional (negative) half first, then the conditional half, as one UNet batch; one text
     # encoder call for both halves, each distinct prompt once.
     texts = (request.negative_prompts + request.prompts) if guided else request.prompts
-    context = encode_prompts(bundle, texts, dtype=dtype)  # (2B or B, L, D)
+    context = encode_prompts(bundle, texts, dtype=dtype)  # (2B or B, k·L, D): k chunks, as many for every prompt
 
     start_sampling_run(unet)  # a denoiser that keeps state across steps starts afresh
     scheduler = build_scheduler(bundle.config.schedule, request.sampler)

@@ -8,7 +8,7 @@ from support import NEEDS_PACKING, PACKED_DTYPES, assert_rounding_close
 from torch import nn
 
 import ldm.accel.packed
-import ldm.pipeline
+import ldm.pipeline.text_to_image
 from ldm.accel.fast import (
     PACK_MIN_FP32_LINEAR,
     FastConfig,
@@ -218,11 +218,13 @@ def test_prompt_dedupe_gives_the_same_images(bundle, monkeypatch):
     deduped = generate(bundle, request(prompts, steps=4), progress=False)
 
     def one_by_one(bundle, prompts, **kwargs):  # the reference: every prompt encoded on its own, no sharing
+        calls.append(len(prompts))
         return torch.cat([encode_prompts_once(bundle, [p], **kwargs) for p in prompts])
 
-    encode_prompts_once = ldm.pipeline.encode_prompts
-    monkeypatch.setattr(ldm.pipeline, "encode_prompts", one_by_one)
+    calls, encode_prompts_once = [], ldm.pipeline.encode_prompts
+    monkeypatch.setattr(ldm.pipeline.text_to_image, "encode_prompts", one_by_one)  # where generate looks it up
     separate = generate(bundle, request(prompts, steps=4), progress=False)
+    assert calls  # the reference ran
     assert torch.equal(to_uint8(deduped), to_uint8(separate))
     assert (deduped - separate).abs().max().item() <= 1e-5
 
@@ -282,6 +284,20 @@ def counting(function, calls):
         return function(*args, **kwargs)
 
     return wrapper
+
+
+@torch.no_grad()
+def test_long_weighted_prompts_are_kept_across_batches_and_traced(micro_bundle_dir):
+    """Two chunks of weighted text, against a short negative: encoded once per job, and the traced graphs (the
+    default for micro on CPU) take the (2, 154, D) context as the exact path does."""
+    fast = speed_up(load_bundle(micro_bundle_dir), FastConfig(threads=THREADS))
+    req = Request(
+        prompts=["(red:1.3) apple, [cat] face, " * 15], negative_prompts=["blurry"], seeds=[0], steps=2,
+        guidance_scale=7.5, sampler=get_sampler("dpmpp_2m"), width=64, height=64,
+    )  # fmt: skip
+    first, second = generate(fast, req, progress=False), generate(fast, req, progress=False)
+    assert fast.text_encoder.encoder_calls == 1 and torch.equal(first, second)
+    torch.testing.assert_close(first, generate(load_bundle(micro_bundle_dir), req, progress=False), atol=1e-4, rtol=0)
 
 
 @torch.no_grad()

@@ -79,10 +79,15 @@ def test_sizes_follow_the_models_vae(micro_f4_bundle_dir, tmp_path, capsys):
     assert err == "error: width must be a positive multiple of 4 (the VAE's downsampling factor), got 34; try 32\n"
 
 
-def test_long_prompt_is_truncated_with_a_warning(micro_bundle_dir, tmp_path, capsys):
-    long_prompt = "red apple " * 50
-    assert run([long_prompt, "--seed", "1", "--steps", "1", "--model", micro_bundle_dir, "--out", tmp_path, "--quiet"]) == 0
-    assert "warning: prompt has 100 tokens; only the first 75 are used" in capsys.readouterr().err
+def test_long_prompt_is_encoded_in_chunks_not_truncated(micro_bundle_dir, tmp_path, capsys):
+    long_prompt = "red apple " * 50  # 100 tokens: two chunks
+    first_75 = "red apple " * 37 + "red"  # what truncation kept
+    common = ["--seed", "1", "--steps", "1", "--model", micro_bundle_dir, "--quiet"]
+    assert run([long_prompt, *common, "--out", tmp_path / "long"]) == 0
+    assert run([first_75, *common, "--out", tmp_path / "cut"]) == 0
+    assert "warning" not in capsys.readouterr().err
+    (long,), (cut,) = (tmp_path / "long").glob("0*.png"), (tmp_path / "cut").glob("0*.png")
+    assert not np.array_equal(pixels(long), pixels(cut))  # the last 25 tokens count
 
 
 @pytest.mark.parametrize(
