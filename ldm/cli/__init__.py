@@ -15,6 +15,7 @@ COMMANDS = {  # command → (module, what it does)
     "train-clip": ("ldm.cli.train_clip", "train the CLIP text encoder"),
     "train-unet": ("ldm.cli.train_unet", "train or fine-tune the UNet, or a LoRA of it"),
     "bundle": ("ldm.cli.bundle", "create, inspect, export, convert and import model bundles"),
+    "upscale": ("ldm.cli.upscale", "upscale images with a latent upscaler bundle"),
     "vae": ("ldm.cli.vae", "encode, decode, round-trip and evaluate with a bundle's VAE"),
     "eval": ("ldm.cli.evaluate", "CLIP score, FID/KID and VAE reconstructions of a bundle or of images"),
     "data": ("ldm.cli.data", "check a captioned image folder before training on it"),

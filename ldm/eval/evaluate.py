@@ -52,6 +52,7 @@ from ldm.io import write_json, write_text
 from ldm.models.clip import IMAGE_RANGE, encode_text, load_clip, read_clip_metadata
 from ldm.models.tokenizer import build_tokenizer, tokenize
 from ldm.pipeline import Request, check_settings, generate
+from ldm.pipeline.prompts import plain_text
 from ldm.pipeline.schedule import get_sampler
 from ldm.runtime import resolve_device, resolve_dtype
 
@@ -250,13 +251,14 @@ def clip_image_features(scorer: Scorer) -> ImageFeatures:
 
 @torch.no_grad()
 def clip_text_features(scorer: Scorer, prompts: Sequence[str], *, batch_size: int = 256) -> torch.Tensor:
-    """(N,) prompts → (N, E) normalised CLIP text embeddings, each distinct prompt encoded once."""
+    """(N,) prompts → (N, E) normalised CLIP text embeddings, each distinct prompt encoded once. The prompt syntax
+    (weights, BREAK) is the generator's, not words: CLIP reads the plain text (:func:`ldm.pipeline.prompts.plain_text`)."""
     distinct = list(dict.fromkeys(prompts))
     text = scorer.config.text
     chunks = []
     for start in range(0, len(distinct), batch_size):
-        ids = tokenize(scorer.tokenizer, distinct[start : start + batch_size], context_length=text.context_length,
-                       pad_id=text.pad_id)  # (b, L)  # fmt: skip
+        words = [plain_text(p) for p in distinct[start : start + batch_size]]
+        ids = tokenize(scorer.tokenizer, words, context_length=text.context_length, pad_id=text.pad_id)  # (b, L)
         chunks.append(encode_text(scorer.model, ids.to(scorer.device), normalize=True).float().cpu())  # (b, E)
     table = torch.cat(chunks)  # (P, E)
     index = {p: i for i, p in enumerate(distinct)}

@@ -114,6 +114,13 @@ def parse_prompt(prompt: str) -> list[Fragment | Marker]:
     return out
 
 
+def plain_text(prompt: str) -> str:
+    """The words of a prompt without its syntax (weights, brackets, escapes; BREAK as a space): what a scorer that
+    reads plain text, such as a CLIP score, should be given."""
+    parts = [" " if item is Marker.BREAK else item.text for item in parse_prompt(prompt)]
+    return re.sub(r"\s+", " ", "".join(parts)).strip()
+
+
 def _number(text: str | None) -> float | None:
     """``text`` as a float, or None where the digits and dots make none ("1.2.3", "."): then it is plain text."""
     if text is None:

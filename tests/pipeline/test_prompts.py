@@ -8,7 +8,7 @@ from ldm.formats.bundle import create_bundle
 from ldm.models.presets import PRESETS
 from ldm.models.tokenizer import build_tokenizer, tokenize
 from ldm.pipeline import Request, encode_prompts, generate
-from ldm.pipeline.prompts import Marker, apply_weights, chunk_prompt, pack_chunks, parse_prompt
+from ldm.pipeline.prompts import Marker, apply_weights, chunk_prompt, pack_chunks, parse_prompt, plain_text
 from ldm.pipeline.schedule import get_sampler
 
 LONG = "red apple " * 75  # 150 tokens: two full chunks
@@ -281,3 +281,16 @@ def test_a_guided_batch_with_halves_of_different_chunk_counts(bundle, monkeypatc
     assert lengths == [(4, 154)] * 2  # both halves, every image: one sequence length
     cut = generate(bundle, request(["red apple", "cat face"], ["blurry, " * 37 + "blurry", "blurry"]), progress=False)
     assert (images[0] - cut[0]).abs().max().item() > 1e-4  # the negative's second chunk counts
+
+
+@pytest.mark.parametrize(
+    "prompt, expected",
+    [
+        ("a (((house:1.3)) [on] a (hill:0.5), sun, (((sky))).", "a house on a hill, sun, sky."),
+        ("red BREAK  apple", "red apple"),
+        (r"\(literal\)", "(literal)"),
+        ("<lora:x:0.5> cat", "<lora:x:0.5> cat"),
+    ],
+)
+def test_plain_text_drops_the_syntax_only(prompt, expected):
+    assert plain_text(prompt) == expected
