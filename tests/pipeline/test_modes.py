@@ -15,7 +15,7 @@ from ldm.images import to_uint8, uint8_to_unit
 from ldm.models.presets import PRESETS, Task
 from ldm.pipeline import Request, generate
 from ldm.pipeline.modes import Fill, latent_mask, strength_steps
-from ldm.pipeline.schedule import get_sampler
+from ldm.pipeline.schedule import SAMPLERS, get_sampler
 
 PROMPTS = ["red apple", "cat face"]
 NEGATIVE = ["blurry", ""]
@@ -246,3 +246,16 @@ def test_modes_keep_the_request_frozen():
     with pytest.raises(Exception):
         r.strength = 0.5  # type: ignore[misc]
     assert replace(r, strength=0.5).strength == 0.5
+
+
+@pytest.mark.parametrize("sampler_name", sorted(SAMPLERS))
+def test_every_sampler_runs_img2img_and_inpainting(bundle, sampler_name):
+    pixels, mask = pictures(), square_mask()
+    sampler = get_sampler(sampler_name)
+    half = generate(bundle, request(image=uint8_to_unit(pixels), strength=0.5, sampler=sampler), progress=False)
+    assert half.shape == (2, 3, 64, 64) and torch.isfinite(half).all()
+    assert not torch.equal(half, generate(bundle, request(sampler=sampler), progress=False))
+    painted = to_uint8(generate(bundle, request(image=uint8_to_unit(pixels), mask=mask, sampler=sampler),
+                                progress=False))  # fmt: skip
+    inside = mask.expand_as(pixels) > 0
+    assert torch.equal(painted[~inside], pixels[~inside])
