@@ -43,6 +43,7 @@ from ldm.formats.bundle import Bundle, load_bundle, read_config
 from ldm.formats.pngmeta import ImageParameters, read_png_parameters, save_png
 from ldm.images import to_uint8, uint8_to_pil
 from ldm.io import has_undecodable
+from ldm.models.labels import Conditioning, label_ids
 from ldm.pipeline import (
     DEFAULT_GUIDANCE,
     DEFAULT_SAMPLER,
@@ -116,6 +117,9 @@ class Plan:
 def build_parser() -> ArgumentParser:
     p = ArgumentParser(prog="generate.py", description="Text-to-image generation with an ldm model bundle.")
     p.add_argument("prompts", nargs="*", metavar="PROMPT", help="one or more prompts")
+    p.add_argument("--class", dest="class_names", action="append", default=[], metavar="NAME",
+                   help="a class-conditional model's class (train_unet.py --conditioning class); repeat for several. "
+                        "An unconditional model needs neither a prompt nor a class")  # fmt: skip
     p.add_argument("--model", type=Path, default=None, help=f"bundle folder (default: {DEFAULT_MODEL})")
     p.add_argument("--negative-prompt", default=None, help="what to steer away from (default: nothing)")
     p.add_argument("--steps", type=int, default=None, help=f"sampling steps (default {DEFAULTS['steps']})")
@@ -187,8 +191,12 @@ def resolve_settings(args: argparse.Namespace) -> Settings:
         return value if value not in (None, []) else from_png.get(name, DEFAULTS.get(name))
 
     prompts = pick("prompts")
+    if args.class_names:
+        if args.prompts:
+            raise LdmError("give the classes with --class or as prompts, not both")
+        prompts = args.class_names
     if not prompts:
-        raise LdmError('no prompt given; try: python generate.py "red apple"')
+        prompts = unconditional_prompts(args.model)
     check_text([*prompts, pick("negative_prompt")])
     sampler = get_sampler(pick("sampler"))
     check_counts(args, len(prompts))
@@ -202,6 +210,11 @@ def resolve_settings(args: argparse.Namespace) -> Settings:
     device = resolve_device(args.device)
     model = args.model or DEFAULT_MODEL
     config = read_config(model)  # the training size and the VAE's downsampling factor, without the weights
+    if args.class_names and config.conditioning is not Conditioning.CLASS:
+        raise LdmError(f"--class is for class-conditional models; {model} is conditioned on "
+                       f"{config.conditioning.value}: {'pass a prompt' if config.conditioning is Conditioning.TEXT else 'leave it out'}")  # fmt: skip
+    if config.conditioning is not Conditioning.TEXT:
+        label_ids(config.classes, [*prompts, pick("negative_prompt")])  # unknown classes fail before the load
     inputs = resolve_image_inputs(args, recorded, args.from_png)
     check_task(config, model, inputs)
     default_width, default_height = inputs.default_size(config) if inputs else (config.default_size,) * 2
@@ -226,6 +239,14 @@ def resolve_settings(args: argparse.Namespace) -> Settings:
         num_images=args.num_images, batch_size=args.batch_size, from_png=args.from_png, recorded=recorded,
         rebuild=rebuild, inputs=inputs, upscale=upscale,
     )  # fmt: skip
+
+
+def unconditional_prompts(model: Path | None) -> list[str]:
+    """No prompt given: an unconditional model's one "prompt" (the null label), or the error that asks for one."""
+    path = model or DEFAULT_MODEL
+    if path.is_dir() and (path / "manifest.json").is_file() and read_config(path).conditioning is Conditioning.NONE:
+        return [""]
+    raise LdmError('no prompt given; try: python generate.py "red apple"')
 
 
 MAX_IMAGES = 100_000  # per run: the plan holds every image, and one folder numbers them with five digits

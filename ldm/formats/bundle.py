@@ -6,6 +6,7 @@ Layout::
     vae.safetensors            AutoencoderKL weights
     text_encoder.safetensors   CLIPTextModel weights
     unet.safetensors           UNet2DConditionModel weights
+    labels.safetensors         class-conditional and unconditional models only: the learned label tokens
     tokenizer/                 vocab.json, merges.txt, tokenizer_config.json, special_tokens_map.json
     clip.safetensors           optional: the whole CLIP of train_clip.py, the default scorer of ``ldm.eval.evaluate``
     manifest.json              format version, package versions, sha256 of every file above
@@ -40,6 +41,7 @@ from ldm.config import dump_yaml, from_dict, parse_yaml
 from ldm.errors import BundleError, ConfigError
 from ldm.io import atomic_write, load_tensors, save_tensors, sha256_file, write_json, write_text
 from ldm.models.autoencoder import build_autoencoder
+from ldm.models.labels import Conditioning, LabelEncoder, build_label_encoder
 from ldm.models.presets import ModelConfig
 from ldm.models.text_encoder import TextEncoder, build_text_encoder, fit_state_dict
 from ldm.models.tokenizer import build_tokenizer, load_tokenizer, save_tokenizer
@@ -67,10 +69,13 @@ class Bundle:
     name: str = "model"
     manifest: dict = field(default_factory=dict)
     extras: dict[str, Path] = field(default_factory=dict)  # optional file name (EXTRAS) → where it is now
-
+    labels: LabelEncoder | None = None  # config.conditioning class or none: what the UNet cross-attends to
 
     def modules(self) -> dict[str, nn.Module]:
-        return {"vae": self.vae, "text_encoder": self.text_encoder.model, "unet": self.unet}
+        modules = {"vae": self.vae, "text_encoder": self.text_encoder.model, "unet": self.unet}
+        if self.labels is not None:
+            modules["labels"] = self.labels.model
+        return modules
 
     @property
     def short_hash(self) -> str:
@@ -113,7 +118,15 @@ def create_bundle(config: ModelConfig, *, seed: int = 0, name: str = "model") ->
         unet=build_unet(config.unet),
         tokenizer=build_tokenizer(context_length=config.text_encoder.context_length),
         name=name,
+        labels=label_encoder(config),
     )
+
+
+def label_encoder(config: ModelConfig) -> LabelEncoder | None:
+    """A fresh label encoder for a class-conditional or unconditional config; None for text."""
+    if config.conditioning is Conditioning.TEXT:
+        return None
+    return build_label_encoder(config.classes, config.unet.cross_attention_dim)
 
 
 def _combined_hash(files: dict[str, str]) -> str:
@@ -154,7 +167,7 @@ def save_bundle(bundle: Bundle, folder: str | Path) -> Path:
             os.replace(src, folder / "tokenizer" / src.name)
     files = {
         str(p.relative_to(folder)): sha256_file(p)
-        for p in sorted([folder / "model.yaml", *(folder / f"{part}.safetensors" for part in PARTS)])
+        for p in sorted([folder / "model.yaml", *(folder / f"{part}.safetensors" for part in bundle.modules())])
         + sorted((folder / "tokenizer").iterdir())
     }
     manifest = {
@@ -211,7 +224,7 @@ def instantiate(build, config, state: dict[str, torch.Tensor], what: str) -> nn.
     """Build ``build(config)`` without allocating weights, then take ``state``'s tensors as they are (bit-exact)."""
     with init_empty_weights():
         module = build(config)
-    target = module.model if isinstance(module, TextEncoder) else module
+    target = module.model if isinstance(module, (TextEncoder, LabelEncoder)) else module
     if isinstance(target, CLIPTextModel):
         state = fit_state_dict(target, state)
     expected = set(target.state_dict())
@@ -255,11 +268,11 @@ def load_bundle(folder: str | Path, *, verify: bool = True) -> Bundle:
         verify_files(folder, manifest)
     config = _parse_config(folder)
     parts = {}
-    for part, build, cfg in (
-        ("vae", build_autoencoder, config.vae),
-        ("text_encoder", build_text_encoder, config.text_encoder),
-        ("unet", build_unet, config.unet),
-    ):
+    builders = [("vae", build_autoencoder, config.vae), ("text_encoder", build_text_encoder, config.text_encoder),
+                ("unet", build_unet, config.unet)]  # fmt: skip
+    if config.conditioning is not Conditioning.TEXT:
+        builders.append(("labels", lambda c: build_label_encoder(*c), (config.classes, config.unet.cross_attention_dim)))
+    for part, build, cfg in builders:
         path = folder / f"{part}.safetensors"
         try:
             state = load_tensors(path)

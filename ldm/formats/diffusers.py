@@ -42,6 +42,9 @@ def export_diffusers(bundle: Bundle, folder: str | Path) -> Path:
     from diffusers import StableDiffusionInpaintPipeline, StableDiffusionPipeline
 
     task = bundle.config.task
+    if bundle.labels is not None:
+        raise LdmError(f"a {bundle.config.conditioning.value}-conditioned model has no diffusers pipeline (diffusers' "
+                       "Stable Diffusion pipelines read text); keep it as an ldm bundle")  # fmt: skip
     if task is Task.UPSCALE:
         raise LdmError("a latent upscaler has no diffusers pipeline of its layout (diffusers' upscaler concatenates "
                        "pixels, not latents); keep it as an ldm bundle")  # fmt: skip

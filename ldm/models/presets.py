@@ -9,6 +9,7 @@ from dataclasses import dataclass, replace
 
 from ldm.errors import ConfigError
 from ldm.models.autoencoder import AutoencoderConfig
+from ldm.models.labels import Conditioning
 from ldm.models.tasks import Task, task_input_channels
 from ldm.models.text_encoder import Activation, Padding, TextEncoderConfig
 from ldm.models.unet import UNetConfig
@@ -23,6 +24,10 @@ class ModelConfig:
     schedule: ScheduleConfig = ScheduleConfig()
     task: Task = Task.TEXT_TO_IMAGE
     upscale_factor: int = 1  # task upscale: output side / input side (2 or more); 1 for the other tasks
+    # What the UNet cross-attends to: text (the text encoder), or one learned token per class (labels.safetensors,
+    # ldm.models.labels), or one token always (unconditional). The text encoder stays in a class model's bundle.
+    conditioning: Conditioning = Conditioning.TEXT
+    classes: tuple[str, ...] = ()  # conditioning class: the class names, in label order
 
     def __post_init__(self):
         if self.unet.cross_attention_dim != self.text_encoder.width:
@@ -38,6 +43,11 @@ class ModelConfig:
         if (self.task is Task.UPSCALE) != (self.upscale_factor > 1) or self.upscale_factor < 1:
             raise ValueError(f"upscale_factor must be 2 or more for task upscale and 1 otherwise, got "
                              f"{self.upscale_factor} for {self.task.value}")  # fmt: skip
+        if (self.conditioning is Conditioning.CLASS) != bool(self.classes):
+            raise ValueError("classes are the labels of conditioning 'class' and need at least one; other conditionings "
+                             "have none")  # fmt: skip
+        if len(set(self.classes)) != len(self.classes) or "" in self.classes:
+            raise ValueError("class names must be distinct and non-empty ('' is the null label)")
         if (self.task is Task.UPSCALE) != (self.unet.num_class_embeds is not None):
             raise ValueError("unet.num_class_embeds (the noise-augmentation levels) is set for task upscale only")
 
@@ -64,7 +74,7 @@ class ModelConfig:
         return self.unet.sample_size * self.vae.downsampling_factor
 
 
-__all__ = ["PRESETS", "ModelConfig", "Task", "get_preset", "task_input_channels"]
+__all__ = ["PRESETS", "Conditioning", "ModelConfig", "Task", "get_preset", "task_input_channels"]
 
 PRESETS: dict[str, ModelConfig] = {
     # Builds and runs in well under a second: for tests.

@@ -117,7 +117,13 @@ def encode_prompts(bundle: Bundle, prompts: list[str], *, dtype: torch.dtype | N
 
     k is the most chunks any of the prompts needs: one batch, one sequence length, so the prompts with fewer are
     padded with the empty prompt's chunk. Each distinct prompt is encoded once, each distinct chunk too.
+
+    A class-conditional or unconditional model (:mod:`ldm.models.labels`) reads each prompt as a class name ("" the
+    null label): (B, 1, D).
     """
+    if bundle.labels is not None:
+        labels = bundle.labels
+        return labels(labels.labels(prompts)).hidden_states.to(dtype or bundle.unet.dtype)  # (B, 1, D)
     cfg = bundle.config.text_encoder
     row = {prompt: i for i, prompt in enumerate(dict.fromkeys(prompts))}  # distinct prompts, first-seen order
     chunked = [chunk_prompt(bundle.tokenizer, p, context_length=cfg.context_length, pad_id=cfg.pad_id) for p in row]
