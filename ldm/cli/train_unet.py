@@ -6,6 +6,8 @@
     python train_unet.py --out runs/unet-emoji --resume latest              # continue exactly where it stopped
     python train_unet.py --init-from models/emoji-tiny --data my/images --out runs/ft            # full fine-tune
     python train_unet.py --init-from models/emoji-tiny --data my/images --out runs/lora --lora-rank 8
+    python train_unet.py --init-from models/emoji-tiny --data my/images --out runs/inpaint --task inpaint
+    python train_unet.py --init-from models/emoji-tiny --data my/images --out runs/x2 --task upscale --factor 2
 
 The run itself (loss, cache, LoRA, validation, what is written) is ``ldm.train.unet``; this module turns argv into
 its :class:`~ldm.train.unet.UNetRunConfig`: a ``--config`` file or the flags, then the flags that override, then
@@ -27,6 +29,7 @@ from ldm.cli.options import (
 from ldm.config import apply_overrides
 from ldm.data import DataConfig
 from ldm.errors import LdmError
+from ldm.models.presets import Task
 from ldm.pipeline.schedule import Prediction
 from ldm.train.unet import UNetRunConfig, bundle_config, run, with_model
 
@@ -40,6 +43,11 @@ def build_parser() -> ArgumentParser:
     p.add_argument(
         "--prediction", choices=[p.value for p in Prediction], help="train for ε or v (default: the bundle's)"
     )
+    p.add_argument("--task", choices=[t.value for t in Task],
+                   help="what the UNet learns (default text_to_image): inpaint also reads a masked image and its "
+                   "mask, upscale a low-res image; both start from a text_to_image bundle (or one of the task)")  # fmt: skip
+    p.add_argument("--factor", type=int, help="--task upscale: output side / input side (default 2); the data trains "
+                   "at the bundle's size × this unless --resolution")  # fmt: skip
     p.add_argument("--no-cache", action="store_true", default=None, help="encode images and captions every step")
     p.add_argument("--cache-dir", help="feature cache folder, shareable between runs (default OUT/cache)")
     p.add_argument("--bucketing", action="store_true", default=None, help="aspect-ratio buckets for mixed-size data")
@@ -68,21 +76,38 @@ def resolve_config(args) -> UNetRunConfig:
     elif args.config:
         cfg = with_data_flags(cfg, args)
         cfg = replace(cfg, bundle=bundle) if bundle else cfg
-    cfg = with_run_flags(with_model(cfg), args)
+    cfg = with_run_flags(with_model(with_task_flags(cfg, args)), args)
     if args.eval_data is not None:
         cfg = replace(cfg, eval_data=args.eval_data)
     return apply_overrides(with_unet_flags(cfg, args), args.overrides)
 
 
 def config_from_flags(args, bundle: str | None) -> UNetRunConfig:
-    """The run config of a new run given by flags alone: the bundle's model, at its size unless --resolution."""
+    """The run config of a new run given by flags alone: the bundle's model made over for --task, at its size
+    (an upscaler's: the bundle's × --factor) unless --resolution."""
     if not args.data:
         raise LdmError("no training data; pass --data FOLDER (see `python -m ldm data check FOLDER`)")
     if not bundle:
         raise LdmError("pass --bundle BUNDLE: the bundle (from train_vae.py or train_clip.py) whose UNet to train")
-    model = bundle_config(bundle)
-    data = DataConfig(path=args.data, resolution=args.resolution or model.default_size, center_crop=True)
-    return UNetRunConfig(model=model, data=data, bundle=str(bundle))
+    cfg = UNetRunConfig(model=bundle_config(bundle), data=DataConfig(path=args.data, center_crop=True),
+                        bundle=str(bundle))  # fmt: skip
+    cfg = with_model(with_task_flags(cfg, args))
+    return replace(cfg, data=replace(cfg.data, resolution=args.resolution or cfg.model.default_size))
+
+
+def with_task_flags(cfg: UNetRunConfig, args) -> UNetRunConfig:
+    """--task and --factor (the upscaler's only, at least 2); :func:`~ldm.train.unet.with_model` then makes the
+    model over for them."""
+    if args.task:
+        cfg = replace(cfg, task=Task(args.task))
+    if args.factor is not None:
+        if args.factor < 2:
+            raise LdmError(f"--factor must be at least 2 (the output side / the input side), got {args.factor}; "
+                           "try --factor 2")  # fmt: skip
+        if cfg.task is not Task.UPSCALE:
+            raise LdmError(f"--factor is the upscaler's, and this run's task is {cfg.task.value}; pass --task upscale")
+        cfg = replace(cfg, upscale_factor=args.factor)
+    return cfg
 
 
 def with_unet_flags(cfg: UNetRunConfig, args) -> UNetRunConfig:

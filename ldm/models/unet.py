@@ -1,12 +1,16 @@
 """The denoiser: diffusers' ``UNet2DConditionModel`` with cross-attention on text hidden states.
 
-forward: (B, 4, h, w) noisy latents, (B,) timesteps, (B, 77, D) text states → (B, 4, h, w) prediction.
+forward: (B, C_in, h, w) noisy latents (with a task's extra channels, ``ldm.models.presets.task_input_channels``), (B,)
+timesteps, (B, 77, D) text states (and an upscaler's (B,) noise levels as ``class_labels``) → (B, C, h, w) prediction.
+:func:`widen_for_task` makes a text-to-image UNet into an inpainting or upscaling one that starts out the same.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
+import torch
+from accelerate import init_empty_weights
 from diffusers import UNet2DConditionModel
 
 
@@ -114,3 +118,31 @@ class UNetConfig:
 def build_unet(config: UNetConfig) -> UNet2DConditionModel:
     """A randomly initialised UNet of the given shape."""
     return UNet2DConditionModel(**config.diffusers_kwargs())
+
+
+def widen_for_task(unet: UNet2DConditionModel, config: UNetConfig) -> UNet2DConditionModel:
+    """A UNet of ``config`` that starts as ``unet`` does: its weights, with the input channels of ``conv_in`` beyond
+    ``unet``'s zero and, where ``config`` has a class embedding that ``unet`` lacks, a zero one. So at step 0 it
+    predicts what ``unet`` predicts on the first channels, whatever the extra channels and class labels hold: an
+    inpainting or upscaling model made from a text-to-image one starts as that model, and learns to read its new
+    inputs. Only ``in_channels`` (not fewer), ``num_class_embeds`` (added, not changed) and ``sample_size`` may
+    differ from ``unet``'s config; ``unet`` is left as it is, and the new UNet has its dtype and device."""
+    base = UNetConfig.from_diffusers(dict(unet.config))
+    if replace(config, in_channels=base.in_channels, num_class_embeds=base.num_class_embeds,
+               sample_size=base.sample_size) != base:  # fmt: skip
+        raise ValueError("widen_for_task changes a UNet's input channels, class embedding and sample size only")
+    if config.in_channels < base.in_channels:
+        raise ValueError(f"widen_for_task adds input channels: the UNet has {base.in_channels}, more than "
+                         f"{config.in_channels}")
+    if base.num_class_embeds is not None and config.num_class_embeds != base.num_class_embeds:
+        raise ValueError("widen_for_task adds a class embedding; the UNet's own cannot be changed")
+    state = {name: tensor.detach().clone() for name, tensor in unet.state_dict().items()}
+    weight = state["conv_in.weight"]  # (O, C_base, 3, 3)
+    extra = weight.new_zeros(weight.shape[0], config.in_channels - weight.shape[1], *weight.shape[2:])
+    state["conv_in.weight"] = torch.cat([weight, extra], dim=1)  # (O, C_config, 3, 3)
+    with init_empty_weights():
+        widened = UNet2DConditionModel(**config.diffusers_kwargs())
+    for name, tensor in widened.state_dict().items():  # the class embedding, when new
+        state.setdefault(name, torch.zeros(tensor.shape, dtype=weight.dtype, device=weight.device))
+    widened.load_state_dict(state, strict=True, assign=True)
+    return widened.train(unet.training)

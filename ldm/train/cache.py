@@ -150,12 +150,13 @@ class UNetItems(Dataset):
     """The usable pairs of a scanned folder, each at its target size.
 
     Item ``i``: ``caption`` (after dropout), ``index`` and either ``mean``/``logvar`` (C, h, w) from ``cache`` — the
-    mirrored entry when the item's flip is drawn — or ``pixel_values`` (3, H, W) in [-1, 1].
+    mirrored entry when the item's flip is drawn — or ``pixel_values`` (3, H, W) in [-1, 1]; with ``pixels`` both
+    (inpainting and upscaling training encode a masked or low-res version of the same crop every step).
     """
 
     def __init__(
         self, report: ScanReport, *, targets: Sequence[Size], center_crop: bool, flip_p: float,
-        caption_dropout: float = 0.0, seed: int = 0, cache: FeatureCache | None = None,
+        caption_dropout: float = 0.0, seed: int = 0, cache: FeatureCache | None = None, pixels: bool = False,
     ):  # fmt: skip
         if len(targets) != len(report.pairs):
             raise ValueError("one target size per usable pair is needed")
@@ -163,6 +164,7 @@ class UNetItems(Dataset):
         self.center_crop, self.flip_p, self.caption_dropout = center_crop, flip_p, caption_dropout
         self.seed, self.epoch = seed, 0
         self.cache = cache if cache is not None and cache.has_latents else None
+        self.pixels = pixels
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -178,11 +180,12 @@ class UNetItems(Dataset):
             generator=generator,
         )  # fmt: skip
         caption = drop_captions([pair.caption], self.caption_dropout, generator)[0]
+        item = {}
         if self.cache is not None:
-            mean, logvar = self.cache.latent(index, flipped=plan.flip)
-            return {"mean": mean, "logvar": logvar, "caption": caption, "index": index}
-        image = read_scanned_image(pair.image)
-        return {"pixel_values": crop_tensor(image, plan), "caption": caption, "index": index}
+            item["mean"], item["logvar"] = self.cache.latent(index, flipped=plan.flip)
+        if self.cache is None or self.pixels:
+            item["pixel_values"] = crop_tensor(read_scanned_image(pair.image), plan)
+        return item | {"caption": caption, "index": index}
 
 
 # --- the feature cache -----------------------------------------------------------------------------------------------

@@ -7,6 +7,11 @@ classifier-free guidance (``loss.caption_dropout``). Latents are posterior sampl
 from the bundle config. VAE posteriors and caption hidden states are cached (see ``ldm.train.cache``) unless
 ``cache.enabled`` is false. ``lora.rank`` > 0 trains LoRA adapters only and writes ``OUT/lora.safetensors``.
 
+``task`` inpaint or upscale trains, from a text-to-image bundle, a UNet that also reads a masked image or a
+low-resolution one (the inputs: ``ldm.train.tasks``); its UNet starts as the base's, the new input channels of
+``conv_in`` and the noise-level embedding zero (``ldm.models.unet.widen_for_task``). A bundle of that task already is
+trained on as it is.
+
 :func:`run` is the whole run, in the order of its named steps: the base bundle, the training data, the held-out set,
 what is trained, the step, the validation, the end (the final validation, ``OUT/eval.json`` and the bundle).
 """
@@ -14,7 +19,9 @@ what is trained, the step, the validation, the end (the final validation, ``OUT/
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
+import math
 import sys
 import time
 from collections.abc import Callable
@@ -27,10 +34,13 @@ from diffusers.training_utils import EMAModel
 from torch import nn
 
 from ldm.data import DataConfig, ScanReport, held_out, report_dataset
+from ldm.data.dataset import read_scanned_image
 from ldm.errors import LdmError
 from ldm.formats.bundle import Bundle, load_bundle, save_bundle
-from ldm.models.presets import ModelConfig
+from ldm.images import fit_tensor, signed_to_unit
+from ldm.models.presets import ModelConfig, Task
 from ldm.models.tokenizer import tokenize
+from ldm.models.unet import widen_for_task
 from ldm.pipeline import DEFAULT_GUIDANCE, DEFAULT_SAMPLER, DEFAULT_STEPS, Request, generate
 from ldm.pipeline.schedule import get_sampler
 from ldm.train.cache import (
@@ -73,6 +83,15 @@ from ldm.train.objectives import (
     timestep_bucket_edges,
     training_target,
     weighted_mse,
+)
+from ldm.train.tasks import (
+    Condition,
+    TaskInputConfig,
+    downsample,
+    make_condition,
+    masked_image,
+    random_masks,
+    unet_input,
 )
 
 # --- the run config -----------------------------------------------------------------------------------------------
@@ -117,11 +136,14 @@ class ValidationConfig:
     sampler: str = DEFAULT_SAMPLER
     timestep_buckets: int = 5  # held-out loss reported per this many ranges of t
     eval_images: int = 64  # at most this many held-out images
+    noise_level: int = 20  # task upscale: the noise level of the grids' low-res inputs (generate.py's default)
 
     def __post_init__(self):  # checked when the config is read, not at the first validation mid-run
         for name, fix in (("num_prompts", 4), ("steps", 20), ("timestep_buckets", 5), ("eval_images", 64)):
             if getattr(self, name) < 1:
                 raise ValueError(f"validation.{name} must be at least 1, got {getattr(self, name)}; try {fix}")
+        if self.noise_level < 0:  # its upper bound, the UNet's noise levels, is checked against the model
+            raise ValueError(f"validation.noise_level must be at least 0, got {self.noise_level}; try 20")
         if self.guidance_scale < 0:
             raise ValueError(
                 f"validation.guidance_scale must be at least 0 (≤ 1: no guidance), got {self.guidance_scale}"
@@ -140,11 +162,15 @@ UNET_TRAIN = TrainConfig(
 
 @dataclass(frozen=True, kw_only=True)
 class UNetRunConfig:
-    # The bundle's (None: filled in from it by with_model); only model.schedule may differ: what the UNet is
-    # trained for.
+    # The bundle's, made over for the task (None: filled in from it by with_model); only model.schedule may differ:
+    # what the UNet is trained for.
     model: ModelConfig | None = None
     data: DataConfig
     bundle: str  # the bundle whose UNet is trained (and whose VAE, text encoder, tokenizer are used)
+    # What the UNet learns: text_to_image, inpaint or upscale (by upscale_factor; data.resolution is the output's)
+    task: Task = Task.TEXT_TO_IMAGE
+    upscale_factor: int = 2  # task upscale: output side / input side
+    task_inputs: TaskInputConfig = field(default_factory=TaskInputConfig)  # inpaint masks, upscale noise levels
     train: TrainConfig = UNET_TRAIN
     loss: LossConfig = field(default_factory=LossConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
@@ -158,6 +184,11 @@ class UNetRunConfig:
     eval_data: str = ""  # held-out folder: loss per timestep range at every validation
     name: str = ""  # the written bundle's name (PNG metadata says "Model: NAME"); "" = the base bundle's
 
+    def __post_init__(self):
+        if self.upscale_factor < 2:
+            raise ValueError(f"upscale_factor must be at least 2 (the output side / the input side), got "
+                             f"{self.upscale_factor}; try 2")  # fmt: skip
+
 
 def bundle_config(path: str) -> ModelConfig:
     """The model config of the bundle at ``path``, with a message that says what to pass when there is none."""
@@ -166,49 +197,100 @@ def bundle_config(path: str) -> ModelConfig:
     return load_bundle(path, verify=False).config
 
 
+def task_model(model: ModelConfig, *, task: Task, upscale_factor: int, what: str) -> ModelConfig:
+    """The config of the model that training ``what`` (a bundle whose config is ``model``) for ``task`` makes:
+    ``model`` itself when it is of that task already (a fine-tune continued), else its text-to-image config made over
+    for the task (a noise-level embedding of one level per training timestep for an upscaler)."""
+    if model.task is task:
+        if task is Task.UPSCALE and model.upscale_factor != upscale_factor:
+            raise LdmError(f"{what} is an x{model.upscale_factor} upscaler; pass --factor {model.upscale_factor} "
+                           "to train it further, or start another factor from a text_to_image bundle")  # fmt: skip
+        return model
+    if model.task is not Task.TEXT_TO_IMAGE:
+        needs = "trains text_to_image bundles only" if task is Task.TEXT_TO_IMAGE else (
+            f"starts from a text_to_image bundle (or a {task.value} one, to train it further)")  # fmt: skip
+        raise LdmError(f"{what} is an {model.task.value} model, and --task {task.value} {needs}; pass --task "
+                       f"{model.task.value} to train it further, or another --bundle")  # fmt: skip
+    return model.for_task(task, upscale_factor=upscale_factor, noise_levels=model.schedule.num_train_timesteps)
+
+
 def with_model(cfg: UNetRunConfig) -> UNetRunConfig:
-    """``cfg`` with its model filled in from its bundle when the run config leaves it out."""
-    return cfg if cfg.model is not None else replace(cfg, model=bundle_config(cfg.bundle))
+    """``cfg`` with its model filled in from its bundle when the run config leaves it out, made over for its task."""
+    model = cfg.model if cfg.model is not None else bundle_config(cfg.bundle)
+    model = task_model(model, task=cfg.task, upscale_factor=cfg.upscale_factor, what=f"the bundle {cfg.bundle}")
+    return cfg if model == cfg.model else replace(cfg, model=model)
 
 
 def check_model(cfg: UNetRunConfig, base: Bundle) -> None:
-    """The run config's model must be the bundle's, but for the schedule (which LoRA must keep as well)."""
-    for part in ("vae", "text_encoder", "unet"):
-        if getattr(cfg.model, part) != getattr(base.config, part):
+    """The run config's model must be the bundle's made over for the task, but for the schedule (which LoRA must
+    keep as well); the task's settings must fit the model and the data."""
+    expected = task_model(base.config, task=cfg.task, upscale_factor=cfg.upscale_factor,
+                          what=f"the bundle {cfg.bundle}")  # fmt: skip
+    for part in ("vae", "text_encoder", "unet", "task", "upscale_factor"):
+        if getattr(cfg.model, part) != getattr(expected, part):
             raise LdmError(
                 f"model.{part} differs from the bundle {cfg.bundle}'s; only model.schedule may be changed (the UNet is "
-                "trained for it), the parts' shapes come from the bundle"
+                "trained for it), the parts' shapes come from the bundle and the task"
             )
     if cfg.lora.rank and cfg.model.schedule != base.config.schedule:
         raise LdmError(
             "LoRA adapters keep the base model's schedule and prediction type; train without --lora-rank to change them"
         )
+    if cfg.lora.rank and base.config.task is not cfg.task:
+        raise LdmError(f"--task {cfg.task.value} from a {base.config.task.value} bundle trains the UNet's new input "
+                       "channels, which LoRA adapters leave out; train without --lora-rank")  # fmt: skip
     factor, unet = base.config.vae.downsampling_factor, base.config.unet
     if cfg.buckets.step % factor:
         raise LdmError(f"buckets.step must be a multiple of the VAE's downsampling factor {factor}, got "
                        f"{cfg.buckets.step}; try {max(factor, cfg.buckets.step // factor * factor)}")  # fmt: skip
+    check_task(cfg)
     check_training_size(side=cfg.data.resolution, factor=factor, batch=cfg.train.batch_size,
                         channels=unet.block_out_channels, layers=unet.layers_per_block, what="UNet training",
                         input_scale=factor)  # fmt: skip
+
+
+def check_task(cfg: UNetRunConfig) -> None:
+    """An upscaler's data side and bucket step must be multiples of the factor × the VAE's factor (the low-res image
+    encodes to whole latents), and its noise levels must be ones the UNet embeds."""
+    if cfg.task is not Task.UPSCALE:
+        return
+    f, vae_factor, levels = cfg.upscale_factor, cfg.model.vae.downsampling_factor, cfg.model.unet.num_class_embeds
+    cell, side = f * vae_factor, cfg.data.resolution
+    if side % cell:
+        fix = max(cell, side // cell * cell)
+        raise LdmError(f"an x{f} upscaler trains at a data.resolution that is a multiple of {cell} ({f} × the VAE's "
+                       f"{vae_factor} pixels per latent), got {side}; try --resolution {fix}")  # fmt: skip
+    if cfg.buckets.step % cell:
+        raise LdmError(f"an x{f} upscaler needs buckets.step a multiple of {cell} ({f} × the VAE's {vae_factor}), got "
+                       f"{cfg.buckets.step}; try {max(cell, cfg.buckets.step // cell * cell)}")  # fmt: skip
+    top = min(levels, cfg.model.schedule.num_train_timesteps)
+    if cfg.task_inputs.max_noise_level > top:
+        raise LdmError(f"task_inputs.max_noise_level must be at most {top} (the UNet's noise levels), got "
+                       f"{cfg.task_inputs.max_noise_level}; try {min(350, top)}")  # fmt: skip
+    if cfg.validation.noise_level >= top:
+        raise LdmError(f"validation.noise_level must be below {top} (the UNet's noise levels), got "
+                       f"{cfg.validation.noise_level}; try {min(20, top - 1)}")  # fmt: skip
 
 
 # --- what a run builds and leaves -----------------------------------------------------------------------------------
 
 
 class Denoiser(nn.Module):
-    """(x_t, t, text) → the UNet's prediction, with the text encoder inside when it is trained, so that accelerate/DDP
-    see every trained parameter in one forward. Checkpoints keep the trained parameters only."""
+    """(x_t and the task's channels, t, text, class labels) → the UNet's prediction, with the text encoder inside
+    when it is trained, so that accelerate/DDP see every trained parameter in one forward. Checkpoints keep the
+    trained parameters only."""
 
     def __init__(self, unet: nn.Module, text_encoder: nn.Module | None = None):
         super().__init__()
         self.unet = unet
         self.text_encoder = text_encoder
 
-    def forward(self, x_t: torch.Tensor, t: torch.Tensor, *, context: torch.Tensor | None = None,
-                input_ids: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
+    def forward(self, x_in: torch.Tensor, t: torch.Tensor, *, context: torch.Tensor | None = None,
+                input_ids: torch.Tensor | None = None,
+                class_labels: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
         if input_ids is not None:  # (B, L) token ids → (B, L, D) hidden states, with gradients
             context = self.text_encoder(input_ids).hidden_states
-        return self.unet(x_t, t, encoder_hidden_states=context).sample  # (B, C, h, w)
+        return self.unet(x_in, t, encoder_hidden_states=context, class_labels=class_labels).sample  # (B, C, h, w)
 
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
         return {name: p for name, p in self.named_parameters() if p.requires_grad}
@@ -240,6 +322,7 @@ class HeldOut:
     timesteps: torch.Tensor  # (K, N) one fixed t per bucket and image
     noise: torch.Tensor  # (K, N, C, h, w)
     features: FeatureCache | None = None  # the held-out captions' hidden states when the cache is on
+    condition: Condition = field(default_factory=Condition)  # the task's input per image: fixed masks / noise levels
 
 
 @dataclass
@@ -298,7 +381,7 @@ def run(cfg: UNetRunConfig, *, resume: str | None = None) -> RunResult:
     conditioning = TextConditioning(base, trains_text=cfg.train_text_encoder, accelerator=accelerator)
     result_bundle = replace(base, config=replace(base.config, schedule=cfg.model.schedule))
     validate = validation(cfg, result_bundle, model, conditioning, held, prompts=validation_prompts(cfg, data.report),
-                          accelerator=accelerator)  # fmt: skip
+                          report=data.report, accelerator=accelerator)  # fmt: skip
     started, first_step = time.monotonic(), state.progress.step
     train_loop(
         accelerator=accelerator, cfg=cfg.train, state=state, dataset=data.items, config=cfg,
@@ -318,10 +401,19 @@ def run(cfg: UNetRunConfig, *, resume: str | None = None) -> RunResult:
 
 
 def load_base(cfg: UNetRunConfig, accelerator: Accelerator) -> Bundle:
-    """The bundle whose UNet is trained, checked against the run config; its VAE frozen on the device, its text
-    encoder on the device too."""
+    """The bundle whose UNet is trained, checked against the run config and made over for the task (its config the
+    run's model with the bundle's schedule, its UNet widened); its VAE frozen on the device, its text encoder on the
+    device too."""
     base = load_bundle(cfg.bundle)
     check_model(cfg, base)
+    if base.config.task is not cfg.task:
+        base = replace(base, config=replace(cfg.model, schedule=base.config.schedule),
+                       unet=widen_for_task(base.unet, cfg.model.unet))  # fmt: skip
+        if accelerator.is_main_process:
+            added = cfg.model.unet.in_channels - cfg.model.vae.latent_channels
+            embedding = " and its noise-level embedding" if cfg.task is Task.UPSCALE else ""
+            print(f"note: the {cfg.task.value} UNet starts as the bundle's text-to-image one: its {added} new input "
+                  f"channels{embedding} start at zero")  # fmt: skip
     if accelerator.is_main_process:
         if base.config.vae.scaling_factor == 1.0:
             print("note: the VAE's scaling factor is 1.0 (not measured); train_vae.py measures it, and latents far "
@@ -351,6 +443,7 @@ def training_data(cfg: UNetRunConfig, base: Bundle, accelerator: Accelerator) ->
     items = UNetItems(
         report, targets=targets, center_crop=cfg.data.center_crop, flip_p=cfg.data.random_flip,
         caption_dropout=cfg.loss.caption_dropout, seed=cfg.train.seed, cache=cache,
+        pixels=cfg.task is not Task.TEXT_TO_IMAGE,  # the masked or low-res image is encoded every step
     )  # fmt: skip
     return TrainData(report=report, items=items, order=order, cache=cache)
 
@@ -360,8 +453,10 @@ def training_targets(cfg: UNetRunConfig, report: ScanReport, base: Bundle) -> tu
     r = cfg.data.resolution
     if not cfg.buckets.enabled:
         return [(r, r)] * len(report.pairs), None
-    step = cfg.buckets.step or bucket_step(
-        vae_factor=base.config.vae.downsampling_factor, unet_levels=len(base.config.unet.block_out_channels)
+    vae_factor = base.config.vae.downsampling_factor
+    step = cfg.buckets.step or math.lcm(
+        bucket_step(vae_factor=vae_factor, unet_levels=len(base.config.unet.block_out_channels)),
+        vae_factor * cfg.model.upscale_factor,  # an upscaler's low-res image encodes to whole latents
     )
     buckets = make_buckets(r, step=step, max_aspect=cfg.buckets.max_aspect)
     sizes = [report.sizes[pair.image] for pair in report.pairs]
@@ -420,8 +515,17 @@ def held_out_set(cfg: UNetRunConfig, base: Bundle, accelerator: Accelerator) -> 
     ranges = timestep_bucket_edges(cfg.model.schedule.num_train_timesteps, cfg.validation.timestep_buckets)
     timesteps = torch.stack([torch.randint(lo, hi, (n,), generator=generator) for lo, hi in ranges])  # (K, N)
     noise = torch.randn((len(ranges), *latents.shape), generator=generator)  # (K, N, C, h, w)
+    condition = Condition()
+    if cfg.task is not Task.TEXT_TO_IMAGE:  # one mask or noise level and noise per image, drawn after the above
+        condition_of, parts = task_conditioner(cfg, base, accelerator=accelerator), []
+        for start in range(0, n, cfg.cache.batch_size):
+            pixels = torch.stack([fit_tensor(read_scanned_image(pair.image), (r, r))
+                                  for pair in report.pairs[start : start + cfg.cache.batch_size]])  # fmt: skip
+            parts.append(condition_of(pixels.to(accelerator.device), generator=generator).to(torch.device("cpu")))
+        condition = Condition.cat(parts)
     return HeldOut(latents=latents, captions=[pair.caption for pair in report.pairs], buckets=ranges,
-                   timesteps=timesteps, noise=noise, features=features if cfg.cache.enabled else None)  # fmt: skip
+                   timesteps=timesteps, noise=noise, features=features if cfg.cache.enabled else None,
+                   condition=condition)  # fmt: skip
 
 
 def build_trainables(cfg: UNetRunConfig, base: Bundle, accelerator: Accelerator) -> Trainables:
@@ -521,12 +625,32 @@ def latents_of(batch: dict, vae: nn.Module, *, scaling: float, accelerator: Acce
     return (mean + torch.exp(0.5 * logvar) * n) * scaling  # (B, C, h, w)
 
 
+def task_conditioner(cfg: UNetRunConfig, base: Bundle, *, accelerator: Accelerator) -> Callable[..., Condition]:
+    """``condition_of(pixels, generator=None)``: the task's input (``ldm.train.tasks.make_condition``) of a batch of
+    signed pixels on the device, the masked or low-res images encoded by the frozen VAE (scaled posterior means)."""
+    scaling, ac = base.config.vae.scaling_factor, alphas_cumprod(cfg.model.schedule)
+
+    @torch.no_grad()
+    def encode(pixels: torch.Tensor) -> torch.Tensor:
+        with accelerator.autocast():
+            return base.vae.encode(pixels).latent_dist.mean.float() * scaling  # (B, C, H/f, W/f)
+
+    def condition_of(pixels: torch.Tensor, *, generator: torch.Generator | None = None) -> Condition:
+        return make_condition(cfg.task, pixels, encode=encode, config=cfg.task_inputs,
+                              upscale_factor=cfg.upscale_factor, alphas_cumprod=ac, generator=generator)  # fmt: skip
+
+    return condition_of
+
+
 def step_function(cfg: UNetRunConfig, base: Bundle, model: Trainables, conditioning: TextConditioning,
                   cache: FeatureCache | None, *, accelerator: Accelerator) -> StepFn:  # fmt: skip
-    """One micro-batch: noise the latents at random timesteps, predict, Min-SNR-weighted MSE, update."""
+    """One micro-batch: noise the latents at random timesteps, add the task's input (masks, noise levels: drawn
+    after the noise and timesteps, from the same global RNG), predict, Min-SNR-weighted MSE, update."""
     schedule, device = cfg.model.schedule, accelerator.device
     ac = alphas_cumprod(schedule)  # (T,)
     scaling = base.config.vae.scaling_factor
+    condition_of = task_conditioner(cfg, base, accelerator=accelerator)
+    text_only = cfg.task is Task.TEXT_TO_IMAGE
 
     def step_fn(batch: dict, step: int) -> dict[str, float]:
         with accelerator.accumulate(model.denoiser):
@@ -535,7 +659,9 @@ def step_function(cfg: UNetRunConfig, base: Bundle, model: Trainables, condition
             t = sample_timesteps(len(x0), schedule.num_train_timesteps).to(device)  # (B,)
             x_t = add_noise(x0, noise, t, ac)
             target = training_target(x0, noise, t, ac, schedule.prediction)
-            prediction = model.denoiser(x_t, t, **conditioning(batch["caption"], cache))
+            condition = Condition() if text_only else condition_of(batch["pixel_values"].to(device))
+            prediction = model.denoiser(unet_input(x_t, condition), t, class_labels=condition.class_labels,
+                                        **conditioning(batch["caption"], cache))  # fmt: skip
             weights = min_snr_weights(t, ac, gamma=cfg.loss.min_snr_gamma, prediction=schedule.prediction)
             loss = weighted_mse(prediction, target, weights)
             backward_step(accelerator, loss, model.optimizer, model.lr_scheduler, params=model.params,
@@ -549,8 +675,12 @@ def step_function(cfg: UNetRunConfig, base: Bundle, model: Trainables, condition
 
 
 def validation_prompts(cfg: UNetRunConfig, report: ScanReport) -> list[str]:
+    """The grids' prompts: the configured ones, else the first distinct captions of the data, or for inpaint and
+    upscale the captions of the images the grid starts from (:func:`task_examples`)."""
     if cfg.validation.prompts:
         return list(cfg.validation.prompts)
+    if cfg.task is not Task.TEXT_TO_IMAGE:
+        return [pair.caption for pair in report.pairs[: cfg.validation.num_prompts]]
     distinct = list(dict.fromkeys(pair.caption for pair in report.pairs if pair.caption))
     return distinct[: cfg.validation.num_prompts] or [""]
 
@@ -569,14 +699,71 @@ def ema_weights(ema, module: nn.Module):
         ema.restore(module.parameters())
 
 
+@dataclass
+class TaskExamples:
+    """What an inpaint or upscale grid starts from, and what its first row shows of it."""
+
+    images: torch.Tensor  # (N, 3, H, W) in [0, 1]
+    shown: torch.Tensor  # (N, 3, H, W) in [0, 1]: the masked images, or the low-res ones enlarged (nearest)
+    mask: torch.Tensor | None = None  # inpaint: (N, 1, H, W), 1 = repaint
+    low_res: torch.Tensor | None = None  # upscale: (N, 3, H/f, W/f) in [0, 1]
+
+
+def task_examples(cfg: UNetRunConfig, report: ScanReport, count: int) -> TaskExamples:
+    """The first ``count`` training images (centre crops, repeated when there are fewer), with masks drawn once
+    from the validation seed (rectangles or strokes, never the whole image: the grid shows what is kept) or their
+    low-res versions."""
+    r, f = cfg.data.resolution, cfg.upscale_factor
+    pairs = [report.pairs[i % len(report.pairs)] for i in range(count)]
+    pixels = torch.stack([fit_tensor(read_scanned_image(pair.image), (r, r)) for pair in pairs])  # (N, 3, r, r)
+    if cfg.task is Task.INPAINT:
+        shapes = replace(cfg.task_inputs, rectangle_masks=0.5, stroke_masks=0.5, full_masks=0.0)
+        mask = random_masks(count, height=r, width=r, config=shapes,
+                            generator=torch.Generator().manual_seed(cfg.validation.seed))  # fmt: skip
+        return TaskExamples(images=signed_to_unit(pixels), shown=signed_to_unit(masked_image(pixels, mask)), mask=mask)
+    low_res = signed_to_unit(downsample(pixels, f))  # (N, 3, r/f, r/f)
+    return TaskExamples(images=signed_to_unit(pixels), low_res=low_res,
+                        shown=torch.nn.functional.interpolate(low_res, scale_factor=f, mode="nearest"))  # fmt: skip
+
+
+def task_request(task: Task, settings: dict, examples: TaskExamples, *, noise_level: int,
+                 request_type: type | None = None) -> Request | None:  # fmt: skip
+    """The :class:`~ldm.pipeline.Request` of an inpaint or upscale grid: ``settings`` (prompts, seeds, steps, sampler,
+    size) and the task's inputs, inpaint ``image``, ``strength`` 1 and ``mask``, upscale ``low_res`` and
+    ``noise_level``. None while ``request_type`` (default: ldm.pipeline's Request) has no such fields: sampling for
+    the tasks is not there yet."""
+    inputs = {
+        Task.INPAINT: {"image": examples.images, "strength": 1.0, "mask": examples.mask},
+        Task.UPSCALE: {"low_res": examples.low_res, "noise_level": noise_level},
+    }[task]  # fmt: skip
+    request_type = request_type or Request  # looked up at the call: the one ldm.pipeline has now
+    if not set(inputs) <= {f.name for f in dataclasses.fields(request_type)}:
+        return None
+    return request_type(**settings, **inputs)
+
+
 def validation(cfg: UNetRunConfig, bundle: Bundle, model: Trainables, conditioning: TextConditioning,
-               held: HeldOut | None, *, prompts: list[str],
+               held: HeldOut | None, *, prompts: list[str], report: ScanReport,
                accelerator: Accelerator) -> Callable[[int], dict[str, float]]:  # fmt: skip
-    """``validate(step)``: on the main process, the sample grid of ``prompts`` (``samples/``, TensorBoard) and the
-    held-out losses (logged and returned), with the EMA weights; the training weights, modes and RNG are left as
-    they were. ``bundle`` is the one being trained, with the schedule it is trained for."""
+    """``validate(step)``: on the main process, the sample grid of ``prompts`` (``samples/``, TensorBoard; for inpaint
+    and upscale a row of inputs from ``report``'s images above the results) and the held-out losses (logged and
+    returned), with the EMA weights; the training weights, modes and RNG are left as they were. ``bundle`` is the
+    one being trained, with the schedule it is trained for."""
     out, v, r = Path(cfg.train.output_dir), cfg.validation, cfg.data.resolution
     devices = [accelerator.device] if accelerator.device.type == "cuda" else []
+    settings = dict(
+        prompts=prompts, negative_prompts=[""] * len(prompts), seeds=[v.seed + i for i in range(len(prompts))],
+        steps=v.steps, guidance_scale=v.guidance_scale, sampler=get_sampler(v.sampler), width=r, height=r,
+    )  # fmt: skip
+    examples, request = None, None
+    if cfg.task is Task.TEXT_TO_IMAGE:
+        request = Request(**settings)
+    elif accelerator.is_main_process:
+        examples = task_examples(cfg, report, len(prompts))
+        request = task_request(cfg.task, settings, examples, noise_level=v.noise_level)
+        if request is None:
+            print(f"note: ldm.pipeline.Request takes no {cfg.task.value} inputs yet, so the validation grids are "
+                  "skipped; the held-out losses are not")  # fmt: skip
 
     @torch.no_grad()
     def validate(step: int) -> dict[str, float]:
@@ -586,12 +773,10 @@ def validation(cfg: UNetRunConfig, bundle: Bundle, model: Trainables, conditioni
         with torch.random.fork_rng(devices=devices), ema_weights(model.ema, model.unet):
             model.unet.eval()
             model.text_encoder.eval()
-            request = Request(
-                prompts=prompts, negative_prompts=[""] * len(prompts), seeds=[v.seed + i for i in range(len(prompts))],
-                steps=v.steps, guidance_scale=v.guidance_scale, sampler=get_sampler(v.sampler), width=r, height=r,
-            )  # fmt: skip
-            images = generate(bundle, request, progress=False)  # (N, 3, H, W) in [0, 1]
-            log_grid(accelerator, "samples", image_grid(images, columns=len(images)), step, out)
+            if request is not None:
+                images = generate(bundle, request, progress=False)  # (N, 3, H, W) in [0, 1]
+                rows = images if examples is None else torch.cat([examples.shown, images])  # inputs above results
+                log_grid(accelerator, "samples", image_grid(rows, columns=len(images)), step, out)
             if held is not None:
                 losses = held_out_losses(held, denoiser=accelerator.unwrap_model(model.denoiser),
                                          conditioning=lambda captions: conditioning(captions, held.features),
@@ -618,8 +803,10 @@ def held_out_losses(held: HeldOut, *, denoiser, conditioning, schedule, batch_si
             end = min(start + batch_size, len(held.latents))
             x0 = held.latents[start:end].to(device)
             noise, t = held.noise[k, start:end].to(device), held.timesteps[k, start:end].to(device)
+            condition = held.condition.rows(start, end).to(device)
             with accelerator.autocast():
-                pred = denoiser(add_noise(x0, noise, t, ac), t, **conditioning(held.captions[start:end]))
+                x_in = unet_input(add_noise(x0, noise, t, ac), condition)
+                pred = denoiser(x_in, t, class_labels=condition.class_labels, **conditioning(held.captions[start:end]))
             total += weighted_mse(pred, training_target(x0, noise, t, ac, prediction)).item() * (end - start)
         width = len(str(held.buckets[-1][1] - 1))
         losses[f"eval/loss_t{lo:0{width}d}-{hi - 1:0{width}d}"] = total / len(held.latents)
@@ -651,7 +838,8 @@ def finish(cfg: UNetRunConfig, bundle: Bundle, model: Trainables, validate, resu
         written = replace(bundle, vae=bundle.vae.cpu(), text_encoder=model.text_encoder.cpu(), unet=model.unet.cpu(),
                           name=cfg.name or bundle.name)  # fmt: skip
         result.bundle_dir = save_bundle(written, out / "bundle")
-        print(f"bundle written to {result.bundle_dir} (UNet trained for {cfg.model.schedule.prediction.value})")
+        task = "" if cfg.task is Task.TEXT_TO_IMAGE else f"{cfg.task.value} "
+        print(f"bundle written to {result.bundle_dir} ({task}UNet trained for {cfg.model.schedule.prediction.value})")
     accelerator.end_training()
 
 

@@ -103,13 +103,16 @@ def test_cached_items_equal_encoded_pixels(micro_bundle_dir, data, tmp_path):
     plain = {"report": report, "targets": targets, "center_crop": True, "flip_p": 0.5, "caption_dropout": 0.5,
              "seed": 4}  # fmt: skip
     cached_items, pixel_items = UNetItems(**plain, cache=cache), UNetItems(**plain)
+    both_items = UNetItems(**plain, cache=cache, pixels=True)  # inpainting and upscaling also encode the crop
     flips = 0
     for epoch in (0, 1):
-        cached_items.set_epoch(epoch)
-        pixel_items.set_epoch(epoch)
+        for items in (cached_items, pixel_items, both_items):
+            items.set_epoch(epoch)
         for i in range(len(report.pairs)):
-            a, b = cached_items[i], pixel_items[i]
+            a, b, both = cached_items[i], pixel_items[i], both_items[i]
             assert a["caption"] == b["caption"]  # the same dropout draw
+            assert "pixel_values" not in a and "mean" not in b
+            assert torch.equal(both["mean"], a["mean"]) and torch.equal(both["pixel_values"], b["pixel_values"])
             with torch.no_grad():
                 posterior = bundle.vae.encode(b["pixel_values"][None]).latent_dist
             torch.testing.assert_close(a["mean"], posterior.mean[0], atol=1e-5, rtol=1e-4)
