@@ -201,12 +201,12 @@ def start(bundle, request, scheduler, generators: list[torch.Generator], *, shap
 
 def augmented_low_res(bundle, low_res: torch.Tensor, level: int, generators: list[torch.Generator], *,
                       shape: tuple[int, ...], device, dtype) -> torch.Tensor:  # fmt: skip
-    """The low-resolution image's latents, upsampled (nearest) to the output's latent size and noised to ``level``
-    by the model's own forward process (the training side's noise augmentation)."""
+    """The low-resolution image's latents noised to ``level`` by the model's own forward process, at their own size,
+    then upsampled (nearest) to the output's latent size: the training side's noise augmentation
+    (:func:`ldm.train.tasks.upscale_condition`), so the two see noise of one structure."""
     config = bundle.config
     latents = encode_mean(bundle.vae, low_res, scaling=config.vae.scaling_factor).float()
-    latents = F.interpolate(latents, scale_factor=config.upscale_factor, mode="nearest")
     noise = randn_tensor(latents.shape, generator=generators, device=latents.device, dtype=torch.float32)
     forward = DDPMScheduler.from_config(config.schedule.diffusers_config())
     noised = forward.add_noise(latents, noise, torch.full((shape[0],), level, dtype=torch.long))
-    return noised.to(device, dtype)
+    return F.interpolate(noised, scale_factor=config.upscale_factor, mode="nearest").to(device, dtype)

@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from ldm.models.presets import Task
+from ldm.pipeline.modes import latent_mask
 from ldm.train.objectives import add_noise
 
 
@@ -130,9 +131,11 @@ def masked_image(pixels: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 
 def inpaint_condition(mask: torch.Tensor, masked_latents: torch.Tensor) -> torch.Tensor:
-    """(B, 1 + C, h, w): the mask (B, 1, H, W) brought to the latent size (nearest), then the masked image's latents
-    (B, C, h, w): what the UNet sees after x_t."""
-    small = F.interpolate(mask.to(masked_latents), size=masked_latents.shape[-2:])  # (B, 1, h, w)
+    """(B, 1 + C, h, w): the mask (B, 1, H, W) brought to the latent size as sampling brings it
+    (:func:`ldm.pipeline.modes.latent_mask`: a cell is masked when any of its pixels is), then the masked image's
+    latents (B, C, h, w): what the UNet sees after x_t."""
+    factor = mask.shape[-1] // masked_latents.shape[-1]
+    small = latent_mask(mask, factor).to(masked_latents)  # (B, 1, h, w)
     return torch.cat([small, masked_latents], dim=1)
 
 

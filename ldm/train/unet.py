@@ -19,7 +19,6 @@ what is trained, the step, the validation, the end (the final validation, ``OUT/
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import json
 import math
 import sys
@@ -726,20 +725,15 @@ def task_examples(cfg: UNetRunConfig, report: ScanReport, count: int) -> TaskExa
                         shown=torch.nn.functional.interpolate(low_res, scale_factor=f, mode="nearest"))  # fmt: skip
 
 
-def task_request(task: Task, settings: dict, examples: TaskExamples, *, noise_level: int,
-                 request_type: type | None = None) -> Request | None:  # fmt: skip
+def task_request(task: Task, settings: dict, examples: TaskExamples, *, noise_level: int) -> Request:
     """The :class:`~ldm.pipeline.Request` of an inpaint or upscale grid: ``settings`` (prompts, seeds, steps, sampler,
     size) and the task's inputs, inpaint ``image``, ``strength`` 1 and ``mask``, upscale ``low_res`` and
-    ``noise_level``. None while ``request_type`` (default: ldm.pipeline's Request) has no such fields: sampling for
-    the tasks is not there yet."""
+    ``noise_level``."""
     inputs = {
         Task.INPAINT: {"image": examples.images, "strength": 1.0, "mask": examples.mask},
         Task.UPSCALE: {"low_res": examples.low_res, "noise_level": noise_level},
     }[task]  # fmt: skip
-    request_type = request_type or Request  # looked up at the call: the one ldm.pipeline has now
-    if not set(inputs) <= {f.name for f in dataclasses.fields(request_type)}:
-        return None
-    return request_type(**settings, **inputs)
+    return Request(**settings, **inputs)
 
 
 def validation(cfg: UNetRunConfig, bundle: Bundle, model: Trainables, conditioning: TextConditioning,
@@ -761,9 +755,6 @@ def validation(cfg: UNetRunConfig, bundle: Bundle, model: Trainables, conditioni
     elif accelerator.is_main_process:
         examples = task_examples(cfg, report, len(prompts))
         request = task_request(cfg.task, settings, examples, noise_level=v.noise_level)
-        if request is None:
-            print(f"note: ldm.pipeline.Request takes no {cfg.task.value} inputs yet, so the validation grids are "
-                  "skipped; the held-out losses are not")  # fmt: skip
 
     @torch.no_grad()
     def validate(step: int) -> dict[str, float]:

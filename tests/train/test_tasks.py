@@ -1,13 +1,11 @@
 """The extra inputs of inpainting and upscaling training: the masks, the input layouts and the grids' Request."""
 
-import dataclasses
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 from ldm.models.presets import Task
-from ldm.pipeline import Request
 from ldm.pipeline.schedule import ScheduleConfig, get_sampler
 from ldm.train.objectives import add_noise, alphas_cumprod
 from ldm.train.tasks import (
@@ -24,17 +22,6 @@ from ldm.train.tasks import (
 from ldm.train.unet import TaskExamples, task_request
 
 SHAPES_ONLY = TaskInputConfig(rectangle_masks=0.5, stroke_masks=0.5, full_masks=0.0)
-
-
-@dataclasses.dataclass(frozen=True, kw_only=True)
-class PlannedRequest(Request):
-    """The Request that ``generate`` is to take for the tasks (its fields as planned)."""
-
-    image: torch.Tensor | None = None  # (B, 3, H, W) in [0, 1]
-    strength: float = 1.0
-    mask: torch.Tensor | None = None  # (B, 1, H, W) in [0, 1], 1 = repaint
-    low_res: torch.Tensor | None = None  # (B, 3, H/f, W/f) in [0, 1]
-    noise_level: int = 20
 
 
 def masks(config, n=64, *, size=(32, 48), seed=0):
@@ -84,10 +71,11 @@ def test_inpaint_input_layout():
     latents = torch.randn(2, 4, 2, 2)
     channels = inpaint_condition(mask, latents)  # (2, 1 + 4, 2, 2)
     assert channels.shape == (2, 5, 2, 2)
-    assert torch.equal(channels[:, :1], mask[:, :, ::8, ::8])  # nearest: the top-left pixel of each 8×8 cell
+    cells = torch.nn.functional.max_pool2d(mask, 8)  # a cell is masked when any of its pixels is, as in sampling
+    assert torch.equal(channels[:, :1], cells)
     assert torch.equal(channels[:, 1:], latents)
     x_t = torch.randn(2, 4, 2, 2)
-    assert torch.equal(unet_input(x_t, Condition(channels=channels)), torch.cat([x_t, mask[:, :, ::8, ::8], latents], 1))
+    assert torch.equal(unet_input(x_t, Condition(channels=channels)), torch.cat([x_t, cells, latents], 1))
     assert unet_input(x_t, Condition()) is x_t
 
 
@@ -135,14 +123,9 @@ def test_task_request_fills_the_planned_fields_once_request_has_them():
                     sampler=get_sampler("ddim"), width=64, height=64)  # fmt: skip
     examples = TaskExamples(images=torch.rand(2, 3, 64, 64), shown=torch.rand(2, 3, 64, 64),
                             mask=torch.ones(2, 1, 64, 64), low_res=torch.rand(2, 3, 32, 32))  # fmt: skip
-    text_only = dataclasses.make_dataclass("TextOnlyRequest", [(name, object) for name in settings], frozen=True,
-                                           kw_only=True)  # the Request of text-to-image sampling alone
-    for task in (Task.INPAINT, Task.UPSCALE):
-        assert task_request(task, settings, examples, noise_level=30, request_type=text_only) is None  # grid skipped
-
-    inpaint = task_request(Task.INPAINT, settings, examples, noise_level=30, request_type=PlannedRequest)
+    inpaint = task_request(Task.INPAINT, settings, examples, noise_level=30)
     assert inpaint.image is examples.images and inpaint.mask is examples.mask and inpaint.low_res is None
     assert inpaint.strength == 1.0 and inpaint.prompts == ["a", "b"]
-    upscale = task_request(Task.UPSCALE, settings, examples, noise_level=30, request_type=PlannedRequest)
+    upscale = task_request(Task.UPSCALE, settings, examples, noise_level=30)
     assert upscale.low_res is examples.low_res and upscale.noise_level == 30 and upscale.image is None
 

@@ -5,9 +5,7 @@ import re
 import shutil
 
 import pytest
-import torch
 from PIL import Image
-from test_tasks import PlannedRequest
 from test_train_unet import COMMON, args, assert_same_checkpoints, write_shapes
 
 import ldm.train.unet as unet_run
@@ -33,14 +31,14 @@ def inpaint_bundle_dir(tmp_path_factory):
 
 @pytest.fixture
 def planned_sampling(monkeypatch):
-    """The Request the sampling side is to take, and a stand-in for its generate: the requests it was given."""
+    """The validation's generate, watched: the requests it was given (the real sampling runs them)."""
     requests = []
+    real = unet_run.generate
 
     def generate(bundle, request, *, progress):
         requests.append(request)
-        return torch.rand(len(request.prompts), 3, request.height, request.width)
+        return real(bundle, request, progress=progress)
 
-    monkeypatch.setattr(unet_run, "Request", PlannedRequest)
     monkeypatch.setattr(unet_run, "generate", generate)
     return requests
 
@@ -64,7 +62,7 @@ def test_inpaint_run_resumes_exactly_and_writes_an_inpainting_bundle(micro_bundl
                                                                      planned_sampling):  # fmt: skip
     """Cached latents of the clean images, the masked ones encoded every step, masks from the training RNG."""
     common = [*COMMON, "--task", "inpaint", "--eval-data", str(shapes), "--cache-dir", str(tmp_path / "cache"),
-              "--set", "train.checkpoint_every=2", "--set", "validation.num_prompts=2"]  # fmt: skip
+              "--set", "train.checkpoint_every=2", "--set", "validation.num_prompts=2", "--set", "validation.steps=2"]  # fmt: skip
     out = run_killed_and_resumed(micro_bundle_dir, shapes, tmp_path, common)
     bundle = load_bundle(out / "bundle")
     assert bundle.config.task is Task.INPAINT and bundle.config.unet.in_channels == 2 * 4 + 1
@@ -84,7 +82,7 @@ def test_upscale_run_resumes_exactly_and_writes_an_upscaling_bundle(micro_bundle
     """No cache, 64-px images from 32-px ones (the default would be the bundle's size × 2: 128)."""
     common = [*COMMON, "--task", "upscale", "--factor", "2", "--resolution", "64", "--no-cache",
               "--eval-data", str(shapes), "--set", "train.checkpoint_every=2", "--set", "validation.num_prompts=2",
-              "--set", "validation.noise_level=30"]  # fmt: skip
+              "--set", "validation.noise_level=30", "--set", "validation.steps=2"]  # fmt: skip
     out = run_killed_and_resumed(micro_bundle_dir, shapes, tmp_path, common)
     config = load_bundle(out / "bundle").config
     assert config.task is Task.UPSCALE and config.upscale_factor == 2 and config.unet.in_channels == 2 * 4
