@@ -38,6 +38,9 @@ def build_parser() -> ArgumentParser:
     convert.add_argument("--no-extras", action="store_true", help="leave optional files (the CLIP) behind")
     convert.add_argument("--name", help="model name written into image metadata (default: the bundle's own)")
     convert.add_argument("--force", action="store_true", help="overwrite an existing bundle")
+    convert.add_argument("--base", type=Path, metavar="BUNDLE",
+                         help="borrow from this bundle every part whose weights equal its own (a fine-tune then ships "
+                              "its UNet alone); the two folders must then stay side by side")  # fmt: skip
     imp = sub.add_parser("import", help="read a local diffusers Stable Diffusion folder into a bundle")
     imp.add_argument("diffusers_folder", type=Path)
     imp.add_argument("out", type=Path)
@@ -87,9 +90,11 @@ def convert(args) -> None:
         bundle.extras = {}
     if args.name:
         bundle.name = args.name
-    save_bundle(bundle, args.out)
+    save_bundle(bundle, args.out, base=args.base)
     size = sum(f.stat().st_size for f in args.out.rglob("*") if f.is_file())
-    print(f"wrote {args.dtype} bundle {args.out} ({size / 1e6:.1f} MB, hash {bundle.short_hash})")
+    borrowed = bundle.manifest.get("borrowed", [])
+    note = f", borrowing {', '.join(b for b in borrowed if '/' not in b) or 'the tokenizer'} from {args.base}" if borrowed else ""
+    print(f"wrote {args.dtype} bundle {args.out} ({size / 1e6:.1f} MB, hash {bundle.short_hash}{note})")
 
 
 def import_(args) -> None:

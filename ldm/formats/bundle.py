@@ -145,31 +145,46 @@ def _copy_extra(name: str, source: Path, folder: Path) -> Path:
     return target
 
 
-def save_bundle(bundle: Bundle, folder: str | Path) -> Path:
+def save_bundle(bundle: Bundle, folder: str | Path, *, base: str | Path | None = None) -> Path:
     """Write ``bundle`` to ``folder`` (each file atomically, the manifest last) and update its manifest.
 
     ``bundle.extras`` (optional files such as ``clip.safetensors``) are copied in and listed under ``extras``;
     afterwards ``bundle.extras`` points at the copies.
+
+    ``base``: another bundle this one borrows from. A part whose weights equal the base's (the VAE and text encoder
+    of a fine-tuned UNet), and the tokenizer when it is the base's, are not written: the manifest lists them under
+    ``borrowed`` with the base's digests, and the base's folder as a path relative to this one, so a derived model
+    ships its own UNet only. The bundle hash is that of the full bundle.
     """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
+    base_folder, base_manifest = (Path(base), read_manifest(Path(base))) if base is not None else (None, None)
     extras = {name: _copy_extra(name, Path(source), folder) for name, source in sorted(bundle.extras.items())}
     config_yaml = dump_yaml(bundle.config)
     write_text(folder / "model.yaml", config_yaml)
+    files, borrowed = {"model.yaml": sha256_file(folder / "model.yaml")}, []
     for part, module in bundle.modules().items():
+        name = f"{part}.safetensors"
+        if base_folder is not None and _same_weights(module, base_folder, base_manifest, name):
+            files[name] = base_manifest["files"][name]
+            borrowed.append(name)
+            continue
         # One metadata key: safetensors does not keep the order of several, and the files should hash the same.
         meta = {"ldm": json.dumps({"part": part, "config": config_yaml, "format_version": FORMAT_VERSION})}
-        save_tensors(folder / f"{part}.safetensors", module.state_dict(), metadata=meta)
+        save_tensors(folder / name, module.state_dict(), metadata=meta)
+        files[name] = sha256_file(folder / name)
     with tempfile.TemporaryDirectory(dir=folder) as tmp:
         save_tokenizer(bundle.tokenizer, Path(tmp))
-        (folder / "tokenizer").mkdir(exist_ok=True)
-        for src in sorted(Path(tmp).iterdir()):
-            os.replace(src, folder / "tokenizer" / src.name)
-    files = {
-        str(p.relative_to(folder)): sha256_file(p)
-        for p in sorted([folder / "model.yaml", *(folder / f"{part}.safetensors" for part in bundle.modules())])
-        + sorted((folder / "tokenizer").iterdir())
-    }
+        written = {f"tokenizer/{src.name}": sha256_file(src) for src in sorted(Path(tmp).iterdir())}
+        theirs = {k: v for k, v in (base_manifest or {}).get("files", {}).items() if k.startswith("tokenizer/")}
+        if base_folder is not None and written == theirs:
+            borrowed += sorted(written)
+        else:
+            (folder / "tokenizer").mkdir(exist_ok=True)
+            for src in sorted(Path(tmp).iterdir()):
+                os.replace(src, folder / "tokenizer" / src.name)
+        files |= written
+    files = dict(sorted(files.items()))
     manifest = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -179,11 +194,35 @@ def save_bundle(bundle: Bundle, folder: str | Path) -> Path:
         "files": files,
         "hash": _combined_hash(files),
     }
+    if borrowed:
+        manifest |= {"base": os.path.relpath(base_folder.resolve(), folder.resolve()), "borrowed": sorted(borrowed)}
     if extras:
         manifest["extras"] = {name: sha256_file(path) for name, path in extras.items()}
     write_json(folder / "manifest.json", manifest)
     bundle.manifest, bundle.extras = manifest, extras
     return folder
+
+
+def _same_weights(module: nn.Module, base: Path, manifest: dict, name: str) -> bool:
+    """Whether ``module``'s weights are the base bundle's ``name``, tensor for tensor (names, dtypes, values)."""
+    if name not in manifest["files"] or not (base / name).is_file():
+        return False
+    theirs, ours = load_tensors(base / name), module.state_dict()
+    return set(theirs) == set(ours) and all(
+        theirs[k].dtype == v.dtype and theirs[k].shape == v.shape and torch.equal(theirs[k], v.cpu()) for k, v in ours.items()
+    )
+
+
+def file_path(folder: Path, manifest: dict, rel: str) -> Path:
+    """Where a bundle's file is: in its folder, or in its base's for a borrowed one (the base must be there)."""
+    if rel not in manifest.get("borrowed", ()):
+        return folder / rel
+    base = folder / str(manifest.get("base", ""))
+    if not (base / "manifest.json").is_file():
+        raise BundleError(f"bundle {folder} borrows {rel} from its base bundle {base}, which is not there; keep the two "
+                          "folders side by side, or write a self-contained copy with `python -m ldm bundle convert` "
+                          "where both are")  # fmt: skip
+    return base / rel
 
 
 def read_manifest(folder: Path) -> dict:
@@ -209,10 +248,13 @@ def read_manifest(folder: Path) -> dict:
 
 def verify_files(folder: Path, manifest: dict) -> None:
     """Check every listed file, optional ones included, against its sha256 in the manifest."""
-    root = folder.resolve()
+    borrowed = manifest.get("borrowed", [])
+    if not isinstance(borrowed, list) or not set(borrowed) <= set(manifest["files"]):
+        raise BundleError(f"bundle {folder}'s manifest has a damaged 'borrowed' entry; the bundle is damaged")
     for rel, digest in {**manifest["files"], **manifest.get("extras", {})}.items():
-        path = folder / rel
-        if not (folder / rel).resolve().is_relative_to(root):
+        path = file_path(folder, manifest, rel)
+        root = (folder / manifest["base"]).resolve() if rel in borrowed else folder.resolve()
+        if ".." in Path(rel).parts or not path.resolve().is_relative_to(root):
             raise BundleError(f"bundle {folder}'s manifest lists {rel!r}, outside the bundle; the bundle is damaged")
         if not path.is_file():
             raise BundleError(f"bundle {folder} is missing {rel}; copy the whole folder again")
@@ -273,14 +315,15 @@ def load_bundle(folder: str | Path, *, verify: bool = True) -> Bundle:
     if config.conditioning is not Conditioning.TEXT:
         builders.append(("labels", lambda c: build_label_encoder(*c), (config.classes, config.unet.cross_attention_dim)))
     for part, build, cfg in builders:
-        path = folder / f"{part}.safetensors"
+        path = file_path(folder, manifest, f"{part}.safetensors")
         try:
             state = load_tensors(path)
         except Exception as exc:  # noqa: BLE001 - safetensors raises its own SafetensorError, and more
             raise BundleError(f"cannot read {path} ({exc}); the bundle is damaged, save or copy it again") from None
         parts[part] = instantiate(build, cfg, state, part)
     try:
-        tokenizer = load_tokenizer(folder / "tokenizer")
+        tokenizer_folder = file_path(folder, manifest, "tokenizer/tokenizer.json").parent
+        tokenizer = load_tokenizer(tokenizer_folder)
     except (OSError, ValueError) as exc:
         raise BundleError(f"cannot load the tokenizer in {folder / 'tokenizer'} ({exc})") from None
     extras = {name: folder / name for name in manifest.get("extras", {}) if name in EXTRAS}

@@ -282,3 +282,27 @@ def test_output_paths_and_seeds_are_checked_before_any_work(tmp_path, micro_bund
         err = capsys.readouterr().err
         assert message in err and err.count("\n") == 1, (argv, err)
     assert a_file.read_text() == "not a folder" and not (tmp_path / "b").exists()
+
+
+def test_a_derived_bundle_borrows_the_parts_it_shares_with_its_base(tmp_path):
+    base = create_bundle(PRESETS["micro"], seed=0, name="base")
+    save_bundle(base, tmp_path / "models" / "base")
+    tuned = load_bundle(tmp_path / "models" / "base")
+    with torch.no_grad():
+        tuned.unet.conv_in.bias.add_(1.0)  # a fine-tuned UNet, the rest the base's
+    full = save_bundle(tuned, tmp_path / "full")
+    full_hash = tuned.manifest["hash"]
+    save_bundle(tuned, tmp_path / "models" / "tuned", base=tmp_path / "models" / "base")
+    manifest = tuned.manifest
+    assert manifest["base"] == "../base" and manifest["hash"] == full_hash  # the hash of the full bundle
+    assert set(manifest["borrowed"]) == {"vae.safetensors", "text_encoder.safetensors", "tokenizer/tokenizer.json",
+                                         "tokenizer/tokenizer_config.json"}  # fmt: skip
+    assert sorted(p.name for p in (tmp_path / "models" / "tuned").iterdir()) == ["manifest.json", "model.yaml",
+                                                                                  "unet.safetensors"]  # fmt: skip
+    again = load_bundle(tmp_path / "models" / "tuned")
+    for name, module in load_bundle(full).modules().items():
+        theirs = again.modules()[name].state_dict()
+        assert all(torch.equal(v, theirs[k]) for k, v in module.state_dict().items())
+    shutil.move(tmp_path / "models" / "tuned", tmp_path / "alone")
+    with pytest.raises(BundleError, match="borrows .* from its base bundle .*, which is not there; keep the two folders"):
+        load_bundle(tmp_path / "alone")
