@@ -17,7 +17,7 @@ from __future__ import annotations
 import enum
 import hashlib
 import io
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -88,7 +88,12 @@ def _decode(data: bytes) -> tuple[Image.Image, str]:
 
 def open_rgb(path: str | Path) -> Image.Image:
     """Read ``path`` as an upright 8-bit RGB image (raises on a bad file; :func:`inspect_image` first)."""
-    image, _ = _decode(Path(path).read_bytes())
+    return decode_rgb(Path(path).read_bytes())
+
+
+def decode_rgb(data: bytes) -> Image.Image:
+    """An image file's bytes as an upright 8-bit RGB image (raises on bad bytes)."""
+    image, _ = _decode(data)
     return to_rgb(image)
 
 
@@ -115,11 +120,12 @@ def read_image_file(path: str | Path, *, what: str = "image") -> tuple[Image.Ima
     return image, hashlib.sha256(data).hexdigest()
 
 
-def inspect_image(path: str | Path, *, min_side: int = 1) -> ImageInfo:
-    """Read and fully decode ``path``, classifying it. Never raises for a bad image file."""
+def inspect_image(path: str | Path, *, min_side: int = 1, read: Callable[[], bytes] | None = None) -> ImageInfo:
+    """Read and fully decode ``path``, classifying it. Never raises for a bad image file. ``read``: how to get the
+    bytes when they are not the file ``path`` (a member of a tar shard, which ``path`` then only names)."""
     path = Path(path)
     try:
-        data = path.read_bytes()
+        data = read() if read is not None else path.read_bytes()
     except OSError as exc:
         return ImageInfo(path=path, problem=Problem.UNREADABLE, detail=exc.strerror or type(exc).__name__)
     if not data:

@@ -1,4 +1,4 @@
-"""A small dataset folder with planted problems, written in any of the three layouts (shared by the tests).
+"""A small dataset folder with planted problems, written in any of the four layouts (shared by the tests).
 
 Files (all captioned unless said otherwise; min side 32 px is the default threshold):
 
@@ -10,6 +10,8 @@ Files (all captioned unless said otherwise; min side 32 px is the default thresh
     text.png  a text file named .png         tiny.png   1×1
     zero.png  0 bytes
     plus one caption naming gone.png, which does not exist.
+
+As webdataset shards: the kohya files packed into shard-000.tar (top level) and shard-001.tar (sub/), nothing loose.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import csv
 import io
 import json
 import shutil
+import tarfile
 from pathlib import Path
 
 import numpy as np
@@ -61,8 +64,38 @@ EXPECTED = {
 }
 
 
+def name_in_dataset(image: Path, root: Path) -> str:
+    """The planted name of a listed image: its path under ``root``, less the shard it lies in (webdataset)."""
+    parts = image.relative_to(root).parts
+    return "/".join(parts[1:] if parts[0].endswith(".tar") else parts)
+
+
 def noise(width: int, height: int, seed: int) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8)  # (H, W, 3)
+
+
+def png_bytes(seed: int, size: int = 8) -> bytes:
+    """A small noise PNG, as the bytes of its file."""
+    buffer = io.BytesIO()
+    Image.fromarray(noise(size, size, seed)).save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+def write_png(path: Path, seed: int, size: int = 8) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(png_bytes(seed, size))
+    return path
+
+
+def write_tar(path: Path, members: list[tuple[str, bytes]]) -> Path:
+    """An uncompressed tar of plain-file ``members`` (name, bytes), names written as given (``../x`` too)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(path, "w", format=tarfile.PAX_FORMAT) as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return path
 
 
 def write_images(root: Path) -> None:
@@ -99,6 +132,21 @@ def write_captions(root: Path, layout: Layout) -> None:
     else:
         for name, text in CAPTIONS.items():
             (root / name).with_suffix(".txt").write_text(text)
+        if layout is Layout.WEBDATASET:
+            pack_shards(root)
+
+
+def pack_shards(root: Path) -> None:
+    """Move the files under ``root`` into two tar shards: top-level files in shard-000.tar, sub/ in shard-001.tar."""
+    files = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix != ".tar")
+    for shard, group in (("shard-000.tar", [f for f in files if f.parent == root]),
+                         ("shard-001.tar", [f for f in files if f.parent != root])):  # fmt: skip
+        with tarfile.open(root / shard, "w") as tar:
+            for file in group:
+                tar.add(file, arcname=file.relative_to(root).as_posix())
+    for file in files:
+        file.unlink()
+    (root / "sub").rmdir()
 
 
 def build_dataset(root: Path, layout: Layout | None) -> Path:

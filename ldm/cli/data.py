@@ -1,7 +1,8 @@
 """``python -m ldm data check DIR``: print the scan report of a captioned image folder.
 
 Exit status 0 when the folder has usable image/caption pairs, 2 (with one ``error:`` line) when the
-folder is missing, its layout is unknown, or nothing in it is usable.
+folder is missing, its layout is unknown, its caption table lacks the columns, the ``--split`` is not there, a shard
+is truncated or empty, or nothing in it is usable.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ def build_parser() -> ArgumentParser:
     parser = ArgumentParser(prog="python -m ldm data", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
     check = commands.add_parser("check", help="scan a dataset folder and print what is usable and what is wrong")
-    check.add_argument("path", metavar="DIR", help="dataset folder")
+    check.add_argument("path", metavar="DIR", help="dataset folder (or a .tar shard, or shards-{000..009}.tar)")
     add_layout_arguments(check)
     check.add_argument("--min-side", type=int, default=32, help="skip images whose shorter side is below this (px)")
     check.add_argument("--resolution", type=int, default=512, help="training resolution, to count upscaled images")

@@ -14,11 +14,14 @@ from ldm.errors import LdmError
 def add_layout_arguments(parser) -> None:
     """The flags that say how a dataset folder is laid out (default: detected)."""
     group = parser.add_argument_group("dataset layout (default: detected from the folder)")
+    group.add_argument("--split", help="split subfolder to read, e.g. test (default train/ in a folder of splits; "
+                       "held-out sets default to test/ or validation/)")  # fmt: skip
     group.add_argument("--layout", choices=[layout.value for layout in Layout], help="default: detect")
     group.add_argument("--metadata", help="caption table inside the folder (default metadata.jsonl / metadata.csv)")
-    group.add_argument("--image-column", help="default file_name (imagefolder) / image (csv)")
-    group.add_argument("--caption-column", help="default text (imagefolder) / caption (csv)")
-    group.add_argument("--caption-extension", help="kohya caption files (default .txt)")
+    group.add_argument("--image-column", help="default file_name (imagefolder) / image (csv), else the other")
+    group.add_argument("--caption-column", help="default text (imagefolder) / caption (csv), else the other; the "
+                       "caption key of webdataset .json files (default caption, else text)")  # fmt: skip
+    group.add_argument("--caption-extension", help="kohya caption files, webdataset text members (default .txt)")
 
 
 def layout_settings(args) -> dict:

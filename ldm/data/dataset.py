@@ -16,17 +16,21 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from ldm.data.config import DataConfig
+from ldm.data.layouts import Pair
 from ldm.data.scan import ScanReport, scan_dataset
 from ldm.errors import LdmError
-from ldm.images import crop_tensor, open_rgb, plan_crop
+from ldm.images import crop_tensor, decode_rgb, plan_crop
 
 
-def read_scanned_image(path: Path) -> Image.Image:
-    """An image the scan found usable, as RGB; one that has broken since is a clear error, not a traceback."""
+def read_scanned_image(pair: Pair) -> Image.Image:
+    """The image of a pair the scan found usable (a file, or a member of a tar shard), as RGB; one that has broken
+    since is a clear error, not a traceback."""
     try:
-        return open_rgb(path)
+        return decode_rgb(pair.read_bytes())
     except (OSError, SyntaxError, ValueError) as exc:
-        raise LdmError(f"{path} became unreadable after the scan ({exc}); replace or remove it and start again") from None
+        raise LdmError(
+            f"{pair.image} became unreadable after the scan ({exc}); replace or remove it and start again"
+        ) from None
 
 
 def item_seed(seed: int, epoch: int, index: int) -> int:
@@ -81,7 +85,7 @@ class CaptionedImageDataset(Dataset):
 
     def __getitem__(self, index: int) -> dict:
         pair = self.report.pairs[index]
-        image = read_scanned_image(pair.image)
+        image = read_scanned_image(pair)
         generator = torch.Generator().manual_seed(item_seed(self.seed, self.epoch, index))
         pixel_values = square_tensor(
             image, resolution=self.config.resolution, center_crop=self.config.center_crop,

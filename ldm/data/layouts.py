@@ -1,11 +1,18 @@
 """Find a dataset folder's layout and read its captions, before any image is opened.
 
-Three layouts are understood (see :class:`~ldm.data.config.Layout`):
+Four layouts are understood (see :class:`~ldm.data.config.Layout`):
 
 * ``imagefolder`` — ``metadata.jsonl``, one JSON object per line with ``file_name`` (relative to the
   metadata file, may be in a subfolder) and ``text``;
-* ``kohya`` — a ``.txt`` caption beside each image with the same stem (``a/cat.png`` + ``a/cat.txt``);
-* ``csv`` — ``metadata.csv`` (or a named csv) with columns ``image`` and ``caption``.
+* ``csv`` — ``metadata.csv`` (or a named csv) with columns ``image`` and ``caption``, or Hugging Face
+  imagefolder's ``file_name`` and ``text`` (whichever a table has; ``--image-column``/``--caption-column`` name others);
+* ``kohya`` — a ``.txt`` caption beside each image with the same stem (``a/cat.png`` + ``a/cat.txt``); images in a
+  top-level folder ``N_name/`` (kohya's repeat folders, ``10_apple/``) are trained N times an epoch;
+* ``webdataset`` — ``.tar`` shards of ``KEY.jpg`` (``.png``, ``.webp``, ...) with ``KEY.txt``, or ``KEY.json``
+  holding ``caption`` or ``text``; a folder of shards, one shard, or a brace pattern (see :mod:`ldm.data.shards`).
+
+A folder holding split subfolders (``train/``, ``validation/``, ``test/``, each laid out as above; Hugging Face's
+convention) and nothing of its own is read one split at a time: ``train/`` unless ``split`` names another.
 
 Captions are stripped and their whitespace runs collapsed to single spaces. A missing caption and an
 empty one differ: the first makes its image unusable, the second is kept as an unconditional sample.
@@ -22,27 +29,43 @@ import difflib
 import io
 import json
 import os
-from collections.abc import Iterator
-from dataclasses import dataclass, replace
+import re
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from ldm.data.config import DEFAULT_METADATA, DataConfig, Layout
+from ldm.data.config import DEFAULT_METADATA, HELD_OUT_SPLITS, SPLITS, DataConfig, Layout
+from ldm.data.shards import Member, folder_shards, index_shard, is_shard_pattern, pattern_shards, split_key
 from ldm.errors import LdmError
 from ldm.io import has_undecodable
 
 IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
 EXPECTED = (
     "expected metadata.jsonl with file_name/text per line (imagefolder), metadata.csv with columns "
-    "image/caption (csv), or a .txt caption beside each image (kohya)"
+    "image/caption or file_name/text (csv), a .txt caption beside each image (kohya), .tar shards (webdataset), "
+    "or split folders train/, test/"
 )
+REPEAT_FOLDER = re.compile(r"(\d+)_(.+)")  # kohya: 10_apple/ holds images trained 10 times an epoch
 
 
 @dataclass(frozen=True)
 class Pair:
-    """One training example as the captions describe it: an image file and its caption ('' = empty)."""
+    """One training example as the captions describe it: an image file and its caption ('' = empty).
+
+    An image inside a webdataset shard has a ``member`` saying where its bytes lie; its ``image`` is then the shard's
+    path joined with the member's name (``/data/000.tar/cat.jpg``): a name for reports and keys, not a file."""
 
     image: Path
     caption: str
+    member: Member | None = None
+
+    @property
+    def file(self) -> Path:
+        """The file on disk that holds the image's bytes: the image file, or its shard."""
+        return self.member.shard if self.member is not None else self.image
+
+    def read_bytes(self) -> bytes:
+        return self.member.read() if self.member is not None else self.image.read_bytes()
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -58,11 +81,25 @@ class Listing:
     bad_rows: tuple[str, ...]  # "metadata.jsonl line 7: not valid JSON"
     outside: tuple[str, ...] = ()  # files named or linked that resolve outside the folder: never opened
     undecodable: tuple[Path, ...] = ()  # images whose caption is not valid UTF-8: unusable
+    columns: tuple[str, str] | None = None  # the caption table's (image, caption) columns
+    split: str | None = None  # the split subfolder read; None: the folder itself
+    splits: tuple[str, ...] = ()  # the split subfolders the folder holds
+    repeats: Mapping[Path, int] = field(default_factory=dict)  # kohya repeat folder → times an epoch
+    shards: tuple[Path, ...] = ()  # webdataset shards read
 
     @property
     def images(self) -> int:
         """Distinct image files: captioned ones and uncaptioned ones."""
         return len({p.image for p in self.pairs}) + len(self.uncaptioned)
+
+    def repeat_folder(self, image: Path) -> Path | None:
+        """The kohya repeat folder ``image`` lies in, if any."""
+        return next((folder for folder in self.repeats if folder in image.parents), None)
+
+    def repeats_of(self, image: Path) -> int:
+        """How many times an epoch ``image`` is trained: its repeat folder's N, else once."""
+        folder = self.repeat_folder(image)
+        return 1 if folder is None else self.repeats[folder]
 
 
 def inside(root: Path, path: Path) -> bool:
@@ -126,9 +163,44 @@ def _near_misses(root: Path) -> list[str]:
     return hints
 
 
-def _split_folders(root: Path) -> list[str]:
-    jsonl = DEFAULT_METADATA[Layout.IMAGEFOLDER]
-    return sorted(child.name for child in root.iterdir() if child.is_dir() and (child / jsonl).is_file())
+def _folders_with_tables(root: Path) -> list[str]:
+    """Subfolders holding a caption table of their own (splits under names other than train/test/validation)."""
+    names = DEFAULT_METADATA.values()
+    return sorted(c.name for c in root.iterdir() if c.is_dir() and any((c / name).is_file() for name in names))
+
+
+def split_folders(root: Path) -> tuple[str, ...]:
+    """The split subfolders (``train/``, ``validation/``, ``test/``) of ``root``, in that order."""
+    return tuple(name for name in SPLITS if (root / name).is_dir())
+
+
+def _reads_as_one(root: Path, config: DataConfig) -> bool:
+    """Whether ``root`` is a dataset of its own: a caption table, shards or images directly in it."""
+    if config.metadata is not None or any((root / name).is_file() for name in DEFAULT_METADATA.values()):
+        return True
+    extensions = IMAGE_EXTENSIONS | {".tar"}
+    return any(c.suffix.lower() in extensions and not c.name.startswith(".") for c in root.iterdir() if c.is_file())
+
+
+def resolve_split(root: Path, config: DataConfig) -> tuple[Path, str | None, tuple[str, ...]]:
+    """(folder to read, split read, splits ``root`` holds): ``config.split``, else train/ where ``root`` is a folder
+    of splits, else ``root`` itself."""
+    splits = split_folders(root)
+    if config.split is not None:
+        folder = root / config.split
+        if not folder.is_dir() or not inside(root, folder):
+            have = (f"it has {', '.join(s + '/' for s in splits)}; pass one of those" if splits else
+                    "it has no split folders (train/, validation/, test/); leave out --split")  # fmt: skip
+            raise LdmError(f"split '{config.split}' not found in {root}; {have}")
+        return folder, config.split, splits
+    if not splits or _reads_as_one(root, config):
+        return root, None, ()
+    if SPLITS[0] not in splits:
+        raise LdmError(
+            f"{root} holds splits {', '.join(s + '/' for s in splits)} but no {SPLITS[0]}/; pass --split NAME to say "
+            "which to read"
+        )
+    return root / SPLITS[0], SPLITS[0], splits
 
 
 def detect_layout(root: str | Path, *, metadata: str | None = None, caption_extension: str = ".txt") -> Layout:
@@ -151,13 +223,18 @@ def detect_layout(root: str | Path, *, metadata: str | None = None, caption_exte
     if present:
         return present[0]
     images = list(walk_images(root))
-    if any(image.with_suffix(caption_extension).is_file() for image in images):
+    kohya = any(image.with_suffix(caption_extension).is_file() for image in images)
+    if folder_shards(root):
+        if kohya:
+            raise LdmError(f"{root} holds both .tar shards and captioned images; pass --layout to say which to read")
+        return Layout.WEBDATASET
+    if kohya:
         return Layout.KOHYA
-    splits = _split_folders(root)
+    splits = _folders_with_tables(root)
     if splits:
         raise LdmError(
-            f"{root} holds splits ({', '.join(s + '/' for s in splits)}) each with its own metadata.jsonl; "
-            f"point at one split, e.g. {root / ('train' if 'train' in splits else splits[0])}"
+            f"{root} holds folders each with its own caption table ({', '.join(s + '/' for s in splits)}); pass "
+            f"--split NAME to read one, e.g. --split {splits[0]}"
         )
     found = [f"{len(images)} image(s)", f"no {caption_extension} captions beside them"] + _near_misses(root)
     raise LdmError(f"cannot tell the layout of {root}: found {', '.join(found)}; {EXPECTED}, or pass --layout")
@@ -177,27 +254,46 @@ def _table_path(root: Path, config: DataConfig, layout: Layout) -> Path:
     return path
 
 
-def _missing_column(table: Path, kind: str, column: str, seen: list[str], flag: str) -> LdmError:
-    return LdmError(
-        f"{table} has no '{column}' {kind} (found: {', '.join(seen) or 'none'}); rename it or pass {flag}"
-    )
+def _pick_column(table: Path, kind: str, candidates: tuple[str, ...], seen: list[str], flag: str) -> str:
+    """The first of ``candidates`` the table has; else an error listing the ones it has."""
+    for column in candidates:
+        if column in seen:
+            return column
+    wanted = f"neither {' nor '.join(repr(c) for c in candidates)}" if len(candidates) > 1 else f"no {candidates[0]!r}"
+    found = ", ".join(seen) or "none"
+    fix = "rename one" if len(candidates) > 1 else "rename it"
+    raise LdmError(f"{table} has {wanted} {kind} (found: {found}); {fix} or pass {flag}")
 
 
-def _read_jsonl(table: Path, image_column: str, caption_column: str):
-    """Rows ``(name, caption | None)`` and bad-row notes from a metadata.jsonl."""
-    rows, bad, seen = [], [], {}
+def _pick_columns(table: Path, kind: str, config: DataConfig, layout: Layout, seen: list[str]) -> tuple[str, str]:
+    image = _pick_column(table, kind, config.image_columns_for(layout), seen, "--image-column")
+    caption = _pick_column(table, kind, config.caption_columns_for(layout), seen, "--caption-column")
+    return image, caption
+
+
+def _read_jsonl(table: Path, config: DataConfig):
+    """Rows ``(name, caption | None)``, bad-row notes and the columns read, from a metadata.jsonl."""
+    lines, seen = [], {}
     for number, line in enumerate(_read_table_text(table).split("\n"), start=1):
         if not line.strip():
             continue
         try:
             row = json.loads(line)
         except json.JSONDecodeError:
-            bad.append(f"{table.name} line {number}: not valid JSON")
-            continue
+            row = "not valid JSON"
         if not isinstance(row, dict):
-            bad.append(f"{table.name} line {number}: not a JSON object")
+            row = row if isinstance(row, str) else "not a JSON object"
+        else:
+            seen.update(dict.fromkeys(row))
+        lines.append((number, row))
+    if not seen:
+        return [], [f"{table.name} line {number}: {row}" for number, row in lines], None
+    image_column, caption_column = _pick_columns(table, "field", config, Layout.IMAGEFOLDER, list(seen))
+    rows, bad = [], []
+    for number, row in lines:
+        if isinstance(row, str):
+            bad.append(f"{table.name} line {number}: {row}")
             continue
-        seen.update(dict.fromkeys(row))
         name = row.get(image_column)
         if not isinstance(name, str) or not name:
             bad.append(f"{table.name} line {number}: no '{image_column}'")
@@ -207,22 +303,16 @@ def _read_jsonl(table: Path, image_column: str, caption_column: str):
             continue
         caption = row.get(caption_column)
         rows.append((name, None if caption is None else str(caption)))
-    if seen and image_column not in seen:
-        raise _missing_column(table, "field", image_column, list(seen), "--image-column")
-    if seen and caption_column not in seen:
-        raise _missing_column(table, "field", caption_column, list(seen), "--caption-column")
-    return rows, bad
+    return rows, bad, (image_column, caption_column)
 
 
-def _read_csv(table: Path, image_column: str, caption_column: str):
-    """Rows ``(name, caption | None)`` and bad-row notes from a csv with a header line."""
+def _read_csv(table: Path, config: DataConfig):
+    """Rows ``(name, caption | None)``, bad-row notes and the columns read, from a csv with a header line."""
     rows, bad = [], []
     with io.StringIO(_read_table_text(table), newline="") as f:
         reader = csv.DictReader(f)
         header = [h for h in reader.fieldnames or [] if h is not None]
-        for column, flag in ((image_column, "--image-column"), (caption_column, "--caption-column")):
-            if column not in header:
-                raise _missing_column(table, "column", column, header, flag)
+        image_column, caption_column = _pick_columns(table, "column", config, Layout.CSV, header)
         for row in reader:
             name = (row.get(image_column) or "").strip()
             if not name:
@@ -232,13 +322,13 @@ def _read_csv(table: Path, image_column: str, caption_column: str):
                 bad.append(f"{table.name} line {reader.line_num}: the '{image_column}' is not valid UTF-8")
                 continue
             rows.append((name, row.get(caption_column)))
-    return rows, bad
+    return rows, bad, (image_column, caption_column)
 
 
 def _list_table(root: Path, config: DataConfig, layout: Layout) -> Listing:
     table = _table_path(root, config, layout)
     read = _read_jsonl if layout is Layout.IMAGEFOLDER else _read_csv
-    rows, bad = read(table, config.image_column_for(layout), config.caption_column_for(layout))
+    rows, bad, columns = read(table, config)
     pairs, orphans, named, outside, undecodable = [], [], [], [], []
     for name, caption in rows:
         image = Path(os.path.normpath(table.parent / name))
@@ -258,7 +348,7 @@ def _list_table(root: Path, config: DataConfig, layout: Layout) -> Listing:
     return Listing(
         root=root, layout=layout, source=table, pairs=tuple(pairs), uncaptioned=tuple(uncaptioned),
         orphans=tuple(orphans), bad_rows=tuple(bad), outside=tuple(dict.fromkeys(outside + linked_out)),
-        undecodable=tuple(undecodable),
+        undecodable=tuple(undecodable), columns=columns,
     )  # fmt: skip
 
 
@@ -289,14 +379,99 @@ def _list_kohya(root: Path, config: DataConfig) -> Listing:
     return Listing(
         root=root, layout=Layout.KOHYA, source=None, pairs=tuple(pairs), uncaptioned=tuple(uncaptioned),
         orphans=tuple(orphans), bad_rows=(), outside=tuple(outside), undecodable=tuple(undecodable),
+        repeats=repeat_folders(root),
     )  # fmt: skip
 
 
-def held_out(config: DataConfig, path: str) -> DataConfig:
-    """The config of a held-out folder: ``config``'s size and, where they fit that folder, its layout settings
-    (a test split laid out like the training data); where they do not but detection does, detection. No random
-    augmentation."""
-    inherited = replace(config, path=path, center_crop=True, random_flip=0.0)
+def repeat_folders(root: Path) -> dict[Path, int]:
+    """kohya's repeat folders directly in ``root``: ``10_apple/`` → 10 (as in kohya, ``0_x/`` trains its images
+    0 times)."""
+    folders = sorted(c for c in root.iterdir() if c.is_dir() and not c.name.startswith("."))
+    return {folder: int(match[1]) for folder in folders if (match := REPEAT_FOLDER.fullmatch(folder.name))}
+
+
+def _sample_caption(
+    files: dict[str, Member], *, text: str, key: str, json_key: str | None, read: Callable[[Member], bytes]
+) -> tuple[str | None, bool, str | None]:
+    """The caption of one webdataset sample: (caption | None, undecodable, bad-row note | None). ``KEY.txt`` (the
+    caption extension) wins over ``KEY.json``, whose ``caption`` or ``text`` (or ``json_key``) is read."""
+    if text in files:
+        try:
+            return read(files[text]).decode("utf-8-sig"), False, None
+        except UnicodeDecodeError:
+            return None, True, None
+    if "json" not in files:
+        return None, False, None
+    where = f"{files['json'].shard.name}:{key}.json"
+    try:
+        row = json.loads(read(files["json"]).decode("utf-8-sig"))
+    except UnicodeDecodeError:
+        return None, True, None
+    except json.JSONDecodeError:
+        return None, False, f"{where}: not valid JSON"
+    if not isinstance(row, dict):
+        return None, False, f"{where}: not a JSON object"
+    names = (json_key,) if json_key else ("caption", "text")
+    name = next((n for n in names if n in row), None)
+    if name is None:
+        return None, False, f"{where}: no {' or '.join(repr(n) for n in names)} (found: {', '.join(row) or 'none'})"
+    return (None if row[name] is None else str(row[name])), False, None
+
+
+def _list_webdataset(root: Path, config: DataConfig, shards: list[Path] | None = None) -> Listing:
+    """The samples of ``shards`` (default: the .tar files in ``root``), each shard indexed once (see
+    :mod:`ldm.data.shards`); shards linked from outside ``root`` are not opened."""
+    outside: list[str] = []
+    if shards is None:
+        shards, outside = _split_outside(root, folder_shards(root))
+    if not shards:
+        raise LdmError(f"{root} holds no .tar shards; {EXPECTED}, or pass --layout")
+    text = config.caption_extension[1:].lower()
+    pairs, uncaptioned, orphans, bad, undecodable = [], [], [], [], []
+    for shard in shards:
+        index = index_shard(shard)
+        outside += index.refused
+        samples: dict[str, dict[str, Member]] = {}
+        for member in index.members:
+            key, ext = split_key(member.name)
+            samples.setdefault(key, {}).setdefault(ext, member)
+        with open(shard, "rb") as f:
+            for key, files in samples.items():
+                caption, bad_text, note = _sample_caption(files, text=text, key=key, json_key=config.caption_column,
+                                                          read=lambda member: member.read(f))  # fmt: skip
+                images = [m for ext, m in files.items() if f".{ext}" in IMAGE_EXTENSIONS]
+                if note is not None:
+                    bad.append(note)
+                if not images and (caption is not None or bad_text):
+                    orphans.append(f"{shard.name}:{key}.{text if text in files else 'json'}")
+                for member in images:
+                    image = shard / member.name
+                    if bad_text:
+                        undecodable.append(image)
+                    elif caption is None:
+                        uncaptioned.append(image)
+                    else:
+                        pairs.append(Pair(image, clean_caption(caption), member))
+    return Listing(
+        root=root, layout=Layout.WEBDATASET, source=None, pairs=tuple(pairs), uncaptioned=tuple(uncaptioned),
+        orphans=tuple(orphans), bad_rows=tuple(bad), outside=tuple(outside), undecodable=tuple(undecodable),
+        shards=tuple(shards),
+    )  # fmt: skip
+
+
+def held_out(config: DataConfig, path: str | None = None) -> DataConfig | None:
+    """The config of the held-out images, without random augmentation.
+
+    With a folder ``path``: that folder, with ``config``'s size and, where they fit that folder, its layout settings
+    (a test split laid out like the training data); where they do not but detection does, detection. A folder of
+    splits gives its test/ (else validation/) split. Without one: the test/ (else validation/) split of ``config``'s
+    own folder, when it is a folder of splits and that is not the split trained on; None when there is none.
+    """
+    if not path:
+        split = _held_out_split(config)
+        return None if split is None else replace(config, split=split, center_crop=True, random_flip=0.0)
+    split = _held_out_split(replace(config, path=path, split=None), explicit=True)
+    inherited = replace(config, path=path, split=split, center_crop=True, random_flip=0.0)
     detected = replace(inherited, layout=None, metadata=None, image_column=None, caption_column=None)
     if inherited == detected:
         return inherited
@@ -309,11 +484,47 @@ def held_out(config: DataConfig, path: str) -> DataConfig:
     return inherited  # neither reads it: the error then names the settings that were given
 
 
-def list_dataset(config: DataConfig) -> Listing:
-    """Read the captions of ``config.path`` in its layout (given, or detected)."""
+def _held_out_split(config: DataConfig, *, explicit: bool = False) -> str | None:
+    """The split to hold out of ``config.path``: test/ or validation/, the first it holds that is not trained on
+    (train/, or ``config.split``). ``explicit`` (a folder given as the held-out one): a folder of splits with neither
+    gives "test", so that the error names the splits it does have."""
     root = Path(config.path).expanduser().absolute()
+    if is_shard_pattern(config.path) or not root.is_dir() or (config.split is None and _reads_as_one(root, config)):
+        return None
+    splits = split_folders(root)
+    if not splits:
+        return None
+    trained = None if explicit else (config.split or SPLITS[0])
+    chosen = next((split for split in HELD_OUT_SPLITS if split in splits and split != trained), None)
+    return chosen or ("test" if explicit else None)
+
+
+def _list_shards(path: Path, config: DataConfig) -> Listing:
+    """A webdataset given as one shard or a brace pattern, rather than a folder."""
+    if config.split is not None:
+        raise LdmError(f"--split {config.split} names a subfolder, and {path} is a shard, not a folder; leave it out")
+    if config.layout not in (None, Layout.WEBDATASET):
+        raise LdmError(f"{path} is a .tar shard, read in the webdataset layout; drop --layout {config.layout.value}")
+    _check_root(path.parent)
+    shards = pattern_shards(path) if is_shard_pattern(str(path)) else [path]
+    return _list_webdataset(path.parent, config, shards)
+
+
+def list_dataset(config: DataConfig) -> Listing:
+    """Read the captions of ``config.path`` (its split, where it is a folder of splits) in its layout (given, or
+    detected); kohya repeat folders are listed once, :meth:`Listing.repeats_of` says how often each image trains."""
+    root = Path(config.path).expanduser().absolute()
+    if is_shard_pattern(config.path) or (root.suffix.lower() == ".tar" and root.is_file()):
+        return _list_shards(root, config)
     _check_root(root)
-    layout = config.layout or detect_layout(root, metadata=config.metadata, caption_extension=config.caption_extension)
+    folder, split, splits = resolve_split(root, config)
+    layout = config.layout or detect_layout(
+        folder, metadata=config.metadata, caption_extension=config.caption_extension
+    )
     if layout is Layout.KOHYA:
-        return _list_kohya(root, config)
-    return _list_table(root, config, layout)
+        listing = _list_kohya(folder, config)
+    elif layout is Layout.WEBDATASET:
+        listing = _list_webdataset(folder, config)
+    else:
+        listing = _list_table(folder, config, layout)
+    return replace(listing, root=root, split=split, splits=splits)

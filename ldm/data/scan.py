@@ -5,6 +5,10 @@ Pillow cannot read (including text saved as ``.png``), truncated files, images w
 below ``min_side``, images whose caption is not valid UTF-8, and files that lie outside the folder (named by a
 caption, or symlinked; never opened). Kept but noted: empty captions (trained as unconditional samples), non-RGB modes
 (converted to RGB), exact duplicate files (same bytes), images smaller than ``resolution`` (upscaled).
+
+The report also says what was read: the layout, the caption table and its columns, the split (and the others the
+folder holds), the webdataset shards, and kohya's repeat folders: ``pairs`` holds each image of ``10_apple/`` ten
+times, so that every epoch, batch order and item count sees the repeats.
 """
 
 from __future__ import annotations
@@ -34,9 +38,27 @@ def _bucket(side: int) -> str:
     return [label for label, low in SIZE_BUCKETS if side >= low][-1]
 
 
+@dataclass(frozen=True)
+class Repeats:
+    """A kohya repeat folder: its usable images, each trained ``times`` an epoch."""
+
+    folder: str  # relative to the dataset folder
+    images: int
+    times: int
+
+    def __str__(self) -> str:
+        total = self.images * self.times
+        return f"{self.folder}: {_count(self.images, 'image')} × {_count(self.times, 'repeat')} = {total}"
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}{'' if n == 1 else 's'}"
+
+
 @dataclass(frozen=True, kw_only=True)
 class ScanReport:
-    """Everything :func:`scan_dataset` found. ``pairs`` are the usable examples, in file order."""
+    """Everything :func:`scan_dataset` found. ``pairs`` are the usable examples, in file order, an image of a kohya
+    repeat folder as many times as the folder says (:attr:`distinct_pairs` holds each once)."""
 
     root: Path
     layout: Layout
@@ -58,10 +80,21 @@ class ScanReport:
     size_histogram: Mapping[str, int]  # usable images by shorter side, buckets of SIZE_BUCKETS
     upscaled: int  # usable images with a shorter side below `resolution`
     sizes: Mapping[Path, tuple[int, int]] = field(repr=False)  # (width, height) of each usable image
+    columns: tuple[str, str] | None = None  # the caption table's (image, caption) columns
+    split: str | None = None  # the split subfolder read; None: the folder itself
+    splits: tuple[str, ...] = ()  # every split subfolder the folder holds
+    repeats: tuple[Repeats, ...] = ()  # kohya repeat folders
+    shards: tuple[Path, ...] = ()  # webdataset shards read
 
     @property
     def usable(self) -> int:
+        """Usable examples an epoch, repeats included."""
         return len(self.pairs)
+
+    @property
+    def distinct_pairs(self) -> tuple[Pair, ...]:
+        """The usable pairs, each once (kohya repeats folded), in file order."""
+        return tuple(dict.fromkeys(self.pairs))
 
     def count(self, problem: Problem) -> int:
         return len(self.problems.get(problem, ()))
@@ -93,11 +126,24 @@ class ScanReport:
             return ("e.g. " + ", ".join(items[:EXAMPLES]) + more) if items else ""
 
         source = f", captions from {self._rel(self.source)}" if self.source else ""
-        lines = [
-            f"dataset {self.root} (layout {self.layout.value}{source})",
+        columns = f", columns {' and '.join(self.columns)}" if self.columns else ""
+        sizes = f"min side {self.min_side} px, resolution {self.resolution} px"
+        repeated = f"{len(self.distinct_pairs)} distinct, repeats counted; " if self.repeats else ""
+        once = self.usable - sum(repeat.images * repeat.times for repeat in self.repeats)
+        in_no_folder = [f"    other images: {_count(once, 'image')} × 1 = {once}"] if self.repeats and once else []
+        lines = [f"dataset {self.root} (layout {self.layout.value}{source}{columns})"]
+        if self.split is not None:
+            others = [s for s in self.splits if s != self.split]
+            also = f"also here: {', '.join(others)} (--split NAME reads one)" if others else "the only split here"
+            lines.append(f"  {'split read':<26}{self.split:>6}   {also}")
+        if self.shards:
+            lines.append(line("shards", len(self.shards), examples(map(self._rel, self.shards))))
+        lines += [
             line("images found", self.images),
             line("caption entries", self.captions),
-            line("usable pairs", self.usable, f"min side {self.min_side} px, resolution {self.resolution} px"),
+            line("usable pairs", self.usable, repeated + sizes),
+            *(f"    {repeat}" for repeat in self.repeats),
+            *in_no_folder,
             line("skipped images", self.skipped_images),
             line("missing caption", len(self.missing_captions), examples(map(self._rel, self.missing_captions)), 4),
             line("caption not UTF-8", len(self.undecodable), examples(map(self._rel, self.undecodable)), 4),
@@ -132,12 +178,16 @@ def scan_dataset(config: DataConfig, *, workers: int | None = None, progress: bo
     table); a bad image or caption is counted in the report.
     """
     listing = list_dataset(config)
-    unique = list(dict.fromkeys(pair.image for pair in listing.pairs))
+    unique = list({pair.image: pair for pair in listing.pairs}.values())  # one pair per image file
     workers = workers or min(8, os.cpu_count() or 1)
+
+    def inspect(pair: Pair) -> ImageInfo:
+        return inspect_image(pair.image, min_side=config.min_side, read=pair.read_bytes)
+
     with ThreadPoolExecutor(max_workers=workers) as pool:  # decoding releases the GIL
         infos = list(
             tqdm(
-                pool.map(lambda path: inspect_image(path, min_side=config.min_side), unique),
+                pool.map(inspect, unique),
                 total=len(unique), desc="scanning images", unit="img", disable=not progress, leave=False,
             )
         )  # fmt: skip
@@ -147,7 +197,11 @@ def scan_dataset(config: DataConfig, *, workers: int | None = None, progress: bo
         if info.problem is not None:
             problems[info.problem].append(info)
     good = [info for info in infos if info.problem is None]
-    pairs = tuple(pair for pair in listing.pairs if by_path[pair.image].problem is None)
+    distinct = [pair for pair in listing.pairs if by_path[pair.image].problem is None]
+    pairs = tuple(pair for pair in distinct for _ in range(listing.repeats_of(pair.image)))
+    in_folder = Counter(listing.repeat_folder(image) for image in dict.fromkeys(pair.image for pair in distinct))
+    repeats = tuple(Repeats(os.path.relpath(folder, listing.root), in_folder[folder], times)
+                    for folder, times in listing.repeats.items())  # fmt: skip
     by_digest: dict[str, list[Path]] = defaultdict(list)
     for info in good:
         by_digest[info.digest].append(info.path)
@@ -168,12 +222,17 @@ def scan_dataset(config: DataConfig, *, workers: int | None = None, progress: bo
         bad_rows=listing.bad_rows,
         outside=listing.outside,
         undecodable=listing.undecodable,
-        empty_captions=sum(1 for pair in pairs if not pair.caption),
+        empty_captions=sum(1 for pair in distinct if not pair.caption),
         modes=dict(sorted(Counter(info.mode for info in good if info.mode != "RGB").items())),
         duplicates=tuple(tuple(group) for group in by_digest.values() if len(group) > 1),
         size_histogram=histogram,
         upscaled=sum(1 for info in good if info.min_side < config.resolution),
         sizes={info.path: info.size for info in good},
+        columns=listing.columns,
+        split=listing.split,
+        splits=listing.splits,
+        repeats=repeats,
+        shards=listing.shards,
     )
 
 

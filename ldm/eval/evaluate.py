@@ -35,6 +35,7 @@ from tqdm.auto import tqdm
 
 from ldm import accel
 from ldm.data import DataConfig, list_dataset, scan_dataset
+from ldm.data.dataset import read_scanned_image
 from ldm.errors import LdmError
 from ldm.eval.metrics import (
     KID_SUBSET_SIZE,
@@ -47,7 +48,7 @@ from ldm.eval.metrics import (
 from ldm.eval.reconstruction import evaluate_folder, load_inception_features
 from ldm.formats.bundle import CLIP_FILE, Bundle, load_bundle, read_config
 from ldm.formats.pngmeta import ImageParameters, save_png
-from ldm.images import find_images, read_rgb, square_resize, to_uint8, uint8_to_pil, uint8_to_unit
+from ldm.images import find_images, pil_to_uint8, read_rgb, square_resize, to_uint8, uint8_to_pil, uint8_to_unit
 from ldm.io import write_json, write_text
 from ldm.models.clip import IMAGE_RANGE, encode_text, load_clip, read_clip_metadata
 from ldm.models.tokenizer import build_tokenizer, tokenize
@@ -168,10 +169,12 @@ def read_samples(folder: Path, *, progress: bool = True, layout: dict | None = N
     report = scan_dataset(DataConfig(path=str(folder), min_side=1, **(layout or {})), progress=progress)
     if not report.pairs:
         raise LdmError(f"no usable image/caption pairs in {folder}; run `python -m ldm data check {folder}`")
-    images = [read_rgb(pair.image) for pair in tqdm(report.pairs, desc="reading images", disable=not progress)]
+    pairs = report.distinct_pairs  # a kohya repeat folder's images are scored once
+    reading = tqdm(pairs, desc="reading images", disable=not progress)
+    images = [pil_to_uint8(read_scanned_image(pair)) for pair in reading]
     return Samples(
-        prompts=[pair.caption for pair in report.pairs], images=images, seeds=[None] * len(images),
-        names=[str(pair.image.relative_to(report.root)) for pair in report.pairs], skipped=report.skipped_images,
+        prompts=[pair.caption for pair in pairs], images=images, seeds=[None] * len(images),
+        names=[str(pair.image.relative_to(report.root)) for pair in pairs], skipped=report.skipped_images,
     )  # fmt: skip
 
 

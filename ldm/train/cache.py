@@ -37,7 +37,7 @@ from ldm.data.config import DataConfig
 from ldm.data.dataset import item_seed, read_scanned_image
 from ldm.data.scan import ScanReport
 from ldm.errors import LdmError
-from ldm.images import crop_tensor, fit_tensor, open_rgb, plan_crop
+from ldm.images import crop_tensor, fit_tensor, plan_crop
 from ldm.io import save_tensors
 from ldm.models.tokenizer import tokenize
 from ldm.train.objectives import drop_captions
@@ -184,7 +184,7 @@ class UNetItems(Dataset):
         if self.cache is not None:
             item["mean"], item["logvar"] = self.cache.latent(index, flipped=plan.flip)
         if self.cache is None or self.pixels:
-            item["pixel_values"] = crop_tensor(read_scanned_image(pair.image), plan)
+            item["pixel_values"] = crop_tensor(read_scanned_image(pair), plan)
         return item | {"caption": caption, "index": index}
 
 
@@ -265,18 +265,19 @@ def module_digest(bundle, part: str) -> str:
 
 
 def listing_hash(report: ScanReport, targets: Sequence[Size]) -> str:
-    """sha256 over the usable pairs (relative path, caption, size, file size and mtime) and their target sizes."""
+    """sha256 over the usable pairs (relative path, caption, size, file size and mtime — of the shard, with the
+    member's offset, for an image in a tar) and their target sizes."""
     h = hashlib.sha256()
     for pair, target in zip(report.pairs, targets):
-        stat = pair.image.stat()
+        stat = pair.file.stat()
         try:
             rel = pair.image.relative_to(report.root)
         except ValueError:
             rel = pair.image
         w, h_ = report.sizes[pair.image]
-        h.update(
-            f"{rel}\t{pair.caption}\t{w}x{h_}\t{stat.st_size}\t{stat.st_mtime_ns}\t{target[0]}x{target[1]}\n".encode()
-        )
+        at = f"\t@{pair.member.offset}" if pair.member is not None else ""
+        line = f"{rel}\t{pair.caption}\t{w}x{h_}\t{stat.st_size}\t{stat.st_mtime_ns}\t{target[0]}x{target[1]}{at}\n"
+        h.update(line.encode())
     return h.hexdigest()
 
 
@@ -298,7 +299,8 @@ def cache_key(
 
 def cache_path(folder: str | Path, data: DataConfig, role: str) -> Path:
     """``FOLDER/<data folder name>-<role>-<hash of its absolute path>.safetensors``."""
-    where = hashlib.sha256(str(Path(data.path).resolve()).encode()).hexdigest()[:10]
+    split = f":{data.split}" if data.split else ""  # a named split: a cache of its own
+    where = hashlib.sha256(f"{Path(data.path).resolve()}{split}".encode()).hexdigest()[:10]
     return Path(folder) / f"{Path(data.path).name}-{role}-{where}.safetensors"
 
 
@@ -323,21 +325,28 @@ def encode_features(
     bundle, report: ScanReport, targets: Sequence[Size], *, key: dict, latents: bool, flip: bool, batch_size: int,
     device=None, progress: bool = True,
 ) -> FeatureCache:  # fmt: skip
-    """Run the frozen VAE (centre crops, and their mirror images when ``flip``) and text encoder over a dataset."""
+    """Run the frozen VAE (centre crops, and their mirror images when ``flip``) and text encoder over a dataset.
+
+    An image listed more than once at one target size (a kohya repeat folder's) is encoded once: its items share
+    the posterior, as a centre crop draws nothing."""
     vae = bundle.vae
     tensors: dict[str, torch.Tensor] = {}
     if latents:
-        by_target: dict[Size, list[int]] = {}
+        by_target: dict[Size, dict[Path, list[int]]] = {}
         for i, target in enumerate(targets):
-            by_target.setdefault(tuple(target), []).append(i)
-        bar = tqdm(total=len(targets), desc="encoding latents", unit="img", disable=not progress, leave=False)
-        for (w, h), indices in sorted(by_target.items()):
+            by_target.setdefault(tuple(target), {}).setdefault(report.pairs[i].image, []).append(i)
+        total = sum(len(images) for images in by_target.values())
+        bar = tqdm(total=total, desc="encoding latents", unit="img", disable=not progress, leave=False)
+        for (w, h), images in sorted(by_target.items()):
+            unique = [items[0] for items in images.values()]  # one item per distinct image
+            rows = torch.tensor([row for row, items in enumerate(images.values()) for _ in items])  # item → its row
+            indices = [i for items in images.values() for i in items]
             parts: dict[str, list[torch.Tensor]] = {}
-            for start in range(0, len(indices), batch_size):
-                chunk = indices[start : start + batch_size]
+            for start in range(0, len(unique), batch_size):
+                chunk = unique[start : start + batch_size]
                 generator = torch.Generator().manual_seed(0)  # centre crops draw nothing that matters
                 x = torch.stack(
-                    [fit_tensor(open_rgb(report.pairs[i].image), (w, h), generator=generator) for i in chunk]
+                    [fit_tensor(read_scanned_image(report.pairs[i]), (w, h), generator=generator) for i in chunk]
                 )
                 if flip:
                     x = torch.cat([x, x.flip(-1)])  # (2n, 3, H, W): the mirror images in the same VAE call
@@ -352,7 +361,7 @@ def encode_features(
                 bar.update(n)
             stem = f"latents.{w}x{h}"
             tensors[f"{stem}.index"] = torch.tensor(indices, dtype=torch.int64)
-            tensors |= {f"{stem}.{name}": torch.cat(values) for name, values in parts.items()}
+            tensors |= {f"{stem}.{name}": torch.cat(values)[rows] for name, values in parts.items()}
         bar.close()
     captions = sorted({pair.caption for pair in report.pairs} | {""})
     hidden = encode_text(bundle, captions, device=device)

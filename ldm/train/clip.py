@@ -82,7 +82,7 @@ class CLIPRunConfig:
     train: TrainConfig = CLIP_TRAIN
     bundle: str = ""  # bundle whose text encoder is replaced; its VAE, UNet and tokenizer are carried over
     preset: str = ""  # without a bundle: the preset whose other parts a new bundle is created from
-    eval_data: str = ""  # held-out folder: retrieval accuracy
+    eval_data: str = ""  # held-out folder: retrieval accuracy; "": the data's test/ split, where it has one
     eval_batch_size: int = 256
     max_logit_scale: float = 100.0  # the learnable temperature is clamped to exp(logit_scale) ≤ this (open_clip)
     name: str = ""  # the written bundle's name; "" = the bundle's, or the preset's
@@ -262,7 +262,8 @@ def _duplicates(captions: list[str]) -> int:
 def datasets(
     cfg: CLIPRunConfig, accelerator: Accelerator
 ) -> tuple[CaptionedImageDataset, CaptionedImageDataset | None]:
-    """The training pairs after the data report, and the held-out pairs (None without eval_data); notes on captions
+    """The training pairs after the data report, and the held-out pairs (None without eval_data or a test split of
+    the data, see :func:`~ldm.data.held_out`); notes on captions
     that several items share (false negatives in a batch)."""
     say = print if accelerator.is_main_process else (lambda *a, **k: None)
     report = report_dataset(cfg.data, file=sys.stdout if accelerator.is_main_process else None)
@@ -270,10 +271,11 @@ def datasets(
     if dup := _duplicates(dataset.captions):
         say(f"note: {dup} training items share their caption with another; in a batch they are false negatives")
     eval_set = None
-    if cfg.eval_data:
-        eval_set = CaptionedImageDataset(held_out(cfg.data, cfg.eval_data))
+    if (held := held_out(cfg.data, cfg.eval_data)) is not None:
+        eval_set = CaptionedImageDataset(held)
         dup = _duplicates(eval_set.captions)
-        say(f"held-out: {len(eval_set)} pairs in {cfg.eval_data}" + (f" ({dup} with a shared caption)" if dup else ""))
+        where = cfg.eval_data or f"the {held.split} split of {held.path}"
+        say(f"held-out: {len(eval_set)} pairs in {where}" + (f" ({dup} with a shared caption)" if dup else ""))
     return dataset, eval_set
 
 

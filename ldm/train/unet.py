@@ -180,7 +180,7 @@ class UNetRunConfig:
     text_encoder_lr: float = 0.0  # 0 = train.lr
     gradient_checkpointing: bool = False  # recompute activations in the backward pass: less memory, ~30 % slower
     adam_8bit: bool = False  # bitsandbytes' 8-bit AdamW (CUDA only; falls back to torch AdamW with a note)
-    eval_data: str = ""  # held-out folder: loss per timestep range at every validation
+    eval_data: str = ""  # held-out folder: loss per timestep range at every validation; "": the data's test/ split
     name: str = ""  # the written bundle's name (PNG metadata says "Model: NAME"); "" = the base bundle's
 
     def __post_init__(self):
@@ -497,12 +497,15 @@ def feature_cache(cfg: UNetRunConfig, base: Bundle, report: ScanReport, targets,
 
 def held_out_set(cfg: UNetRunConfig, base: Bundle, accelerator: Accelerator) -> HeldOut | None:
     """The held-out set, on the main process: fixed latents (posterior means), and per timestep range one t and one
-    noise per image, drawn once from a private generator (the training RNG is untouched). None without eval_data."""
-    if not (cfg.eval_data and accelerator.is_main_process):
+    noise per image, drawn once from a private generator (the training RNG is untouched). None without eval_data or
+    a test split of the data (see :func:`~ldm.data.held_out`)."""
+    if not accelerator.is_main_process:
         return None
     data = held_out(cfg.data, cfg.eval_data)
+    if data is None:
+        return None
     report = report_dataset(data, progress=False)
-    report = replace(report, pairs=report.pairs[: cfg.validation.eval_images])
+    report = replace(report, pairs=report.distinct_pairs[: cfg.validation.eval_images])
     n, r = len(report.pairs), cfg.data.resolution
     features = load_or_build_cache(
         cache_path(cache_dir(cfg), data, "eval") if cfg.cache.enabled else None, bundle=base, data=data,

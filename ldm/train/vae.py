@@ -61,7 +61,7 @@ class VAERunConfig:
     preset: str = ""  # the preset a new autoencoder (and a new bundle around it) is built from
     init_from: str = ""  # a bundle whose VAE is fine-tuned (and whose other parts are kept)
     decoder_only: bool = False  # fine-tune the decoder only: existing latents keep their meaning
-    eval_data: str = ""  # held-out folder: PSNR/SSIM at the end
+    eval_data: str = ""  # held-out folder: PSNR/SSIM at the end; "": the data's test/ split, where it has one
     scale_samples: int = 1024  # images used to measure the latent scaling factor
     sample_images: int = 8  # reconstructions in each sample grid
     # From scratch only: the posterior log-variance the encoder starts with. A freshly built encoder emits
@@ -319,8 +319,8 @@ def finish(cfg: VAERunConfig, base: Bundle, model: Trainables, dataset, sample_f
                                     out / "bundle")  # fmt: skip
     result.scaling_factor = scale
     print(f"latent scaling factor {scale:.5f}; bundle written to {out / 'bundle'}")
-    if cfg.eval_data:
-        result.metrics = evaluate_batches(vae, eval_batches(held_out(cfg.data, cfg.eval_data), cfg.train.batch_size))
+    if (held := held_out(cfg.data, cfg.eval_data)) is not None:
+        result.metrics = evaluate_batches(vae, eval_batches(held, cfg.train.batch_size))
         (out / "eval.json").write_text(json.dumps(result.metrics, indent=2) + "\n")
         print("held-out: " + ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"
                                        for k, v in result.metrics.items()))  # fmt: skip

@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from planted import png_bytes, write_png, write_tar
+
 from ldm.data import Layout
 
 REPO = Path(__file__).resolve().parents[2]
@@ -88,3 +90,43 @@ def test_bad_counts_and_sizes_are_one_error_line(tmp_path, make_dataset, capsys)
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and message in err, err
     assert not (tmp_path / "e").exists()
+
+
+def test_check_reports_split_repeats_and_shards(tmp_path):
+    for split in ("train", "test"):
+        write_png(tmp_path / "hub" / split / "a.png", 0)
+        (tmp_path / "hub" / split / "metadata.csv").write_text(f"file_name,text\na.png,a {split} picture\n")
+    result = run("check", str(tmp_path / "hub"), "--split", "test", "--min-side", "8")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines()[1].split()[:5] == ["split", "read", "test", "also", "here:"]
+    for i in range(2):
+        write_png(tmp_path / "kohya" / "10_apple" / f"{i}.png", i)
+        (tmp_path / "kohya" / "10_apple" / f"{i}.txt").write_text("an apple")
+    result = run("check", str(tmp_path / "kohya"), "--min-side", "8")
+    assert result.returncode == 0, result.stderr
+    assert "    10_apple: 2 images × 10 repeats = 20" in result.stdout.splitlines()
+    for s in range(2):
+        write_tar(tmp_path / "wds" / f"{s}.tar", [("k.png", png_bytes(s)), ("k.txt", b"a shard picture")])
+    result = run("check", str(tmp_path / "wds" / "{0..1}.tar"), "--min-side", "8")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith(f"dataset {tmp_path / 'wds'} (layout webdataset)\n")
+    assert result.stdout.splitlines()[1].split() == ["shards", "2", "e.g.", "0.tar,", "1.tar"]
+
+
+def test_check_layout_errors_are_one_line_with_the_fix(tmp_path):
+    write_png(tmp_path / "hub" / "train" / "a.png", 0)
+    (tmp_path / "hub" / "train" / "metadata.csv").write_text("path,prompt\na.png,x\n")
+    write_tar(tmp_path / "cut" / "0.tar", [("k.png", png_bytes(0)), ("k.txt", b"x")])
+    (tmp_path / "cut" / "0.tar").write_bytes((tmp_path / "cut" / "0.tar").read_bytes()[:900])
+    write_tar(tmp_path / "none" / "0.tar", [])
+    for argv, message in [
+        (["hub", "--split", "val"], "split 'val' not found in {}/hub; it has train/; pass one of those"),
+        (["hub"], "{}/hub/train/metadata.csv has neither 'image' nor 'file_name' column (found: path, prompt); "
+                  "rename one or pass --image-column"),
+        (["cut"], "shard {}/cut/0.tar is truncated"),
+        (["none"], "shard {}/none/0.tar is empty (a tar holding no files); remove it, or write it again"),
+    ]:  # fmt: skip
+        result = run("check", str(tmp_path / argv[0]), *argv[1:])
+        assert result.returncode == 2, argv
+        assert result.stdout == "" and result.stderr.count("\n") == 1, result.stderr
+        assert result.stderr.startswith("error: " + message.format(tmp_path)), result.stderr

@@ -1,10 +1,11 @@
-"""Layout detection and caption reading for imagefolder, kohya and csv folders."""
+"""Layout detection and caption reading for imagefolder, kohya, csv and webdataset folders."""
 
 from __future__ import annotations
 
 import json
 
 import pytest
+from planted import name_in_dataset
 
 from ldm.data import DataConfig, Layout, detect_layout, list_dataset
 from ldm.errors import LdmError
@@ -21,10 +22,10 @@ def test_explicit_layout_is_used(planted):
     listing = list_dataset(DataConfig(path=str(root), layout=layout))
     assert listing.layout is layout
     assert len(listing.pairs) == 13
-    captions = {p.image.relative_to(root).as_posix(): p.caption for p in listing.pairs}
+    captions = {name_in_dataset(p.image, root): p.caption for p in listing.pairs}
     assert captions["sub/good3.png"] == "a wide blue thing"  # whitespace collapsed, subfolder path kept
     assert captions["empty.png"] == ""
-    assert [p.relative_to(root).as_posix() for p in listing.uncaptioned] == ["nocap.png"]
+    assert [name_in_dataset(p, root) for p in listing.uncaptioned] == ["nocap.png"]
 
 
 def test_metadata_typo_names_what_was_found(tmp_path, make_dataset):
@@ -66,19 +67,23 @@ def test_both_tables_is_ambiguous(tmp_path, make_dataset):
     assert list_dataset(DataConfig(path=str(tmp_path), layout=Layout.CSV)).layout is Layout.CSV
 
 
-def test_split_folders_point_at_one_split(tmp_path, make_dataset):
-    for split in ("train", "test"):
+def test_folders_of_other_names_say_pass_split(tmp_path, make_dataset):
+    for split in ("cats", "dogs"):
         make_dataset(tmp_path / split, Layout.IMAGEFOLDER)
-    with pytest.raises(LdmError, match=r"holds splits \(test/, train/\).*e\.g\. .*train$"):
-        detect_layout(tmp_path)
+    with pytest.raises(LdmError, match=r"folders each with its own caption table \(cats/, dogs/\); pass --split NAME"):
+        list_dataset(DataConfig(path=str(tmp_path)))
+    assert len(list_dataset(DataConfig(path=str(tmp_path), split="dogs")).pairs) == 13
 
 
 def test_wrong_caption_column_is_named(tmp_path, make_dataset):
     make_dataset(tmp_path, None)
-    (tmp_path / "metadata.jsonl").write_text(json.dumps({"file_name": "good1.png", "caption": "x"}) + "\n")
-    with pytest.raises(LdmError, match=r"no 'text' field \(found: file_name, caption\); rename it or pass --caption-column"):
+    (tmp_path / "metadata.jsonl").write_text(json.dumps({"file_name": "good1.png", "prompt": "x"}) + "\n")
+    with pytest.raises(LdmError, match=r"neither 'text' nor 'caption' field \(found: file_name, prompt\); rename one "
+                       "or pass --caption-column"):  # fmt: skip
         list_dataset(DataConfig(path=str(tmp_path)))
-    listing = list_dataset(DataConfig(path=str(tmp_path), caption_column="caption"))
+    with pytest.raises(LdmError, match=r"no 'words' field \(found: file_name, prompt\); rename it or pass"):
+        list_dataset(DataConfig(path=str(tmp_path), caption_column="words"))
+    listing = list_dataset(DataConfig(path=str(tmp_path), caption_column="prompt"))
     assert [p.caption for p in listing.pairs] == ["x"]
 
 
@@ -87,7 +92,7 @@ def test_named_csv_and_columns(tmp_path, make_dataset):
     (tmp_path / "captions.csv").write_text("path,prompt\ngood1.png,a red square\n")
     with pytest.raises(LdmError, match=r"captions.csv \(pass --metadata captions.csv"):
         detect_layout(tmp_path)
-    with pytest.raises(LdmError, match=r"no 'image' column \(found: path, prompt\)"):
+    with pytest.raises(LdmError, match=r"neither 'image' nor 'file_name' column \(found: path, prompt\); rename one"):
         list_dataset(DataConfig(path=str(tmp_path), metadata="captions.csv"))
     config = DataConfig(path=str(tmp_path), metadata="captions.csv", image_column="path", caption_column="prompt")
     listing = list_dataset(config)

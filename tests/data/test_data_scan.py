@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from ldm.data import DataConfig, Problem, inspect_image, report_dataset, scan_dataset, to_rgb
+from ldm.data import DataConfig, Layout, Problem, inspect_image, report_dataset, scan_dataset, to_rgb
 from ldm.errors import LdmError
 
 
@@ -52,7 +52,8 @@ def test_report_text(planted):
     lines = {line.strip().split("  ")[0]: line for line in text.splitlines()[1:]}
     assert text.splitlines()[0].startswith(f"dataset {root} (layout {layout.value}")
     assert lines["usable pairs"].split()[2] == "9"
-    assert lines["missing caption"].split()[2:] == ["1", "e.g.", "nocap.png"]
+    nocap = "shard-000.tar/nocap.png" if layout is Layout.WEBDATASET else "nocap.png"
+    assert lines["missing caption"].split()[2:] == ["1", "e.g.", nocap]
     assert "text.png (not an image)" in lines["unreadable"]
     assert "tiny.png (1×1)" in lines["too small (<32 px)"]
     assert lines["converted to RGB"].endswith("4   CMYK 1, I;16 1, P 1, RGBA 1")

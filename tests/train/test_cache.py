@@ -193,3 +193,26 @@ def test_bucketed_training_run(micro_bundle_dir, mixed, tmp_path, encoder_calls,
     shapes = {shape[2:] for shape in encoder_calls}
     assert {(32, 128), (64, 64), (128, 32)} <= {(w, h) for h, w in shapes}  # cached per bucket shape
     assert (tmp_path / "run" / "bundle" / "manifest.json").is_file()
+
+
+def test_repeated_images_are_encoded_once(micro_bundle_dir, tmp_path, encoder_calls):
+    """A kohya repeat folder lists each of its images N times; the cache encodes each once, for all its items."""
+    shapes = write_shapes(tmp_path / "shapes", 4)
+    root = tmp_path / "kohya"
+    for i, png in enumerate(sorted(shapes.glob("*.png"))):
+        folder = root / ("3_shapes" if i < 3 else "plain")
+        folder.mkdir(parents=True, exist_ok=True)
+        png.rename(folder / png.name)
+        (folder / png.with_suffix(".txt").name).write_text(f"shape {i}")
+    config = DataConfig(path=str(root), resolution=64)
+    report = scan_dataset(config, progress=False)
+    assert len(report.pairs) == 10
+    bundle = load_bundle(micro_bundle_dir)
+    cache = load_or_build_cache(None, bundle=bundle, data=config, report=report, targets=[(64, 64)] * 10,
+                                buckets=None, latents=True, batch_size=16, log=lambda m: None)  # fmt: skip
+    assert encoder_calls == [(4, 3, 64, 64)] and len(cache) == 10
+    pixels = UNetItems(report, targets=[(64, 64)] * 10, center_crop=True, flip_p=0.0)
+    for i in range(10):
+        with torch.no_grad():
+            mean = bundle.vae.encode(pixels[i]["pixel_values"][None]).latent_dist.mean[0]
+        torch.testing.assert_close(cache.latent(i)[0], mean, atol=1e-5, rtol=1e-4)

@@ -280,3 +280,17 @@ def test_the_output_folder_is_checked_before_the_data(shapes_folder, tmp_path, c
     err = capsys.readouterr()
     assert "--out" in err.err and err.err.count("\n") == 1 and "dataset" not in err.out  # no data report yet
     assert (tmp_path / "a-file").read_text() == "keep me"
+
+
+def test_a_folder_of_splits_trains_on_train_and_holds_out_test(shapes_folder, tmp_path):
+    rows = [json.loads(line) for line in (shapes_folder / "metadata.jsonl").read_text().splitlines()]
+    hub = tmp_path / "hub"
+    for split, part in (("train", rows[:16]), ("test", rows[16:])):
+        (hub / split).mkdir(parents=True)
+        for row in part:
+            (hub / split / row["file_name"]).write_bytes((shapes_folder / row["file_name"]).read_bytes())
+        (hub / split / "metadata.csv").write_text("file_name,text\n" + "".join(f"{r['file_name']},{r['text']}\n"
+                                                                            for r in part))  # fmt: skip
+    run = tmp_path / "run"
+    assert run_cli(train_vae.main, args(hub, run, "--max-steps", "1")) == 0  # no --eval-data: test/ is held out
+    assert json.loads((run / "eval.json").read_text())["count"] == 8
