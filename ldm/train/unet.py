@@ -521,7 +521,7 @@ def held_out_set(cfg: UNetRunConfig, base: Bundle, accelerator: Accelerator) -> 
     if cfg.task is not Task.TEXT_TO_IMAGE:  # one mask or noise level and noise per image, drawn after the above
         condition_of, parts = task_conditioner(cfg, base, accelerator=accelerator), []
         for start in range(0, n, cfg.cache.batch_size):
-            pixels = torch.stack([fit_tensor(read_scanned_image(pair.image), (r, r))
+            pixels = torch.stack([fit_tensor(read_scanned_image(pair), (r, r))
                                   for pair in report.pairs[start : start + cfg.cache.batch_size]])  # fmt: skip
             parts.append(condition_of(pixels.to(accelerator.device), generator=generator).to(torch.device("cpu")))
         condition = Condition.cat(parts)
@@ -717,7 +717,7 @@ def task_examples(cfg: UNetRunConfig, report: ScanReport, count: int) -> TaskExa
     low-res versions."""
     r, f = cfg.data.resolution, cfg.upscale_factor
     pairs = [report.pairs[i % len(report.pairs)] for i in range(count)]
-    pixels = torch.stack([fit_tensor(read_scanned_image(pair.image), (r, r)) for pair in pairs])  # (N, 3, r, r)
+    pixels = torch.stack([fit_tensor(read_scanned_image(pair), (r, r)) for pair in pairs])  # (N, 3, r, r)
     if cfg.task is Task.INPAINT:
         shapes = replace(cfg.task_inputs, rectangle_masks=0.5, stroke_masks=0.5, full_masks=0.0)
         mask = random_masks(count, height=r, width=r, config=shapes,
