@@ -25,8 +25,9 @@ from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
 from torch import nn
 
 from ldm.accel.checks import check_interval
-from ldm.accel.graph import TraceCache, TracedUNet, UNetWrapper, as_tensor, can_run_traced, input_key, mismatch
+from ldm.accel.graph import TraceCache, TracedUNet, as_tensor, can_run_traced, input_key, mismatch
 from ldm.errors import LdmError
+from ldm.pipeline.denoiser import UNetWrapper
 
 
 class DeepCacheUNet(UNetWrapper):

@@ -44,6 +44,7 @@ from torch import fx, nn
 from torch.fx.experimental.proxy_tensor import make_fx
 
 from ldm.accel.packed import can_pack, pack_convolution
+from ldm.pipeline.denoiser import UNetWrapper
 
 aten = torch.ops.aten
 
@@ -608,26 +609,6 @@ class TraceCache(OrderedDict):
                 self.popitem(last=False)
         self.move_to_end(key)
         return self[key]
-
-
-class UNetWrapper(nn.Module):
-    """A module that samplers call in place of the diffusers UNet it wraps: the same config, dtype and device."""
-
-    def __init__(self, unet: nn.Module):
-        super().__init__()
-        self.unet = unet
-
-    @property
-    def config(self):
-        return self.unet.config
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.unet.dtype
-
-    @property
-    def device(self) -> torch.device:
-        return self.unet.device
 
 
 class GraphUNet(UNetWrapper):

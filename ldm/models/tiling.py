@@ -182,39 +182,3 @@ def reconstruct(
     latents = encode_images(vae, pixels, scaling_factor=scaling_factor, tile=tile, overlap=overlap, generator=generator)
     return decode(vae, latents, scaling_factor=scaling_factor, tile=tile, overlap=overlap)
 
-
-# --- the denoiser -------------------------------------------------------------------------------------------------
-
-
-class TiledUNet(torch.nn.Module):
-    """A UNet run on overlapping latent tiles at every call, its predictions blended as the VAE's tiles are
-    (MultiDiffusion, Bar-Tal et al. 2023): every step sees the whole latent, each UNet call only a tile of the size
-    it was trained at, so memory stays flat and the content stays at the training scale. Same call as the UNet; the
-    extra input channels and the class labels of an upscaler go with each tile."""
-
-    def __init__(self, unet: torch.nn.Module, *, tile: int, overlap: int):
-        super().__init__()
-        if tile < 1 or not 0 <= overlap < tile:
-            raise ValueError(f"tile {tile} and overlap {overlap} (latent cells) need 0 ≤ overlap < tile")
-        self.unet, self.tile, self.overlap = unet, tile, overlap
-
-    @property
-    def config(self):
-        return self.unet.config
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.unet.dtype
-
-    @property
-    def device(self) -> torch.device:
-        return self.unet.device
-
-    def forward(self, sample: torch.Tensor, timestep, encoder_hidden_states: torch.Tensor, **kwargs):
-        from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
-
-        def one(tile: torch.Tensor) -> torch.Tensor:
-            return self.unet(tile, timestep, encoder_hidden_states=encoder_hidden_states, **kwargs).sample
-
-        out = run_tiled(one, sample, tile=self.tile, overlap=self.overlap, in_scale=1, out_scale=1)
-        return UNet2DConditionOutput(sample=out.to(sample.dtype))

@@ -38,3 +38,23 @@ def start_sampling_run(denoiser: nn.Module) -> None:
     for module in denoiser.modules() if isinstance(denoiser, nn.Module) else (denoiser,):
         if isinstance(module, SamplingState):
             module.start_sampling_run()
+
+
+class UNetWrapper(nn.Module):
+    """A module that samplers call in place of the diffusers UNet it wraps: the same config, dtype and device."""
+
+    def __init__(self, unet: nn.Module):
+        super().__init__()
+        self.unet = unet
+
+    @property
+    def config(self):
+        return self.unet.config
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.unet.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.unet.device

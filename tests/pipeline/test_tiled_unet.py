@@ -5,7 +5,7 @@ import torch
 
 from ldm.formats.bundle import create_bundle
 from ldm.models.presets import PRESETS, Task
-from ldm.models.tiling import TiledUNet
+from ldm.pipeline.upscale import TiledUNet
 
 
 @pytest.fixture(scope="module")
