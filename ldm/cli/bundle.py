@@ -9,8 +9,9 @@ from pathlib import Path
 from ldm.cli.common import ArgumentParser, check_output, run_cli, seed
 from ldm.config import apply_overrides, dump_yaml
 from ldm.errors import BundleError, ConfigError, LdmError
-from ldm.formats.bundle import create_bundle, load_bundle, read_config, read_manifest, save_bundle
-from ldm.formats.diffusers import export_diffusers, import_diffusers
+from ldm.formats.bundle import create_bundle, load_bundle, read_config, read_manifest, save_bundle, save_new_bundle
+from ldm.formats.diffusers import choose_variant, export_diffusers, import_diffusers
+from ldm.formats.single_file import export_single_file, import_single_file, parse_prediction
 from ldm.models.presets import PRESETS, get_preset
 from ldm.runtime import DTYPES
 
@@ -28,9 +29,11 @@ def build_parser() -> ArgumentParser:
     create.add_argument("--force", action="store_true", help="overwrite an existing bundle")
     info = sub.add_parser("info", help="print a bundle's config and manifest")
     info.add_argument("bundle", type=Path)
-    export = sub.add_parser("export", help="write a diffusers Stable Diffusion folder")
+    export = sub.add_parser("export", help="write a diffusers Stable Diffusion folder, or a single-file checkpoint")
     export.add_argument("bundle", type=Path)
-    export.add_argument("out", type=Path)
+    export.add_argument("out", type=Path, nargs="?", help="the diffusers folder to write")
+    export.add_argument("--single-file", type=Path, metavar="FILE",
+                        help="write one .safetensors file in the CompVis layout (A1111, ComfyUI) instead")  # fmt: skip
     convert = sub.add_parser("convert", help="write a copy with its weights in another precision (fp16 to ship)")
     convert.add_argument("bundle", type=Path)
     convert.add_argument("out", type=Path)
@@ -41,9 +44,17 @@ def build_parser() -> ArgumentParser:
     convert.add_argument("--base", type=Path, metavar="BUNDLE",
                          help="borrow from this bundle every part whose weights equal its own (a fine-tune then ships "
                               "its UNet alone); the two folders must then stay side by side")  # fmt: skip
-    imp = sub.add_parser("import", help="read a local diffusers Stable Diffusion folder into a bundle")
-    imp.add_argument("diffusers_folder", type=Path)
+    imp = sub.add_parser("import", help="read a diffusers Stable Diffusion folder or a single-file checkpoint")
+    imp.add_argument("source", type=Path, help="a diffusers pipeline folder, or an SD 1.x/2.x .safetensors file")
     imp.add_argument("out", type=Path)
+    imp.add_argument("--variant", help="diffusers folder: the weights saved with this variant, e.g. fp16 (default: "
+                                       "the plain ones, else the only variant there is)")  # fmt: skip
+    imp.add_argument("--prediction", choices=("epsilon", "v"), default=None,
+                     help="single file: what the UNet predicts, which weights cannot show (default: what the file "
+                          "records, else ε for SD 1.x and inpainting, v for SD 2.x as in A1111's SD 2.x default "
+                          "config)")  # fmt: skip
+    imp.add_argument("--allow-pickle", action="store_true",
+                     help="single file: read a pickled .ckpt, with torch.load(weights_only=True)")  # fmt: skip
     return parser
 
 
@@ -75,6 +86,19 @@ def info(args) -> None:
 
 
 def export(args) -> None:
+    if (args.out is None) == (args.single_file is None):
+        raise LdmError("pass an output folder (diffusers) or --single-file FILE.safetensors: one of the two")
+    if args.single_file is not None:
+        if args.single_file.suffix != ".safetensors":
+            raise LdmError(f"--single-file {args.single_file}: name it .safetensors, the format it is written in")
+        if args.single_file.exists():
+            raise LdmError(f"{args.single_file} already exists; choose another path or delete it first")
+        check_output(args.single_file, folder=False, flag="--single-file")
+        _, notes = export_single_file(load_bundle(args.bundle), args.single_file)
+        for note in notes:
+            print(f"note: {note}")
+        print(f"exported {args.bundle} to single file {args.single_file}")
+        return
     check_output(args.out.parent, folder=True, flag="the output folder's parent")
     export_diffusers(load_bundle(args.bundle), args.out)
     print(f"exported {args.bundle} to diffusers folder {args.out}")
@@ -100,9 +124,30 @@ def convert(args) -> None:
 def import_(args) -> None:
     if (args.out / "manifest.json").exists():
         raise LdmError(f"{args.out} already holds a bundle; choose another path")
+    if args.out.is_dir() and any(args.out.iterdir()):
+        raise LdmError(f"{args.out} is not empty; choose a new folder or an empty one")
     check_output(args.out, folder=True, flag="the output folder")
-    bundle = save_bundle(import_diffusers(args.diffusers_folder), args.out)
-    print(f"imported {args.diffusers_folder} into bundle {bundle}")
+    source = args.source
+    if not source.exists():
+        raise LdmError(f"no such file or folder: {source}; pass a diffusers pipeline folder or a .safetensors file")
+    if source.is_file():
+        if args.variant:
+            raise LdmError("--variant picks among a diffusers folder's weights; a single file has one set")
+        prediction = parse_prediction(args.prediction) if args.prediction else None
+        bundle, found = import_single_file(source, prediction=prediction, allow_pickle=args.allow_pickle)
+        print(f"found {found.describe()}")
+        for note in found.notes:
+            print(f"note: {note}")
+    else:
+        if args.prediction or args.allow_pickle:
+            raise LdmError("--prediction and --allow-pickle are for single files; a diffusers folder states its "
+                           "prediction and holds safetensors")  # fmt: skip
+        variant = choose_variant(source, args.variant)
+        if variant:
+            print(f"using the {variant} weights of {source}")
+        bundle = import_diffusers(source, variant=variant)
+    save_new_bundle(bundle, args.out)  # whole or not at all
+    print(f"imported {source} into bundle {args.out}")
 
 
 COMMANDS = {"create": create, "info": info, "export": export, "convert": convert, "import": import_}

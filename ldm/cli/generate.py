@@ -37,10 +37,13 @@ from ldm.cli.common import seed as seed_type
 from ldm.cli.image_inputs import ImageInputs, UpscaleSettings, check_task, resolve_upscale
 from ldm.cli.image_inputs import add_arguments as add_image_arguments
 from ldm.cli.image_inputs import resolve as resolve_image_inputs
+from ldm.cli.model_inputs import add_arguments as add_model_arguments
+from ldm.cli.model_inputs import resolve_model, resolve_vae, vae_record, warn_about_vae
 from ldm.config import show
 from ldm.errors import LdmError
 from ldm.formats.bundle import Bundle, load_bundle, read_config
 from ldm.formats.pngmeta import ImageParameters, read_png_parameters, save_png
+from ldm.formats.vae_file import VaeFile, attach_vae
 from ldm.images import to_uint8, uint8_to_pil
 from ldm.io import has_undecodable
 from ldm.models.labels import Conditioning, label_ids
@@ -99,6 +102,7 @@ class Settings:
     rebuild: bool  # remake --from-png's own batch: it was given without prompts or a seed
     inputs: ImageInputs | None = None  # img2img / inpainting / outpainting; None: text-to-image
     upscale: UpscaleSettings | None = None  # --upscale: every image upscaled after it is made
+    vae: VaeFile | None = None  # --vae: the autoencoder swapped in; None: the model's own
 
 
 @dataclass(frozen=True)
@@ -120,7 +124,9 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--class", dest="class_names", action="append", default=[], metavar="NAME",
                    help="a class-conditional model's class (train_unet.py --conditioning class); repeat for several. "
                         "An unconditional model needs neither a prompt nor a class")  # fmt: skip
-    p.add_argument("--model", type=Path, default=None, help=f"bundle folder (default: {DEFAULT_MODEL})")
+    p.add_argument("--model", type=Path, default=None,
+                   help=f"bundle folder, or a single-file SD checkpoint (.safetensors; converted once into a cached "
+                        f"bundle) (default: {DEFAULT_MODEL})")  # fmt: skip
     p.add_argument("--negative-prompt", default=None, help="what to steer away from (default: nothing)")
     p.add_argument("--steps", type=int, default=None, help=f"sampling steps (default {DEFAULTS['steps']})")
     p.add_argument("--guidance-scale", "--cfg", type=float, default=None,
@@ -161,6 +167,7 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--lora-scale", type=float, default=None, help="strength of --lora (default 1; 0 = the base model)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     add_image_arguments(p)
+    add_model_arguments(p)
     return p
 
 
@@ -208,13 +215,14 @@ def resolve_settings(args: argparse.Namespace) -> Settings:
     fast, deep_cache, token_merging, dtype = pick("fast"), pick("deep_cache"), pick("token_merging"), pick("dtype")
     accel.check(fast=fast, compile=args.compile, deep_cache=deep_cache, token_merging=token_merging, dtype=dtype)
     device = resolve_device(args.device)
-    model = args.model or DEFAULT_MODEL
+    model = resolve_model(args.model or DEFAULT_MODEL)  # a single file: its cached bundle
     config = read_config(model)  # the training size and the VAE's downsampling factor, without the weights
     if args.class_names and config.conditioning is not Conditioning.CLASS:
         raise LdmError(f"--class is for class-conditional models; {model} is conditioned on "
                        f"{config.conditioning.value}: {'pass a prompt' if config.conditioning is Conditioning.TEXT else 'leave it out'}")  # fmt: skip
     if config.conditioning is not Conditioning.TEXT:
         label_ids(config.classes, [*prompts, pick("negative_prompt")])  # unknown classes fail before the load
+    vae = resolve_vae(args, config)
     inputs = resolve_image_inputs(args, recorded, args.from_png)
     check_task(config, model, inputs)
     default_width, default_height = inputs.default_size(config) if inputs else (config.default_size,) * 2
@@ -237,7 +245,7 @@ def resolve_settings(args: argparse.Namespace) -> Settings:
         deep_cache=deep_cache, token_merging=token_merging, lora=args.lora,
         lora_scale=lora_scale if lora_scale is not None else 1.0, seed=args.seed,
         num_images=args.num_images, batch_size=args.batch_size, from_png=args.from_png, recorded=recorded,
-        rebuild=rebuild, inputs=inputs, upscale=upscale,
+        rebuild=rebuild, inputs=inputs, upscale=upscale, vae=vae,
     )  # fmt: skip
 
 
@@ -282,6 +290,9 @@ def load_model(settings: Settings, *, quiet: bool = False) -> Bundle:
         apply_lora(bundle, settings.lora, scale=settings.lora_scale)
     elif recorded and recorded.lora:
         print(f"warning: {settings.from_png} was made with LoRA {recorded.lora}; pass --lora FILE to reproduce it", file=sys.stderr)
+    if settings.vae is not None:
+        attach_vae(bundle, settings.vae)
+    warn_about_vae(settings.vae, recorded, settings.from_png)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore" if quiet else "default")
         dtype = resolve_dtype(settings.dtype, settings.device)
@@ -339,7 +350,7 @@ def image_parameters(settings: Settings, bundle: Bundle, job: Job, *, batch_size
         lora=settings.lora.name if settings.lora else None, lora_scale=settings.lora_scale, dtype=settings.dtype,
         fast=settings.fast, deep_cache=settings.deep_cache, token_merging=settings.token_merging,
         version=f"ldm {ldm.__version__}", **(settings.inputs.record() if settings.inputs else {}),
-        **(upscale_record(settings.upscale, upscaler) if settings.upscale else {}),
+        **(upscale_record(settings.upscale, upscaler) if settings.upscale else {}), **vae_record(settings.vae),
     )  # fmt: skip
 
 

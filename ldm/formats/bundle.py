@@ -39,7 +39,7 @@ from transformers import CLIPTextModel, CLIPTokenizer
 
 from ldm.config import dump_yaml, from_dict, parse_yaml
 from ldm.errors import BundleError, ConfigError
-from ldm.io import atomic_write, load_tensors, save_tensors, sha256_file, write_json, write_text
+from ldm.io import atomic_write, load_tensors, save_tensors, sha256_file, umask, write_json, write_text
 from ldm.models.autoencoder import build_autoencoder
 from ldm.models.labels import Conditioning, LabelEncoder, build_label_encoder
 from ldm.models.presets import ModelConfig
@@ -223,6 +223,27 @@ def file_path(folder: Path, manifest: dict, rel: str) -> Path:
                           "folders side by side, or write a self-contained copy with `python -m ldm bundle convert` "
                           "where both are")  # fmt: skip
     return base / rel
+
+
+def save_new_bundle(bundle: Bundle, folder: Path) -> Path:
+    """:func:`save_bundle` into a temp folder beside ``folder``, renamed into place at the end: ``folder`` appears
+    whole or not at all. Where another process got there first (a cache), its bundle is kept."""
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}."))
+    try:
+        save_bundle(bundle, tmp)
+        os.chmod(tmp, 0o777 & ~umask())
+        if folder.is_dir() and not any(folder.iterdir()):
+            folder.rmdir()
+        os.replace(tmp, folder)
+    except OSError:
+        if not (folder / "manifest.json").is_file():
+            raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    bundle.manifest = json.loads((folder / "manifest.json").read_text())
+    bundle.extras = {name: folder / name for name in bundle.extras}
+    return folder
 
 
 def read_manifest(folder: Path) -> dict:

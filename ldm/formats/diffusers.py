@@ -1,14 +1,16 @@
 """diffusers Stable Diffusion folders: export a bundle to one, import one into a bundle.
 
 An export loads with ``StableDiffusionPipeline.from_pretrained(folder)`` offline and has no safety checker; an import
-accepts local SD 1.x/2.x folders with safetensors weights (single-file or sharded). Pickled ``.bin`` weights are
-refused, since unpickling can run code.
+accepts local SD 1.x/2.x folders with safetensors weights (single-file or sharded, plain or a variant such as
+``fp16``). Pickled ``.bin`` weights are refused, since unpickling can run code. Single-file CompVis checkpoints are
+``ldm.formats.single_file``.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -83,19 +85,85 @@ def _with_pad(tokenizer: CLIPTokenizer, pad: str) -> CLIPTokenizer:
         return CLIPTokenizer.from_pretrained(tmp, pad_token=pad)
 
 
-def _read_weights(folder: Path, stem: str) -> dict[str, torch.Tensor]:
-    """safetensors weights of one diffusers component, single-file or sharded; pickles are refused."""
-    single = folder / f"{stem}.safetensors"
+WEIGHTS = {"vae": "diffusion_pytorch_model", "text_encoder": "model", "unet": "diffusion_pytorch_model"}
+VARIANT_NAME = r"[A-Za-z0-9_]+"  # what save_pretrained(variant=...) puts between the stem and .safetensors
+
+
+def _weight_files(folder: Path, stem: str, variant: str | None) -> tuple[Path, Path]:
+    """The single file and the shard index of one component's weights in ``variant`` (None: the plain ones), as
+    diffusers names them: ``model.fp16.safetensors``, ``model.safetensors.index.fp16.json``."""
+    if variant and not re.fullmatch(VARIANT_NAME, variant):
+        raise BundleError(f"{variant!r} is not a weight variant's name (letters, digits and _, e.g. fp16)")
+    tag = f".{variant}" if variant else ""
+    return folder / f"{stem}{tag}.safetensors", folder / f"{stem}.safetensors.index{tag}.json"
+
+
+def weight_variants(folder: Path, stem: str) -> set[str | None]:
+    """The variants one component folder has safetensors weights of; None stands for the plain weights."""
+    pattern = re.compile(rf"^{re.escape(stem)}(?:\.({VARIANT_NAME}))?\.safetensors$|^{re.escape(stem)}\.safetensors"
+                         rf"\.index(?:\.({VARIANT_NAME}))?\.json$")  # fmt: skip
+    found = set()
+    for path in folder.iterdir() if folder.is_dir() else ():
+        if m := pattern.match(path.name):
+            found.add(m.group(1) or m.group(2))
+    return found
+
+
+def choose_variant(folder: str | Path, variant: str | None = None) -> str | None:
+    """The weight variant to import from a diffusers pipeline folder: ``variant`` where every part has it; else the
+    plain weights where every part has them, else the one variant all parts share. Several, or none: a
+    :class:`BundleError` that lists what there is."""
+    folder = Path(folder)
+    found = {part: weight_variants(folder / part, stem) for part, stem in WEIGHTS.items()}
+    shared = set.intersection(*found.values())
+    named = sorted(str(v) for v in set.union(*found.values()) if v)
+    if variant is not None:
+        lacking = [part for part, variants in found.items() if variant not in variants]
+        if lacking:
+            have = f"variants in the folder: {', '.join(named)}" if named else "the folder has no variants"
+            raise BundleError(f"{folder}'s {', '.join(lacking)} {'has' if len(lacking) == 1 else 'have'} no {variant} "
+                              f"weights ({have}); drop --variant or pass another")  # fmt: skip
+        return variant
+    if None in shared:
+        return None
+    if len(shared) == 1:
+        return shared.pop()
+    if shared:
+        raise BundleError(f"{folder} has the weight variants {', '.join(sorted(map(str, shared)))} and no plain "
+                          "weights; pass --variant NAME")  # fmt: skip
+    return None  # no weights in common: reading them says what is missing
+
+
+def choose_weights_variant(folder: Path, stem: str) -> str | None:
+    """The variant of one component folder's weights to read: the plain ones where there are some, else the one
+    variant there is; several variants and no plain weights are a :class:`BundleError`."""
+    found = weight_variants(folder, stem)
+    if None in found or len(found) < 2:
+        return next(iter(found), None)
+    raise BundleError(f"{folder} has the weight variants {', '.join(sorted(map(str, found)))} and no plain weights; "
+                      f"pass the one you mean as a file ({folder / stem}.VARIANT.safetensors)")  # fmt: skip
+
+
+def weight_paths(folder: Path, stem: str, variant: str | None = None) -> tuple[Path, ...]:
+    """The safetensors files of one diffusers component, single-file or sharded, plain or of a ``variant`` (fp16,
+    say); pickles are refused."""
+    single, index = _weight_files(folder, stem, variant)
     if single.is_file():
-        return load_tensors(single)
-    index = folder / f"{stem}.safetensors.index.json"
+        return (single,)
     if index.is_file():
-        return {k: v for shard in _shards(index) for k, v in load_tensors(shard).items()}
+        return tuple(_shards(index))
     if any(folder.glob("*.bin")):
         raise BundleError(
             f"{folder} holds only pickled .bin weights, which can run code when loaded; convert them to safetensors first"
         )
-    raise BundleError(f"no {stem}.safetensors in {folder}; is this a diffusers Stable Diffusion folder?")
+    others = sorted(str(v) for v in weight_variants(folder, stem) if v != variant)
+    if variant is None and others:
+        raise BundleError(f"{folder} has only {', '.join(others)} weights; pass --variant {others[0]}")
+    raise BundleError(f"no {single.name} in {folder}; is this a diffusers Stable Diffusion folder?")
+
+
+def _read_weights(folder: Path, stem: str, variant: str | None = None) -> dict[str, torch.Tensor]:
+    return {k: v for path in weight_paths(folder, stem, variant) for k, v in load_tensors(path).items()}
 
 
 def _shards(index: Path) -> list[Path]:
@@ -126,7 +194,7 @@ def _normalise(key: str, value):
     return value
 
 
-def _check_config(what: str, ours: dict, theirs: dict) -> None:
+def check_config(what: str, ours: dict, theirs: dict) -> None:
     """Refuse a diffusers config with settings our config cannot express: importing would change the model."""
     differ = [
         f"{k}={theirs[k]!r}"
@@ -137,8 +205,9 @@ def _check_config(what: str, ours: dict, theirs: dict) -> None:
         raise BundleError(f"{what} settings not supported by ldm: {', '.join(differ[:4])}")
 
 
-def import_diffusers(folder: str | Path, *, name: str | None = None) -> Bundle:
-    """Read a local diffusers Stable Diffusion folder (as written by ``save_pretrained``)."""
+def import_diffusers(folder: str | Path, *, name: str | None = None, variant: str | None = None) -> Bundle:
+    """Read a local diffusers Stable Diffusion folder (as written by ``save_pretrained``); ``variant`` picks weights
+    saved with ``variant=`` (``fp16``: ``model.fp16.safetensors``), see :func:`choose_variant`."""
     folder = Path(folder)
     if not (folder / "model_index.json").is_file():
         raise BundleError(f"{folder} is not a diffusers pipeline folder (no model_index.json)")
@@ -168,17 +237,18 @@ def import_diffusers(folder: str | Path, *, name: str | None = None) -> Bundle:
     except (KeyError, ValueError, TypeError, OSError) as exc:
         raise BundleError(f"cannot import {folder}: {exc}") from None
     with init_empty_weights():
-        _check_config("UNet", dict(build_unet(config.unet).config), dict(unet_raw))
-        _check_config("VAE", dict(build_autoencoder(config.vae).config), dict(vae_raw))
+        check_config("UNet", dict(build_unet(config.unet).config), dict(unet_raw))
+        check_config("VAE", dict(build_autoencoder(config.vae).config), dict(vae_raw))
     if text_raw.layer_norm_eps != 1e-5:
         raise BundleError(f"text encoder layer_norm_eps={text_raw.layer_norm_eps} is not supported")
     if tokenizer.pad_token_id != config.text_encoder.pad_id:  # carry the padding in the config, not the tokenizer
         tokenizer = _with_pad(tokenizer, tokenizer.eos_token)
+    weights = {part: _read_weights(folder / part, stem, variant) for part, stem in WEIGHTS.items()}
     return Bundle(
         config=config,
-        vae=instantiate(build_autoencoder, config.vae, _read_weights(folder / "vae", "diffusion_pytorch_model"), "vae"),
-        text_encoder=instantiate(build_text_encoder, config.text_encoder, _read_weights(folder / "text_encoder", "model"), "text_encoder"),
-        unet=instantiate(build_unet, config.unet, _read_weights(folder / "unet", "diffusion_pytorch_model"), "unet"),
+        vae=instantiate(build_autoencoder, config.vae, weights["vae"], "vae"),
+        text_encoder=instantiate(build_text_encoder, config.text_encoder, weights["text_encoder"], "text_encoder"),
+        unet=instantiate(build_unet, config.unet, weights["unet"], "unet"),
         tokenizer=tokenizer,
         name=name or folder.name,
     )

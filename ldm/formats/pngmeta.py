@@ -108,6 +108,9 @@ class ImageParameters:
     height: int
     model_hash: str | None = None  # the bundle's short hash
     model: str | None = None  # the bundle's name
+    # a VAE swapped in at generation time (generate.py --vae), in A1111's keys; None: the model's own
+    vae: str | None = None  # its file or folder name
+    vae_hash: str | None = None  # the first 10 hex digits of its weights' sha256
     batch_size: int = 1  # the UNet batch the image was made in, and its place there: the numbers depend on them
     batch_pos: int = 0
     lora: str | None = None  # the LoRA file's name
@@ -145,6 +148,8 @@ class ImageParameters:
             pairs["Model hash"] = self.model_hash
         if self.model is not None:
             pairs["Model"] = self.model
+        if self.vae is not None:
+            pairs |= {"VAE hash": self.vae_hash, "VAE": self.vae}
         if self.batch_size > 1:
             pairs |= {"Batch size": self.batch_size, "Batch pos": self.batch_pos}
         if self.lora is not None:
@@ -198,6 +203,7 @@ class ImageParameters:
             prompt=prompt, negative_prompt=negative, steps=int(s["Steps"]), sampler=s["Sampler"],
             guidance_scale=float(s["CFG scale"]), seed=int(s["Seed"]), width=width, height=height,
             model_hash=s.get("Model hash"), model=s.get("Model"), batch_size=int(s.get("Batch size", 1)),
+            vae=s.get("VAE"), vae_hash=s.get("VAE hash"),
             batch_pos=int(s.get("Batch pos", 0)), lora=s.get("Lora"), lora_scale=float(s.get("Lora scale", 1.0)),
             dtype=s.get("Dtype"), fast=s.get("Fast") == "on", deep_cache=int(s.get("Deep cache", 0)),
             token_merging=float(s.get("Token merging ratio", 0)), version=s.get("Version"),

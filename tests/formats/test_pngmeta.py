@@ -90,3 +90,14 @@ def test_reading_a1111_text_and_garbled_entries():
         ImageParameters.from_text("x\nSteps: 1, Sampler: DDIM, CFG scale: 1, Size: 8x8")
     with pytest.raises(ValueError):
         ImageParameters.from_text("x\nSteps: 1, Sampler: DDIM, CFG scale: 1, Seed: 0, Size: 8by8")
+
+
+def test_a_swapped_vae_is_recorded_in_a1111s_keys():
+    params = ImageParameters(prompt="x", steps=2, sampler="Euler", guidance_scale=7.0, seed=1, width=64, height=64,
+                             model_hash="0123456789", model="m", vae="vae-ft-mse.safetensors", vae_hash="735e4c3a44")  # fmt: skip
+    assert "Model hash: 0123456789, Model: m, VAE hash: 735e4c3a44, VAE: vae-ft-mse.safetensors" in params.text()
+    assert ImageParameters.from_text(params.text()) == params
+    a1111 = "x\nSteps: 20, Sampler: Euler, CFG scale: 7, Seed: 1, Size: 512x512, VAE hash: 735e4c3a44, VAE: v.pt"
+    recorded = ImageParameters.from_text(a1111)
+    assert (recorded.vae, recorded.vae_hash) == ("v.pt", "735e4c3a44")
+    assert "VAE" not in ImageParameters.from_text("x\nSteps: 1, Sampler: Euler, CFG scale: 7, Seed: 1, Size: 8x8").text()
