@@ -42,6 +42,7 @@ from ldm.errors import BundleError, ConfigError, LdmError
 from ldm.formats.bundle import Bundle, instantiate, save_new_bundle
 from ldm.io import save_tensors, sha256_file, write_json
 from ldm.models.autoencoder import AutoencoderConfig, build_autoencoder
+from ldm.models.labels import Conditioning
 from ldm.models.presets import ModelConfig, Task, task_input_channels
 from ldm.models.text_encoder import Activation, Padding, TextEncoderConfig, build_text_encoder
 from ldm.models.tokenizer import VOCAB_SIZE, build_tokenizer
@@ -313,6 +314,9 @@ def _check_exportable(config: ModelConfig) -> Family:
     if config.task not in (Task.TEXT_TO_IMAGE, Task.INPAINT):
         raise LdmError(f"a {config.task.value} model has no CompVis single-file layout that other tools read; keep it "
                        "as an ldm bundle")  # fmt: skip
+    if config.conditioning is not Conditioning.TEXT:
+        raise LdmError(f"a {config.conditioning.value}-conditioned model has no CompVis single-file layout (its "
+                       "cross-attention reads learned label tokens, not text); keep it as an ldm bundle")  # fmt: skip
     return family_of(config)
 
 
