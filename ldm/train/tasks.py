@@ -41,6 +41,10 @@ class TaskInputConfig:
     full_masks: float = 0.25  # the whole image (SD's inpainting recipe: 25 %)
     # upscale: the low-res latents' noise level is uniform in [0, max_noise_level) (SD's x4 upscaler: 350); 1 = none
     max_noise_level: int = 350
+    # The learning rate of the UNet's input convolution and noise-level embedding, over train.lr: their new inputs
+    # start at zero and must grow from nothing while the rest of the UNet only adapts (at 1×, 600 steps left an
+    # inpainting UNet's masked-image channels unused: its held-out error no lower with them than without)
+    input_lr_scale: float = 10.0
 
     def __post_init__(self):
         rates = {"rectangle_masks": self.rectangle_masks, "stroke_masks": self.stroke_masks,
@@ -51,6 +55,8 @@ class TaskInputConfig:
         if sum(rates.values()) > 1 + 1e-9:
             raise ValueError(f"task_inputs' mask shares sum to {sum(rates.values()):g}, more than 1; lower one of them "
                              "(any rest of the samples is left unmasked)")  # fmt: skip
+        if not 0 < self.input_lr_scale <= 1000:
+            raise ValueError(f"task_inputs.input_lr_scale must be in (0, 1000], got {self.input_lr_scale}; try 10")
         if self.max_noise_level < 1:
             raise ValueError(f"task_inputs.max_noise_level must be at least 1 (1 = no noise augmentation), got "
                              f"{self.max_noise_level}; try 350")  # fmt: skip

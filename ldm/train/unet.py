@@ -536,6 +536,12 @@ def build_trainables(cfg: UNetRunConfig, base: Bundle, accelerator: Accelerator)
     unet = base.unet.float().to(accelerator.device)
     unet_params, text_params = trained_parameters(cfg, unet, base.text_encoder)
     groups = [{"params": unet_params}]
+    if cfg.task is not Task.TEXT_TO_IMAGE and not cfg.lora.rank:  # the task's new inputs learn faster
+        inputs = {id(p) for module in (unet.conv_in, unet.class_embedding) if module is not None
+                  for p in module.parameters()}  # fmt: skip
+        groups = [{"params": [p for p in unet_params if id(p) not in inputs]},
+                  {"params": [p for p in unet_params if id(p) in inputs],
+                   "lr": cfg.train.lr * cfg.task_inputs.input_lr_scale}]  # fmt: skip
     if text_params:
         groups.append({"params": text_params, "lr": cfg.text_encoder_lr or cfg.train.lr})
     denoiser = Denoiser(unet, base.text_encoder if cfg.train_text_encoder else None)
