@@ -8,6 +8,7 @@
     python train_unet.py --init-from models/emoji-tiny --data my/images --out runs/lora --lora-rank 8
     python train_unet.py --init-from models/emoji-tiny --data my/images --out runs/inpaint --task inpaint
     python train_unet.py --init-from models/emoji-tiny --data my/images --out runs/x2 --task upscale --factor 2
+    python train_unet.py --init-from models/emoji-tiny --data classes/ --out runs/cls --conditioning class --labels-from folder
 
 The run itself (loss, cache, LoRA, validation, what is written) is ``ldm.train.unet``; this module turns argv into
 its :class:`~ldm.train.unet.UNetRunConfig`: a ``--config`` file or the flags, then the flags that override, then
@@ -29,9 +30,10 @@ from ldm.cli.options import (
 from ldm.config import apply_overrides
 from ldm.data import DataConfig
 from ldm.errors import LdmError
+from ldm.models.labels import Conditioning
 from ldm.models.presets import Task
 from ldm.pipeline.schedule import Prediction
-from ldm.train.unet import UNetRunConfig, bundle_config, run, with_model
+from ldm.train.unet import LabelSource, UNetRunConfig, bundle_config, run, with_model
 
 
 def build_parser() -> ArgumentParser:
@@ -48,6 +50,11 @@ def build_parser() -> ArgumentParser:
                    "mask, upscale a low-res image; both start from a text_to_image bundle (or one of the task)")  # fmt: skip
     p.add_argument("--factor", type=int, help="--task upscale: output side / input side (default 2); the data trains "
                    "at the bundle's size × this unless --resolution")  # fmt: skip
+    p.add_argument("--conditioning", choices=[c.value for c in Conditioning],
+                   help="what the UNet is conditioned on (default text): class trains one learned token per class "
+                        "label (the captions, or --labels-from folder), none an unconditional model")  # fmt: skip
+    p.add_argument("--labels-from", choices=[s.value for s in LabelSource],
+                   help="--conditioning class: each image's class is its caption (default) or its folder's name")
     p.add_argument("--no-cache", action="store_true", default=None, help="encode images and captions every step")
     p.add_argument("--cache-dir", help="feature cache folder, shareable between runs (default OUT/cache)")
     p.add_argument("--bucketing", action="store_true", default=None, help="aspect-ratio buckets for mixed-size data")
@@ -107,6 +114,12 @@ def with_task_flags(cfg: UNetRunConfig, args) -> UNetRunConfig:
         if cfg.task is not Task.UPSCALE:
             raise LdmError(f"--factor is the upscaler's, and this run's task is {cfg.task.value}; pass --task upscale")
         cfg = replace(cfg, upscale_factor=args.factor)
+    if args.conditioning:
+        cfg = replace(cfg, conditioning=Conditioning(args.conditioning))
+    if args.labels_from:
+        if cfg.conditioning is not Conditioning.CLASS:
+            raise LdmError("--labels-from says where the classes come from; pass --conditioning class with it")
+        cfg = replace(cfg, labels_from=LabelSource(args.labels_from))
     return cfg
 
 

@@ -19,6 +19,7 @@ what is trained, the step, the validation, the end (the final validation, ``OUT/
 from __future__ import annotations
 
 import contextlib
+import enum
 import json
 import math
 import sys
@@ -37,6 +38,7 @@ from ldm.data.dataset import read_scanned_image
 from ldm.errors import LdmError
 from ldm.formats.bundle import Bundle, load_bundle, save_bundle
 from ldm.images import fit_tensor, signed_to_unit
+from ldm.models.labels import Conditioning, LabelEncoder, build_label_encoder
 from ldm.models.presets import ModelConfig, Task
 from ldm.models.tokenizer import tokenize
 from ldm.models.unet import widen_for_task
@@ -159,6 +161,13 @@ UNET_TRAIN = TrainConfig(
 )  # fmt: skip
 
 
+class LabelSource(enum.Enum):
+    """Where a class-conditional run reads each image's class."""
+
+    CAPTION = "caption"  # the caption (a dataset's caption column, or its sidecar .txt)
+    FOLDER = "folder"  # the name of the folder the image is in (an imagefolder of class folders)
+
+
 @dataclass(frozen=True, kw_only=True)
 class UNetRunConfig:
     # The bundle's, made over for the task (None: filled in from it by with_model); only model.schedule may differ:
@@ -170,6 +179,11 @@ class UNetRunConfig:
     task: Task = Task.TEXT_TO_IMAGE
     upscale_factor: int = 2  # task upscale: output side / input side
     task_inputs: TaskInputConfig = field(default_factory=TaskInputConfig)  # inpaint masks, upscale noise levels
+    # What the UNet is conditioned on: text (the bundle's text encoder), class (a learned token per class label) or
+    # none (unconditional; one learned token); ldm.models.labels. A class label is the caption, or with
+    # labels_from "folder" the name of the image's folder.
+    conditioning: Conditioning = Conditioning.TEXT
+    labels_from: LabelSource = LabelSource.CAPTION
     train: TrainConfig = UNET_TRAIN
     loss: LossConfig = field(default_factory=LossConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
@@ -235,6 +249,12 @@ def check_model(cfg: UNetRunConfig, base: Bundle) -> None:
         raise LdmError(
             "LoRA adapters keep the base model's schedule and prediction type; train without --lora-rank to change them"
         )
+    if cfg.conditioning is not Conditioning.TEXT and (cfg.lora.rank or cfg.train_text_encoder):
+        raise LdmError(f"--conditioning {cfg.conditioning.value} trains the UNet and its label tokens; leave out "
+                       "--lora-rank and --train-text-encoder")  # fmt: skip
+    if cfg.conditioning is Conditioning.TEXT and base.labels is not None:
+        raise LdmError(f"the bundle {cfg.bundle} is {base.config.conditioning.value}-conditioned; pass --conditioning "
+                       f"{base.config.conditioning.value} to go on training it")  # fmt: skip
     if cfg.lora.rank and base.config.task is not cfg.task:
         raise LdmError(f"--task {cfg.task.value} from a {base.config.task.value} bundle trains the UNet's new input "
                        "channels, which LoRA adapters leave out; train without --lora-rank")  # fmt: skip
@@ -279,16 +299,19 @@ class Denoiser(nn.Module):
     when it is trained, so that accelerate/DDP see every trained parameter in one forward. Checkpoints keep the
     trained parameters only."""
 
-    def __init__(self, unet: nn.Module, text_encoder: nn.Module | None = None):
+    def __init__(self, unet: nn.Module, text_encoder: nn.Module | None = None, labels: LabelEncoder | None = None):
         super().__init__()
         self.unet = unet
         self.text_encoder = text_encoder
+        self.labels = labels  # a class-conditional or unconditional run's label tokens, trained with the UNet
 
     def forward(self, x_in: torch.Tensor, t: torch.Tensor, *, context: torch.Tensor | None = None,
-                input_ids: torch.Tensor | None = None,
+                input_ids: torch.Tensor | None = None, label_ids: torch.Tensor | None = None,
                 class_labels: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
         if input_ids is not None:  # (B, L) token ids → (B, L, D) hidden states, with gradients
             context = self.text_encoder(input_ids).hidden_states
+        if label_ids is not None:  # (B,) class labels → (B, 1, D) learned tokens, with gradients
+            context = self.labels(label_ids).hidden_states
         return self.unet(x_in, t, encoder_hidden_states=context, class_labels=class_labels).sample  # (B, C, h, w)
 
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
@@ -336,6 +359,7 @@ class Trainables:
     optimizer: torch.optim.Optimizer
     lr_scheduler: object
     ema: EMAModel | None
+    labels: LabelEncoder | None = None  # a class-conditional or unconditional run's label tokens
 
     def state(self) -> TrainingState:
         """What a checkpoint restores of them."""
@@ -373,12 +397,16 @@ def run(cfg: UNetRunConfig, *, resume: str | None = None) -> RunResult:
     base = load_base(cfg, accelerator)
     data = training_data(cfg, base, accelerator)
     held = held_out_set(cfg, base, accelerator)
-    model = build_trainables(cfg, base, accelerator)
+    labels = label_tokens(cfg, base, data.report)
+    model = build_trainables(cfg, base, accelerator, labels=labels)
     state = model.state()
     begin_run(accelerator, state, config=cfg, resume=resume_path, output_dir=out, name="train_unet")
 
-    conditioning = TextConditioning(base, trains_text=cfg.train_text_encoder, accelerator=accelerator)
-    result_bundle = replace(base, config=replace(base.config, schedule=cfg.model.schedule))
+    conditioning = (LabelConditioning(labels, accelerator=accelerator) if labels is not None else
+                    TextConditioning(base, trains_text=cfg.train_text_encoder, accelerator=accelerator))  # fmt: skip
+    config = replace(base.config, schedule=cfg.model.schedule, conditioning=cfg.conditioning,
+                     classes=labels.classes if labels is not None else ())  # fmt: skip
+    result_bundle = replace(base, config=config, labels=labels)
     validate = validation(cfg, result_bundle, model, conditioning, held, prompts=validation_prompts(cfg, data.report),
                           report=data.report, accelerator=accelerator)  # fmt: skip
     started, first_step = time.monotonic(), state.progress.step
@@ -430,7 +458,7 @@ def training_data(cfg: UNetRunConfig, base: Bundle, accelerator: Accelerator) ->
     """The data report, the batch order (checked before anything is encoded: too little data for one batch fails
     here), the feature cache and the items."""
     main_process = accelerator.is_main_process
-    report = report_dataset(cfg.data, file=sys.stdout if main_process else None)
+    report = relabel(cfg, report_dataset(cfg.data, file=sys.stdout if main_process else None))
     targets, buckets = training_targets(cfg, report, base)
     if buckets is not None:
         order = BucketBatches([buckets.index(t) for t in targets], cfg.train.batch_size, seed=cfg.train.seed,
@@ -530,11 +558,15 @@ def held_out_set(cfg: UNetRunConfig, base: Bundle, accelerator: Accelerator) -> 
                    condition=condition)  # fmt: skip
 
 
-def build_trainables(cfg: UNetRunConfig, base: Bundle, accelerator: Accelerator) -> Trainables:
-    """The trained parameters in their optimizer groups (the text encoder's at ``text_encoder_lr``), the
-    accelerate-prepared denoiser, optimizer and LR schedule, and the UNet's EMA."""
+def build_trainables(cfg: UNetRunConfig, base: Bundle, accelerator: Accelerator, *,
+                     labels: LabelEncoder | None = None) -> Trainables:  # fmt: skip
+    """The trained parameters in their optimizer groups (the text encoder's at ``text_encoder_lr``; the label tokens
+    with the UNet's), the accelerate-prepared denoiser, optimizer and LR schedule, and the UNet's EMA."""
     unet = base.unet.float().to(accelerator.device)
     unet_params, text_params = trained_parameters(cfg, unet, base.text_encoder)
+    if labels is not None:
+        labels.float().to(accelerator.device).requires_grad_(True).train()
+        unet_params = unet_params + list(labels.parameters())
     groups = [{"params": unet_params}]
     if cfg.task is not Task.TEXT_TO_IMAGE and not cfg.lora.rank:  # the task's new inputs learn faster
         inputs = {id(p) for module in (unet.conv_in, unet.class_embedding) if module is not None
@@ -544,12 +576,49 @@ def build_trainables(cfg: UNetRunConfig, base: Bundle, accelerator: Accelerator)
                    "lr": cfg.train.lr * cfg.task_inputs.input_lr_scale}]  # fmt: skip
     if text_params:
         groups.append({"params": text_params, "lr": cfg.text_encoder_lr or cfg.train.lr})
-    denoiser = Denoiser(unet, base.text_encoder if cfg.train_text_encoder else None)
+    denoiser = Denoiser(unet, base.text_encoder if cfg.train_text_encoder else None, labels)
     optimizer = make_unet_optimizer(groups, cfg, cuda=accelerator.device.type == "cuda")
     lr_scheduler = make_lr_scheduler(optimizer, cfg.train, processes=accelerator.num_processes)
     denoiser, optimizer, lr_scheduler = accelerator.prepare(denoiser, optimizer, lr_scheduler)
     return Trainables(unet=unet, text_encoder=base.text_encoder, denoiser=denoiser, params=unet_params + text_params,
-                      optimizer=optimizer, lr_scheduler=lr_scheduler, ema=make_ema(unet, cfg.train))  # fmt: skip
+                      optimizer=optimizer, lr_scheduler=lr_scheduler, ema=make_ema(unet, cfg.train),
+                      labels=labels)  # fmt: skip
+
+
+def relabel(cfg: UNetRunConfig, report: ScanReport) -> ScanReport:
+    """With ``labels_from: folder`` each pair's caption becomes its folder's name: the class it is trained on."""
+    if cfg.conditioning is not Conditioning.CLASS or cfg.labels_from is LabelSource.CAPTION:
+        return report
+    return replace(report, pairs=[replace(pair, caption=Path(str(pair.image)).parent.name) for pair in report.pairs])
+
+
+def label_tokens(cfg: UNetRunConfig, base: Bundle, report: ScanReport) -> LabelEncoder | None:
+    """The label tokens a class-conditional or unconditional run trains: the base's when it has the same classes
+    (a run that continues one), else new ones; the classes are the data's distinct labels, sorted. None for text."""
+    if cfg.conditioning is Conditioning.TEXT:
+        return None
+    classes = ()
+    if cfg.conditioning is Conditioning.CLASS:
+        classes = tuple(sorted({pair.caption for pair in report.pairs if pair.caption}))
+        if not classes:
+            raise LdmError(f"--conditioning class found no labels in {cfg.data.path} (every caption is empty); give "
+                           "the images captions, or --labels-from folder for class folders")  # fmt: skip
+    if base.labels is not None and base.config.classes == classes:
+        return base.labels
+    return build_label_encoder(classes, base.config.unet.cross_attention_dim)
+
+
+class LabelConditioning:
+    """Captions (class names; '' the null label, as caption dropout leaves it) → the denoiser's label ids. A
+    held-out caption that is no class of the training data is the null label."""
+
+    def __init__(self, labels: LabelEncoder, *, accelerator: Accelerator):
+        self.labels, self.accelerator = labels, accelerator
+        self.index = {name: i for i, name in enumerate(labels.classes)}
+
+    def __call__(self, captions: list[str], features: FeatureCache | None = None) -> dict:
+        ids = [self.index.get(c, self.labels.null) for c in captions]
+        return {"label_ids": torch.tensor(ids, dtype=torch.long, device=self.accelerator.device)}
 
 
 def trained_parameters(cfg: UNetRunConfig, unet: nn.Module, text_encoder: nn.Module) -> tuple[list, list]:
@@ -687,6 +756,8 @@ def validation_prompts(cfg: UNetRunConfig, report: ScanReport) -> list[str]:
     upscale the captions of the images the grid starts from (:func:`task_examples`)."""
     if cfg.validation.prompts:
         return list(cfg.validation.prompts)
+    if cfg.conditioning is Conditioning.NONE:
+        return [""] * cfg.validation.num_prompts
     if cfg.task is not Task.TEXT_TO_IMAGE:
         return [pair.caption for pair in report.pairs[: cfg.validation.num_prompts]]
     distinct = list(dict.fromkeys(pair.caption for pair in report.pairs if pair.caption))
@@ -836,6 +907,7 @@ def finish(cfg: UNetRunConfig, bundle: Bundle, model: Trainables, validate, resu
         write_lora(cfg, model, result)
     else:
         written = replace(bundle, vae=bundle.vae.cpu(), text_encoder=model.text_encoder.cpu(), unet=model.unet.cpu(),
+                          labels=model.labels.cpu().eval() if model.labels is not None else None,
                           name=cfg.name or bundle.name)  # fmt: skip
         result.bundle_dir = save_bundle(written, out / "bundle")
         task = "" if cfg.task is Task.TEXT_TO_IMAGE else f"{cfg.task.value} "
