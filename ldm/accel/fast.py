@@ -211,22 +211,22 @@ class PromptCache(nn.Module):
         except AttributeError:
             return getattr(super().__getattr__("text_encoder"), name)
 
-    def _encode(self, input_ids: torch.Tensor):
+    def _encode(self, input_ids: torch.Tensor, **kwargs):
         self.encoder_calls += 1
-        return self.text_encoder(input_ids)
+        return self.text_encoder(input_ids, **kwargs)
 
-    def _entry(self, input_ids: torch.Tensor) -> tuple:
-        out = self._encode(input_ids)
+    def _entry(self, input_ids: torch.Tensor, **kwargs) -> tuple:
+        out = self._encode(input_ids, **kwargs)
         tensors = [v for v in vars(out).values() if isinstance(v, torch.Tensor)]
         return out, tuple((t, t._version) for t in tensors)
 
-    def forward(self, input_ids: torch.Tensor):  # (B, L) → the encoder's output
+    def forward(self, input_ids: torch.Tensor, **kwargs):  # (B, L) → the encoder's output; kwargs: clip_skip
         if torch.is_inference_mode_enabled() or input_ids.is_inference():
-            return self._encode(input_ids)
-        key = (tuple(input_ids.shape), input_ids.cpu().numpy().tobytes())
-        out, versions = self._entries.lookup(key, lambda: self._entry(input_ids))
+            return self._encode(input_ids, **kwargs)
+        key = (tuple(input_ids.shape), input_ids.cpu().numpy().tobytes(), tuple(sorted(kwargs.items())))
+        out, versions = self._entries.lookup(key, lambda: self._entry(input_ids, **kwargs))
         if any(t._version != v for t, v in versions):  # a caller wrote into what it was given
-            self._entries[key] = self._entry(input_ids)
+            self._entries[key] = self._entry(input_ids, **kwargs)
             out = self._entries[key][0]
         return out
 

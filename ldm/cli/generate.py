@@ -61,7 +61,7 @@ from ldm.runtime import DTYPES, resolve_device, resolve_dtype
 
 DEFAULTS = {
     "negative_prompt": "", "steps": DEFAULT_STEPS, "guidance_scale": DEFAULT_GUIDANCE, "sampler": DEFAULT_SAMPLER,
-    "dtype": "fp32", "fast": False, "deep_cache": 0, "token_merging": 0.0,
+    "dtype": "fp32", "fast": False, "deep_cache": 0, "token_merging": 0.0, "clip_skip": 1,
 }  # fmt: skip
 
 
@@ -92,6 +92,7 @@ class Settings:
     compile: bool
     deep_cache: int
     token_merging: float
+    clip_skip: int
     lora: Path | None  # --lora: the LoRA file merged into the model
     lora_scale: float
     seed: int | None  # --seed; None: a random one
@@ -133,6 +134,9 @@ def build_parser() -> ArgumentParser:
                    help=f"classifier-free guidance scale; ≤ 1 turns it off (default {DEFAULTS['guidance_scale']})")
     p.add_argument("--sampler", default=None, metavar="NAME",
                    help=f"one of {', '.join(SAMPLERS)} (default {DEFAULTS['sampler']})")
+    p.add_argument("--clip-skip", type=int, default=None, metavar="N",
+                   help="condition on the text encoder's N-th layer from the end (A1111's Clip skip; default 1, the "
+                        "last; 2 is what many SD 1.x fine-tunes were trained with)")  # fmt: skip
     p.add_argument("--seed", type=seed_type, default=None,
                    help="seed of the first image; image i uses seed+i (default: random)")
     p.add_argument("-n", "--num-images", type=int, default=1, help="images per prompt (default 1)")
@@ -184,7 +188,7 @@ def settings_from_png(path: Path) -> tuple[ImageParameters, dict]:
     return p, {
         "prompts": [p.prompt], "negative_prompt": p.negative_prompt, "steps": p.steps, "guidance_scale": p.guidance_scale,
         "sampler": sampler, "width": p.width, "height": p.height, "dtype": p.dtype or "fp32", "lora_scale": p.lora_scale,
-        "fast": p.fast, "deep_cache": p.deep_cache, "token_merging": p.token_merging,
+        "fast": p.fast, "deep_cache": p.deep_cache, "token_merging": p.token_merging, "clip_skip": p.clip_skip,
     }  # fmt: skip
 
 
@@ -228,7 +232,10 @@ def resolve_settings(args: argparse.Namespace) -> Settings:
     default_width, default_height = inputs.default_size(config) if inputs else (config.default_size,) * 2
     width, height = pick("width") or default_width, pick("height") or default_height
     upscale = resolve_upscale(args, recorded)
-    steps, guidance, lora_scale = pick("steps"), pick("guidance_scale"), pick("lora_scale")
+    steps, guidance, lora_scale, clip_skip = pick("steps"), pick("guidance_scale"), pick("lora_scale"), pick("clip_skip")
+    if not 1 <= clip_skip <= config.text_encoder.layers:
+        raise LdmError(f"--clip-skip must be from 1 to the text encoder's {config.text_encoder.layers} layers, got "
+                       f"{clip_skip}; 1 is the last layer, 2 the one before")  # fmt: skip
     check_settings(steps=steps, width=width, height=height, guidance_scale=guidance,
                    factor=config.vae.downsampling_factor, train_timesteps=config.schedule.num_train_timesteps)  # fmt: skip
     rebuild = bool(args.from_png) and not (args.prompts or args.seed is not None)
@@ -242,7 +249,7 @@ def resolve_settings(args: argparse.Namespace) -> Settings:
     return Settings(
         model=model, prompts=prompts, negative_prompt=pick("negative_prompt"), steps=steps, guidance_scale=guidance,
         sampler=sampler, width=width, height=height, device=device, dtype=dtype, fast=fast, compile=args.compile,
-        deep_cache=deep_cache, token_merging=token_merging, lora=args.lora,
+        deep_cache=deep_cache, token_merging=token_merging, clip_skip=clip_skip, lora=args.lora,
         lora_scale=lora_scale if lora_scale is not None else 1.0, seed=args.seed,
         num_images=args.num_images, batch_size=args.batch_size, from_png=args.from_png, recorded=recorded,
         rebuild=rebuild, inputs=inputs, upscale=upscale, vae=vae,
@@ -349,7 +356,7 @@ def image_parameters(settings: Settings, bundle: Bundle, job: Job, *, batch_size
         model_hash=bundle.short_hash, model=bundle.name, batch_size=batch_size, batch_pos=batch_pos,
         lora=settings.lora.name if settings.lora else None, lora_scale=settings.lora_scale, dtype=settings.dtype,
         fast=settings.fast, deep_cache=settings.deep_cache, token_merging=settings.token_merging,
-        version=f"ldm {ldm.__version__}", **(settings.inputs.record() if settings.inputs else {}),
+        clip_skip=settings.clip_skip, version=f"ldm {ldm.__version__}", **(settings.inputs.record() if settings.inputs else {}),
         **(upscale_record(settings.upscale, upscaler) if settings.upscale else {}), **vae_record(settings.vae),
     )  # fmt: skip
 
@@ -378,7 +385,8 @@ def write_images(
         request = Request(
             prompts=[j.prompt for j in batch], negative_prompts=[j.negative_prompt for j in batch],
             seeds=[j.seed for j in batch], steps=settings.steps, guidance_scale=settings.guidance_scale,
-            sampler=settings.sampler, width=settings.width, height=settings.height, **image_inputs,
+            sampler=settings.sampler, width=settings.width, height=settings.height, clip_skip=settings.clip_skip,
+            **image_inputs,
         )  # fmt: skip
         images = generate(bundle, request, progress=progress)  # (B, 3, H, W) in [0, 1]
         if canvas is not None:

@@ -120,6 +120,7 @@ class ImageParameters:
     deep_cache: int = 0  # the deep-feature reuse interval (ldm.accel.deepcache); 0: exact
     token_merging: float = 0.0  # the token-merging ratio (ldm.accel.tome); 0: exact
     version: str | None = None  # e.g. "ldm 0.1.0"
+    clip_skip: int = 1  # A1111's "Clip skip", written when above 1 as A1111 does
     # img2img and inpainting (A1111's keys where it has them); None: not used. Files are recorded by path and sha256.
     strength: float | None = None  # "Denoising strength"
     resize_mode: str | None = None  # A1111's label, e.g. "Crop and resize"
@@ -144,6 +145,8 @@ class ImageParameters:
             "Steps": self.steps, "Sampler": self.sampler, "CFG scale": self.guidance_scale, "Seed": self.seed,
             "Size": f"{self.width}x{self.height}",
         }  # fmt: skip
+        if self.clip_skip > 1:
+            pairs["Clip skip"] = self.clip_skip
         if self.model_hash is not None:
             pairs["Model hash"] = self.model_hash
         if self.model is not None:
@@ -214,6 +217,7 @@ class ImageParameters:
             masked_padding=_maybe(int, s.get("Masked area padding")), outpaint=s.get("Outpaint"),
             upscaler=s.get("Upscaler"), upscaler_hash=s.get("Upscaler hash"),
             upscale_steps=_maybe(int, s.get("Upscale steps")), noise_level=_maybe(int, s.get("Noise level")),
+            clip_skip=int(s.get("Clip skip", 1)),
         )  # fmt: skip
 
 

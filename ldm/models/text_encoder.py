@@ -98,9 +98,18 @@ class TextEncoder(nn.Module):
         self.config = config
         self.model = model if model is not None else CLIPTextModel(config.to_transformers())
 
-    def forward(self, input_ids: torch.Tensor) -> TextEncoding:  # (B, L)
-        out = self.model(input_ids.to(self.model.device))
-        return TextEncoding(hidden_states=out.last_hidden_state, pooled=out.pooler_output)
+    def forward(self, input_ids: torch.Tensor, *, clip_skip: int = 1) -> TextEncoding:  # (B, L)
+        """``clip_skip`` N > 1 (A1111's "Clip skip"): the hidden states of the N-th layer from the end, through the
+        final layer norm, as A1111 and diffusers take them; the pooled state stays the last layer's."""
+        if clip_skip == 1:
+            out = self.model(input_ids.to(self.model.device))
+            return TextEncoding(hidden_states=out.last_hidden_state, pooled=out.pooler_output)
+        if not 1 <= clip_skip <= self.config.layers:
+            raise ValueError(f"clip_skip must be from 1 to the text encoder's {self.config.layers} layers, got {clip_skip}")
+        out = self.model(input_ids.to(self.model.device), output_hidden_states=True)
+        inner = getattr(self.model, "text_model", self.model)  # transformers 4 nests the layers one level deeper
+        hidden = inner.final_layer_norm(out.hidden_states[-clip_skip])
+        return TextEncoding(hidden_states=hidden, pooled=out.pooler_output)
 
 
 def build_text_encoder(config: TextEncoderConfig) -> TextEncoder:

@@ -55,6 +55,7 @@ class Request:
     fill: Fill = Fill.ORIGINAL  # what the masked region starts from when strength < 1
     low_res: torch.Tensor | None = None  # (B, 3, H/s, W/s) in [0, 1]: an upscaler's input (s its factor)
     noise_level: int = DEFAULT_NOISE_LEVEL  # an upscaler's noise augmentation of its input
+    clip_skip: int = 1  # A1111's "Clip skip": condition on the N-th text-encoder layer from the end
 
     def __post_init__(self):
         if not len(self.prompts) == len(self.negative_prompts) == len(self.seeds) > 0:
@@ -111,7 +112,8 @@ def check_generation_memory(config: ModelConfig, *, width: int, height: int, bat
 
 
 @torch.no_grad()
-def encode_prompts(bundle: Bundle, prompts: list[str], *, dtype: torch.dtype | None = None) -> torch.Tensor:
+def encode_prompts(bundle: Bundle, prompts: list[str], *, dtype: torch.dtype | None = None,
+                   clip_skip: int = 1) -> torch.Tensor:  # fmt: skip
     """(B,) prompts → (B, k·L, D) text hidden states in ``dtype`` (default: the UNet's), read in A1111's prompt
     language (:mod:`ldm.pipeline.prompts`): each prompt k chunks of L tokens, encoded chunk by chunk and weighted.
 
@@ -121,7 +123,7 @@ def encode_prompts(bundle: Bundle, prompts: list[str], *, dtype: torch.dtype | N
     A class-conditional or unconditional model (:mod:`ldm.models.labels`) reads each prompt as a class name ("" the
     null label): (B, 1, D).
     """
-    if bundle.labels is not None:
+    if bundle.labels is not None:  # clip_skip has no meaning here: there is one token
         labels = bundle.labels
         return labels(labels.labels(prompts)).hidden_states.to(dtype or bundle.unet.dtype)  # (B, 1, D)
     cfg = bundle.config.text_encoder
@@ -133,7 +135,7 @@ def encode_prompts(bundle: Bundle, prompts: list[str], *, dtype: torch.dtype | N
         chunked = [c.padded(k, empty) for c in chunked]
     ids = torch.cat([c.ids for c in chunked])  # (U·k, L)
     weights = torch.cat([c.weights for c in chunked])  # (U·k, L)
-    hidden = _encode_distinct(bundle.text_encoder, ids)  # (U·k, L, D)
+    hidden = _encode_distinct(bundle.text_encoder, ids, clip_skip)  # (U·k, L, D)
     hidden = apply_weights(hidden, weights).to(dtype or bundle.unet.dtype)
     if k > 1:
         hidden = hidden.reshape(len(row), k * cfg.context_length, hidden.shape[-1])  # (U, k·L, D): chunks in a row
@@ -142,14 +144,15 @@ def encode_prompts(bundle: Bundle, prompts: list[str], *, dtype: torch.dtype | N
     return hidden[torch.tensor([row[p] for p in prompts], device=hidden.device)]  # (B, k·L, D)
 
 
-def _encode_distinct(text_encoder: nn.Module, ids: torch.Tensor) -> torch.Tensor:
+def _encode_distinct(text_encoder: nn.Module, ids: torch.Tensor, clip_skip: int = 1) -> torch.Tensor:
     """(N, L) token ids → (N, L, D) hidden states, each distinct row through the encoder once (the empty prompt's
     chunk that pads a batch is often one of its prompts' too). Rows all distinct: the encoder's tensor itself."""
     first = {}  # a row's ids → its position among the distinct rows
     index = [first.setdefault(tuple(r), len(first)) for r in ids.tolist()]
+    kwargs = {"clip_skip": clip_skip} if clip_skip != 1 else {}  # the plain call unless asked: any encoder takes it
     if len(first) == len(index):
-        return text_encoder(ids).hidden_states
-    hidden = text_encoder(torch.tensor(list(first), dtype=ids.dtype)).hidden_states  # (U, L, D), first-seen order
+        return text_encoder(ids, **kwargs).hidden_states
+    hidden = text_encoder(torch.tensor(list(first), dtype=ids.dtype), **kwargs).hidden_states  # (U, L, D), in order
     return hidden[torch.tensor(index, device=hidden.device)]  # (N, L, D)
 
 
@@ -167,7 +170,7 @@ def generate(bundle: Bundle, request: Request, *, progress: bool = True) -> torc
     # Text: the unconditional (negative) half first, then the conditional half, as one UNet batch; one text
     # encoder call for both halves, each distinct prompt once.
     texts = (request.negative_prompts + request.prompts) if guided else request.prompts
-    context = encode_prompts(bundle, texts, dtype=dtype)  # (2B or B, k·L, D): k chunks, as many for every prompt
+    context = encode_prompts(bundle, texts, dtype=dtype, clip_skip=request.clip_skip)  # (2B or B, k·L, D)
 
     start_sampling_run(unet)  # a denoiser that keeps state across steps starts afresh
     scheduler = build_scheduler(bundle.config.schedule, request.sampler)

@@ -166,3 +166,15 @@ def test_an_upscaler_or_inpainting_model_as_the_main_model(upscaler_dir, files, 
     argv = ["x", "--model", inpaint, "--init-image", files / "in.png", "--mask", files / "mask.png", "--steps", "2",
             "--out", tmp_path / "ok", "--quiet"]  # fmt: skip
     assert run(argv) == 0 and len(list((tmp_path / "ok").glob("*.png"))) == 1
+
+
+def test_clip_skip_is_recorded_and_repeated(micro_bundle_dir, tmp_path, capsys):
+    argv = ["red apple", "--clip-skip", "2", "--steps", "2", "--seed", "3", "--model", micro_bundle_dir, "--quiet"]
+    assert run([*argv, "--out", tmp_path / "a"]) == 0
+    (first,) = (tmp_path / "a").glob("0*.png")
+    assert settings_of(first)["Clip skip"] == "2"
+    assert run(["--from-png", first, "--model", micro_bundle_dir, "--out", tmp_path / "b", "--quiet"]) == 0
+    (again,) = (tmp_path / "b").glob("0*.png")
+    assert np.array_equal(pixels(again), pixels(first))
+    assert run(["x", "--clip-skip", "3", "--model", micro_bundle_dir, "--out", tmp_path / "c", "--quiet"]) == 2
+    assert "--clip-skip must be from 1 to the text encoder's 2 layers" in capsys.readouterr().err

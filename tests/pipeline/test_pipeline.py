@@ -141,3 +141,29 @@ def test_sampler_lookup():
     assert get_sampler("DPM++ 2M Karras").name == "dpmpp_2m_karras"
     with pytest.raises(LdmError, match="unknown sampler 'euler_b'; choose one of: ddpm, ddim"):
         get_sampler("euler_b")
+
+
+def test_clip_skip_matches_diffusers(bundle, reference, micro_diffusers_dir):
+    """A1111's Clip skip N is diffusers' clip_skip N − 1: the N-th layer's hidden states from the end, through the
+    final layer norm. diffusers 0.42's own clip_skip reaches for transformers 4's ``text_model``, so the embeddings
+    are made by that definition from transformers' hidden states and given to the pipeline."""
+    from diffusers import DDIMScheduler
+
+    def embeddings(prompts):
+        tok = reference.tokenizer(prompts, padding="max_length", max_length=77, truncation=True, return_tensors="pt")
+        out = reference.text_encoder(tok.input_ids, output_hidden_states=True)
+        encoder = getattr(reference.text_encoder, "text_model", reference.text_encoder)
+        return encoder.final_layer_norm(out.hidden_states[-2])
+
+    reference.scheduler = DDIMScheduler.from_pretrained(micro_diffusers_dir / "scheduler")
+    sampler = get_sampler("ddim")
+    request = Request(prompts=PROMPTS, negative_prompts=NEGATIVE, seeds=SEEDS, steps=4, guidance_scale=7.5,
+                      sampler=sampler, width=64, height=64, clip_skip=2)  # fmt: skip
+    ours = generate(bundle, request, progress=False)
+    with torch.no_grad():
+        cond, uncond = embeddings(PROMPTS), embeddings(NEGATIVE)
+    out = reference(prompt_embeds=cond, negative_prompt_embeds=uncond, num_inference_steps=4, guidance_scale=7.5,
+                    generator=[torch.Generator().manual_seed(s) for s in SEEDS], height=64, width=64, output_type="np")
+    theirs = torch.from_numpy(out.images).permute(0, 3, 1, 2)
+    assert (ours - theirs).abs().max().item() <= 1e-4
+    assert not torch.equal(ours, generate(bundle, replace(request, clip_skip=1), progress=False))
