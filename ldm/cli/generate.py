@@ -37,6 +37,10 @@ from ldm.cli.common import seed as seed_type
 from ldm.cli.image_inputs import ImageInputs, UpscaleSettings, check_task, resolve_upscale
 from ldm.cli.image_inputs import add_arguments as add_image_arguments
 from ldm.cli.image_inputs import resolve as resolve_image_inputs
+from ldm.cli.lora_inputs import LoraChoice, strip_lora_tags, warn_about_loras
+from ldm.cli.lora_inputs import add_arguments as add_lora_arguments
+from ldm.cli.lora_inputs import record as lora_record
+from ldm.cli.lora_inputs import resolve as resolve_loras
 from ldm.cli.model_inputs import add_arguments as add_model_arguments
 from ldm.cli.model_inputs import resolve_model, resolve_vae, vae_record, warn_about_vae
 from ldm.config import show
@@ -93,8 +97,7 @@ class Settings:
     deep_cache: int
     token_merging: float
     clip_skip: int
-    lora: Path | None  # --lora: the LoRA file merged into the model
-    lora_scale: float
+    loras: tuple[LoraChoice, ...]  # --lora and the prompts' <lora:…> tags: merged into the model, in order
     seed: int | None  # --seed; None: a random one
     num_images: int  # per prompt
     batch_size: int
@@ -167,8 +170,7 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--grid", action="store_true", help="also write all images as one grid PNG")
     p.add_argument("--from-png", type=Path, metavar="FILE",
                    help="take prompt and settings from a PNG's parameters; flags given here override them")
-    p.add_argument("--lora", type=Path, metavar="FILE", help="LoRA file (train_unet.py --lora-rank) merged into the model")
-    p.add_argument("--lora-scale", type=float, default=None, help="strength of --lora (default 1; 0 = the base model)")
+    add_lora_arguments(p)
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     add_image_arguments(p)
     add_model_arguments(p)
@@ -185,9 +187,11 @@ def settings_from_png(path: Path) -> tuple[ImageParameters, dict]:
                        "regenerated") from None  # fmt: skip
     if not 0 <= p.seed < SEED_LIMIT:
         raise LdmError(f"{path}: the recorded seed {show(p.seed)} is out of range (0 to 2^63 - 1); pass --seed")
+    if p.extra:
+        print(f"{path}: kept unknown settings: {', '.join(k for k, _ in p.extra)}", file=sys.stderr)
     return p, {
         "prompts": [p.prompt], "negative_prompt": p.negative_prompt, "steps": p.steps, "guidance_scale": p.guidance_scale,
-        "sampler": sampler, "width": p.width, "height": p.height, "dtype": p.dtype or "fp32", "lora_scale": p.lora_scale,
+        "sampler": sampler, "width": p.width, "height": p.height, "dtype": p.dtype or "fp32",
         "fast": p.fast, "deep_cache": p.deep_cache, "token_merging": p.token_merging, "clip_skip": p.clip_skip,
     }  # fmt: skip
 
@@ -232,7 +236,7 @@ def resolve_settings(args: argparse.Namespace) -> Settings:
     default_width, default_height = inputs.default_size(config) if inputs else (config.default_size,) * 2
     width, height = pick("width") or default_width, pick("height") or default_height
     upscale = resolve_upscale(args, recorded)
-    steps, guidance, lora_scale, clip_skip = pick("steps"), pick("guidance_scale"), pick("lora_scale"), pick("clip_skip")
+    steps, guidance, clip_skip = pick("steps"), pick("guidance_scale"), pick("clip_skip")
     if not 1 <= clip_skip <= config.text_encoder.layers:
         raise LdmError(f"--clip-skip must be from 1 to the text encoder's {config.text_encoder.layers} layers, got "
                        f"{clip_skip}; 1 is the last layer, 2 the one before")  # fmt: skip
@@ -244,13 +248,10 @@ def resolve_settings(args: argparse.Namespace) -> Settings:
     if upscale is not None:
         s = upscale.config.upscale_factor
         check_generation_memory(upscale.config, width=width * s, height=height * s, batch=batch)
-    if lora_scale is not None and not math.isfinite(lora_scale):
-        raise LdmError(f"--lora-scale must be a finite number, got {lora_scale}; 1 is the LoRA as trained")
     return Settings(
         model=model, prompts=prompts, negative_prompt=pick("negative_prompt"), steps=steps, guidance_scale=guidance,
         sampler=sampler, width=width, height=height, device=device, dtype=dtype, fast=fast, compile=args.compile,
-        deep_cache=deep_cache, token_merging=token_merging, clip_skip=clip_skip, lora=args.lora,
-        lora_scale=lora_scale if lora_scale is not None else 1.0, seed=args.seed,
+        deep_cache=deep_cache, token_merging=token_merging, clip_skip=clip_skip, loras=resolve_loras(args, prompts, recorded), seed=args.seed,
         num_images=args.num_images, batch_size=args.batch_size, from_png=args.from_png, recorded=recorded,
         rebuild=rebuild, inputs=inputs, upscale=upscale, vae=vae,
     )  # fmt: skip
@@ -291,12 +292,11 @@ def load_model(settings: Settings, *, quiet: bool = False) -> Bundle:
     """The bundle with the LoRA merged in, on the device in the dtype; warns where it differs from --from-png's."""
     bundle = load_bundle(settings.model)
     recorded = settings.recorded
-    if settings.lora:
-        from ldm.train.lora import apply_lora
+    if settings.loras:
+        from ldm.train.lora import apply_loras
 
-        apply_lora(bundle, settings.lora, scale=settings.lora_scale)
-    elif recorded and recorded.lora:
-        print(f"warning: {settings.from_png} was made with LoRA {recorded.lora}; pass --lora FILE to reproduce it", file=sys.stderr)
+        apply_loras(bundle, [(c.path, c.scale) for c in settings.loras])
+    warn_about_loras(settings.loras, recorded, settings.from_png)
     if settings.vae is not None:
         attach_vae(bundle, settings.vae)
     warn_about_vae(settings.vae, recorded, settings.from_png)
@@ -304,8 +304,8 @@ def load_model(settings: Settings, *, quiet: bool = False) -> Bundle:
         warnings.simplefilter("ignore" if quiet else "default")
         dtype = resolve_dtype(settings.dtype, settings.device)
     bundle.to(settings.device, dtype)
-    if recorded and recorded.model_hash and recorded.model_hash != bundle.short_hash:
-        print(f"warning: {settings.from_png} was made with model hash {recorded.model_hash}, this is {bundle.short_hash}", file=sys.stderr)
+    if recorded and recorded.model_hash and recorded.model_hash not in (bundle.model_hash, bundle.short_hash):
+        print(f"warning: {settings.from_png} was made with model hash {recorded.model_hash}, this is {bundle.model_hash}", file=sys.stderr)
     return bundle
 
 
@@ -353,8 +353,8 @@ def image_parameters(settings: Settings, bundle: Bundle, job: Job, *, batch_size
     return ImageParameters(
         prompt=job.prompt, negative_prompt=job.negative_prompt, steps=settings.steps, sampler=settings.sampler.label,
         guidance_scale=settings.guidance_scale, seed=job.seed, width=settings.width, height=settings.height,
-        model_hash=bundle.short_hash, model=bundle.name, batch_size=batch_size, batch_pos=batch_pos,
-        lora=settings.lora.name if settings.lora else None, lora_scale=settings.lora_scale, dtype=settings.dtype,
+        model_hash=bundle.model_hash, model=bundle.name, batch_size=batch_size, batch_pos=batch_pos,
+        loras=lora_record(settings.loras), extra=settings.recorded.extra if settings.recorded else (), dtype=settings.dtype,
         fast=settings.fast, deep_cache=settings.deep_cache, token_merging=settings.token_merging,
         clip_skip=settings.clip_skip, version=f"ldm {ldm.__version__}", **(settings.inputs.record() if settings.inputs else {}),
         **(upscale_record(settings.upscale, upscaler) if settings.upscale else {}), **vae_record(settings.vae),
@@ -383,7 +383,7 @@ def write_images(
             image_inputs = dict(image=canvas.image.expand(n, -1, -1, -1), strength=inputs.strength, fill=inputs.fill,
                                 mask=canvas.mask.expand(n, -1, -1, -1) if canvas.mask is not None else None)  # fmt: skip
         request = Request(
-            prompts=[j.prompt for j in batch], negative_prompts=[j.negative_prompt for j in batch],
+            prompts=[strip_lora_tags(j.prompt) for j in batch], negative_prompts=[j.negative_prompt for j in batch],
             seeds=[j.seed for j in batch], steps=settings.steps, guidance_scale=settings.guidance_scale,
             sampler=settings.sampler, width=settings.width, height=settings.height, clip_skip=settings.clip_skip,
             **image_inputs,

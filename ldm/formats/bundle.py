@@ -79,8 +79,15 @@ class Bundle:
 
     @property
     def short_hash(self) -> str:
-        """First 10 hex digits of the bundle's hash: the A1111 "Model hash"."""
+        """First 10 hex digits of the bundle's hash (of all its files): what PNGs of older versions record as "Model
+        hash", which is now :attr:`model_hash`."""
         return self.manifest.get("hash", "")[:10]
+
+    @property
+    def model_hash(self) -> str:
+        """A1111's "Model hash" (AutoV2): the first 10 hex digits of the sha256 of the UNet's file,
+        ``unet.safetensors``, as the manifest lists it; the bundle's own hash where there is no such entry."""
+        return self.manifest.get("files", {}).get("unet.safetensors", "")[:10] or self.short_hash
 
     def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> Bundle:
         for module in self.modules().values():

@@ -2,7 +2,12 @@
 
     red apple, glossy
     Negative prompt: blurry
-    Steps: 20, Sampler: DPM++ 2M Karras, CFG scale: 7.5, Seed: 42, Size: 64x64, Model hash: 1a2b3c4d5e, Model: emoji-tiny
+    Steps: 20, Sampler: DPM++ 2M, Schedule type: Karras, CFG scale: 7.5, Seed: 42, Size: 64x64, Model hash: 1a2b3c4d5e,
+    Model: emoji-tiny, Lora hashes: "style: 0f1e2d3c4b"
+
+(on one line). The sampler is written as current A1111 writes it, the schedule type apart (``Sampler: DPM++ 2M,
+Schedule type: Karras``); the older joined form (``Sampler: DPM++ 2M Karras``) is read too. Entries this module does
+not know (A1111's ``Clip skip``, an extension's) are kept in :attr:`ImageParameters.extra` and written back.
 
 :class:`ImageParameters` is what one image records, typed; it writes the text (:meth:`ImageParameters.text`) and
 reads it back (:meth:`ImageParameters.from_text`), so the keys and their order live here only.
@@ -90,6 +95,46 @@ def read_png_parameters(path: str | Path) -> str:
     return text
 
 
+# A1111's "Schedule type" names; "Automatic" is the sampler's own. ldm's labels join the type to the sampler's name
+# ("DPM++ 2M Karras"), as A1111 wrote them before it had the entry.
+SCHEDULE_TYPES = ("Automatic", "Uniform", "Karras", "Exponential", "Polyexponential", "SGM Uniform", "KL Optimal",
+                  "Align Your Steps", "Simple", "Normal", "DDIM", "Beta")  # fmt: skip
+
+
+def split_sampler(label: str) -> tuple[str, str | None]:
+    """An ldm sampler label as A1111's (Sampler, Schedule type): "DPM++ 2M Karras" → ("DPM++ 2M", "Karras")."""
+    for kind in SCHEDULE_TYPES[1:]:
+        if label.endswith(" " + kind) and len(label) > len(kind) + 1:
+            return label[: -len(kind) - 1], kind
+    return label, None
+
+
+def join_sampler(sampler: str, schedule_type: str | None) -> str:
+    """Inverse of :func:`split_sampler`; the "Automatic" type (or none) is the sampler alone."""
+    if schedule_type in (None, "", "Automatic") or sampler.endswith(" " + schedule_type):
+        return sampler
+    return f"{sampler} {schedule_type}"
+
+
+def _listing(value: str) -> list[tuple[str, str]]:
+    """``"a: x, b: y"`` (A1111's Lora hashes) as [(a, x), (b, y)]."""
+    return [tuple(part.strip() for part in item.rsplit(":", 1)) for item in value.split(",") if ":" in item]
+
+
+@dataclass(frozen=True, kw_only=True)
+class LoraRecord:
+    """One LoRA merged into the model: its file name, scale and AutoV2 hash (first 10 hex digits of its sha256)."""
+
+    name: str
+    scale: float = 1.0
+    hash: str | None = None
+
+    @property
+    def short_name(self) -> str:
+        """The name A1111 gives it in ``<lora:NAME:…>`` and ``Lora hashes``: the file name without its suffix."""
+        return Path(self.name).stem
+
+
 @dataclass(frozen=True, kw_only=True)
 class ImageParameters:
     """What made one image, as its PNG's ``parameters`` records it (A1111's keys, and ldm's own for the rest).
@@ -113,8 +158,7 @@ class ImageParameters:
     vae_hash: str | None = None  # the first 10 hex digits of its weights' sha256
     batch_size: int = 1  # the UNet batch the image was made in, and its place there: the numbers depend on them
     batch_pos: int = 0
-    lora: str | None = None  # the LoRA file's name
-    lora_scale: float = 1.0
+    loras: tuple[LoraRecord, ...] = ()  # the LoRAs merged in, in order
     dtype: str | None = None  # "fp32", "bf16", "fp16"; None: not recorded
     fast: bool = False  # made on the fast path (ldm.accel.fast)
     deep_cache: int = 0  # the deep-feature reuse interval (ldm.accel.deepcache); 0: exact
@@ -138,13 +182,21 @@ class ImageParameters:
     upscaler_hash: str | None = None  # its short hash
     upscale_steps: int | None = None
     noise_level: int | None = None
+    extra: tuple[tuple[str, str], ...] = ()  # entries ldm does not read (another tool's), kept as they were
+
+    @property
+    def lora(self) -> str | None:
+        """The LoRA files' names, comma-separated; None without one."""
+        return ", ".join(r.name for r in self.loras) or None
 
     def settings(self) -> dict[str, object]:
         """The ``Key: value`` pairs of the last line, in A1111's order and then ldm's."""
         pairs: dict[str, object] = {
-            "Steps": self.steps, "Sampler": self.sampler, "CFG scale": self.guidance_scale, "Seed": self.seed,
-            "Size": f"{self.width}x{self.height}",
+            "Steps": self.steps, "Sampler": split_sampler(self.sampler)[0],
         }  # fmt: skip
+        if (schedule_type := split_sampler(self.sampler)[1]) is not None:
+            pairs["Schedule type"] = schedule_type
+        pairs |= {"CFG scale": self.guidance_scale, "Seed": self.seed, "Size": f"{self.width}x{self.height}"}
         if self.clip_skip > 1:
             pairs["Clip skip"] = self.clip_skip
         if self.model_hash is not None:
@@ -155,8 +207,10 @@ class ImageParameters:
             pairs |= {"VAE hash": self.vae_hash, "VAE": self.vae}
         if self.batch_size > 1:
             pairs |= {"Batch size": self.batch_size, "Batch pos": self.batch_pos}
-        if self.lora is not None:
-            pairs |= {"Lora": self.lora, "Lora scale": self.lora_scale}
+        if self.loras:  # one: "Lora: a.safetensors, Lora scale: 0.8"; several: both entries as lists
+            pairs |= {"Lora": self.lora, "Lora scale": ", ".join(str(r.scale) for r in self.loras)}
+            if all(r.hash for r in self.loras):
+                pairs["Lora hashes"] = ", ".join(f"{r.short_name}: {r.hash}" for r in self.loras)
         if self.dtype is not None:
             pairs["Dtype"] = self.dtype
         if self.fast:
@@ -184,7 +238,7 @@ class ImageParameters:
                       "Upscale steps": self.upscale_steps, "Noise level": self.noise_level}  # fmt: skip
         if self.version is not None:
             pairs["Version"] = self.version
-        return pairs
+        return pairs | {key: value for key, value in self.extra if key not in pairs}
 
     def text(self) -> str:
         """The ``parameters`` chunk's text."""
@@ -192,7 +246,7 @@ class ImageParameters:
 
     @classmethod
     def from_text(cls, text: str) -> ImageParameters:
-        """Inverse of :meth:`text`; also reads A1111's own PNGs (keys it does not know are ignored).
+        """Inverse of :meth:`text`; also reads A1111's own PNGs (keys it does not know are kept in ``extra``).
 
         Raises :class:`KeyError` or :class:`ValueError` (naming the entry) when a needed entry is missing or garbled,
         and :class:`LdmError` when there is no settings line at all.
@@ -202,12 +256,14 @@ class ImageParameters:
         size, pos = int(s.get("Batch size", 1)), int(s.get("Batch pos", 0))
         if size < 1 or not 0 <= pos < size:
             raise ValueError(f"'Batch pos: {pos}' of 'Batch size: {size}' (a position from 0 below a size of 1 or more)")
+        extra = tuple((k, v) for k, v in s.items() if k not in KNOWN_KEYS)
         return cls(
-            prompt=prompt, negative_prompt=negative, steps=int(s["Steps"]), sampler=s["Sampler"],
+            prompt=prompt, negative_prompt=negative, steps=int(s["Steps"]),
+            sampler=join_sampler(s["Sampler"], s.get("Schedule type")), loras=_loras(s), extra=extra,
             guidance_scale=float(s["CFG scale"]), seed=int(s["Seed"]), width=width, height=height,
             model_hash=s.get("Model hash"), model=s.get("Model"), batch_size=int(s.get("Batch size", 1)),
             vae=s.get("VAE"), vae_hash=s.get("VAE hash"),
-            batch_pos=int(s.get("Batch pos", 0)), lora=s.get("Lora"), lora_scale=float(s.get("Lora scale", 1.0)),
+            batch_pos=int(s.get("Batch pos", 0)),
             dtype=s.get("Dtype"), fast=s.get("Fast") == "on", deep_cache=int(s.get("Deep cache", 0)),
             token_merging=float(s.get("Token merging ratio", 0)), version=s.get("Version"),
             strength=_maybe(float, s.get("Denoising strength")), resize_mode=s.get("Resize mode"),
@@ -219,6 +275,27 @@ class ImageParameters:
             upscale_steps=_maybe(int, s.get("Upscale steps")), noise_level=_maybe(int, s.get("Noise level")),
             clip_skip=int(s.get("Clip skip", 1)),
         )  # fmt: skip
+
+
+# Every key ImageParameters writes, so every key it reads: the rest are another tool's, kept in ``extra``.
+KNOWN_KEYS = frozenset(
+    ImageParameters(prompt="", steps=1, sampler="DPM++ 2M Karras", guidance_scale=1.0, seed=0, width=1, height=1,
+                    model_hash="", model="", vae="", batch_size=2, loras=(LoraRecord(name="x", hash="x"),), dtype="",
+                    fast=True, deep_cache=2, token_merging=0.5, version="", init_image="", resize_mode="", mask="",
+                    only_masked=True, outpaint="", upscaler="").settings()
+)  # fmt: skip
+
+
+def _loras(s: dict[str, str]) -> tuple[LoraRecord, ...]:
+    """The ``Lora`` and ``Lora scale`` entries (one name and scale, or comma-separated lists) with ``Lora hashes``."""
+    if "Lora" not in s:
+        return ()
+    names = [n.strip() for n in s["Lora"].split(",")]
+    scales = [float(v) for v in s.get("Lora scale", "").split(",") if v.strip()] or [1.0] * len(names)
+    if len(scales) != len(names):
+        raise ValueError(f"'Lora scale: {s.get('Lora scale')}' (one scale for each of {len(names)} LoRAs)")
+    hashes = dict(_listing(s.get("Lora hashes", "")))
+    return tuple(LoraRecord(name=n, scale=v, hash=hashes.get(Path(n).stem)) for n, v in zip(names, scales))
 
 
 def _maybe(kind: type, value: str | None):

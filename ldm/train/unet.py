@@ -5,7 +5,8 @@ config changes it; the new bundle records it), weighted per sample by Min-SNR-γ
 ``loss.min_snr_gamma``, 0 = off), with optional offset noise (``loss.noise_offset``) and caption dropout for
 classifier-free guidance (``loss.caption_dropout``). Latents are posterior samples of the VAE times its scaling factor
 from the bundle config. VAE posteriors and caption hidden states are cached (see ``ldm.train.cache``) unless
-``cache.enabled`` is false. ``lora.rank`` > 0 trains LoRA adapters only and writes ``OUT/lora.safetensors``.
+``cache.enabled`` is false. ``lora.rank`` > 0 trains LoRA adapters only and writes ``OUT/lora.safetensors`` (and its
+kohya twin ``OUT/lora.kohya.safetensors``).
 
 ``task`` inpaint or upscale trains, from a text-to-image bundle, a UNet that also reads a masked image or a
 low-resolution one (the inputs: ``ldm.train.tasks``); its UNet starts as the base's, the new input channels of
@@ -916,13 +917,16 @@ def finish(cfg: UNetRunConfig, bundle: Bundle, model: Trainables, validate, resu
 
 
 def write_lora(cfg: UNetRunConfig, model: Trainables, result: RunResult) -> None:
-    """``OUT/lora.safetensors``, and with ``lora.merge_bundle`` ``OUT/bundle``: the base with the adapters merged."""
-    from ldm.train.lora import apply_lora, save_lora
+    """``OUT/lora.safetensors`` and ``OUT/lora.kohya.safetensors`` (the same adapters in the two formats), and with
+    ``lora.merge_bundle`` ``OUT/bundle``: the base with the adapters merged."""
+    from ldm.train.lora import KOHYA_NAME, apply_lora, save_kohya_lora, save_lora
 
     out = Path(cfg.train.output_dir)
     text_model = model.text_encoder.model.cpu() if cfg.train_text_encoder else None
     result.lora_path = save_lora(out / "lora.safetensors", unet=model.unet.cpu(), text_encoder=text_model)
-    print(f"LoRA written to {result.lora_path}; use it with: generate.py --model {cfg.bundle} --lora FILE")
+    kohya = save_kohya_lora(out / KOHYA_NAME, unet=model.unet, text_encoder=text_model)  # for A1111, ComfyUI
+    print(f"LoRA written to {result.lora_path} (diffusers format) and {kohya} (kohya format, for A1111 and ComfyUI); "
+          f"use either with: generate.py --model {cfg.bundle} --lora FILE")  # fmt: skip
     if cfg.lora.merge_bundle:
         merged = apply_lora(load_bundle(cfg.bundle), result.lora_path, scale=1.0)
         result.bundle_dir = save_bundle(replace(merged, name=cfg.name or merged.name), out / "bundle")

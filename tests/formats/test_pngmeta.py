@@ -2,7 +2,14 @@ import pytest
 from PIL import Image
 
 from ldm.errors import LdmError
-from ldm.formats.pngmeta import ImageParameters, format_parameters, parse_parameters, read_png_parameters, save_png
+from ldm.formats.pngmeta import (
+    ImageParameters,
+    LoraRecord,
+    format_parameters,
+    parse_parameters,
+    read_png_parameters,
+    save_png,
+)
 
 
 def test_a1111_text_parses():
@@ -60,8 +67,9 @@ EVALUATE_TEXT = (
 def test_the_builder_writes_what_the_commands_wrote():
     made_by_generate = ImageParameters(
         prompt="pizza", negative_prompt="blurry", steps=3, sampler="Euler a", guidance_scale=7.5, seed=41, width=64,
-        height=64, model_hash="3e3b90092c", model="micro", batch_size=3, batch_pos=1, lora="style.safetensors",
-        lora_scale=0.8, dtype="fp32", fast=True, deep_cache=2, version="ldm 0.1.0",
+        height=64, model_hash="3e3b90092c", model="micro", batch_size=3, batch_pos=1,
+        loras=(LoraRecord(name="style.safetensors", scale=0.8),), dtype="fp32", fast=True, deep_cache=2,
+        version="ldm 0.1.0",
     )  # fmt: skip
     assert made_by_generate.text() == GENERATE_TEXT
     made_by_evaluate = ImageParameters(
@@ -101,3 +109,37 @@ def test_a_swapped_vae_is_recorded_in_a1111s_keys():
     recorded = ImageParameters.from_text(a1111)
     assert (recorded.vae, recorded.vae_hash) == ("v.pt", "735e4c3a44")
     assert "VAE" not in ImageParameters.from_text("x\nSteps: 1, Sampler: Euler, CFG scale: 7, Seed: 1, Size: 8x8").text()
+
+
+def test_the_schedule_type_is_written_apart_and_read_in_both_forms():
+    karras = ImageParameters(prompt="x", steps=2, sampler="DPM++ 2M Karras", guidance_scale=7.0, seed=1, width=8,
+                             height=8)  # fmt: skip
+    assert "Steps: 2, Sampler: DPM++ 2M, Schedule type: Karras, CFG scale: 7.0" in karras.text()
+    assert ImageParameters.from_text(karras.text()).sampler == "DPM++ 2M Karras"
+    old = "x\nSteps: 2, Sampler: DPM++ 2M Karras, CFG scale: 7, Seed: 1, Size: 8x8"
+    assert ImageParameters.from_text(old).sampler == "DPM++ 2M Karras"
+    automatic = "x\nSteps: 2, Sampler: Euler a, Schedule type: Automatic, CFG scale: 7, Seed: 1, Size: 8x8"
+    assert ImageParameters.from_text(automatic).sampler == "Euler a"
+    plain = ImageParameters.from_text("x\nSteps: 2, Sampler: DPM++ 2M, CFG scale: 7, Seed: 1, Size: 8x8")
+    assert plain.sampler == "DPM++ 2M" and "Schedule type" not in plain.text()
+
+
+def test_several_loras_and_their_hashes_round_trip():
+    loras = (LoraRecord(name="a.safetensors", scale=0.8, hash="0123456789"),
+             LoraRecord(name="b.kohya.safetensors", scale=0.5, hash="abcdef0123"))  # fmt: skip
+    params = ImageParameters(prompt="x", steps=2, sampler="Euler", guidance_scale=7.0, seed=1, width=8, height=8,
+                             loras=loras)  # fmt: skip
+    assert ('Lora: "a.safetensors, b.kohya.safetensors", Lora scale: "0.8, 0.5", '
+            'Lora hashes: "a: 0123456789, b.kohya: abcdef0123"') in params.text()  # fmt: skip
+    assert ImageParameters.from_text(params.text()) == params
+    old = "x\nSteps: 2, Sampler: Euler, CFG scale: 7, Seed: 1, Size: 8x8, Lora: s.safetensors, Lora scale: 0.7"
+    assert ImageParameters.from_text(old).loras == (LoraRecord(name="s.safetensors", scale=0.7),)
+
+
+def test_unknown_entries_are_kept_and_written_back():
+    text = ("x\nSteps: 2, Sampler: Euler, CFG scale: 7, Seed: 1, Size: 8x8, Clip skip: 2, "
+            'ADetailer model: "face_yolov8n.pt", Version: v1.10.1')  # fmt: skip
+    params = ImageParameters.from_text(text)
+    assert params.extra == (("Clip skip", "2"), ("ADetailer model", "face_yolov8n.pt"))
+    assert params.text().endswith("Version: v1.10.1, Clip skip: 2, ADetailer model: face_yolov8n.pt")
+    assert ImageParameters.from_text(params.text()) == params
