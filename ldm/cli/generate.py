@@ -362,7 +362,7 @@ def image_parameters(settings: Settings, bundle: Bundle, job: Job, *, batch_size
 
 
 def upscale_record(upscale: UpscaleSettings, upscaler: Bundle | None) -> dict:
-    return dict(upscaler=str(upscale.bundle), upscaler_hash=upscaler.short_hash if upscaler else None,
+    return dict(upscaler=str(upscale.bundle), upscaler_hash=upscaler.model_hash if upscaler else None,
                 upscale_steps=upscale.steps, noise_level=upscale.noise_level)  # fmt: skip
 
 
@@ -426,9 +426,9 @@ def load_upscaler(settings: Settings) -> Bundle | None:
     upscaler = load_bundle(settings.upscale.bundle)
     upscaler.to(settings.device, resolve_dtype(settings.dtype, settings.device))
     recorded = settings.recorded
-    if recorded and recorded.upscaler_hash and recorded.upscaler_hash != upscaler.short_hash:
+    if recorded and recorded.upscaler_hash and recorded.upscaler_hash != upscaler.model_hash:
         print(f"warning: {settings.from_png} was upscaled with hash {recorded.upscaler_hash}, this upscaler is "
-              f"{upscaler.short_hash}", file=sys.stderr)  # fmt: skip
+              f"{upscaler.model_hash}", file=sys.stderr)  # fmt: skip
     return upscaler
 
 

@@ -121,9 +121,9 @@ def main(argv=None) -> int:
         h, w = pixels.shape[-2:]
         record = ImageParameters(
             prompt=args.prompt, negative_prompt=args.negative_prompt, steps=args.steps, sampler=sampler.label,
-            guidance_scale=args.guidance_scale, seed=seed + i, width=w * s, height=h * s, model_hash=bundle.short_hash,
+            guidance_scale=args.guidance_scale, seed=seed + i, width=w * s, height=h * s, model_hash=bundle.model_hash,
             model=bundle.name, dtype=args.dtype, version=f"ldm {ldm.__version__}", init_image=str(path),
-            init_image_hash=digest, strength=1.0, upscaler=str(args.model), upscaler_hash=bundle.short_hash,
+            init_image_hash=digest, strength=1.0, upscaler=str(args.model), upscaler_hash=bundle.model_hash,
             upscale_steps=args.steps, noise_level=args.noise_level,
         )  # fmt: skip
         target = args.out / f"{path.stem}-x{s}.png"

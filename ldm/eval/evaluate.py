@@ -358,7 +358,7 @@ def save_generated(samples: Samples, folder: Path, *, bundle: Bundle, settings: 
         params = ImageParameters(
             prompt=prompt, negative_prompt=settings.negative_prompt, steps=settings.steps, sampler=sampler.label,
             guidance_scale=settings.guidance_scale, seed=seed, width=image.shape[-1], height=image.shape[-2],
-            model_hash=bundle.short_hash, model=bundle.name, deep_cache=settings.deep_cache,
+            model_hash=bundle.model_hash, model=bundle.name, deep_cache=settings.deep_cache,
             token_merging=settings.token_merging,
         )  # fmt: skip
         save_png(uint8_to_pil(image), folder / name, params.text())
