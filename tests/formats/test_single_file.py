@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
+from test_bundle import assert_same_weights
 
 from ldm.cli.bundle import main as bundle_main
 from ldm.cli.common import run_cli
@@ -32,15 +33,6 @@ from ldm.models.text_encoder import Activation, Padding, TextEncoderConfig
 from ldm.models.unet import UNetConfig
 from ldm.pipeline import Request, generate
 from ldm.pipeline.schedule import Prediction, ScheduleConfig, get_sampler
-
-
-def assert_same_weights(a, b):
-    """Every weight of every part equal, bit for bit and in dtype."""
-    for part, module in a.modules().items():
-        sa, sb = module.state_dict(), b.modules()[part].state_dict()
-        assert sa.keys() == sb.keys(), part
-        for key in sa:
-            assert sa[key].dtype == sb[key].dtype and torch.equal(sa[key], sb[key]), f"{part}.{key}"
 
 # SD 1.5's block structure (four levels, attention on the first three, two layers per block, 8 heads, 32 norm groups,
 # a four-level VAE of two layers) at a width that runs in seconds: SD's conventions read it back exactly.

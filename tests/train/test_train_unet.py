@@ -83,19 +83,26 @@ def test_resume_is_exact(micro_bundle_dir, shapes_folder, tmp_path):
     assert any(not torch.equal(first[k], last[k]) for k in last if k.startswith("s.models."))  # the weights moved
 
 
+def run_killed_and_resumed(bundle, data, tmp_path, common, *, steps: int, killed_at: int):
+    """``steps`` steps straight, and the same run killed after its ``killed_at`` checkpoint and resumed (from the
+    config the run saved): both end with the same checkpoint. Returns the two output folders."""
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    assert run_cli(train_unet.main, args(bundle, data, straight, "--max-steps", str(steps), *common)) == 0
+    (killed / "checkpoints").mkdir(parents=True)
+    shutil.copy(straight / "checkpoints" / f"step-{killed_at:08d}.safetensors", killed / "checkpoints")
+    shutil.copy(straight / "config.yaml", killed)
+    assert run_cli(train_unet.main, ["--out", str(killed), "--resume", "latest"]) == 0  # the saved config is used
+    assert_same_checkpoints(straight / "checkpoints" / f"step-{steps:08d}.safetensors",
+                            killed / "checkpoints" / f"step-{steps:08d}.safetensors")  # fmt: skip
+    return straight, killed
+
+
 def test_resume_from_a_mid_run_checkpoint_is_exact(micro_bundle_dir, shapes_folder, tmp_path):
     """A run killed after its step-3 checkpoint and resumed ends as the straight run: bucketed batches, no cache,
     v-prediction, warm-up + cosine LR."""
     common = [*COMMON, "--bucketing", "--no-cache", "--prediction", "v_prediction", "--set", "train.warmup_steps=2",
               "--set", "train.lr_schedule=cosine", "--set", "train.checkpoint_every=3"]  # fmt: skip
-    straight, killed = tmp_path / "straight", tmp_path / "killed"
-    assert run_cli(train_unet.main, args(micro_bundle_dir, shapes_folder, straight, "--max-steps", "6", *common)) == 0
-    (killed / "checkpoints").mkdir(parents=True)
-    shutil.copy(straight / "checkpoints" / "step-00000003.safetensors", killed / "checkpoints")
-    shutil.copy(straight / "config.yaml", killed)
-    assert run_cli(train_unet.main, ["--out", str(killed), "--resume", "latest"]) == 0  # the saved config is used
-    assert_same_checkpoints(straight / "checkpoints" / "step-00000006.safetensors",
-                            killed / "checkpoints" / "step-00000006.safetensors")  # fmt: skip
+    run_killed_and_resumed(micro_bundle_dir, shapes_folder, tmp_path, common, steps=6, killed_at=3)
 
 
 def test_trains_a_bundle_that_generate_loads(micro_bundle_dir, shapes_folder, tmp_path, capsys):

@@ -1,12 +1,10 @@
 """train_unet.py --conditioning class / none: the label tokens trained with the UNet, exact resume, the bundle a
 class-conditional generate.py reads, and classes from folder names."""
 
-import shutil
-
 import numpy as np
 import torch
 from PIL import Image
-from test_train_unet import COMMON, args, assert_same_checkpoints, checkpoint_tensors, write_shapes
+from test_train_unet import COMMON, args, checkpoint_tensors, run_killed_and_resumed, write_shapes
 
 from ldm.cli import train_unet
 from ldm.cli.common import run_cli
@@ -19,15 +17,8 @@ SHORT = [*COMMON, "--set", "validation.num_prompts=2", "--set", "train.checkpoin
 
 def test_a_class_run_resumes_exactly_and_writes_a_class_bundle(micro_bundle_dir, tmp_path):
     data = write_shapes(tmp_path / "shapes")  # captions "square 0", "disc 1", … : 6 classes
-    straight, killed = tmp_path / "straight", tmp_path / "killed"
-    argv = args(micro_bundle_dir, data, straight, "--conditioning", "class", "--max-steps", "4", *SHORT)
-    assert run_cli(train_unet.main, argv) == 0
-    (killed / "checkpoints").mkdir(parents=True)
-    shutil.copy(straight / "checkpoints" / "step-00000002.safetensors", killed / "checkpoints")
-    shutil.copy(straight / "config.yaml", killed)
-    assert run_cli(train_unet.main, ["--out", str(killed), "--resume", "latest"]) == 0
-    assert_same_checkpoints(straight / "checkpoints" / "step-00000004.safetensors",
-                            killed / "checkpoints" / "step-00000004.safetensors")  # fmt: skip
+    straight, _ = run_killed_and_resumed(micro_bundle_dir, data, tmp_path, ["--conditioning", "class", *SHORT],
+                                         steps=4, killed_at=2)  # fmt: skip
     bundle = load_bundle(straight / "bundle")
     assert bundle.config.conditioning is Conditioning.CLASS
     assert bundle.config.classes == ("disc 0", "disc 1", "disc 2", "square 0", "square 1", "square 2")

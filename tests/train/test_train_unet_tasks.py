@@ -2,11 +2,10 @@
 
 import json
 import re
-import shutil
 
 import pytest
 from PIL import Image
-from test_train_unet import COMMON, args, assert_same_checkpoints, write_shapes
+from test_train_unet import COMMON, run_killed_and_resumed, write_shapes
 
 import ldm.train.unet as unet_run
 from ldm.cli import train_unet
@@ -43,16 +42,9 @@ def planned_sampling(monkeypatch):
     return requests
 
 
-def run_killed_and_resumed(bundle, data, tmp_path, common):
+def killed_and_resumed(bundle, data, tmp_path, common):
     """4 steps straight, and the same run killed after its step-2 checkpoint and resumed: both at step 4 alike."""
-    straight, killed = tmp_path / "straight", tmp_path / "killed"
-    assert run_cli(train_unet.main, args(bundle, data, straight, "--max-steps", "4", *common)) == 0
-    (killed / "checkpoints").mkdir(parents=True)
-    shutil.copy(straight / "checkpoints" / "step-00000002.safetensors", killed / "checkpoints")
-    shutil.copy(straight / "config.yaml", killed)
-    assert run_cli(train_unet.main, ["--out", str(killed), "--resume", "latest"]) == 0  # the saved config is used
-    assert_same_checkpoints(straight / "checkpoints" / "step-00000004.safetensors",
-                            killed / "checkpoints" / "step-00000004.safetensors")  # fmt: skip
+    straight, killed = run_killed_and_resumed(bundle, data, tmp_path, common, steps=4, killed_at=2)
     held_out = [json.loads((out / "eval.json").read_text()) for out in (straight, killed)]
     assert held_out[0] == held_out[1] and len(held_out[0]) == 6  # fixed masks / noise levels: the same numbers
     return straight
@@ -63,7 +55,7 @@ def test_inpaint_run_resumes_exactly_and_writes_an_inpainting_bundle(micro_bundl
     """Cached latents of the clean images, the masked ones encoded every step, masks from the training RNG."""
     common = [*COMMON, "--task", "inpaint", "--eval-data", str(shapes), "--cache-dir", str(tmp_path / "cache"),
               "--set", "train.checkpoint_every=2", "--set", "validation.num_prompts=2", "--set", "validation.steps=2"]  # fmt: skip
-    out = run_killed_and_resumed(micro_bundle_dir, shapes, tmp_path, common)
+    out = killed_and_resumed(micro_bundle_dir, shapes, tmp_path, common)
     bundle = load_bundle(out / "bundle")
     assert bundle.config.task is Task.INPAINT and bundle.config.unet.in_channels == 2 * 4 + 1
     assert bundle.config.vae == load_bundle(micro_bundle_dir).config.vae
@@ -83,7 +75,7 @@ def test_upscale_run_resumes_exactly_and_writes_an_upscaling_bundle(micro_bundle
     common = [*COMMON, "--task", "upscale", "--factor", "2", "--resolution", "64", "--no-cache",
               "--eval-data", str(shapes), "--set", "train.checkpoint_every=2", "--set", "validation.num_prompts=2",
               "--set", "validation.noise_level=30", "--set", "validation.steps=2"]  # fmt: skip
-    out = run_killed_and_resumed(micro_bundle_dir, shapes, tmp_path, common)
+    out = killed_and_resumed(micro_bundle_dir, shapes, tmp_path, common)
     config = load_bundle(out / "bundle").config
     assert config.task is Task.UPSCALE and config.upscale_factor == 2 and config.unet.in_channels == 2 * 4
     assert config.unet.num_class_embeds == 1000 and config.default_size == 128
