@@ -24,6 +24,7 @@ from fastapi import Request as HttpRequest
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from pydantic import BaseModel
+from starlette.datastructures import Headers
 
 from ldm.cli.generate import plan_batches, resolve_settings
 from ldm.errors import LdmError
@@ -170,19 +171,7 @@ def create_app(config: ServeConfig) -> FastAPI:
     app = FastAPI(title="ldm", description="A1111-compatible text-to-image API of ldm", lifespan=lifespan)
     app.state.server = server
 
-    @app.middleware("http")
-    async def guard(request: HttpRequest, call_next):
-        """HTTP basic auth on every route when --api-auth is set, then the body size limit."""
-        if config.auth is not None and not _authorized(request.headers.get("authorization"), config.auth):
-            return JSONResponse({"detail": "Not authenticated"}, status_code=401,
-                                headers={"WWW-Authenticate": "Basic"})  # fmt: skip
-        if request.method in ("POST", "PUT", "PATCH"):
-            length = request.headers.get("content-length")
-            if length is None:
-                return _error(411, "send the body with a Content-Length")
-            if not length.isdigit() or int(length) > config.limits.max_body:
-                return _error(413, f"the body is more than this server's {config.limits.max_body:,} bytes (--max-body)")
-        return await call_next(request)
+    app.add_middleware(Guard, config=config)
 
     @app.exception_handler(LdmError)
     async def bad_input(request: HttpRequest, exc: LdmError):
@@ -265,6 +254,33 @@ def create_app(config: ServeConfig) -> FastAPI:
         return page_html()
 
     return app
+
+
+class Guard:
+    """HTTP basic auth on every route when --api-auth is set, then the body size limit: a plain ASGI middleware, which
+    (unlike FastAPI's ``@app.middleware``) leaves the request's disconnect notice to the route."""
+
+    def __init__(self, app, *, config: ServeConfig):
+        self.app, self.config = app, config
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http":
+            refusal = self.refusal(Headers(scope=scope), scope["method"])
+            if refusal is not None:
+                return await refusal(scope, receive, send)
+        await self.app(scope, receive, send)
+
+    def refusal(self, headers: Headers, method: str) -> Response | None:
+        config = self.config
+        if config.auth is not None and not _authorized(headers.get("authorization"), config.auth):
+            return JSONResponse({"detail": "Not authenticated"}, status_code=401, headers={"WWW-Authenticate": "Basic"})
+        if method in ("POST", "PUT", "PATCH"):
+            length = headers.get("content-length")
+            if length is None:
+                return _error(411, "send the body with a Content-Length")
+            if not length.isdigit() or int(length) > config.limits.max_body:
+                return _error(413, f"the body is more than this server's {config.limits.max_body:,} bytes (--max-body)")
+        return None
 
 
 def _authorized(header: str | None, auth: tuple[str, str]) -> bool:

@@ -1,22 +1,11 @@
-import base64
-import io
 import json
 
 import numpy as np
 from PIL import Image
+from serve_images import b64_png, decode
 
 from ldm.cli.generate import main as generate_main
 from ldm.formats.pngmeta import read_png_parameters
-
-
-def b64_png(image: Image.Image) -> str:
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    return base64.b64encode(buffer.getvalue()).decode()
-
-
-def decode(data: str) -> Image.Image:
-    return Image.open(io.BytesIO(base64.b64decode(data)))
 
 
 def test_txt2img_pixels_equal_generate_py(serve, micro_bundle_dir, tmp_path):
