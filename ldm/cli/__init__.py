@@ -20,6 +20,7 @@ COMMANDS = {  # command → (module, what it does)
     "eval": ("ldm.cli.evaluate", "CLIP score, FID/KID and VAE reconstructions of a bundle or of images"),
     "data": ("ldm.cli.data", "check a captioned image folder before training on it"),
     "emoji": ("ldm.cli.emoji", "render the emoji dataset"),
+    "serve": ("ldm.cli.serve", "an A1111-compatible HTTP API and web page"),
 }
 
 

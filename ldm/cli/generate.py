@@ -23,6 +23,7 @@ import math
 import random
 import sys
 import warnings
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -56,6 +57,7 @@ from ldm.pipeline import (
     DEFAULT_SAMPLER,
     DEFAULT_STEPS,
     Request,
+    StepHook,
     check_generation_memory,
     check_settings,
     generate,
@@ -366,16 +368,26 @@ def upscale_record(upscale: UpscaleSettings, upscaler: Bundle | None) -> dict:
                 upscale_steps=upscale.steps, noise_level=upscale.noise_level)  # fmt: skip
 
 
-def write_images(
-    bundle: Bundle, settings: Settings, plan: Plan, out: Path, *, progress: bool = True, upscaler: Bundle | None = None
-) -> dict[Path, Image.Image]:
-    """Run the plan batch by batch and write the kept images as ``out/NNNNN-SEED.png``, printing each path; returns
-    the images by path, in order. Image inputs are fitted to the size once; outputs are pasted back into the picture
-    (only masked) and upscaled (--upscale) before they are written."""
-    out.mkdir(parents=True, exist_ok=True)
-    index, written = next_index(out), {}
+@dataclass(frozen=True)
+class Made:
+    """One kept image of a plan, and what its PNG records."""
+
+    job: Job
+    image: Image.Image
+    parameters: ImageParameters
+
+
+def make_images(
+    bundle: Bundle, settings: Settings, plan: Plan, *, progress: bool = True, upscaler: Bundle | None = None,
+    on_step: StepHook | None = None, stop: Callable[[], bool] | None = None,
+) -> Iterator[Made]:  # fmt: skip
+    """Run the plan batch by batch and yield its kept images, in order. Image inputs are fitted to the size once;
+    outputs are pasted back into the picture (only masked) and upscaled (--upscale). ``on_step``: the sampling loop's
+    hook (:func:`ldm.pipeline.generate`); ``stop``: asked before each batch, True ends the run there (an interrupt)."""
     canvas = settings.inputs.canvas(width=settings.width, height=settings.height) if settings.inputs else None
     for start in range(0, len(plan.jobs), plan.batch_size):
+        if stop is not None and stop():
+            return
         batch = plan.jobs[start : start + plan.batch_size]
         image_inputs = {}
         if canvas is not None:
@@ -388,22 +400,37 @@ def write_images(
             sampler=settings.sampler, width=settings.width, height=settings.height, clip_skip=settings.clip_skip,
             **image_inputs,
         )  # fmt: skip
-        images = generate(bundle, request, progress=progress)  # (B, 3, H, W) in [0, 1]
+        images = generate(bundle, request, progress=progress, on_step=on_step)  # (B, 3, H, W) in [0, 1]
         if canvas is not None:
             images = canvas.paste(images)
         if upscaler is not None:
             images = upscale_images(upscaler, settings, request, images, progress=progress)
         images = to_uint8(images)  # (B, 3, H, W) uint8
         for pos, (job, pixels) in enumerate(zip(batch, images)):
-            if start + pos not in plan.keep:
-                continue
-            path = out / f"{index:05d}-{job.seed}.png"
-            parameters = image_parameters(settings, bundle, job, batch_size=len(batch), batch_pos=pos,
-                                          upscaler=upscaler)  # fmt: skip
-            written[path] = uint8_to_pil(pixels)
-            save_png(written[path], path, parameters.text())
-            index += 1
-            print(path)
+            if start + pos in plan.keep:
+                parameters = image_parameters(settings, bundle, job, batch_size=len(batch), batch_pos=pos,
+                                              upscaler=upscaler)  # fmt: skip
+                yield Made(job, uint8_to_pil(pixels), parameters)
+
+
+def image_path(out: Path, index: int, seed: int) -> Path:
+    """Where image number ``index`` of seed ``seed`` is written: ``out/NNNNN-SEED.png``."""
+    return out / f"{index:05d}-{seed}.png"
+
+
+def write_images(
+    bundle: Bundle, settings: Settings, plan: Plan, out: Path, *, progress: bool = True, upscaler: Bundle | None = None
+) -> dict[Path, Image.Image]:
+    """Run the plan (:func:`make_images`) and write the kept images as ``out/NNNNN-SEED.png``, printing each path;
+    returns the images by path, in order."""
+    out.mkdir(parents=True, exist_ok=True)
+    index, written = next_index(out), {}
+    for made in make_images(bundle, settings, plan, progress=progress, upscaler=upscaler):
+        path = image_path(out, index, made.job.seed)
+        written[path] = made.image
+        save_png(made.image, path, made.parameters.text())
+        index += 1
+        print(path)
     return written
 
 

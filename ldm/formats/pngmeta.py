@@ -15,6 +15,7 @@ reads it back (:meth:`ImageParameters.from_text`), so the keys and their order l
 
 from __future__ import annotations
 
+import io
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -67,12 +68,24 @@ def parse_parameters(text: str) -> tuple[str, str, dict[str, str]]:
     return "\n".join(prompt_lines), "\n".join(negative_lines), settings
 
 
-def save_png(image: Image.Image, path: str | Path, parameters: str | None = None) -> Path:
-    """A PNG written atomically, with the A1111 ``parameters`` chunk when given."""
+def _png_info(parameters: str | None) -> PngImagePlugin.PngInfo:
     info = PngImagePlugin.PngInfo()
     if parameters is not None:
         info.add_text(KEY, parameters)
+    return info
+
+
+def save_png(image: Image.Image, path: str | Path, parameters: str | None = None) -> Path:
+    """A PNG written atomically, with the A1111 ``parameters`` chunk when given."""
+    info = _png_info(parameters)
     return atomic_write(Path(path), lambda tmp: image.save(tmp, format="PNG", pnginfo=info))
+
+
+def png_bytes(image: Image.Image, parameters: str | None = None) -> bytes:
+    """The bytes :func:`save_png` writes, in memory (an HTTP response's image)."""
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG", pnginfo=_png_info(parameters))
+    return buffer.getvalue()
 
 
 MAX_TEXT = 1 << 16  # characters of a parameters chunk: A1111 writes a few hundred, a long prompt a few thousand

@@ -8,6 +8,8 @@ from ldm.pipeline.text_to_image import (
     DEFAULT_SAMPLER,
     DEFAULT_STEPS,
     Request,
+    StepHook,
+    StopSampling,
     check_generation_memory,
     check_settings,
     encode_prompts,
@@ -15,6 +17,6 @@ from ldm.pipeline.text_to_image import (
 )
 
 __all__ = [
-    "DEFAULT_GUIDANCE", "DEFAULT_SAMPLER", "DEFAULT_STEPS", "Request", "check_generation_memory", "check_settings",
+    "DEFAULT_GUIDANCE", "DEFAULT_SAMPLER", "DEFAULT_STEPS", "Request", "StepHook", "StopSampling", "check_generation_memory", "check_settings",
     "encode_prompts", "generate", "to_uint8",
 ]  # fmt: skip

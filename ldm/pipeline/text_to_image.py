@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import inspect
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -34,6 +35,13 @@ if TYPE_CHECKING:
 DEFAULT_STEPS = 20
 DEFAULT_GUIDANCE = 7.5
 DEFAULT_SAMPLER = "dpmpp_2m"
+
+StepHook = Callable[[int, int, torch.Tensor], None]  # (steps done, steps in all, the latents (B, C, H/f, W/f))
+
+
+class StopSampling(Exception):
+    """Raised by an ``on_step`` hook to end the loop early: :func:`generate` decodes the latents it has so far (a
+    server's interrupt returns the partly denoised images instead of nothing)."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -157,8 +165,14 @@ def _encode_distinct(text_encoder: nn.Module, ids: torch.Tensor, clip_skip: int 
 
 
 @torch.no_grad()
-def generate(bundle: Bundle, request: Request, *, progress: bool = True) -> torch.Tensor:
-    """Run one batch; returns (B, 3, H, W) float32 images in [0, 1] on the CPU."""
+def generate(
+    bundle: Bundle, request: Request, *, progress: bool = True, on_step: StepHook | None = None
+) -> torch.Tensor:
+    """Run one batch; returns (B, 3, H, W) float32 images in [0, 1] on the CPU.
+
+    ``on_step(done, total, latents)`` is called after each step (progress, previews); it may raise
+    :class:`StopSampling` to stop there, and the latents of that step are decoded. It must not change the latents.
+    """
     factor = bundle.config.vae.downsampling_factor
     check_settings(steps=request.steps, width=request.width, height=request.height,
                    guidance_scale=request.guidance_scale, factor=factor)  # fmt: skip
@@ -193,6 +207,11 @@ def generate(bundle: Bundle, request: Request, *, progress: bool = True) -> torc
             prediction = uncond + request.guidance_scale * (cond - uncond)  # (B, C, h, w)
         latents = scheduler.step(prediction, t, latents, **step_kwargs).prev_sample
         latents = inputs.after_step(latents, scheduler, timesteps[i + 1] if i + 1 < len(timesteps) else None)
+        if on_step is not None:
+            try:
+                on_step(i + 1, len(timesteps), latents)
+            except StopSampling:
+                break
 
     images = decode_latents(bundle.vae, latents, scaling_factor=bundle.config.vae.scaling_factor)  # (B, 3, H, W)
     return inputs.finish(signed_to_unit(images))

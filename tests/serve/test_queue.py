@@ -1,0 +1,80 @@
+import json
+import threading
+import time
+
+import httpx
+
+LONG = {"prompt": "x", "steps": 1000, "sampler_name": "euler", "width": 32, "height": 32, "seed": 3}
+
+
+def wait_for(client, check, timeout=30.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        progress = client.get("/sdapi/v1/progress").json()
+        if check(progress):
+            return progress
+        time.sleep(0.02)
+    raise AssertionError(f"timed out; last progress: {progress}")
+
+
+def post_in_thread(s, body, answers, key, timeout=60):
+    def post():
+        try:
+            answers[key] = httpx.post(s.url + "/sdapi/v1/txt2img", json=body, timeout=timeout)
+        except httpx.TimeoutException as exc:
+            answers[key] = exc
+
+    thread = threading.Thread(target=post)
+    thread.start()
+    return thread
+
+
+def test_interrupt_returns_what_it_has_and_previews_show(serve):
+    s = serve(out=None)
+    answers = {}
+    thread = post_in_thread(s, LONG, answers, "long")
+    progress = wait_for(s.client, lambda p: p["state"]["sampling_step"] >= 4 and p["current_image"])
+    assert progress["state"]["job_count"] == 1 and progress["state"]["sampling_steps"] == 1000
+    assert 0 < progress["progress"] < 1 and progress["eta_relative"] > 0
+    assert s.client.post("/sdapi/v1/interrupt").json() == {"interrupted": True}
+    thread.join(timeout=30)
+    answer = answers["long"]
+    assert answer.status_code == 200
+    info = json.loads(answer.json()["info"])
+    assert info["interrupted"] is True and len(answer.json()["images"]) == 1
+    assert s.client.post("/sdapi/v1/interrupt").json() == {"interrupted": False}  # nothing runs now
+    assert s.client.post("/sdapi/v1/txt2img", json=LONG | {"steps": 2}).status_code == 200  # no stale interrupt
+
+
+def test_a_client_that_leaves_frees_its_place(serve):
+    s = serve(out=None)
+    answers = {}
+    long = post_in_thread(s, LONG, answers, "long")
+    wait_for(s.client, lambda p: p["state"]["sampling_step"] >= 1)
+    leaver = post_in_thread(s, LONG | {"steps": 2}, answers, "leaver", timeout=0.5)
+    leaver.join()
+    assert isinstance(answers["leaver"], httpx.TimeoutException)
+    wait_for(s.client, lambda p: p["state"]["job_count"] == 1, timeout=10)
+    s.client.post("/sdapi/v1/interrupt")
+    long.join(timeout=30)
+    assert answers["long"].status_code == 200
+    wait_for(s.client, lambda p: p["state"]["job_count"] == 0)
+
+
+def test_twenty_concurrent_requests_are_answered_in_order(serve, tmp_path):
+    s = serve()
+    answers = {}
+    threads = [post_in_thread(s, LONG | {"steps": 60}, answers, "first")]
+    wait_for(s.client, lambda p: p["state"]["sampling_step"] >= 1)
+    seen = 1
+    for i in range(20):
+        threads.append(post_in_thread(s, LONG | {"steps": 1, "seed": 100 + i}, answers, i))
+        seen = wait_for(s.client, lambda p, n=i + 2: p["state"]["job_count"] >= n)["state"]["job_count"]
+    assert seen == 21  # the first job still runs: all twenty wait behind it
+    for thread in threads:
+        thread.join(timeout=60)
+    for i in range(20):
+        assert answers[i].status_code == 200
+        assert json.loads(answers[i].json()["info"])["all_seeds"] == [100 + i]
+    names = sorted(p.name for p in (tmp_path / "out").glob("*.png"))
+    assert names == ["00000-3.png"] + [f"{k + 1:05d}-{100 + k}.png" for k in range(20)]  # saved in arrival order
