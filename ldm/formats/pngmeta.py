@@ -7,7 +7,7 @@
 
 (on one line). The sampler is written as current A1111 writes it, the schedule type apart (``Sampler: DPM++ 2M,
 Schedule type: Karras``); the older joined form (``Sampler: DPM++ 2M Karras``) is read too. Entries this module does
-not know (A1111's ``Clip skip``, an extension's) are kept in :attr:`ImageParameters.extra` and written back.
+not know (an extension's) are kept in :attr:`ImageParameters.extra` and written back.
 
 :class:`ImageParameters` is what one image records, typed; it writes the text (:meth:`ImageParameters.text`) and
 reads it back (:meth:`ImageParameters.from_text`), so the keys and their order live here only.
@@ -295,7 +295,7 @@ KNOWN_KEYS = frozenset(
     ImageParameters(prompt="", steps=1, sampler="DPM++ 2M Karras", guidance_scale=1.0, seed=0, width=1, height=1,
                     model_hash="", model="", vae="", batch_size=2, loras=(LoraRecord(name="x", hash="x"),), dtype="",
                     fast=True, deep_cache=2, token_merging=0.5, version="", init_image="", resize_mode="", mask="",
-                    only_masked=True, outpaint="", upscaler="").settings()
+                    only_masked=True, outpaint="", upscaler="", clip_skip=2).settings()
 )  # fmt: skip
 
 

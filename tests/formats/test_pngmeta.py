@@ -140,6 +140,6 @@ def test_unknown_entries_are_kept_and_written_back():
     text = ("x\nSteps: 2, Sampler: Euler, CFG scale: 7, Seed: 1, Size: 8x8, Clip skip: 2, "
             'ADetailer model: "face_yolov8n.pt", Version: v1.10.1')  # fmt: skip
     params = ImageParameters.from_text(text)
-    assert params.extra == (("Clip skip", "2"), ("ADetailer model", "face_yolov8n.pt"))
-    assert params.text().endswith("Version: v1.10.1, Clip skip: 2, ADetailer model: face_yolov8n.pt")
+    assert params.extra == (("ADetailer model", "face_yolov8n.pt"),) and params.clip_skip == 2  # Clip skip is read
+    assert params.text().endswith("Version: v1.10.1, ADetailer model: face_yolov8n.pt") and "Clip skip: 2" in params.text()
     assert ImageParameters.from_text(params.text()) == params
