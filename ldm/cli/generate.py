@@ -9,7 +9,7 @@
     python generate.py "red apple" --init-image in.png --strength 0.6              # img2img
     python generate.py "red apple" --init-image in.png --mask mask.png             # inpainting (white = repaint)
     python generate.py "red apple" --init-image in.png --outpaint 0,0,32,0         # outpainting
-    python generate.py "red apple" --upscale models/emoji-upscale                  # then a latent upscaler
+    python generate.py "red apple" --upscale models/emoji-tiny-upscale                  # then a latent upscaler
 
 Prompts are read in A1111's prompt language (``ldm/pipeline/prompts.py``): ``(word)``, ``[word]`` and
 ``(word:1.3)`` weight words, ``BREAK`` starts a new chunk; prompts longer than the text encoder's context are encoded

@@ -1,7 +1,7 @@
 """``python -m ldm upscale``: upscale images with a latent upscaler bundle (train_unet.py --task upscale).
 
-    python -m ldm upscale a.png b.png --model models/emoji-upscale -o upscaled/
-    python -m ldm upscale outputs/ --model models/emoji-upscale --prompt "red apple" --noise-level 40
+    python -m ldm upscale a.png b.png --model models/emoji-tiny-upscale -o upscaled/
+    python -m ldm upscale outputs/ --model models/emoji-tiny-upscale --prompt "red apple" --noise-level 40
 
 Each output is ``upscale_factor`` times its input, denoised in tiles of the upscaler's training size when larger
 (:mod:`ldm.pipeline.upscale`); inputs whose sides are not multiples of the VAE's factor are cropped to them. Every PNG
