@@ -29,6 +29,8 @@ class AutoencoderConfig:
     def __post_init__(self):
         if not self.block_out_channels:
             raise ValueError("block_out_channels needs at least one level (L levels downsample by 2^(L-1))")
+        if self.layers_per_block > 64:
+            raise ValueError(f"layers_per_block must be at most 64 (SD's VAE has 2), got {self.layers_per_block}")
         for name in ("in_channels", "latent_channels", "layers_per_block", "norm_num_groups", "sample_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")

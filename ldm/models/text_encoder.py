@@ -43,6 +43,8 @@ class TextEncoderConfig:
         for name in ("width", "layers", "heads", "mlp_width", "context_length", "vocab_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.layers > 256:
+            raise ValueError(f"layers must be at most 256 (the largest CLIP text towers have 32), got {self.layers}")
         if self.context_length < 3:
             raise ValueError(f"context_length must be at least 3 (start, a token, end), got {self.context_length}")
         if self.width % self.heads:

@@ -13,6 +13,8 @@ import torch
 from accelerate import init_empty_weights
 from diffusers import UNet2DConditionModel
 
+MAX_DEPTH = 64  # layers of one kind in one place: far beyond any published model; more only takes minutes to build
+
 
 @dataclass(frozen=True, kw_only=True)
 class UNetConfig:
@@ -42,6 +44,9 @@ class UNetConfig:
                      "transformer_layers_per_block", "norm_num_groups"):  # fmt: skip
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        for name in ("layers_per_block", "transformer_layers_per_block"):
+            if getattr(self, name) > MAX_DEPTH:
+                raise ValueError(f"{name} must be at most {MAX_DEPTH} (SD uses 1 or 2, SDXL up to 10), got {getattr(self, name)}")
         if self.num_class_embeds is not None and self.num_class_embeds < 2:
             raise ValueError(f"num_class_embeds must be at least 2 (or None), got {self.num_class_embeds}")
         if min(self.block_out_channels) < 1 or min(self.attention_heads, default=1) < 1:
