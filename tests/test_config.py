@@ -39,7 +39,7 @@ def test_unknown_key_names_key_and_valid_keys():
 
 def test_unknown_top_level_key():
     data = to_dict(PRESETS["micro"]) | {"sampler": "ddim"}
-    with pytest.raises(ConfigError, match="unknown config key 'sampler'.*valid keys here: schedule, task, text_encoder, unet, upscale_factor, vae"):
+    with pytest.raises(ConfigError, match="unknown config key 'sampler'.*valid keys here: classes, conditioning, schedule, task, text_encoder, unet, upscale_factor, vae"):
         from_dict(ModelConfig, data)
 
 

@@ -157,7 +157,7 @@ def to_arguments(
     args.seed = None if body.seed == -1 else body.seed
     args.num_images, args.batch_size = body.batch_size * body.n_iter, body.batch_size
     args.width, args.height, args.out, args.device, args.dtype = body.width, body.height, out, device, dtype
-    args.lora, args.lora_scale = lora, lora_scale
+    args.lora, args.lora_scale = ([str(lora)] if lora else []), lora_scale  # generate.py's --lora FILE list
     if isinstance(body, Img2ImgRequest):
         args.init_image = store_input(body.init_images[0], inputs, what="init_images[0]")
         args.strength = body.denoising_strength

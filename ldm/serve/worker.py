@@ -54,7 +54,7 @@ class Generated:
 def _model_key(settings: Settings) -> tuple:
     """What a loaded model depends on: a request that differs here needs another load."""
     vae = settings.vae
-    return settings.model, settings.lora, settings.lora_scale, settings.dtype, str(settings.device), vae
+    return settings.model, settings.loras, settings.dtype, str(settings.device), vae
 
 
 class Worker:

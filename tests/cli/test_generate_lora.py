@@ -83,16 +83,16 @@ def a1111_png(path, settings):
 
 
 def test_from_png_reads_the_schedule_type_and_keeps_unknown_entries(micro_bundle_dir, tmp_path, capsys):
-    karras = a1111_png(tmp_path / "k.png", "Schedule type: Karras, Clip skip: 2, Model hash: 0123456789, Hires steps: 4")
+    karras = a1111_png(tmp_path / "k.png", "Schedule type: Karras, Denoising strength x: 2, Model hash: 0123456789, Hires steps: 4")
     args = generate.build_parser().parse_args(["--from-png", str(karras), "--model", str(micro_bundle_dir)])
     assert generate.resolve_settings(args).sampler.name == "dpmpp_2m_karras"  # not plain DPM++ 2M
     capsys.readouterr()
     png, _ = make(micro_bundle_dir, tmp_path / "out", "--from-png", karras)
     err = capsys.readouterr().err
-    assert err.count("kept unknown settings: Clip skip, Hires steps") == 1
+    assert err.count("kept unknown settings: Denoising strength x, Hires steps") == 1
     assert "was made with model hash 0123456789" in err  # a warning, not a failure
     text = read_png_parameters(png)
-    assert "Sampler: DPM++ 2M, Schedule type: Karras" in text and "Clip skip: 2" in text and "Hires steps: 4" in text
+    assert "Sampler: DPM++ 2M, Schedule type: Karras" in text and "Denoising strength x: 2" in text and "Hires steps: 4" in text
     model_hash = parse_parameters(text)[2]["Model hash"]
     assert model_hash == load_bundle(micro_bundle_dir).manifest["files"]["unet.safetensors"][:10]
     old = a1111_png(tmp_path / "old.png", f"Model hash: {load_bundle(micro_bundle_dir).short_hash}")  # older ldm PNGs
