@@ -51,7 +51,6 @@ from ldm.runtime import check_memory
 
 FORMAT = "ldm-bundle"
 FORMAT_VERSION = 1
-PARTS = ("vae", "text_encoder", "unet")
 CLIP_FILE = "clip.safetensors"
 EXTRAS = (CLIP_FILE,)  # optional files a bundle may carry beside its parts
 PACKAGES = ("ldm", "torch", "diffusers", "transformers", "safetensors", "open_clip_torch")

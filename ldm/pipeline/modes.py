@@ -56,7 +56,7 @@ def strength_steps(steps: int, strength: float) -> int:
 
 
 def check_inputs(task: Task, *, image, mask, low_res, strength: float, noise_level: int, noise_levels: int | None,
-                 width: int, height: int, factor: int, upscale_factor: int) -> None:  # fmt: skip
+                 width: int, height: int, upscale_factor: int) -> None:  # fmt: skip
     """Reject image inputs the model cannot take, each with the fix."""
     if not 0.0 <= strength <= 1.0:
         raise LdmError(f"strength must be in [0, 1] (0 keeps the image, 1 ignores it), got {strength}; 0.75 is usual")
@@ -159,7 +159,7 @@ def start(bundle, request, scheduler, generators: list[torch.Generator], *, shap
     image, mask, low_res = request.image, request.mask, request.low_res
     check_inputs(task, image=image, mask=mask, low_res=low_res, strength=request.strength,
                  noise_level=request.noise_level, noise_levels=config.unet.num_class_embeds, width=request.width,
-                 height=request.height, factor=factor, upscale_factor=config.upscale_factor)  # fmt: skip
+                 height=request.height, upscale_factor=config.upscale_factor)  # fmt: skip
     strength = request.strength if image is not None else 1.0
     timesteps = scheduler.timesteps
     if strength < 1.0:
