@@ -220,15 +220,23 @@ class PromptCache(nn.Module):
         tensors = [v for v in vars(out).values() if isinstance(v, torch.Tensor)]
         return out, tuple((t, t._version) for t in tensors)
 
-    def forward(self, input_ids: torch.Tensor, **kwargs):  # (B, L) → the encoder's output; kwargs: clip_skip
+    def forward(self, input_ids: torch.Tensor, **kwargs):  # (B, L) → the encoder's output; kwargs: clip_skip, vectors
         if torch.is_inference_mode_enabled() or input_ids.is_inference():
             return self._encode(input_ids, **kwargs)
-        key = (tuple(input_ids.shape), input_ids.cpu().numpy().tobytes(), tuple(sorted(kwargs.items())))
+        key = (tuple(input_ids.shape), input_ids.cpu().numpy().tobytes(),
+               tuple(sorted((k, _key(v)) for k, v in kwargs.items())))  # fmt: skip
         out, versions = self._entries.lookup(key, lambda: self._entry(input_ids, **kwargs))
         if any(t._version != v for t, v in versions):  # a caller wrote into what it was given
             self._entries[key] = self._entry(input_ids, **kwargs)
             out = self._entries[key][0]
         return out
+
+
+def _key(value):
+    """A keyword argument of the encoder as part of a cache key: a tensor (an embedding's vectors) by its contents."""
+    if isinstance(value, torch.Tensor):
+        return (tuple(value.shape), str(value.dtype), value.detach().float().cpu().numpy().tobytes())
+    return value
 
 
 def bf16_copy(module: nn.Module) -> nn.Module:

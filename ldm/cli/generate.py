@@ -13,7 +13,9 @@
 
 Prompts are read in A1111's prompt language (``ldm/pipeline/prompts.py``): ``(word)``, ``[word]`` and
 ``(word:1.3)`` weight words, ``BREAK`` starts a new chunk; prompts longer than the text encoder's context are encoded
-in chunks of 75 tokens, none truncated. Each PNG carries an A1111-style ``parameters`` text chunk.
+in chunks of 75 tokens, none truncated; a word that names a file of ``--embeddings DIR`` (default
+``models/embeddings/``) reads as that textual-inversion embedding. Each PNG carries an A1111-style ``parameters`` text
+chunk.
 """
 
 from __future__ import annotations
@@ -35,6 +37,10 @@ import ldm
 from ldm import accel
 from ldm.cli.common import DEFAULT_MODEL, SEED_LIMIT, ArgumentParser, check_output, exit_now, run_cli
 from ldm.cli.common import seed as seed_type
+from ldm.cli.embedding_inputs import add_arguments as add_embedding_arguments
+from ldm.cli.embedding_inputs import record as embedding_record
+from ldm.cli.embedding_inputs import resolve as resolve_embeddings
+from ldm.cli.embedding_inputs import warn_about_embeddings
 from ldm.cli.image_inputs import ImageInputs, UpscaleSettings, check_task, resolve_upscale
 from ldm.cli.image_inputs import add_arguments as add_image_arguments
 from ldm.cli.image_inputs import resolve as resolve_image_inputs
@@ -51,6 +57,7 @@ from ldm.formats.pngmeta import ImageParameters, read_png_parameters, save_png
 from ldm.formats.vae_file import VaeFile, attach_vae
 from ldm.images import to_uint8, uint8_to_pil
 from ldm.io import has_undecodable
+from ldm.models.embeddings import EmbeddingSet
 from ldm.models.labels import Conditioning, label_ids
 from ldm.pipeline import (
     DEFAULT_GUIDANCE,
@@ -109,6 +116,7 @@ class Settings:
     inputs: ImageInputs | None = None  # img2img / inpainting / outpainting; None: text-to-image
     upscale: UpscaleSettings | None = None  # --upscale: every image upscaled after it is made
     vae: VaeFile | None = None  # --vae: the autoencoder swapped in; None: the model's own
+    embeddings: EmbeddingSet | None = None  # the textual-inversion embeddings the prompts name (--embeddings)
 
 
 @dataclass(frozen=True)
@@ -173,6 +181,7 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--from-png", type=Path, metavar="FILE",
                    help="take prompt and settings from a PNG's parameters; flags given here override them")
     add_lora_arguments(p)
+    add_embedding_arguments(p)
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     add_image_arguments(p)
     add_model_arguments(p)
@@ -233,6 +242,7 @@ def resolve_settings(args: argparse.Namespace) -> Settings:
     if config.conditioning is not Conditioning.TEXT:
         label_ids(config.classes, [*prompts, pick("negative_prompt")])  # unknown classes fail before the load
     vae = resolve_vae(args, config)
+    embeddings = resolve_embeddings(args, [*prompts, pick("negative_prompt")], config)
     inputs = resolve_image_inputs(args, recorded, args.from_png)
     check_task(config, model, inputs)
     default_width, default_height = inputs.default_size(config) if inputs else (config.default_size,) * 2
@@ -255,7 +265,7 @@ def resolve_settings(args: argparse.Namespace) -> Settings:
         sampler=sampler, width=width, height=height, device=device, dtype=dtype, fast=fast, compile=args.compile,
         deep_cache=deep_cache, token_merging=token_merging, clip_skip=clip_skip, loras=resolve_loras(args, prompts, recorded), seed=args.seed,
         num_images=args.num_images, batch_size=args.batch_size, from_png=args.from_png, recorded=recorded,
-        rebuild=rebuild, inputs=inputs, upscale=upscale, vae=vae,
+        rebuild=rebuild, inputs=inputs, upscale=upscale, vae=vae, embeddings=embeddings,
     )  # fmt: skip
 
 
@@ -299,6 +309,7 @@ def load_model(settings: Settings, *, quiet: bool = False) -> Bundle:
 
         apply_loras(bundle, [(c.path, c.scale) for c in settings.loras])
     warn_about_loras(settings.loras, recorded, settings.from_png)
+    warn_about_embeddings(settings.embeddings, recorded, settings.from_png)
     if settings.vae is not None:
         attach_vae(bundle, settings.vae)
     warn_about_vae(settings.vae, recorded, settings.from_png)
@@ -357,6 +368,7 @@ def image_parameters(settings: Settings, bundle: Bundle, job: Job, *, batch_size
         guidance_scale=settings.guidance_scale, seed=job.seed, width=settings.width, height=settings.height,
         model_hash=bundle.model_hash, model=bundle.name, batch_size=batch_size, batch_pos=batch_pos,
         loras=lora_record(settings.loras), extra=settings.recorded.extra if settings.recorded else (), dtype=settings.dtype,
+        embeddings=embedding_record(settings.embeddings, [job.prompt, job.negative_prompt]),
         fast=settings.fast, deep_cache=settings.deep_cache, token_merging=settings.token_merging,
         clip_skip=settings.clip_skip, version=f"ldm {ldm.__version__}", **(settings.inputs.record() if settings.inputs else {}),
         **(upscale_record(settings.upscale, upscaler) if settings.upscale else {}), **vae_record(settings.vae),
@@ -398,7 +410,7 @@ def make_images(
             prompts=[strip_lora_tags(j.prompt) for j in batch], negative_prompts=[j.negative_prompt for j in batch],
             seeds=[j.seed for j in batch], steps=settings.steps, guidance_scale=settings.guidance_scale,
             sampler=settings.sampler, width=settings.width, height=settings.height, clip_skip=settings.clip_skip,
-            **image_inputs,
+            embeddings=settings.embeddings, **image_inputs,
         )  # fmt: skip
         images = generate(bundle, request, progress=progress, on_step=on_step)  # (B, 3, H, W) in [0, 1]
         if canvas is not None:
@@ -441,9 +453,12 @@ def upscale_images(upscaler: Bundle, settings: Settings, request: Request, image
 
     factor = upscaler.config.vae.downsampling_factor
     h, w = (side // factor * factor for side in images.shape[-2:])
+    embeddings = settings.embeddings  # where the upscaler's text encoder is of their width
+    fits = embeddings is not None and embeddings.vectors.shape[-1] == upscaler.config.text_encoder.width
     return upscale(upscaler, images[..., :h, :w], prompts=request.prompts, negative_prompts=request.negative_prompts,
                    seeds=request.seeds, steps=settings.upscale.steps, guidance_scale=settings.guidance_scale,
-                   sampler=settings.sampler, noise_level=settings.upscale.noise_level, progress=progress)  # fmt: skip
+                   sampler=settings.sampler, noise_level=settings.upscale.noise_level, progress=progress,
+                   embeddings=embeddings if fits else None)  # fmt: skip
 
 
 def load_upscaler(settings: Settings) -> Bundle | None:

@@ -3,7 +3,7 @@
     red apple, glossy
     Negative prompt: blurry
     Steps: 20, Sampler: DPM++ 2M, Schedule type: Karras, CFG scale: 7.5, Seed: 42, Size: 64x64, Model hash: 1a2b3c4d5e,
-    Model: emoji-tiny, Lora hashes: "style: 0f1e2d3c4b"
+    Model: emoji-tiny, Lora hashes: "style: 0f1e2d3c4b", TI hashes: "my-style: 9a8b7c6d5e"
 
 (on one line). The sampler is written as current A1111 writes it, the schedule type apart (``Sampler: DPM++ 2M,
 Schedule type: Karras``); the older joined form (``Sampler: DPM++ 2M Karras``) is read too. Entries this module does
@@ -149,6 +149,14 @@ class LoraRecord:
 
 
 @dataclass(frozen=True, kw_only=True)
+class EmbeddingRecord:
+    """A textual-inversion embedding a prompt used: its name (the word) and the AutoV2 hash of its file."""
+
+    name: str
+    hash: str
+
+
+@dataclass(frozen=True, kw_only=True)
 class ImageParameters:
     """What made one image, as its PNG's ``parameters`` records it (A1111's keys, and ldm's own for the rest).
 
@@ -172,6 +180,7 @@ class ImageParameters:
     batch_size: int = 1  # the UNet batch the image was made in, and its place there: the numbers depend on them
     batch_pos: int = 0
     loras: tuple[LoraRecord, ...] = ()  # the LoRAs merged in, in order
+    embeddings: tuple[EmbeddingRecord, ...] = ()  # the embeddings the prompt and negative prompt name ("TI hashes")
     dtype: str | None = None  # "fp32", "bf16", "fp16"; None: not recorded
     fast: bool = False  # made on the fast path (ldm.accel.fast)
     deep_cache: int = 0  # the deep-feature reuse interval (ldm.accel.deepcache); 0: exact
@@ -224,6 +233,8 @@ class ImageParameters:
             pairs |= {"Lora": self.lora, "Lora scale": ", ".join(str(r.scale) for r in self.loras)}
             if all(r.hash for r in self.loras):
                 pairs["Lora hashes"] = ", ".join(f"{r.short_name}: {r.hash}" for r in self.loras)
+        if self.embeddings:
+            pairs["TI hashes"] = ", ".join(f"{r.name}: {r.hash}" for r in self.embeddings)
         if self.dtype is not None:
             pairs["Dtype"] = self.dtype
         if self.fast:
@@ -273,6 +284,7 @@ class ImageParameters:
         return cls(
             prompt=prompt, negative_prompt=negative, steps=int(s["Steps"]),
             sampler=join_sampler(s["Sampler"], s.get("Schedule type")), loras=_loras(s), extra=extra,
+            embeddings=tuple(EmbeddingRecord(name=n, hash=h) for n, h in _listing(s.get("TI hashes", ""))),
             guidance_scale=float(s["CFG scale"]), seed=int(s["Seed"]), width=width, height=height,
             model_hash=s.get("Model hash"), model=s.get("Model"), batch_size=int(s.get("Batch size", 1)),
             vae=s.get("VAE"), vae_hash=s.get("VAE hash"),
@@ -294,6 +306,7 @@ class ImageParameters:
 KNOWN_KEYS = frozenset(
     ImageParameters(prompt="", steps=1, sampler="DPM++ 2M Karras", guidance_scale=1.0, seed=0, width=1, height=1,
                     model_hash="", model="", vae="", batch_size=2, loras=(LoraRecord(name="x", hash="x"),), dtype="",
+                    embeddings=(EmbeddingRecord(name="x", hash="x"),),
                     fast=True, deep_cache=2, token_merging=0.5, version="", init_image="", resize_mode="", mask="",
                     only_masked=True, outpaint="", upscaler="", clip_skip=2).settings()
 )  # fmt: skip

@@ -8,6 +8,7 @@ open_clip) share the architecture, so an open_clip text tower is stored in this 
 
 from __future__ import annotations
 
+import contextlib
 import enum
 from dataclasses import dataclass
 
@@ -100,18 +101,48 @@ class TextEncoder(nn.Module):
         self.config = config
         self.model = model if model is not None else CLIPTextModel(config.to_transformers())
 
-    def forward(self, input_ids: torch.Tensor, *, clip_skip: int = 1) -> TextEncoding:  # (B, L)
+    def forward(self, input_ids: torch.Tensor, *, clip_skip: int = 1, vectors: torch.Tensor | None = None) -> TextEncoding:  # (B, L)
         """``clip_skip`` N > 1 (A1111's "Clip skip"): the hidden states of the N-th layer from the end, through the
-        final layer norm, as A1111 and diffusers take them; the pooled state stays the last layer's."""
-        if clip_skip == 1:
-            out = self.model(input_ids.to(self.model.device))
-            return TextEncoding(hidden_states=out.last_hidden_state, pooled=out.pooler_output)
+        final layer norm, as A1111 and diffusers take them; the pooled state stays the last layer's.
+
+        ``vectors`` (M, D): textual-inversion vectors (:mod:`ldm.models.embeddings`); a negative id −1 − j in
+        ``input_ids`` stands for row j, which takes that token's place in the token embedding (before the position
+        embedding is added), with gradients flowing into ``vectors``."""
         if not 1 <= clip_skip <= self.config.layers:
             raise ValueError(f"clip_skip must be from 1 to the text encoder's {self.config.layers} layers, got {clip_skip}")
-        out = self.model(input_ids.to(self.model.device), output_hidden_states=True)
+        input_ids = input_ids.to(self.model.device)
+        with _inserted(self.model, input_ids, vectors) as ids:
+            if clip_skip == 1:
+                out = self.model(ids)
+                return TextEncoding(hidden_states=out.last_hidden_state, pooled=out.pooler_output)
+            out = self.model(ids, output_hidden_states=True)
         inner = getattr(self.model, "text_model", self.model)  # transformers 4 nests the layers one level deeper
         hidden = inner.final_layer_norm(out.hidden_states[-clip_skip])
         return TextEncoding(hidden_states=hidden, pooled=out.pooler_output)
+
+
+@contextlib.contextmanager
+def _inserted(model: CLIPTextModel, input_ids: torch.Tensor, vectors: torch.Tensor | None):
+    """The ids to call ``model`` with while ``vectors`` stand in for the negative ids: those become 0 (a valid id
+    that is no end token, so the pooled state still finds the end) and, for the one call, a hook on the token
+    embedding puts the rows of ``vectors`` in their places. transformers' CLIPTextModel takes no input embeddings,
+    so its first lookup is where they go in."""
+    inserted = input_ids < 0  # (B, L)
+    if vectors is None or not bool(inserted.any()):
+        if bool(inserted.any()):
+            raise ValueError("negative token ids stand for embedding vectors; pass vectors=")
+        yield input_ids
+        return
+    rows = (-1 - input_ids).clamp(min=0)  # (B, L) rows of vectors; 0 where a real token is
+
+    def put(module, args, output):  # output (B, L, D): the token embeddings
+        return torch.where(inserted[..., None], vectors.to(output.device, output.dtype)[rows], output)
+
+    handle = model.get_input_embeddings().register_forward_hook(put)
+    try:
+        yield input_ids.clamp(min=0)
+    finally:
+        handle.remove()
 
 
 def build_text_encoder(config: TextEncoderConfig) -> TextEncoder:

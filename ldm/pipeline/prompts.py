@@ -14,6 +14,11 @@ overflow with a comma among its last :data:`COMMA_BACKTRACK` tokens ends after t
 it moving to the next chunk, so a phrase is not cut in two. Each chunk is read by the text encoder on its own as
 ``start, tokens, end, padding``; a prompt of k chunks gives (k·context_length, D) hidden states.
 
+**Embeddings** (an :class:`~ldm.models.embeddings.EmbeddingSet`). A word of a fragment that names a
+textual-inversion embedding is read as its N vectors (negative ids, which the text encoder looks up in the set's
+table), each with the fragment's weight, in place of the word's tokens. They count N tokens toward the chunk and are
+never split between chunks: an embedding that does not fit in what is left of one starts the next, as in A1111.
+
 **Weights** (:func:`apply_weights`). Each token's hidden state is multiplied by its weight, then the whole chunk is
 scaled back to the mean it had unweighted, so emphasis shifts the balance between tokens rather than the overall
 magnitude the UNet sees.
@@ -28,10 +33,13 @@ from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 
+from ldm.models.embeddings import Embedding, names_in
 from ldm.models.tokenizer import clean
 
 if TYPE_CHECKING:
     from transformers import CLIPTokenizer
+
+    from ldm.models.embeddings import EmbeddingSet
 
 EMPHASIS = 1.1  # the factor of one pair of round brackets; square brackets divide by it
 COMMA_BACKTRACK = 20  # a full chunk ends after a comma among its last this many tokens (A1111's default)
@@ -114,6 +122,13 @@ def parse_prompt(prompt: str) -> list[Fragment | Marker]:
     return out
 
 
+def embedding_names(prompt: str, names: list[str]) -> list[str]:
+    """Which of ``names`` (of textual-inversion embeddings) ``prompt`` uses, found as :func:`chunk_prompt` finds
+    them: words of its fragments, after the syntax is read."""
+    text = "\n".join(clean(part.text) for part in parse_prompt(prompt) if isinstance(part, Fragment))
+    return names_in(text, names)
+
+
 def plain_text(prompt: str) -> str:
     """The words of a prompt without its syntax (weights, brackets, escapes; BREAK as a space): what a scorer that
     reads plain text, such as a CLIP score, should be given."""
@@ -135,13 +150,14 @@ Token = tuple[int, float]  # a token id and its weight
 
 
 def pack_chunks(
-    tokens: list[Token | Marker], *, size: int, comma_id: int | None, backtrack: int = COMMA_BACKTRACK
+    tokens: list[Token | list[Token] | Marker], *, size: int, comma_id: int | None, backtrack: int = COMMA_BACKTRACK
 ) -> list[list[Token]]:
     """Weighted tokens (and BREAK markers) → chunks of at most ``size`` tokens, as A1111 packs them.
 
     A token that finds its chunk full starts the next one; if the full chunk has a comma among its last ``backtrack``
     tokens and the token is not itself a comma, the chunk ends after that comma and the tokens after it move along.
-    BREAK ends the current chunk, even an empty one. There is always at least one chunk.
+    A list of tokens (an embedding's vectors) stays in one chunk: it starts the next one where it does not fit in
+    this one. BREAK ends the current chunk, even an empty one. There is always at least one chunk.
     """
     chunks: list[list[Token]] = []
     chunk: list[Token] = []
@@ -156,16 +172,19 @@ def pack_chunks(
         if token is Marker.BREAK:
             close()
             continue
-        if token[0] == comma_id:
+        group = token if isinstance(token, list) else [token]
+        if len(group) > size:
+            raise ValueError(f"{len(group)} tokens cannot stay together in a chunk of {size}")
+        if group[0][0] == comma_id:
             comma = len(chunk)  # where the comma goes (a full chunk passes it on to the next, forgotten there)
         elif len(chunk) == size and comma >= 0 and size - comma <= backtrack:
             moved = chunk[comma + 1 :]
             chunk = chunk[: comma + 1]
             close()
             chunk = moved
-        if len(chunk) == size:
+        if len(chunk) + len(group) > size:
             close()
-        chunk.append(token)
+        chunk.extend(group)
     if chunk or not chunks:
         close()
     return chunks
@@ -190,24 +209,32 @@ class Chunks:
                       torch.cat([self.weights, filler.weights.expand(extra, -1)]))  # fmt: skip
 
 
-def chunk_prompt(tokenizer: CLIPTokenizer, prompt: str, *, context_length: int, pad_id: int) -> Chunks:
+def chunk_prompt(tokenizer: CLIPTokenizer, prompt: str, *, context_length: int, pad_id: int,
+                 embeddings: EmbeddingSet | None = None) -> Chunks:  # fmt: skip
     """``prompt`` parsed (:func:`parse_prompt`), tokenized fragment by fragment and packed into chunks
-    (:func:`pack_chunks`) of ``context_length`` tokens with their start, end and ``pad_id`` padding.
+    (:func:`pack_chunks`) of ``context_length`` tokens with their start, end and ``pad_id`` padding; the words that
+    name one of ``embeddings`` become its vectors' negative ids.
 
     A plain prompt of up to ``context_length − 2`` tokens gives one row, the same as
     :func:`ldm.models.tokenizer.tokenize`. HTML entities are unescaped per fragment (as ``tokenize`` does), after
     parsing, so ``&#40;`` stays a literal bracket.
     """
     parsed = parse_prompt(prompt)
-    fragments = [part for part in parsed if isinstance(part, Fragment)]
+    pieces = {i: embeddings.split(clean(part.text)) if embeddings is not None else [clean(part.text)]
+              for i, part in enumerate(parsed) if isinstance(part, Fragment)}  # fmt: skip
+    texts = [piece for split in pieces.values() for piece in split if isinstance(piece, str)]
     # verbose=False: a fragment longer than the context is expected here, and chunked, not truncated
-    ids = iter(tokenizer([clean(f.text) for f in fragments], add_special_tokens=False, verbose=False).input_ids)
-    tokens: list[Token | Marker] = []
-    for part in parsed:
+    ids = iter(tokenizer(texts, add_special_tokens=False, verbose=False).input_ids if texts else [])
+    tokens: list[Token | list[Token] | Marker] = []
+    for i, part in enumerate(parsed):
         if part is Marker.BREAK:
             tokens.append(part)
-        else:
-            tokens += [(token, part.weight) for token in next(ids)]
+            continue
+        for piece in pieces[i]:
+            if isinstance(piece, Embedding):
+                tokens.append([(token, part.weight) for token in embeddings.ids(piece)])  # kept in one chunk
+            else:
+                tokens += [(token, part.weight) for token in next(ids)]
     comma_id = tokenizer.convert_tokens_to_ids(",</w>")
     chunks = pack_chunks(tokens, size=context_length - 2, comma_id=comma_id)
 

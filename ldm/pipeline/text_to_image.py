@@ -29,6 +29,7 @@ from ldm.runtime import check_memory
 
 if TYPE_CHECKING:
     from ldm.formats.bundle import Bundle
+    from ldm.models.embeddings import EmbeddingSet
     from ldm.models.presets import ModelConfig
 
 # What generate.py draws with unless told otherwise; train_unet's validation grids use the same.
@@ -64,6 +65,7 @@ class Request:
     low_res: torch.Tensor | None = None  # (B, 3, H/s, W/s) in [0, 1]: an upscaler's input (s its factor)
     noise_level: int = DEFAULT_NOISE_LEVEL  # an upscaler's noise augmentation of its input
     clip_skip: int = 1  # A1111's "Clip skip": condition on the N-th text-encoder layer from the end
+    embeddings: EmbeddingSet | None = None  # textual-inversion embeddings the prompts may name (ldm.models.embeddings)
 
     def __post_init__(self):
         if not len(self.prompts) == len(self.negative_prompts) == len(self.seeds) > 0:
@@ -120,10 +122,11 @@ def check_generation_memory(config: ModelConfig, *, width: int, height: int, bat
 
 
 @torch.no_grad()
-def encode_prompts(bundle: Bundle, prompts: list[str], *, dtype: torch.dtype | None = None,
-                   clip_skip: int = 1) -> torch.Tensor:  # fmt: skip
+def encode_prompts(bundle: Bundle, prompts: list[str], *, dtype: torch.dtype | None = None, clip_skip: int = 1,
+                   embeddings: EmbeddingSet | None = None) -> torch.Tensor:  # fmt: skip
     """(B,) prompts → (B, k·L, D) text hidden states in ``dtype`` (default: the UNet's), read in A1111's prompt
-    language (:mod:`ldm.pipeline.prompts`): each prompt k chunks of L tokens, encoded chunk by chunk and weighted.
+    language (:mod:`ldm.pipeline.prompts`): each prompt k chunks of L tokens, encoded chunk by chunk and weighted;
+    the words that name one of ``embeddings`` read as its vectors.
 
     k is the most chunks any of the prompts needs: one batch, one sequence length, so the prompts with fewer are
     padded with the empty prompt's chunk. Each distinct prompt is encoded once, each distinct chunk too.
@@ -136,14 +139,16 @@ def encode_prompts(bundle: Bundle, prompts: list[str], *, dtype: torch.dtype | N
         return labels(labels.labels(prompts)).hidden_states.to(dtype or bundle.unet.dtype)  # (B, 1, D)
     cfg = bundle.config.text_encoder
     row = {prompt: i for i, prompt in enumerate(dict.fromkeys(prompts))}  # distinct prompts, first-seen order
-    chunked = [chunk_prompt(bundle.tokenizer, p, context_length=cfg.context_length, pad_id=cfg.pad_id) for p in row]
+    chunked = [chunk_prompt(bundle.tokenizer, p, context_length=cfg.context_length, pad_id=cfg.pad_id,
+                            embeddings=embeddings) for p in row]  # fmt: skip
     k = max(len(c) for c in chunked)
     if k > 1:
         empty = chunk_prompt(bundle.tokenizer, "", context_length=cfg.context_length, pad_id=cfg.pad_id)
         chunked = [c.padded(k, empty) for c in chunked]
     ids = torch.cat([c.ids for c in chunked])  # (U·k, L)
     weights = torch.cat([c.weights for c in chunked])  # (U·k, L)
-    hidden = _encode_distinct(bundle.text_encoder, ids, clip_skip)  # (U·k, L, D)
+    vectors = embeddings.vectors if embeddings is not None and bool((ids < 0).any()) else None
+    hidden = _encode_distinct(bundle.text_encoder, ids, clip_skip, vectors)  # (U·k, L, D)
     hidden = apply_weights(hidden, weights).to(dtype or bundle.unet.dtype)
     if k > 1:
         hidden = hidden.reshape(len(row), k * cfg.context_length, hidden.shape[-1])  # (U, k·L, D): chunks in a row
@@ -152,12 +157,16 @@ def encode_prompts(bundle: Bundle, prompts: list[str], *, dtype: torch.dtype | N
     return hidden[torch.tensor([row[p] for p in prompts], device=hidden.device)]  # (B, k·L, D)
 
 
-def _encode_distinct(text_encoder: nn.Module, ids: torch.Tensor, clip_skip: int = 1) -> torch.Tensor:
+def _encode_distinct(text_encoder: nn.Module, ids: torch.Tensor, clip_skip: int = 1,
+                     vectors: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
     """(N, L) token ids → (N, L, D) hidden states, each distinct row through the encoder once (the empty prompt's
-    chunk that pads a batch is often one of its prompts' too). Rows all distinct: the encoder's tensor itself."""
+    chunk that pads a batch is often one of its prompts' too). Rows all distinct: the encoder's tensor itself.
+    ``vectors``: the embeddings' table that negative ids index (:class:`~ldm.models.text_encoder.TextEncoder`)."""
     first = {}  # a row's ids → its position among the distinct rows
     index = [first.setdefault(tuple(r), len(first)) for r in ids.tolist()]
     kwargs = {"clip_skip": clip_skip} if clip_skip != 1 else {}  # the plain call unless asked: any encoder takes it
+    if vectors is not None:
+        kwargs["vectors"] = vectors
     if len(first) == len(index):
         return text_encoder(ids, **kwargs).hidden_states
     hidden = text_encoder(torch.tensor(list(first), dtype=ids.dtype), **kwargs).hidden_states  # (U, L, D), in order
@@ -184,7 +193,8 @@ def generate(
     # Text: the unconditional (negative) half first, then the conditional half, as one UNet batch; one text
     # encoder call for both halves, each distinct prompt once.
     texts = (request.negative_prompts + request.prompts) if guided else request.prompts
-    context = encode_prompts(bundle, texts, dtype=dtype, clip_skip=request.clip_skip)  # (2B or B, k·L, D)
+    context = encode_prompts(bundle, texts, dtype=dtype, clip_skip=request.clip_skip,
+                             embeddings=request.embeddings)  # (2B or B, k·L, D)  # fmt: skip
 
     start_sampling_run(unet)  # a denoiser that keeps state across steps starts afresh
     scheduler = build_scheduler(bundle.config.schedule, request.sampler)

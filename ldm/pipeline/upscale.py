@@ -25,10 +25,10 @@ TILE_OVERLAP = 4  # parts of a tile's side that neighbouring tiles share: a quar
 
 @torch.no_grad()
 def upscale(bundle, images: torch.Tensor, *, prompts: list[str], negative_prompts: list[str], seeds: list[int],
-            steps: int, guidance_scale: float, sampler: Sampler, noise_level: int,
-            progress: bool = False) -> torch.Tensor:  # fmt: skip
+            steps: int, guidance_scale: float, sampler: Sampler, noise_level: int, progress: bool = False,
+            embeddings=None) -> torch.Tensor:  # fmt: skip
     """(B, 3, h, w) in [0, 1] → (B, 3, s·h, s·w) in [0, 1], s the upscaler's factor; h and w multiples of the VAE's
-    downsampling factor."""
+    downsampling factor. ``embeddings``: the textual-inversion embeddings the prompts may name."""
     config = bundle.config
     if config.task is not Task.UPSCALE:
         raise LdmError(f"{bundle.name} is a {config.task.value} model, not an upscaler; pass a bundle made by "
@@ -44,7 +44,7 @@ def upscale(bundle, images: torch.Tensor, *, prompts: list[str], negative_prompt
         unet = TiledUNet(unet, tile=tile, overlap=max(1, tile // TILE_OVERLAP))
     request = Request(
         prompts=prompts, negative_prompts=negative_prompts, seeds=seeds, steps=steps, guidance_scale=guidance_scale,
-        sampler=sampler, width=w * s, height=h * s, low_res=images, noise_level=noise_level,
+        sampler=sampler, width=w * s, height=h * s, low_res=images, noise_level=noise_level, embeddings=embeddings,
     )  # fmt: skip
     return generate(replace(bundle, unet=unet), request, progress=progress)
 
