@@ -31,19 +31,25 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="where prompts find embeddings by name: each NAME.safetensors in DIR (or below) is the word "
                         f"NAME (default {DEFAULT_EMBEDDINGS_DIR}/ where it exists)")  # fmt: skip
     g.add_argument("--embedding", type=Path, action="append", default=[], metavar="FILE",
-                   help="an embedding file whose word is its name without the suffix (repeatable)")
+                   help="an embedding file whose word is its name without the suffix (repeatable)")  # fmt: skip
     g.add_argument("--allow-pickle", action="store_true",
-                   help="read pickled embeddings (.pt, .bin), which can run code when loaded, as weights only")
+                   help="read pickled embeddings (.pt, .bin), which can run code when loaded, as weights only")  # fmt: skip
+
+
+def embeddings_folder(folder: Path | None) -> Path | None:
+    """The folder prompts find embeddings in: ``folder`` (which must be one), else ``models/embeddings/`` where it
+    exists, else None."""
+    if folder is not None and not folder.is_dir():
+        raise LdmError(f"--embeddings {folder} is not a folder; pass the folder that holds the embedding files")
+    if folder is None and DEFAULT_EMBEDDINGS_DIR.is_dir():
+        return DEFAULT_EMBEDDINGS_DIR
+    return folder
 
 
 def resolve(args: argparse.Namespace, texts: list[str], config: ModelConfig) -> EmbeddingSet | None:
     """The run's embeddings: the ``--embedding`` files, and those of ``--embeddings`` that ``texts`` (the prompts
     and the negative prompt) name, read and checked against the model's text encoder; None when there are none."""
-    folder = args.embeddings
-    if folder is not None and not folder.is_dir():
-        raise LdmError(f"--embeddings {folder} is not a folder; pass the folder that holds the embedding files")
-    if folder is None and DEFAULT_EMBEDDINGS_DIR.is_dir():
-        folder = DEFAULT_EMBEDDINGS_DIR
+    folder = embeddings_folder(args.embeddings)
     if config.conditioning is not Conditioning.TEXT:
         if args.embedding:
             raise LdmError(f"embeddings are words of a text prompt, and this model is {config.conditioning.value}-"

@@ -2,6 +2,7 @@
 
     python -m ldm serve                                   # http://127.0.0.1:7860, models from models/
     python -m ldm serve --models-dir models --model emoji-tiny --lora-dir loras --api-auth user:secret --listen
+    python -m ldm serve --embeddings-dir embeddings       # prompts may name its NAME.safetensors files
 """
 
 from __future__ import annotations
@@ -23,6 +24,9 @@ def build_parser() -> ArgumentParser:
                         f"(default {DEFAULT_MODEL.parent})")  # fmt: skip
     p.add_argument("--model", default=None, metavar="NAME", help="the model served first (default: the first one)")
     p.add_argument("--lora-dir", type=Path, default=None, help="the LoRA files (.safetensors) prompts may name")
+    p.add_argument("--embeddings-dir", type=Path, default=None,
+                   help="the textual-inversion embeddings (.safetensors) prompts may name by file name (default "
+                        "models/embeddings/ where it exists)")  # fmt: skip
     p.add_argument("--out", type=Path, default=Path("outputs"), help="where images are saved (default outputs/)")
     p.add_argument("--no-save", action="store_true", help="do not save images; only return them")
     p.add_argument("--listen", action="store_true", help="bind 0.0.0.0 instead of 127.0.0.1 (reachable from others)")
@@ -60,8 +64,10 @@ def main(argv=None) -> int:
             raise LdmError(f"--{flag.replace('_', '-')} must be at least 1")
     limits = Limits(max_side=args.max_side, max_steps=args.max_steps, max_images=args.max_images,
                     max_body=args.max_body)  # fmt: skip
-    config = ServeConfig(models_dir=args.models_dir, lora_dir=args.lora_dir, model=args.model,
-                         out=None if args.no_save else args.out, device=args.device, dtype=args.dtype, limits=limits,
+    if args.embeddings_dir is not None and not args.embeddings_dir.is_dir():
+        raise LdmError(f"--embeddings-dir {args.embeddings_dir} is not a folder; pass the embeddings' folder")
+    config = ServeConfig(models_dir=args.models_dir, lora_dir=args.lora_dir, embeddings_dir=args.embeddings_dir,
+                         model=args.model, out=None if args.no_save else args.out, device=args.device, dtype=args.dtype, limits=limits,
                          auth=auth, preview_every=max(0, args.preview_every))  # fmt: skip
     app = create_app(config)
     uvicorn.run(app, host="0.0.0.0" if args.listen else "127.0.0.1", port=args.port, log_level="info")

@@ -9,10 +9,11 @@
     python train_unet.py --init-from models/emoji-tiny --data my/images --out runs/inpaint --task inpaint
     python train_unet.py --init-from models/emoji-tiny --data my/images --out runs/x2 --task upscale --factor 2
     python train_unet.py --init-from models/emoji-tiny --data classes/ --out runs/cls --conditioning class --labels-from folder
+    python train_unet.py --init-from models/emoji-tiny --data my/cat --out runs/ti --textual-inversion my-cat --init-word cat
 
-The run itself (loss, cache, LoRA, validation, what is written) is ``ldm.train.unet``; this module turns argv into
-its :class:`~ldm.train.unet.UNetRunConfig`: a ``--config`` file or the flags, then the flags that override, then
-``--set``.
+The run itself (loss, cache, LoRA, validation, what is written) is ``ldm.train.unet``, or with
+``--textual-inversion`` ``ldm.train.textual_inversion``; this module turns argv into their
+:class:`~ldm.train.unet.UNetRunConfig`: a ``--config`` file or the flags, then the flags that override, then ``--set``.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from ldm.errors import LdmError
 from ldm.models.labels import Conditioning
 from ldm.models.presets import Task
 from ldm.pipeline.schedule import Prediction
+from ldm.train import textual_inversion
 from ldm.train.unet import LabelSource, UNetRunConfig, bundle_config, run, with_model
 
 
@@ -61,6 +63,11 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--lora-rank", type=int, help="train rank-R LoRA adapters only; written to OUT/lora.safetensors")
     p.add_argument("--train-text-encoder", action="store_true", default=None, help="also train the text encoder")
     p.add_argument("--gradient-checkpointing", action="store_true", default=None, help="less memory, slower steps")
+    p.add_argument("--textual-inversion", metavar="TOKEN",
+                   help="train only the vectors of a new word TOKEN, the model frozen (textual inversion); writes "
+                        "OUT/TOKEN.safetensors (A1111's layout) and OUT/learned_embeds.safetensors (diffusers')")  # fmt: skip
+    p.add_argument("--init-word", help="--textual-inversion: the vectors start as this word's (default *)")
+    p.add_argument("--num-vectors", type=int, help="--textual-inversion: vectors the word stands for (default 1)")
     p.add_argument(
         "--validation-prompt",
         action="append",
@@ -79,8 +86,9 @@ def resolve_config(args) -> UNetRunConfig:
     bundle = args.bundle or args.init_from
     cfg = load_run_config(UNetRunConfig, args)
     if cfg is None:
-        cfg = config_from_flags(args, bundle)
+        cfg = with_inversion_flags(config_from_flags(args, bundle), args, fresh=True)
     elif args.config:
+        cfg = with_inversion_flags(cfg, args)
         cfg = with_data_flags(cfg, args)
         cfg = replace(cfg, bundle=bundle) if bundle else cfg
     cfg = with_run_flags(with_model(with_task_flags(cfg, args)), args)
@@ -100,6 +108,25 @@ def config_from_flags(args, bundle: str | None) -> UNetRunConfig:
                         bundle=str(bundle))  # fmt: skip
     cfg = with_model(with_task_flags(cfg, args))
     return replace(cfg, data=replace(cfg.data, resolution=args.resolution or cfg.model.default_size))
+
+
+def with_inversion_flags(cfg: UNetRunConfig, args, *, fresh: bool = False) -> UNetRunConfig:
+    """--textual-inversion, --init-word and --num-vectors; a new run from flags alone takes the training defaults of
+    textual inversion (:data:`~ldm.train.textual_inversion.INVERSION_TRAIN`, no caption dropout)."""
+    given = {name: getattr(args, flag) for flag, name in (("textual_inversion", "token"), ("init_word", "init_word"),
+             ("num_vectors", "num_vectors")) if getattr(args, flag) is not None}  # fmt: skip
+    if not given:
+        return cfg
+    try:
+        ti = replace(cfg.textual_inversion, **given)
+    except ValueError as exc:
+        raise LdmError(str(exc).replace("textual_inversion.token", "--textual-inversion")) from None
+    if not ti.token:
+        raise LdmError("--init-word and --num-vectors are textual inversion's; pass --textual-inversion TOKEN")
+    cfg = replace(cfg, textual_inversion=ti)
+    if fresh:
+        cfg = replace(cfg, train=textual_inversion.INVERSION_TRAIN, loss=replace(cfg.loss, caption_dropout=0.0))
+    return cfg
 
 
 def with_task_flags(cfg: UNetRunConfig, args) -> UNetRunConfig:
@@ -148,8 +175,13 @@ def with_unet_flags(cfg: UNetRunConfig, args) -> UNetRunConfig:
     return cfg
 
 
+def run_any(cfg: UNetRunConfig, *, resume: str | None = None):
+    """The UNet run, or the textual-inversion run where the config names a token."""
+    return (textual_inversion.run if cfg.textual_inversion.token else run)(cfg, resume=resume)
+
+
 def main(argv=None) -> int:
-    return train_main(argv, parser=build_parser(), resolve=resolve_config, run=run)
+    return train_main(argv, parser=build_parser(), resolve=resolve_config, run=run_any)
 
 
 def entry() -> None:

@@ -101,7 +101,9 @@ class TextEncoder(nn.Module):
         self.config = config
         self.model = model if model is not None else CLIPTextModel(config.to_transformers())
 
-    def forward(self, input_ids: torch.Tensor, *, clip_skip: int = 1, vectors: torch.Tensor | None = None) -> TextEncoding:  # (B, L)
+    def forward(
+        self, input_ids: torch.Tensor, *, clip_skip: int = 1, vectors: torch.Tensor | None = None
+    ) -> TextEncoding:  # (B, L)
         """``clip_skip`` N > 1 (A1111's "Clip skip"): the hidden states of the N-th layer from the end, through the
         final layer norm, as A1111 and diffusers take them; the pooled state stays the last layer's.
 

@@ -12,9 +12,13 @@ import html
 import json
 import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from transformers import CLIPTokenizer
+
+if TYPE_CHECKING:
+    from ldm.models.embeddings import EmbeddingSet
 
 START_TOKEN = "<|startoftext|>"
 END_TOKEN = "<|endoftext|>"
@@ -99,14 +103,34 @@ def token_count(tokenizer: CLIPTokenizer, prompt: str) -> int:
     return len(tokenizer(clean(prompt)).input_ids)
 
 
-def tokenize(tokenizer: CLIPTokenizer, prompts: list[str], *, context_length: int, pad_id: int) -> torch.Tensor:
-    """(B, context_length) token ids: start, text (truncated), end, then ``pad_id``.
+def tokenize(tokenizer: CLIPTokenizer, prompts: list[str], *, context_length: int, pad_id: int,
+             embeddings: EmbeddingSet | None = None) -> torch.Tensor:  # fmt: skip
+    """(B, context_length) token ids: start, text (truncated), end, then ``pad_id``; the words that name one of
+    ``embeddings`` as its vectors' negative ids (:mod:`ldm.models.embeddings`).
 
     SD 1.x pads with the end token, SD 2.x with 0. Padding here rather than through the tokenizer's pad token
     keeps "!" (id 0) an ordinary character in prompts.
     """
-    ids = tokenizer([clean(p) for p in prompts], truncation=True, max_length=context_length).input_ids
+    if embeddings is None:
+        ids = tokenizer([clean(p) for p in prompts], truncation=True, max_length=context_length).input_ids
+    else:
+        ids = _with_embeddings(tokenizer, prompts, embeddings, context_length=context_length)
     out = torch.full((len(prompts), context_length), pad_id, dtype=torch.long)
     for row, seq in enumerate(ids):
         out[row, : len(seq)] = torch.tensor(seq)
     return out  # (B, context_length)
+
+
+def _with_embeddings(tokenizer: CLIPTokenizer, prompts: list[str], embeddings: EmbeddingSet, *,
+                     context_length: int) -> list[list[int]]:  # fmt: skip
+    """Each prompt's ids as :func:`tokenize` makes them, its embedding words as their negative ids."""
+    splits = [embeddings.split(clean(p)) for p in prompts]
+    texts = [piece for split in splits for piece in split if isinstance(piece, str)]
+    tokens = iter(tokenizer(texts, add_special_tokens=False, verbose=False).input_ids if texts else [])
+    rows = []
+    for split in splits:
+        row = []
+        for piece in split:
+            row += next(tokens) if isinstance(piece, str) else embeddings.ids(piece)
+        rows.append([tokenizer.bos_token_id, *row[: context_length - 2], tokenizer.eos_token_id])
+    return rows

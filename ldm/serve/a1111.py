@@ -147,9 +147,12 @@ def split_loras(prompt: str, loras: dict[str, Path]) -> tuple[str, Path | None, 
 
 def to_arguments(
     body: Txt2ImgRequest, *, model: Path, loras: dict[str, Path], out: Path, inputs: Path, device: str, dtype: str,
+    embeddings_dir: Path | None = None,
 ) -> argparse.Namespace:  # fmt: skip
-    """The generate.py arguments that ask for what ``body`` asks for (its defaults for what it leaves out)."""
+    """The generate.py arguments that ask for what ``body`` asks for (its defaults for what it leaves out); the
+    prompts' embeddings come from ``embeddings_dir``, the server's, never from a client's path."""
     args = build_parser().parse_args([])
+    args.embeddings = embeddings_dir
     prompt, lora, lora_scale = split_loras(body.prompt, loras)
     sampler = body.sampler_name or body.sampler_index
     args.prompts, args.negative_prompt, args.model = [prompt], body.negative_prompt, model

@@ -52,6 +52,7 @@ class ServeConfig:
 
     models_dir: Path
     lora_dir: Path | None = None
+    embeddings_dir: Path | None = None  # the embeddings prompts name; None: models/embeddings/ where it exists
     model: str | None = None  # the first model's name in models_dir; None: the first one listed
     out: Path | None = Path("outputs")  # None: images are not saved (--no-save)
     device: str = "auto"
@@ -75,6 +76,26 @@ def list_loras(folder: Path | None) -> dict[str, Path]:
     if folder is None or not folder.is_dir():
         return {}
     return {p.stem: p for p in sorted(folder.glob("*.safetensors")) if p.is_file()}
+
+
+def list_embedding_files(folder: Path | None, *, width: int | None) -> dict:
+    """``GET /sdapi/v1/embeddings``'s answer in A1111's shape: the embeddings of ``folder`` by name, ``loaded`` where
+    they fit a text encoder ``width`` wide (any, for None), else ``skipped`` (as are files that do not read, and
+    pickles, which the server never unpickles)."""
+    from ldm.formats.embeddings import list_embeddings, read_embedding
+
+    answer: dict[str, dict] = {"loaded": {}, "skipped": {}}
+    for name, paths in (list_embeddings(folder) if folder is not None else {}).items():
+        try:
+            e = read_embedding(paths[0], name=name)
+        except LdmError:
+            answer["skipped"][name] = {"step": None, "sd_checkpoint": None, "sd_checkpoint_name": None, "shape": None,
+                                       "vectors": None}  # fmt: skip
+            continue
+        entry = {"step": e.step, "sd_checkpoint": e.checkpoint, "sd_checkpoint_name": e.checkpoint_name,
+                 "shape": e.width, "vectors": len(e)}  # fmt: skip
+        answer["loaded" if width in (None, e.width) else "skipped"][name] = entry
+    return answer
 
 
 def _model_hash(path: Path) -> str | None:
@@ -118,7 +139,8 @@ class Server:
         out = self.config.out
         inputs = out / "inputs" if out is not None else self.scratch
         args = to_arguments(body, model=model, loras=list_loras(self.config.lora_dir), out=out or self.scratch,
-                            inputs=inputs, device=self.config.device, dtype=self.config.dtype)  # fmt: skip
+                            inputs=inputs, device=self.config.device, dtype=self.config.dtype,
+                            embeddings_dir=self.config.embeddings_dir)  # fmt: skip
         settings = resolve_settings(args)
         return settings, plan_batches(settings)
 
@@ -138,6 +160,15 @@ class Server:
         info = info_json(body, settings, result.made, model_name=result.bundle_name, model_hash=result.bundle_hash,
                          interrupted=result.interrupted)  # fmt: skip
         return {"images": images if body.send_images else [], "parameters": echo_parameters(body), "info": info}
+
+    def embeddings(self) -> dict:
+        """The embeddings prompts may name, sorted by whether they fit the current model's text encoder."""
+        from ldm.cli.embedding_inputs import embeddings_folder
+        from ldm.formats.bundle import read_config
+
+        path = self.model_path(self.model)
+        width = read_config(path).text_encoder.width if (path / "manifest.json").is_file() else None
+        return list_embedding_files(embeddings_folder(self.config.embeddings_dir), width=width)
 
     async def switch_model(self, name: str) -> None:
         """Make ``name`` the default model and load it now, in the queue's order (the old one is freed)."""
@@ -245,7 +276,7 @@ def create_app(config: ServeConfig) -> FastAPI:
 
     @app.get("/sdapi/v1/embeddings")
     async def embeddings():
-        return {"loaded": {}, "skipped": {}}  # ldm has no textual-inversion embeddings
+        return await run_in_threadpool(server.embeddings)
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     async def page():

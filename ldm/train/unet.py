@@ -23,6 +23,7 @@ import contextlib
 import enum
 import json
 import math
+import re
 import sys
 import time
 from collections.abc import Callable
@@ -128,6 +129,32 @@ class LoraConfig:
 
 
 @dataclass(frozen=True, kw_only=True)
+class TextualInversionConfig:
+    """Train one new word's vectors instead of the UNet (``ldm.train.textual_inversion``): on when ``token`` is set."""
+
+    token: str = ""  # the word; "" = off (a UNet run)
+    init_word: str = "*"  # the vectors start as this text's token embeddings
+    num_vectors: int = 1  # vectors the word stands for (A1111's vectors per token)
+    template: str = "{token}, {caption}"  # a training caption that does not name the token becomes this
+
+    def __post_init__(self):
+        if self.token and not re.fullmatch(r"[^\s()\[\]:<>\\/]+", self.token):
+            raise ValueError(f"textual_inversion.token must be one word without brackets, colons or slashes (a file "
+                             f"name and a prompt word), got {self.token!r}; e.g. my-style")  # fmt: skip
+        if self.num_vectors < 1:
+            raise ValueError(f"textual_inversion.num_vectors must be at least 1, got {self.num_vectors}")
+        if not self.init_word.strip():
+            raise ValueError("textual_inversion.init_word must be a word, e.g. person or style")
+        try:
+            filled = self.template.format(token="\0", caption="")
+        except (KeyError, IndexError, ValueError):
+            filled = ""
+        if "\0" not in filled:
+            raise ValueError(f"textual_inversion.template must hold {{token}} (and may hold {{caption}}), got "
+                             f"{self.template!r}")  # fmt: skip
+
+
+@dataclass(frozen=True, kw_only=True)
 class ValidationConfig:
     prompts: tuple[str, ...] = ()  # () = the first num_prompts distinct captions of the training data
     num_prompts: int = 4
@@ -191,6 +218,7 @@ class UNetRunConfig:
     buckets: BucketConfig = field(default_factory=BucketConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
     validation: ValidationConfig = field(default_factory=ValidationConfig)
+    textual_inversion: TextualInversionConfig = field(default_factory=TextualInversionConfig)
     train_text_encoder: bool = False  # also train the text encoder (LoRA on it too when lora.rank > 0)
     text_encoder_lr: float = 0.0  # 0 = train.lr
     gradient_checkpointing: bool = False  # recompute activations in the backward pass: less memory, ~30 % slower
@@ -379,6 +407,7 @@ class RunResult:
     text_encoder: nn.Module
     bundle_dir: Path | None = None
     lora_path: Path | None = None
+    embedding_path: Path | None = None  # textual inversion: OUT/TOKEN.safetensors
     eval_losses: dict[str, float] = field(default_factory=dict)
     steps_per_second: float = 0.0
 
