@@ -45,19 +45,19 @@ def images(bundle, prompts, negative, embeddings=None):
 
 
 def test_a1111_and_diffusers_files_change_the_image_as_the_vectors_put_in_by_hand(bundle, vectors, tmp_path):
-    """Weighted, plain, and in the negative prompt: the images are bit-identical to the hand-made reference's."""
+    """Weighted, in any case, and in the negative prompt: the images are bit-identical to the hand-made reference's
+    (which the word read as text would not give); the diffusers file reads the same."""
     a1111 = read_embedding(save_a1111(tmp_path / "zqx-style.safetensors", Embedding(name="zqx-style", vectors=vectors)))
     diffusers = read_embedding(save_diffusers(tmp_path / "learned_embeds.safetensors",
                                               Embedding(name="zqx-style", vectors=vectors)))  # fmt: skip
     assert a1111.name == diffusers.name == "zqx-style"  # diffusers' file is named by its token
     prompts, negative = ["a (zqx-style:1.3) disc", "ZQX-Style square"], ["zqx-style", ""]
-    reference = images(by_hand(bundle, vectors), [p.replace("zqx-style", STAND_INS).replace("ZQX-Style", STAND_INS)
-                                                  for p in prompts], [STAND_INS, ""])  # fmt: skip
-    for loaded in (a1111, diffusers):
-        got = images(bundle, prompts, negative, EmbeddingSet([loaded]))
-        assert torch.equal(got, reference)
-    plain = images(bundle, prompts, negative)  # the word read as text: another image
-    assert (plain - reference).abs().max() > 1e-3
+    by_text = [p.replace("zqx-style", STAND_INS).replace("ZQX-Style", STAND_INS) for p in prompts]
+    reference = images(by_hand(bundle, vectors), by_text, [STAND_INS, ""])
+    assert torch.equal(images(bundle, prompts, negative, EmbeddingSet([a1111])), reference)
+    texts = prompts + negative
+    assert torch.equal(encode_prompts(bundle, texts, embeddings=EmbeddingSet([diffusers])),
+                       encode_prompts(by_hand(bundle, vectors), by_text + [STAND_INS, ""]))  # fmt: skip
 
 
 def test_diffusers_load_textual_inversion_reads_the_prompt_the_same(bundle, vectors, micro_diffusers_dir):
