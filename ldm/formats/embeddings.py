@@ -153,15 +153,17 @@ def _vectors(data: dict, path: Path) -> tuple[str, torch.Tensor]:
 def check_fits(embedding: Embedding, *, width: int, context_length: int) -> None:
     """An embedding must be of the text encoder's width, and fit in one prompt chunk (context − start and end)."""
     if embedding.width != width:
-        def known(w: int) -> str:
-            return f" ({KNOWN_WIDTHS[w]})" if w in KNOWN_WIDTHS else ""
-
         where = embedding.path or embedding.name
-        raise LdmError(f"the embedding {where} is {embedding.width} wide{known(embedding.width)}, and this model's text "
-                       f"encoder is {width} wide{known(width)}; use an embedding trained for this model")  # fmt: skip
+        raise LdmError(f"the embedding {where} is {embedding.width} wide{_known(embedding.width)}, and this model's "
+                       f"text encoder is {width} wide{_known(width)}; use an embedding trained for this model")  # fmt: skip
     if len(embedding) > context_length - 2:
         raise LdmError(f"the embedding {embedding.name!r} has {len(embedding)} vectors; a prompt chunk holds "
                        f"{context_length - 2}: use an embedding of fewer vectors")  # fmt: skip
+
+
+def _known(width: int) -> str:
+    """What a width is known as, in brackets: " (SD 1.x)" for 768."""
+    return f" ({KNOWN_WIDTHS[width]})" if width in KNOWN_WIDTHS else ""
 
 
 def save_a1111(path: str | Path, embedding: Embedding) -> Path:

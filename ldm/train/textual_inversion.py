@@ -122,8 +122,6 @@ def check_inversion(cfg: UNetRunConfig, base: Bundle) -> None:
     if cfg.model.schedule != base.config.schedule:
         raise LdmError("--textual-inversion trains against the bundle's UNet as it is; leave out --prediction and "
                        "model.schedule overrides")  # fmt: skip
-    if len(ti.token) > 0 and base.tokenizer([ti.token], add_special_tokens=False).input_ids[0] == []:
-        raise LdmError(f"--textual-inversion {ti.token!r} gives no tokens; pass a word, e.g. my-style")
     context = base.config.text_encoder.context_length
     if ti.num_vectors > context - 2:
         raise LdmError(f"--num-vectors {ti.num_vectors} is more than a prompt chunk holds ({context - 2}); 1 to 8 is "

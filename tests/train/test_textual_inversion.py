@@ -61,7 +61,10 @@ def test_a_killed_run_resumes_exactly(runs):
 
 def test_only_the_word_trains_and_it_changes_the_image(runs, micro_bundle_dir):
     straight, _, trained = runs
-    a1111, diffusers = read_embedding(straight / "zqx-shape.safetensors"), read_embedding(straight / "learned_embeds.safetensors")
+    a1111, diffusers = (
+        read_embedding(straight / "zqx-shape.safetensors"),
+        read_embedding(straight / "learned_embeds.safetensors"),
+    )
     assert a1111.name == diffusers.name == "zqx-shape" and torch.equal(a1111.vectors, diffusers.vectors)
     assert a1111.vectors.shape == (3, 32) and a1111.step == 4 and a1111.checkpoint_name == "micro"
     base = load_bundle(micro_bundle_dir)
@@ -78,7 +81,9 @@ def test_only_the_word_trains_and_it_changes_the_image(runs, micro_bundle_dir):
     assert {k for k in state if k.startswith("s.models.")} == {"s.models.vectors.vectors"}
     request = dict(negative_prompts=[""], seeds=[1], steps=2, guidance_scale=7.5, sampler=get_sampler("dpmpp_2m"),
                    width=32, height=32)  # fmt: skip
-    with_word = generate(base, Request(prompts=["zqx-shape"], embeddings=EmbeddingSet([a1111]), **request), progress=False)
+    with_word = generate(
+        base, Request(prompts=["zqx-shape"], embeddings=EmbeddingSet([a1111]), **request), progress=False
+    )
     without = generate(base, Request(prompts=["zqx-shape"], **request), progress=False)
     assert (with_word - without).abs().max() > 1e-3
     assert list((straight / "samples").glob("samples-00000004.png"))  # the final grid, drawn with the word

@@ -25,9 +25,15 @@ def one_line(exc) -> str:
     "write, name",
     [
         (lambda p: save_file({"emb_params": VECTORS}, str(p / "style.safetensors")), "style"),  # A1111, ComfyUI
-        (lambda p: save_file({"string_to_param.*": VECTORS}, str(p / "style.safetensors")), "style"),  # A1111 .pt saved flat
+        (
+            lambda p: save_file({"string_to_param.*": VECTORS}, str(p / "style.safetensors")),
+            "style",
+        ),  # A1111 .pt saved flat
         (lambda p: save_file({"<my-token>": VECTORS}, str(p / "style.safetensors")), "style"),  # A1111 names by file
-        (lambda p: save_file({"<my-token>": VECTORS}, str(p / "learned_embeds.safetensors")), "<my-token>"),  # diffusers
+        (
+            lambda p: save_file({"<my-token>": VECTORS}, str(p / "learned_embeds.safetensors")),
+            "<my-token>",
+        ),  # diffusers
     ],
     ids=["emb_params", "string_to_param", "one-key", "learned_embeds"],
 )
