@@ -20,11 +20,11 @@ from tqdm.auto import tqdm
 from ldm.errors import LdmError
 from ldm.images import MAX_SIDE, signed_to_unit
 from ldm.models.autoencoder import decode_latents
+from ldm.models.unet import guidance_embedding
 from ldm.pipeline.denoiser import start_sampling_run
 from ldm.pipeline.modes import DEFAULT_NOISE_LEVEL, Fill
 from ldm.pipeline.modes import start as start_latents
 from ldm.pipeline.prompts import apply_weights, chunk_prompt
-from ldm.models.unet import guidance_embedding
 from ldm.pipeline.schedule import LCM_GRID_STEPS, Sampler, build_scheduler
 from ldm.runtime import check_memory
 

@@ -46,8 +46,16 @@ from ldm.formats.bundle import Bundle
 from ldm.models.presets import ModelConfig, Task
 from ldm.models.unet import guidance_embedding, with_guidance_input
 from ldm.pipeline.schedule import LCM_GRID_STEPS, Prediction
-from ldm.train.loop import LRSchedule, StepFn, TrainConfig, backward_step, begin_run, make_accelerator, resolve_resume
-from ldm.train.loop import train_loop
+from ldm.train.loop import (
+    LRSchedule,
+    StepFn,
+    TrainConfig,
+    backward_step,
+    begin_run,
+    make_accelerator,
+    resolve_resume,
+    train_loop,
+)
 from ldm.train.objectives import add_noise, alphas_cumprod
 from ldm.train.unet import (
     RunResult,
