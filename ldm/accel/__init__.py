@@ -44,6 +44,12 @@ def prepare(
 
     dtype = next((name for name, value in DTYPES.items() if value == bundle.unet.dtype), str(bundle.unet.dtype))
     check(fast=fast, compile=compile, deep_cache=deep_cache, token_merging=token_merging, dtype=dtype)
+    if (fast or deep_cache) and bundle.config.unet.guidance_embedding_dim is not None:
+        # The traced graphs and the deep-feature reuse call the UNet without its guidance input.
+        print("note: --fast and --deep-cache do not take a consistency-distilled UNet (it reads the guidance scale); "
+              "it runs as it is, in few steps")  # fmt: skip
+        fast = compile = False
+        deep_cache = 0
     if fast:
         from ldm.accel.fast import GRAPH_MIN_CALLS, FastConfig, speed_up
 

@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 from ldm.cli.common import ArgumentParser, check_output, run_cli, seed
+from ldm.cli.lora_inputs import parse_flag as lora_flag
 from ldm.cli.options import add_layout_arguments, layout_settings
 from ldm.errors import LdmError
 from ldm.eval import evaluate as evaluation
@@ -23,6 +24,8 @@ def build_parser() -> ArgumentParser:
     p = ArgumentParser(prog="python -m ldm eval", description=evaluation.__doc__.split("\n\n")[0])
     what = p.add_argument_group("what to score")
     what.add_argument("--model", type=Path, help="bundle folder: generates the images, and its VAE and CLIP are used")
+    what.add_argument("--lora", action="append", default=[], metavar="FILE[:SCALE]",
+                      help="LoRA file merged into --model at SCALE (default 1), e.g. an LCM-LoRA; repeatable")  # fmt: skip
     what.add_argument("--prompts", type=Path, metavar="FILE",
                       help="prompts, one per line (or a captioned dataset folder: its distinct captions)")
     what.add_argument("--prompt", action="append", default=[], metavar="TEXT", help="a prompt (repeatable)")
@@ -83,8 +86,14 @@ def config_from_args(args) -> EvalConfig:
     if any(not p.strip() for p in args.prompt):
         raise LdmError("--prompt was given an empty prompt; pass some text")
     prompts = list(dict.fromkeys(prompts))  # a repeated prompt would only repeat its images (same seeds)
+    loras = []
+    for text in args.lora:
+        path, scale = lora_flag(text)
+        if not path.is_file():
+            raise LdmError(f"--lora {text}: no file {path}; pass a LoRA .safetensors file")
+        loras.append((path, 1.0 if scale is None else scale))
     return EvalConfig(
-        out=args.out, model=args.model, prompts=tuple(prompts), images=args.images, layout=tuple(layout.items()),
+        out=args.out, model=args.model, loras=tuple(loras), prompts=tuple(prompts), images=args.images, layout=tuple(layout.items()),
         clip=args.clip,
         reference=args.reference, inception=args.inception, vae_data=args.vae_data, vae_size=args.vae_size,
         generation=GenerationSettings(

@@ -55,7 +55,7 @@ def prompt_tags(prompt: str) -> tuple[tuple[str, float], ...]:
     return tuple(tags)
 
 
-def _flag(text: str) -> tuple[Path, float | None]:
+def parse_flag(text: str) -> tuple[Path, float | None]:
     """``FILE`` or ``FILE:SCALE`` (a file name that itself ends in ``:number`` needs the scale given after it)."""
     head, sep, tail = text.rpartition(":")
     if sep and head:
@@ -85,7 +85,7 @@ def resolve(args: argparse.Namespace, prompts: list[str], recorded: ImageParamet
     scales = {r.name: r.scale for r in recorded.loras} if recorded else {}
     loras = []
     for text in args.lora:
-        path, scale = _flag(text)
+        path, scale = parse_flag(text)
         scale = scale if scale is not None else args.lora_scale if args.lora_scale is not None else scales.get(path.name, 1.0)
         if not math.isfinite(scale):
             raise LdmError(f"--lora {text}: the scale must be a finite number; 1 is the LoRA as trained")

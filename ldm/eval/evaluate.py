@@ -93,6 +93,7 @@ class EvalConfig:
 
     out: Path
     model: Path | None = None
+    loras: tuple[tuple[Path, float], ...] = ()  # LoRA files merged into the model at their scales (e.g. an LCM-LoRA)
     prompts: tuple[str, ...] = ()
     images: Path | None = None  # captioned folder of ready images (any ldm.data layout) instead of generating
     layout: tuple[tuple[str, object], ...] = ()  # DataConfig layout settings for --images (and a --prompts folder)
@@ -479,6 +480,10 @@ def evaluate(cfg: EvalConfig) -> dict:
     device = resolve_device(cfg.device)
     notes: list[str] = []
     bundle = load_bundle(cfg.model) if cfg.model is not None else None
+    if bundle is not None and cfg.loras:
+        from ldm.train.lora import apply_loras
+
+        apply_loras(bundle, list(cfg.loras))
     if bundle is not None:
         bundle.to(device, resolve_dtype(cfg.dtype, device))
 
@@ -512,7 +517,8 @@ def evaluate(cfg: EvalConfig) -> dict:
         g = replace(g, width=g.width or bundle.config.default_size, height=g.height or bundle.config.default_size)
         samples = generate_samples(bundle, cfg.prompts, g, progress=cfg.progress)
         save_generated(samples, cfg.out / "images", bundle=bundle, settings=g)
-        report["source"] = {"kind": "generated", "model": str(cfg.model), "model_hash": bundle.short_hash,
+        report["source"] = {"kind": "generated", "model": str(cfg.model),
+                             "loras": [[str(path), scale] for path, scale in cfg.loras], "model_hash": bundle.short_hash,
                             "images": len(samples), "prompts": len(set(samples.prompts)), "images_folder": "images",
                             "settings": {**asdict(g), "sampler": get_sampler(g.sampler).name}}  # fmt: skip
     else:

@@ -7,6 +7,7 @@ timesteps, (B, 77, D) text states (and an upscaler's (B,) noise levels as ``clas
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, replace
 
 import torch
@@ -35,6 +36,10 @@ class UNetConfig:
     # A learned embedding of this many integer class labels, added to the timestep embedding: the noise-augmentation
     # level of an upscaler's low-resolution input (SD's x4 upscaler: 1000). None: no class input.
     num_class_embeds: int | None = None
+    # The width of a guidance-scale embedding added to the timestep embedding (diffusers' time_cond_proj_dim): a
+    # consistency-distilled student takes the guidance scale as an input instead of running twice per step (LCM,
+    # Luo et al. 2023, §4.2). None: no such input.
+    guidance_embedding_dim: int | None = None
 
     def __post_init__(self):
         levels = len(self.block_out_channels)
@@ -49,6 +54,8 @@ class UNetConfig:
                 raise ValueError(f"{name} must be at most {MAX_DEPTH} (SD uses 1 or 2, SDXL up to 10), got {getattr(self, name)}")
         if self.num_class_embeds is not None and self.num_class_embeds < 2:
             raise ValueError(f"num_class_embeds must be at least 2 (or None), got {self.num_class_embeds}")
+        if self.guidance_embedding_dim is not None and (self.guidance_embedding_dim < 2 or self.guidance_embedding_dim % 2):
+            raise ValueError(f"guidance_embedding_dim must be an even number ≥ 2 (or None), got {self.guidance_embedding_dim}")
         if min(self.block_out_channels) < 1 or min(self.attention_heads, default=1) < 1:
             raise ValueError("block_out_channels and attention_heads must be positive")
         for name in ("attention_levels", "attention_heads"):
@@ -77,13 +84,13 @@ class UNetConfig:
             use_linear_projection=self.use_linear_projection,
             upcast_attention=self.upcast_attention,
             num_class_embeds=self.num_class_embeds,
+            time_cond_proj_dim=self.guidance_embedding_dim,
         )
 
     @classmethod
     def from_diffusers(cls, config: dict) -> UNetConfig:
         """The inverse of :meth:`diffusers_kwargs` for SD-style UNets; other UNets raise ValueError."""
-        for key in ("addition_embed_type", "class_embed_type", "encoder_hid_dim", "time_cond_proj_dim",
-                    "projection_class_embeddings_input_dim"):  # fmt: skip
+        for key in ("addition_embed_type", "class_embed_type", "encoder_hid_dim", "projection_class_embeddings_input_dim"):
             if config.get(key) is not None:
                 raise ValueError(f"UNet setting {key}={config[key]!r} (not an SD 1.x/2.x UNet) is not supported")
         if config.get("mid_block_type", "UNetMidBlock2DCrossAttn") != "UNetMidBlock2DCrossAttn":
@@ -114,6 +121,7 @@ class UNetConfig:
             use_linear_projection=config.get("use_linear_projection", False),
             upcast_attention=config.get("upcast_attention", False),
             num_class_embeds=config.get("num_class_embeds"),
+            guidance_embedding_dim=config.get("time_cond_proj_dim"),
         )
         if tuple(result.diffusers_kwargs()["up_block_types"]) != tuple(config["up_block_types"]):
             raise ValueError(f"UNet up_block_types {config['up_block_types']} do not mirror the down blocks")
@@ -151,3 +159,30 @@ def widen_for_task(unet: UNet2DConditionModel, config: UNetConfig) -> UNet2DCond
         state.setdefault(name, torch.zeros(tensor.shape, dtype=weight.dtype, device=weight.device))
     widened.load_state_dict(state, strict=True, assign=True)
     return widened.train(unet.training)
+
+
+def with_guidance_input(unet: UNet2DConditionModel, dim: int) -> UNet2DConditionModel:
+    """A UNet that starts as ``unet`` does and also takes a guidance-scale embedding of width ``dim``
+    (:func:`guidance_embedding`, passed as ``timestep_cond``): ``unet``'s weights, with the new projection of the
+    embedding onto the timestep embedding zero, so at step 0 it predicts what ``unet`` predicts whatever the scale.
+    A consistency-distilled student starts so from its teacher. ``unet`` is left as it is."""
+    config = replace(UNetConfig.from_diffusers(dict(unet.config)), guidance_embedding_dim=dim)
+    state = {name: tensor.detach().clone() for name, tensor in unet.state_dict().items()}
+    with init_empty_weights():
+        student = UNet2DConditionModel(**config.diffusers_kwargs())
+    like = state["conv_in.weight"]
+    for name, tensor in student.state_dict().items():  # time_embedding.cond_proj.weight (D_time, dim)
+        state.setdefault(name, torch.zeros(tensor.shape, dtype=like.dtype, device=like.device))
+    student.load_state_dict(state, strict=True, assign=True)
+    return student.train(unet.training)
+
+
+def guidance_embedding(scales: torch.Tensor, dim: int) -> torch.Tensor:
+    """(B,) guidance weights ω → (B, dim) float32 sinusoidal embeddings (Vaswani et al. 2017, §3.5, of 1000·ω), the
+    student's ``timestep_cond`` (LCM, Luo et al. 2023, §4.2). ω = guidance scale − 1, the weight of (ε_c − ε_u) in
+    ε_c + ω·(ε_c − ε_u): diffusers' latent-consistency pipeline embeds the same, so an exported student samples alike.
+    """
+    half = dim // 2
+    frequencies = torch.exp(-math.log(10000.0) / (half - 1) * torch.arange(half, dtype=torch.float32))  # (dim/2,)
+    angles = 1000.0 * scales.float()[:, None] * frequencies[None, :]  # (B, dim/2)
+    return torch.cat([torch.sin(angles), torch.cos(angles)], dim=1)  # (B, dim)

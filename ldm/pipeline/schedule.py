@@ -16,6 +16,7 @@ from diffusers import (
     EulerAncestralDiscreteScheduler,
     EulerDiscreteScheduler,
     HeunDiscreteScheduler,
+    LCMScheduler,
     LMSDiscreteScheduler,
     PNDMScheduler,
     UniPCMultistepScheduler,
@@ -97,6 +98,8 @@ class Sampler:
     options: tuple[tuple[str, object], ...] = ()
 
 
+LCM_GRID_STEPS = 50  # the skipping-step grid consistency distillation trains on (LCMScheduler's original steps)
+
 SAMPLERS: dict[str, Sampler] = {
     s.name: s
     for s in (
@@ -115,6 +118,9 @@ SAMPLERS: dict[str, Sampler] = {
             (("algorithm_type", "dpmsolver++"), ("solver_order", 2), ("use_karras_sigmas", True)),
         ),
         Sampler("unipc", "UniPC", UniPCMultistepScheduler),
+        # Latent consistency sampling (Luo et al. 2023, Algorithm 3): for a consistency-distilled UNet (train_lcm.py)
+        # or a bundle with an LCM-LoRA, in 1-8 steps; its steps are drawn from LCM_GRID_STEPS skipping steps.
+        Sampler("lcm", "LCM", LCMScheduler, (("original_inference_steps", LCM_GRID_STEPS),)),
     )
 }
 

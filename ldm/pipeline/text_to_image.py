@@ -20,11 +20,12 @@ from tqdm.auto import tqdm
 from ldm.errors import LdmError
 from ldm.images import MAX_SIDE, signed_to_unit
 from ldm.models.autoencoder import decode_latents
+from ldm.models.unet import guidance_embedding
 from ldm.pipeline.denoiser import start_sampling_run
 from ldm.pipeline.modes import DEFAULT_NOISE_LEVEL, Fill
 from ldm.pipeline.modes import start as start_latents
 from ldm.pipeline.prompts import apply_weights, chunk_prompt
-from ldm.pipeline.schedule import Sampler, build_scheduler
+from ldm.pipeline.schedule import LCM_GRID_STEPS, Sampler, build_scheduler
 from ldm.runtime import check_memory
 
 if TYPE_CHECKING:
@@ -101,6 +102,13 @@ def check_settings(
     if not math.isfinite(guidance_scale) or guidance_scale < 0:
         raise LdmError(f"guidance scale must be a finite number ≥ 0, got {guidance_scale}; ≤ 1 turns guidance off, "
                        "5–9 is usual")  # fmt: skip
+
+
+def check_sampler_steps(request: Request) -> None:
+    """The LCM sampler takes its steps from the grid of skipping steps a consistency model is trained on."""
+    if request.sampler.name == "lcm" and request.steps > LCM_GRID_STEPS:
+        raise LdmError(f"the LCM sampler takes at most {LCM_GRID_STEPS} steps, got {request.steps}; 2-8 is usual "
+                       "(a consistency model or an LCM-LoRA samples in few steps)")  # fmt: skip
 
 
 LIVE_TENSORS = 4  # activations of a level's size alive at once in an inference pass: input, norm, output, residual
@@ -188,7 +196,11 @@ def generate(
     unet = bundle.unet
     device, dtype = unet.device, unet.dtype  # once: diffusers' properties walk every submodule (1.5 ms each)
     batch = len(request.prompts)
-    guided = request.guidance_scale > 1.0
+    check_sampler_steps(request)
+    # A consistency-distilled student takes the guidance scale as an input (one UNet call per step, no unconditional
+    # half); any other UNet is guided by its two halves.
+    embeds_guidance = unet.config.get("time_cond_proj_dim") is not None
+    guided = request.guidance_scale > 1.0 and not embeds_guidance
 
     # Text: the unconditional (negative) half first, then the conditional half, as one UNet batch; one text
     # encoder call for both halves, each distinct prompt once.
@@ -207,6 +219,9 @@ def generate(
                                                dtype=dtype)  # (B, C, H/f, W/f); the timesteps strength leaves  # fmt: skip
     step_kwargs = _step_kwargs(scheduler, generators)
     unet_kwargs = inputs.unet_kwargs(guided=guided)
+    if embeds_guidance:
+        omega = torch.full((batch,), request.guidance_scale - 1.0)  # the weight ω of (ε_c − ε_u)
+        unet_kwargs["timestep_cond"] = guidance_embedding(omega, unet.config["time_cond_proj_dim"]).to(device, dtype)
 
     for i, t in enumerate(tqdm(timesteps, desc="sampling", disable=not progress, leave=False)):
         model_input = torch.cat([latents] * 2) if guided else latents  # (2B or B, C, h, w)

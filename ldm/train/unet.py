@@ -336,12 +336,13 @@ class Denoiser(nn.Module):
 
     def forward(self, x_in: torch.Tensor, t: torch.Tensor, *, context: torch.Tensor | None = None,
                 input_ids: torch.Tensor | None = None, label_ids: torch.Tensor | None = None,
-                class_labels: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
+                class_labels: torch.Tensor | None = None, timestep_cond: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
         if input_ids is not None:  # (B, L) token ids → (B, L, D) hidden states, with gradients
             context = self.text_encoder(input_ids).hidden_states
         if label_ids is not None:  # (B,) class labels → (B, 1, D) learned tokens, with gradients
             context = self.labels(label_ids).hidden_states
-        return self.unet(x_in, t, encoder_hidden_states=context, class_labels=class_labels).sample  # (B, C, h, w)
+        extra = {"timestep_cond": timestep_cond} if timestep_cond is not None else {}  # a distilled student's ω
+        return self.unet(x_in, t, encoder_hidden_states=context, class_labels=class_labels, **extra).sample  # (B, C, h, w)
 
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
         return {name: p for name, p in self.named_parameters() if p.requires_grad}
