@@ -9,6 +9,8 @@
     python train_unet.py --init-from models/emoji-tiny --data my/images --out runs/inpaint --task inpaint
     python train_unet.py --init-from models/emoji-tiny --data my/images --out runs/x2 --task upscale --factor 2
     python train_unet.py --init-from models/emoji-tiny --data classes/ --out runs/cls --conditioning class --labels-from folder
+    python train_unet.py --init-from models/emoji-tiny --instance-data my/dog --instance-prompt "a photo of sks dog" \
+        --class-data my/dogs --class-prompt "a photo of a dog" --out runs/sks-dog                       # DreamBooth
 
 The run itself (loss, cache, LoRA, validation, what is written) is ``ldm.train.unet``; this module turns argv into
 its :class:`~ldm.train.unet.UNetRunConfig`: a ``--config`` file or the flags, then the flags that override, then
@@ -17,7 +19,9 @@ its :class:`~ldm.train.unet.UNetRunConfig`: a ``--config`` file or the flags, th
 
 from __future__ import annotations
 
+import math
 from dataclasses import replace
+from pathlib import Path
 
 from ldm.cli.common import ArgumentParser, run_cli
 from ldm.cli.options import (
@@ -28,11 +32,12 @@ from ldm.cli.options import (
     with_run_flags,
 )
 from ldm.config import apply_overrides
-from ldm.data import DataConfig
+from ldm.data import DataConfig, Layout
 from ldm.errors import LdmError
 from ldm.models.labels import Conditioning
 from ldm.models.presets import Task
 from ldm.pipeline.schedule import Prediction
+from ldm.train.dreambooth import with_defaults as dreambooth_defaults
 from ldm.train.unet import LabelSource, UNetRunConfig, bundle_config, run, with_model
 
 
@@ -61,6 +66,7 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--lora-rank", type=int, help="train rank-R LoRA adapters only; written to OUT/lora.safetensors")
     p.add_argument("--train-text-encoder", action="store_true", default=None, help="also train the text encoder")
     p.add_argument("--gradient-checkpointing", action="store_true", default=None, help="less memory, slower steps")
+    add_dreambooth_arguments(p)
     p.add_argument(
         "--validation-prompt",
         action="append",
@@ -71,18 +77,35 @@ def build_parser() -> ArgumentParser:
     return p
 
 
+def add_dreambooth_arguments(p: ArgumentParser) -> None:
+    group = p.add_argument_group("DreamBooth (a subject from a few pictures; Ruiz et al. 2023)")
+    group.add_argument("--instance-data", metavar="DIR", help="the subject's pictures (no captions needed), in place "
+                       "of --data: every one is trained with --instance-prompt")  # fmt: skip
+    group.add_argument("--instance-prompt", metavar="PROMPT", help="the subject's prompt, with a rare token: "
+                       "'a photo of sks dog'")  # fmt: skip
+    group.add_argument("--class-data", metavar="DIR", help="prior preservation: pictures of the subject's class; the "
+                       "missing ones are generated there by the model before training")  # fmt: skip
+    group.add_argument("--class-prompt", metavar="PROMPT", help="the class's prompt, without the token: 'a photo of "
+                       "a dog'")  # fmt: skip
+    group.add_argument("--num-class-images", type=int, metavar="N", help="class images trained on (default 100)")
+    group.add_argument("--prior-loss-weight", type=float, metavar="W",
+                       help="loss = instance loss + W × class loss (default 1.0)")  # fmt: skip
+
+
 def resolve_config(args) -> UNetRunConfig:
     """Config file, else flags; a resumed run reads the config its checkpoints were written with. The flags given
     and then ``--set`` override it."""
     if args.bundle and args.init_from and args.bundle != args.init_from:
         raise LdmError("--bundle and --init-from name the same thing; pass one of them")
     bundle = args.bundle or args.init_from
+    check_dreambooth_flags(args)
     cfg = load_run_config(UNetRunConfig, args)
     if cfg is None:
         cfg = config_from_flags(args, bundle)
     elif args.config:
         cfg = with_data_flags(cfg, args)
         cfg = replace(cfg, bundle=bundle) if bundle else cfg
+    cfg = with_dreambooth_flags(cfg, args)
     cfg = with_run_flags(with_model(with_task_flags(cfg, args)), args)
     if args.eval_data is not None:
         cfg = replace(cfg, eval_data=args.eval_data)
@@ -92,14 +115,65 @@ def resolve_config(args) -> UNetRunConfig:
 def config_from_flags(args, bundle: str | None) -> UNetRunConfig:
     """The run config of a new run given by flags alone: the bundle's model made over for --task, at its size
     (an upscaler's: the bundle's × --factor) unless --resolution."""
-    if not args.data:
+    if not args.data and not args.instance_data:
         raise LdmError("no training data; pass --data FOLDER (see `python -m ldm data check FOLDER`)")
     if not bundle:
         raise LdmError("pass --bundle BUNDLE: the bundle (from train_vae.py or train_clip.py) whose UNet to train")
-    cfg = UNetRunConfig(model=bundle_config(bundle), data=DataConfig(path=args.data, center_crop=True),
-                        bundle=str(bundle))  # fmt: skip
+    cfg = UNetRunConfig(model=bundle_config(bundle), data=DataConfig(path=args.data or args.instance_data,
+                        center_crop=True), bundle=str(bundle))  # fmt: skip
+    if args.instance_data:
+        cfg = dreambooth_defaults(cfg, lora=bool(args.lora_rank))
     cfg = with_model(with_task_flags(cfg, args))
     return replace(cfg, data=replace(cfg.data, resolution=args.resolution or cfg.model.default_size))
+
+
+def check_dreambooth_flags(args) -> None:
+    """The DreamBooth flags come in pairs, and the folders they name must hold pictures."""
+    from ldm.data.layouts import walk_images
+
+    if args.instance_data and args.data:
+        raise LdmError("--instance-data is the training data of a DreamBooth run; pass it or --data, not both")
+    if bool(args.instance_data) != bool(args.instance_prompt):
+        raise LdmError("--instance-prompt captions the pictures of --instance-data; pass both" if args.instance_prompt
+                       else "--instance-data needs --instance-prompt, the subject's prompt with a rare token, e.g. "
+                       "--instance-prompt 'a photo of sks dog'")  # fmt: skip
+    if args.class_data and not args.class_prompt:
+        raise LdmError("--class-data needs --class-prompt, the class without the rare token, e.g. --class-prompt "
+                       "'a photo of a dog'")  # fmt: skip
+    if args.class_prompt and not args.class_data:
+        raise LdmError("--class-prompt needs --class-data DIR, the folder of class images (the missing ones are "
+                       "generated there); pass both, or neither to train without prior preservation")  # fmt: skip
+    if (args.num_class_images is not None or args.prior_loss_weight is not None) and not args.class_data:
+        raise LdmError("--num-class-images and --prior-loss-weight set up prior preservation; pass --class-data and "
+                       "--class-prompt with them")  # fmt: skip
+    weight = args.prior_loss_weight
+    if weight is not None and not (math.isfinite(weight) and weight >= 0):
+        raise LdmError(f"--prior-loss-weight must be a number ≥ 0 (0: the class images train nothing), got "
+                       f"{args.prior_loss_weight}; try --prior-loss-weight 1.0")  # fmt: skip
+    if args.num_class_images is not None and args.num_class_images < 1:
+        raise LdmError(f"--num-class-images must be at least 1, got {args.num_class_images}; try 100")
+    if args.instance_data:
+        folder = Path(args.instance_data)
+        if not folder.is_dir():
+            raise LdmError(f"--instance-data {folder} not found; pass the folder that holds the subject's pictures")
+        if next(walk_images(folder), None) is None:
+            raise LdmError(f"--instance-data {folder} holds no pictures (.png, .jpg, .webp, ...); put 3–5 photos of "
+                           "the subject there")  # fmt: skip
+
+
+def with_dreambooth_flags(cfg: UNetRunConfig, args) -> UNetRunConfig:
+    """--instance-data and --instance-prompt: the data, every picture captioned the prompt; the class flags: the
+    ``dreambooth`` section."""
+    if args.instance_data:
+        cfg = replace(cfg, data=replace(cfg.data, path=args.instance_data, split=None, layout=Layout.IMAGES,
+                                        metadata=None, caption=args.instance_prompt))  # fmt: skip
+    settings = {key: value for key, value in (("class_data", args.class_data), ("class_prompt", args.class_prompt),
+                ("num_class_images", args.num_class_images), ("prior_loss_weight", args.prior_loss_weight))
+                if value is not None}  # fmt: skip
+    try:
+        return replace(cfg, dreambooth=replace(cfg.dreambooth, **settings)) if settings else cfg
+    except ValueError as exc:  # e.g. --class-data given to a config whose class_prompt is unset
+        raise LdmError(str(exc)) from None
 
 
 def with_task_flags(cfg: UNetRunConfig, args) -> UNetRunConfig:
