@@ -109,7 +109,7 @@ def weighted_mse(prediction: torch.Tensor, target: torch.Tensor, weights: torch.
 def prior_preservation_loss(
     prediction: torch.Tensor, target: torch.Tensor, weights: torch.Tensor | None, *, prior: torch.Tensor,
     prior_weight: float,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
     """DreamBooth's loss (Ruiz et al. 2023, Eq. 2): the instance term plus ``prior_weight`` (λ) times the class-prior
     term, each the :func:`weighted_mse` of its own samples (so Min-SNR weights and the v target apply to both).
 

@@ -6,7 +6,8 @@ config changes it; the new bundle records it), weighted per sample by Min-SNR-γ
 classifier-free guidance (``loss.caption_dropout``). Latents are posterior samples of the VAE times its scaling factor
 from the bundle config. VAE posteriors and caption hidden states are cached (see ``ldm.train.cache``) unless
 ``cache.enabled`` is false. ``lora.rank`` > 0 trains LoRA adapters only and writes ``OUT/lora.safetensors`` (and its
-kohya twin ``OUT/lora.kohya.safetensors``).
+kohya twin ``OUT/lora.kohya.safetensors``). ``dreambooth.class_data`` adds DreamBooth's prior preservation
+(``ldm.train.dreambooth``): class images beside the subject's in every batch, and their loss term.
 
 ``task`` inpaint or upscale trains, from a text-to-image bundle, a UNet that also reads a masked image or a
 low-resolution one (the inputs: ``ldm.train.tasks``); its UNet starts as the base's, the new input channels of
