@@ -37,7 +37,7 @@ from ldm.errors import LdmError
 from ldm.models.labels import Conditioning
 from ldm.models.presets import Task
 from ldm.pipeline.schedule import Prediction
-from ldm.train.dreambooth import with_defaults as dreambooth_defaults
+from ldm.train.dreambooth import train_settings as dreambooth_train
 from ldm.train.unet import LabelSource, UNetRunConfig, bundle_config, run, with_model
 
 
@@ -122,7 +122,8 @@ def config_from_flags(args, bundle: str | None) -> UNetRunConfig:
     cfg = UNetRunConfig(model=bundle_config(bundle), data=DataConfig(path=args.data or args.instance_data,
                         center_crop=True), bundle=str(bundle))  # fmt: skip
     if args.instance_data:
-        cfg = dreambooth_defaults(cfg, lora=bool(args.lora_rank))
+        cfg = replace(cfg, train=dreambooth_train(cfg.train, lora=bool(args.lora_rank)),
+                      loss=replace(cfg.loss, caption_dropout=0.0))  # the instance prompt is the point  # fmt: skip
     cfg = with_model(with_task_flags(cfg, args))
     return replace(cfg, data=replace(cfg.data, resolution=args.resolution or cfg.model.default_size))
 

@@ -22,27 +22,22 @@ import re
 import sys
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
+from accelerate import Accelerator
 from tqdm.auto import tqdm
 
 from ldm.data import DataConfig, Layout, ScanReport, report_dataset, scan_dataset
 from ldm.errors import LdmError
+from ldm.formats.bundle import Bundle
 from ldm.formats.pngmeta import ImageParameters, save_png
 from ldm.images import uint8_to_pil
 from ldm.models.labels import Conditioning
 from ldm.models.presets import Task
 from ldm.pipeline import DEFAULT_GUIDANCE, DEFAULT_SAMPLER, DEFAULT_STEPS, Request, generate, to_uint8
 from ldm.pipeline.schedule import get_sampler
-from ldm.train.loop import EpochBatches, LRSchedule
+from ldm.train.loop import EpochBatches, LRSchedule, TrainConfig
 from ldm.train.objectives import prior_preservation_loss, weighted_mse
-
-if TYPE_CHECKING:
-    from accelerate import Accelerator
-
-    from ldm.formats.bundle import Bundle
-    from ldm.train.unet import UNetRunConfig
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -85,38 +80,40 @@ class DreamBoothConfig:
         return bool(self.class_data)
 
 
-def with_defaults(cfg: UNetRunConfig, *, lora: bool) -> UNetRunConfig:
-    """A new DreamBooth run's settings where UNet training's are a long run's: a few hundred steps at a constant
-    learning rate with no warm-up (5e-6 for a full fine-tune, 1e-4 for LoRA), one instance image a batch (and one
-    class image), no EMA, no caption dropout (the prompt is the point), a checkpoint and a grid every 100 steps."""
-    train = replace(cfg.train, batch_size=1, lr=1e-4 if lora else 5e-6, lr_schedule=LRSchedule.CONSTANT,
-                    warmup_steps=0, max_steps=400, ema_decay=0.0, checkpoint_every=100, sample_every=100)  # fmt: skip
-    return replace(cfg, train=train, loss=replace(cfg.loss, caption_dropout=0.0))
+# A run started by the DreamBooth flags (the UNet's defaults are a long pretraining's; the loss's caption dropout
+# is turned off as well: the prompt is the point).
+def train_settings(train: TrainConfig, *, lora: bool) -> TrainConfig:
+    """DreamBooth's training settings: a few hundred steps at a constant learning rate with no warm-up (5e-6 for a
+    full fine-tune, 1e-4 for LoRA), one subject picture a batch (and one class picture), no EMA, a checkpoint and a
+    grid every 100 steps."""
+    return replace(train, batch_size=1, lr=1e-4 if lora else 5e-6, lr_schedule=LRSchedule.CONSTANT, warmup_steps=0,
+                   max_steps=400, ema_decay=0.0, checkpoint_every=100, sample_every=100)  # fmt: skip
 
 
-def check_dreambooth(cfg: UNetRunConfig) -> None:
+def check_dreambooth(db: DreamBoothConfig, *, data: DataConfig, task: Task, conditioning: Conditioning,
+                     bucketing: bool) -> None:  # fmt: skip
     """What prior preservation cannot train with: another task or conditioning, buckets, a class folder inside the
-    instance folder (or the other way round: the images layout reads every image below its folder)."""
-    if not cfg.dreambooth.prior:
+    subject's ``data`` folder (or the other way round: the images layout reads every image below its folder)."""
+    if not db.prior:
         return
-    if cfg.task is not Task.TEXT_TO_IMAGE:
+    if task is not Task.TEXT_TO_IMAGE:
         raise LdmError(f"prior preservation trains text_to_image models (the base draws the class images); leave out "
-                       f"--task {cfg.task.value}, or --class-data")  # fmt: skip
-    if cfg.conditioning is not Conditioning.TEXT:
+                       f"--task {task.value}, or --class-data")  # fmt: skip
+    if conditioning is not Conditioning.TEXT:
         raise LdmError("prior preservation trains a text-conditioned model (the prompts name subject and class); "
-                       f"leave out --conditioning {cfg.conditioning.value}")  # fmt: skip
-    if cfg.buckets.enabled:
+                       f"leave out --conditioning {conditioning.value}")  # fmt: skip
+    if bucketing:
         raise LdmError("prior preservation batches instance and class images at one size; leave out --bucketing")
-    ours, theirs = Path(cfg.data.path).resolve(), Path(cfg.dreambooth.class_data).resolve()
+    ours, theirs = Path(data.path).resolve(), Path(db.class_data).resolve()
     if ours == theirs or ours in theirs.parents or theirs in ours.parents:
-        raise LdmError(f"the class images ({cfg.dreambooth.class_data}) and the subject's ({cfg.data.path}) share a "
-                       "folder, and every image below a folder is read; put each set in a folder of its own")  # fmt: skip
+        raise LdmError(f"the class images ({db.class_data}) and the subject's ({data.path}) share a folder, and every "
+                       "image below a folder is read; put each set in a folder of its own")  # fmt: skip
 
 
-def class_data(cfg: UNetRunConfig) -> DataConfig:
-    """The class folder read as the instance data is (size, crop, flip), every image captioned the class prompt."""
-    return replace(cfg.data, path=cfg.dreambooth.class_data, split=None, layout=Layout.IMAGES, metadata=None,
-                   caption=cfg.dreambooth.class_prompt)  # fmt: skip
+def class_data(db: DreamBoothConfig, data: DataConfig) -> DataConfig:
+    """The class folder read as the subject's ``data`` is (size, crop, flip), every image captioned the class
+    prompt."""
+    return replace(data, path=db.class_data, split=None, layout=Layout.IMAGES, metadata=None, caption=db.class_prompt)
 
 
 # --- the class images -----------------------------------------------------------------------------------------------
@@ -160,37 +157,35 @@ def generate_class_images(bundle: Bundle, folder: Path, *, count: int, prompt: s
     return written
 
 
-def fill_class_folder(cfg: UNetRunConfig, base: Bundle) -> int:
-    """Generate the class images ``class_data`` lacks (its usable images are kept and counted); returns how many
-    were made. ``base``: the bundle before any training, its UNet on the device."""
-    db, folder = cfg.dreambooth, Path(cfg.dreambooth.class_data)
-    have = len(scan_dataset(class_data(cfg), progress=False).pairs) if folder.is_dir() else 0
+def fill_class_folder(db: DreamBoothConfig, data: DataConfig, base: Bundle) -> int:
+    """Generate the class images ``db.class_data`` lacks (its usable images are kept and counted) at ``data``'s
+    resolution; returns how many were made. ``base``: the bundle before any training, its UNet on the device."""
+    folder = Path(db.class_data)
+    have = len(scan_dataset(class_data(db, data), progress=False).pairs) if folder.is_dir() else 0
     missing = max(0, db.num_class_images - have)
     if missing:
         print(f"class images: {folder} holds {have} of {db.num_class_images}; generating {missing} of "
               f"'{db.class_prompt}' with the base model")  # fmt: skip
         base.unet.eval()
-        generate_class_images(base, folder, count=missing, prompt=db.class_prompt, size=cfg.data.resolution,
-                              config=db)  # fmt: skip
+        generate_class_images(base, folder, count=missing, prompt=db.class_prompt, size=data.resolution, config=db)
     return missing
 
 
-def with_class_images(cfg: UNetRunConfig, report: ScanReport, base: Bundle, *,
+def with_class_images(db: DreamBoothConfig, data: DataConfig, report: ScanReport, base: Bundle, *,
                       accelerator: Accelerator) -> tuple[ScanReport, int | None]:  # fmt: skip
-    """The instance report with the class pairs (the first ``num_class_images`` of the class folder, made first
-    where missing: by the main process, the others wait) after its own, and the number of instance pairs; without
-    prior preservation ``report`` and None."""
-    db = cfg.dreambooth
+    """``report`` (of the subject's ``data``) with the class pairs after its own (the first ``num_class_images`` of
+    the class folder, made first where missing: by the main process, the others wait), and the number of subject
+    pairs; without prior preservation ``report`` and None. ``base``: the bundle trained, ``accelerator`` the run's."""
     if not db.prior:
         return report, None
     if accelerator.is_main_process:
         base.unet.float().to(accelerator.device)
-        fill_class_folder(cfg, base)
+        fill_class_folder(db, data, base)
     accelerator.wait_for_everyone()
-    classes = report_dataset(class_data(cfg), file=sys.stdout if accelerator.is_main_process else None)
+    classes = report_dataset(class_data(db, data), file=sys.stdout if accelerator.is_main_process else None)
     pairs = classes.pairs[: db.num_class_images]
     if accelerator.is_main_process:
-        print(f"DreamBooth: {len(report.pairs)} instance images ('{cfg.data.caption}'), {len(pairs)} class images "
+        print(f"DreamBooth: {len(report.pairs)} instance images ('{data.caption}'), {len(pairs)} class images "
               f"('{db.class_prompt}'), prior loss weight {db.prior_loss_weight:g}")  # fmt: skip
     merged = replace(report, pairs=(*report.pairs, *pairs), sizes={**report.sizes, **classes.sizes})
     return merged, len(report.pairs)

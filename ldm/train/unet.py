@@ -394,7 +394,8 @@ def run(cfg: UNetRunConfig, *, resume: str | None = None) -> RunResult:
     """Train as ``cfg`` says, from the checkpoint ``resume`` names ('latest' or a file; None: from the start), and
     write ``OUT/bundle`` (or ``OUT/lora.safetensors``) and ``OUT/eval.json``."""
     cfg = with_model(cfg)
-    check_dreambooth(cfg)
+    check_dreambooth(cfg.dreambooth, data=cfg.data, task=cfg.task, conditioning=cfg.conditioning,
+                     bucketing=cfg.buckets.enabled)  # fmt: skip
     out = Path(cfg.train.output_dir)
     accelerator = make_accelerator(cfg.train, log_dir=out / "logs")
     resume_path = resolve_resume(resume, out)
@@ -466,7 +467,7 @@ def training_data(cfg: UNetRunConfig, base: Bundle, accelerator: Accelerator) ->
     here), the feature cache and the items."""
     main_process = accelerator.is_main_process
     report = relabel(cfg, report_dataset(cfg.data, file=sys.stdout if main_process else None))
-    report, instances = with_class_images(cfg, report, base, accelerator=accelerator)  # DreamBooth's, after its own
+    report, instances = with_class_images(cfg.dreambooth, cfg.data, report, base, accelerator=accelerator)
     targets, buckets = training_targets(cfg, report, base)
     if instances is not None:
         order = PriorBatches(instances, len(targets) - instances, cfg.train.batch_size, seed=cfg.train.seed,

@@ -19,7 +19,6 @@ from ldm.pipeline import Request, encode_prompts, generate, to_uint8
 from ldm.pipeline.schedule import get_sampler
 from ldm.train.dreambooth import DreamBoothConfig, PriorBatches, fill_class_folder
 from ldm.train.objectives import add_noise, alphas_cumprod, prior_preservation_loss
-from ldm.train.unet import UNetRunConfig
 
 INSTANCE, CLASS = "a photo of sks dog", "a photo of a dog"
 SIDE, CLASS_IMAGES = 32, 3
@@ -84,11 +83,10 @@ def test_missing_class_images_are_generated_and_existing_ones_kept(micro_bundle_
     Image.new("RGB", (48, 40), (30, 20, 10)).save(folder / "mine.jpg")
     (folder / "notes.txt").write_text("not an image")
     kept = {p.name: p.read_bytes() for p in folder.iterdir()}
-    cfg = UNetRunConfig(data=DataConfig(path=str(tmp_path / "dog"), resolution=SIDE), bundle=str(micro_bundle_dir),
-                        dreambooth=DreamBoothConfig(class_data=str(folder), class_prompt=CLASS, num_class_images=5,
-                                                    steps=2))  # fmt: skip
+    data = DataConfig(path=str(tmp_path / "dog"), resolution=SIDE)
+    db = DreamBoothConfig(class_data=str(folder), class_prompt=CLASS, num_class_images=5, steps=2)
     base = load_bundle(micro_bundle_dir)
-    assert fill_class_folder(cfg, base) == 3  # 2 of 5 there
+    assert fill_class_folder(db, data, base) == 3  # 2 of 5 there
     made = sorted(set(p.name for p in folder.iterdir()) - set(kept))
     assert made == ["00003-3.png", "00004-4.png", "00005-5.png"]  # numbered after the highest, seed = number
     assert {name: (folder / name).read_bytes() for name in kept} == kept  # nothing overwritten
@@ -98,7 +96,7 @@ def test_missing_class_images_are_generated_and_existing_ones_kept(micro_bundle_
     # Drawn by generate itself, in one batch as here.
     expected = to_uint8(generate(base, class_request([3, 4, 5]), progress=False))[1].permute(1, 2, 0).numpy()
     assert np.array_equal(np.asarray(Image.open(folder / made[1])), expected)
-    assert fill_class_folder(cfg, base) == 0 and len(list(folder.iterdir())) == len(kept) + 3  # enough now
+    assert fill_class_folder(db, data, base) == 0 and len(list(folder.iterdir())) == len(kept) + 3  # enough now
 
 
 def dreambooth_args(bundle, instance, classes, out, *extra):
@@ -192,7 +190,7 @@ PRIOR = [*DB, "--class-data", "d", "--class-prompt", CLASS]
         (["--instance-data", "EMPTY", "--instance-prompt", INSTANCE], "--instance-data .*empty holds no pictures"),
         (["--instance-data", "DOG"], "--instance-data needs --instance-prompt"),
         (["--data", "DOG", "--instance-prompt", INSTANCE], "--instance-prompt captions the pictures of"),
-        (["--data", *DB], "pass it or --data, not both"),
+        (["--data", "DOG", *DB], "pass it or --data, not both"),
         ([*DB, "--class-prompt", CLASS], "--class-prompt needs --class-data DIR"),
         ([*DB, "--class-data", "d"], "--class-data needs --class-prompt"),
         ([*PRIOR, "--prior-loss-weight", "-1"], "--prior-loss-weight must be a number ≥ 0 .* --prior-loss-weight 1.0"),
