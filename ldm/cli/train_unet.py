@@ -129,7 +129,8 @@ def config_from_flags(args, bundle: str | None) -> UNetRunConfig:
 
 
 def check_dreambooth_flags(args) -> None:
-    """The DreamBooth flags come in pairs, and the folders they name must hold pictures."""
+    """The DreamBooth flags' values, the subject's pair, and its folder must hold pictures (the class flags are
+    checked against the run config: :func:`with_dreambooth_flags`)."""
     from ldm.data.layouts import walk_images
 
     if args.instance_data and args.data:
@@ -138,15 +139,6 @@ def check_dreambooth_flags(args) -> None:
         raise LdmError("--instance-prompt captions the pictures of --instance-data; pass both" if args.instance_prompt
                        else "--instance-data needs --instance-prompt, the subject's prompt with a rare token, e.g. "
                        "--instance-prompt 'a photo of sks dog'")  # fmt: skip
-    if args.class_data and not args.class_prompt:
-        raise LdmError("--class-data needs --class-prompt, the class without the rare token, e.g. --class-prompt "
-                       "'a photo of a dog'")  # fmt: skip
-    if args.class_prompt and not args.class_data:
-        raise LdmError("--class-prompt needs --class-data DIR, the folder of class images (the missing ones are "
-                       "generated there); pass both, or neither to train without prior preservation")  # fmt: skip
-    if (args.num_class_images is not None or args.prior_loss_weight is not None) and not args.class_data:
-        raise LdmError("--num-class-images and --prior-loss-weight set up prior preservation; pass --class-data and "
-                       "--class-prompt with them")  # fmt: skip
     weight = args.prior_loss_weight
     if weight is not None and not (math.isfinite(weight) and weight >= 0):
         raise LdmError(f"--prior-loss-weight must be a number ≥ 0 (0: the class images train nothing), got "
@@ -165,6 +157,17 @@ def check_dreambooth_flags(args) -> None:
 def with_dreambooth_flags(cfg: UNetRunConfig, args) -> UNetRunConfig:
     """--instance-data and --instance-prompt: the data, every picture captioned the prompt; the class flags: the
     ``dreambooth`` section."""
+    db = cfg.dreambooth
+    class_data, class_prompt = args.class_data or db.class_data, args.class_prompt or db.class_prompt
+    if class_data and not class_prompt:
+        raise LdmError("--class-data needs --class-prompt, the class without the rare token, e.g. --class-prompt "
+                       "'a photo of a dog'")  # fmt: skip
+    if class_prompt and not class_data:
+        raise LdmError("--class-prompt needs --class-data DIR, the folder of class images (the missing ones are "
+                       "generated there); pass both, or neither to train without prior preservation")  # fmt: skip
+    if (args.num_class_images is not None or args.prior_loss_weight is not None) and not class_data:
+        raise LdmError("--num-class-images and --prior-loss-weight set up prior preservation; pass --class-data and "
+                       "--class-prompt with them")  # fmt: skip
     if args.instance_data:
         cfg = replace(cfg, data=replace(cfg.data, path=args.instance_data, split=None, layout=Layout.IMAGES,
                                         metadata=None, caption=args.instance_prompt))  # fmt: skip
@@ -172,8 +175,8 @@ def with_dreambooth_flags(cfg: UNetRunConfig, args) -> UNetRunConfig:
                 ("num_class_images", args.num_class_images), ("prior_loss_weight", args.prior_loss_weight))
                 if value is not None}  # fmt: skip
     try:
-        return replace(cfg, dreambooth=replace(cfg.dreambooth, **settings)) if settings else cfg
-    except ValueError as exc:  # e.g. --class-data given to a config whose class_prompt is unset
+        return replace(cfg, dreambooth=replace(db, **settings)) if settings else cfg
+    except ValueError as exc:  # a value the config refuses
         raise LdmError(str(exc)) from None
 
 

@@ -212,3 +212,16 @@ def test_bad_input_is_one_line_and_exit_2(extra, message, micro_bundle_dir, tmp_
     assert lines[-1].startswith("error: ") and sum("error" in line for line in lines) == 1, lines
     assert re.search(message, lines[-1]), lines[-1]
     assert not (tmp_path / "o").exists()  # refused before anything was written
+
+
+def test_a_run_config_with_a_class_takes_the_class_flags(micro_bundle_dir, tmp_path):
+    """The class flags fill the run config's dreambooth section: a --config file that names the class data takes
+    --prior-loss-weight alone, and the instance flags make the data the images layout with the prompt."""
+    config = tmp_path / "run.yaml"
+    config.write_text(f"bundle: {micro_bundle_dir}\ndata: {{path: x}}\n"
+                      f"dreambooth: {{class_data: {tmp_path / 'dogs'}, class_prompt: {CLASS}}}\n")  # fmt: skip
+    dog = subject_pictures(tmp_path / "dog")
+    argv = ["--config", str(config), *DB, "--prior-loss-weight", "0.5", "--out", str(tmp_path / "o")]
+    cfg = train_unet.resolve_config(train_unet.build_parser().parse_args([str(dog) if a == "DOG" else a for a in argv]))
+    assert (cfg.dreambooth.class_prompt, cfg.dreambooth.prior_loss_weight) == (CLASS, 0.5)
+    assert (cfg.data.path, cfg.data.layout.value, cfg.data.caption) == (str(dog), "images", INSTANCE)
