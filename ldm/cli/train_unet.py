@@ -10,6 +10,8 @@
     python train_unet.py --init-from models/emoji-tiny --data my/images --out runs/x2 --task upscale --factor 2
     python train_unet.py --init-from models/emoji-tiny --data classes/ --out runs/cls --conditioning class --labels-from folder
     python train_unet.py --init-from models/emoji-tiny --data my/cat --out runs/ti --textual-inversion my-cat --init-word cat
+    python train_unet.py --init-from models/emoji-tiny --instance-data my/dog --instance-prompt "a photo of sks dog" \
+        --class-data my/dogs --class-prompt "a photo of a dog" --out runs/sks-dog                       # DreamBooth
 
 The run itself (loss, cache, LoRA, validation, what is written) is ``ldm.train.unet``, or with
 ``--textual-inversion`` ``ldm.train.textual_inversion``; this module turns argv into their
@@ -18,7 +20,9 @@ The run itself (loss, cache, LoRA, validation, what is written) is ``ldm.train.u
 
 from __future__ import annotations
 
+import math
 from dataclasses import replace
+from pathlib import Path
 
 from ldm.cli.common import ArgumentParser, run_cli
 from ldm.cli.options import (
@@ -29,12 +33,13 @@ from ldm.cli.options import (
     with_run_flags,
 )
 from ldm.config import apply_overrides
-from ldm.data import DataConfig
+from ldm.data import DataConfig, Layout
 from ldm.errors import LdmError
 from ldm.models.labels import Conditioning
 from ldm.models.presets import Task
 from ldm.pipeline.schedule import Prediction
 from ldm.train import textual_inversion
+from ldm.train.dreambooth import train_settings as dreambooth_train
 from ldm.train.unet import LabelSource, UNetRunConfig, bundle_config, run, with_model
 
 
@@ -68,6 +73,7 @@ def build_parser() -> ArgumentParser:
                         "OUT/TOKEN.safetensors (A1111's layout) and OUT/learned_embeds.safetensors (diffusers')")  # fmt: skip
     p.add_argument("--init-word", help="--textual-inversion: the vectors start as this word's (default *)")
     p.add_argument("--num-vectors", type=int, help="--textual-inversion: vectors the word stands for (default 1)")
+    add_dreambooth_arguments(p)
     p.add_argument(
         "--validation-prompt",
         action="append",
@@ -78,12 +84,28 @@ def build_parser() -> ArgumentParser:
     return p
 
 
+def add_dreambooth_arguments(p: ArgumentParser) -> None:
+    group = p.add_argument_group("DreamBooth (a subject from a few pictures; Ruiz et al. 2023)")
+    group.add_argument("--instance-data", metavar="DIR", help="the subject's pictures (no captions needed), in place "
+                       "of --data: every one is trained with --instance-prompt")  # fmt: skip
+    group.add_argument("--instance-prompt", metavar="PROMPT", help="the subject's prompt, with a rare token: "
+                       "'a photo of sks dog'")  # fmt: skip
+    group.add_argument("--class-data", metavar="DIR", help="prior preservation: pictures of the subject's class; the "
+                       "missing ones are generated there by the model before training")  # fmt: skip
+    group.add_argument("--class-prompt", metavar="PROMPT", help="the class's prompt, without the token: 'a photo of "
+                       "a dog'")  # fmt: skip
+    group.add_argument("--num-class-images", type=int, metavar="N", help="class images trained on (default 100)")
+    group.add_argument("--prior-loss-weight", type=float, metavar="W",
+                       help="loss = instance loss + W × class loss (default 1.0)")  # fmt: skip
+
+
 def resolve_config(args) -> UNetRunConfig:
     """Config file, else flags; a resumed run reads the config its checkpoints were written with. The flags given
     and then ``--set`` override it."""
     if args.bundle and args.init_from and args.bundle != args.init_from:
         raise LdmError("--bundle and --init-from name the same thing; pass one of them")
     bundle = args.bundle or args.init_from
+    check_dreambooth_flags(args)
     cfg = load_run_config(UNetRunConfig, args)
     if cfg is None:
         cfg = with_inversion_flags(config_from_flags(args, bundle), args, fresh=True)
@@ -91,6 +113,10 @@ def resolve_config(args) -> UNetRunConfig:
         cfg = with_inversion_flags(cfg, args)
         cfg = with_data_flags(cfg, args)
         cfg = replace(cfg, bundle=bundle) if bundle else cfg
+    cfg = with_dreambooth_flags(cfg, args)
+    if cfg.textual_inversion.token and cfg.dreambooth.class_data:
+        raise LdmError("textual inversion trains a word's vectors, DreamBooth's prior preservation the UNet; run them "
+                       "separately (drop --class-data or --textual-inversion)")  # fmt: skip
     cfg = with_run_flags(with_model(with_task_flags(cfg, args)), args)
     if args.eval_data is not None:
         cfg = replace(cfg, eval_data=args.eval_data)
@@ -100,12 +126,15 @@ def resolve_config(args) -> UNetRunConfig:
 def config_from_flags(args, bundle: str | None) -> UNetRunConfig:
     """The run config of a new run given by flags alone: the bundle's model made over for --task, at its size
     (an upscaler's: the bundle's × --factor) unless --resolution."""
-    if not args.data:
+    if not args.data and not args.instance_data:
         raise LdmError("no training data; pass --data FOLDER (see `python -m ldm data check FOLDER`)")
     if not bundle:
         raise LdmError("pass --bundle BUNDLE: the bundle (from train_vae.py or train_clip.py) whose UNet to train")
-    cfg = UNetRunConfig(model=bundle_config(bundle), data=DataConfig(path=args.data, center_crop=True),
-                        bundle=str(bundle))  # fmt: skip
+    cfg = UNetRunConfig(model=bundle_config(bundle), data=DataConfig(path=args.data or args.instance_data,
+                        center_crop=True), bundle=str(bundle))  # fmt: skip
+    if args.instance_data:
+        cfg = replace(cfg, train=dreambooth_train(cfg.train, lora=bool(args.lora_rank)),
+                      loss=replace(cfg.loss, caption_dropout=0.0))  # the instance prompt is the point  # fmt: skip
     cfg = with_model(with_task_flags(cfg, args))
     return replace(cfg, data=replace(cfg.data, resolution=args.resolution or cfg.model.default_size))
 
@@ -127,6 +156,56 @@ def with_inversion_flags(cfg: UNetRunConfig, args, *, fresh: bool = False) -> UN
     if fresh:
         cfg = replace(cfg, train=textual_inversion.INVERSION_TRAIN, loss=replace(cfg.loss, caption_dropout=0.0))
     return cfg
+def check_dreambooth_flags(args) -> None:
+    """The DreamBooth flags' values, the subject's pair, and its folder must hold pictures (the class flags are
+    checked against the run config: :func:`with_dreambooth_flags`)."""
+    from ldm.data.layouts import walk_images
+
+    if args.instance_data and args.data:
+        raise LdmError("--instance-data is the training data of a DreamBooth run; pass it or --data, not both")
+    if bool(args.instance_data) != bool(args.instance_prompt):
+        raise LdmError("--instance-prompt captions the pictures of --instance-data; pass both" if args.instance_prompt
+                       else "--instance-data needs --instance-prompt, the subject's prompt with a rare token, e.g. "
+                       "--instance-prompt 'a photo of sks dog'")  # fmt: skip
+    weight = args.prior_loss_weight
+    if weight is not None and not (math.isfinite(weight) and weight >= 0):
+        raise LdmError(f"--prior-loss-weight must be a number ≥ 0 (0: the class images train nothing), got "
+                       f"{args.prior_loss_weight}; try --prior-loss-weight 1.0")  # fmt: skip
+    if args.num_class_images is not None and args.num_class_images < 1:
+        raise LdmError(f"--num-class-images must be at least 1, got {args.num_class_images}; try 100")
+    if args.instance_data:
+        folder = Path(args.instance_data)
+        if not folder.is_dir():
+            raise LdmError(f"--instance-data {folder} not found; pass the folder that holds the subject's pictures")
+        if next(walk_images(folder), None) is None:
+            raise LdmError(f"--instance-data {folder} holds no pictures (.png, .jpg, .webp, ...); put 3–5 photos of "
+                           "the subject there")  # fmt: skip
+
+
+def with_dreambooth_flags(cfg: UNetRunConfig, args) -> UNetRunConfig:
+    """--instance-data and --instance-prompt: the data, every picture captioned the prompt; the class flags: the
+    ``dreambooth`` section."""
+    db = cfg.dreambooth
+    class_data, class_prompt = args.class_data or db.class_data, args.class_prompt or db.class_prompt
+    if class_data and not class_prompt:
+        raise LdmError("--class-data needs --class-prompt, the class without the rare token, e.g. --class-prompt "
+                       "'a photo of a dog'")  # fmt: skip
+    if class_prompt and not class_data:
+        raise LdmError("--class-prompt needs --class-data DIR, the folder of class images (the missing ones are "
+                       "generated there); pass both, or neither to train without prior preservation")  # fmt: skip
+    if (args.num_class_images is not None or args.prior_loss_weight is not None) and not class_data:
+        raise LdmError("--num-class-images and --prior-loss-weight set up prior preservation; pass --class-data and "
+                       "--class-prompt with them")  # fmt: skip
+    if args.instance_data:
+        cfg = replace(cfg, data=replace(cfg.data, path=args.instance_data, split=None, layout=Layout.IMAGES,
+                                        metadata=None, caption=args.instance_prompt))  # fmt: skip
+    settings = {key: value for key, value in (("class_data", args.class_data), ("class_prompt", args.class_prompt),
+                ("num_class_images", args.num_class_images), ("prior_loss_weight", args.prior_loss_weight))
+                if value is not None}  # fmt: skip
+    try:
+        return replace(cfg, dreambooth=replace(db, **settings)) if settings else cfg
+    except ValueError as exc:  # a value the config refuses
+        raise LdmError(str(exc)) from None
 
 
 def with_task_flags(cfg: UNetRunConfig, args) -> UNetRunConfig:

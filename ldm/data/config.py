@@ -13,6 +13,7 @@ class Layout(enum.Enum):
     KOHYA = "kohya"  # a caption file beside each image, same stem: cat.png + cat.txt; N_name/ folders repeat N times
     CSV = "csv"  # metadata.csv with columns image, caption (or Hugging Face's file_name, text)
     WEBDATASET = "webdataset"  # .tar shards of KEY.jpg + KEY.txt (or KEY.json with a caption or text key)
+    IMAGES = "images"  # image files alone, each captioned DataConfig.caption (DreamBooth's subject and class folders)
 
 
 DEFAULT_METADATA = {Layout.IMAGEFOLDER: "metadata.jsonl", Layout.CSV: "metadata.csv"}
@@ -44,6 +45,7 @@ class DataConfig:
     center_crop: bool = True  # False: random crop (deterministic per seed, epoch, index)
     random_flip: float = 0.0  # probability of a horizontal flip
     min_side: int = 32  # images with a shorter side below this are skipped as too small
+    caption: str = ""  # layout images: the caption of every image ("" = unconditional samples)
 
     def __post_init__(self):
         if self.resolution < 1:
@@ -54,6 +56,9 @@ class DataConfig:
             raise ValueError(f"min_side must be at least 1, got {self.min_side}")
         if self.split is not None and (not self.split or self.split in {".", ".."} or "/" in self.split):
             raise ValueError(f"split names a subfolder of the dataset folder (train, test, ...), got {self.split!r}")
+        if self.caption and self.layout is not Layout.IMAGES:
+            raise ValueError("caption is the caption of every image of the images layout; set layout: images with it "
+                             "(or leave caption out to read the folder's own captions)")  # fmt: skip
         if not self.caption_extension.startswith("."):
             raise ValueError(f"caption_extension must start with '.', got {self.caption_extension!r}")
 

@@ -9,7 +9,9 @@ Four layouts are understood (see :class:`~ldm.data.config.Layout`):
 * ``kohya`` — a ``.txt`` caption beside each image with the same stem (``a/cat.png`` + ``a/cat.txt``); images in a
   top-level folder ``N_name/`` (kohya's repeat folders, ``10_apple/``) are trained N times an epoch;
 * ``webdataset`` — ``.tar`` shards of ``KEY.jpg`` (``.png``, ``.webp``, ...) with ``KEY.txt``, or ``KEY.json``
-  holding ``caption`` or ``text``; a folder of shards, one shard, or a brace pattern (see :mod:`ldm.data.shards`).
+  holding ``caption`` or ``text``; a folder of shards, one shard, or a brace pattern (see :mod:`ldm.data.shards`);
+* ``images`` — the image files alone, each captioned ``DataConfig.caption`` (any caption files are not read): the
+  pictures of one subject or one class, as DreamBooth trains on. Never detected: it is asked for.
 
 A folder holding split subfolders (``train/``, ``validation/``, ``test/``, each laid out as above; Hugging Face's
 convention) and nothing of its own is read one split at a time: ``train/`` unless ``split`` names another.
@@ -383,6 +385,16 @@ def _list_kohya(root: Path, config: DataConfig) -> Listing:
     )  # fmt: skip
 
 
+def _list_images(root: Path, config: DataConfig) -> Listing:
+    """Every image file under ``root`` (recursively, sorted), each with ``config.caption``."""
+    images, outside = _split_outside(root, walk_images(root))
+    caption = clean_caption(config.caption)
+    return Listing(
+        root=root, layout=Layout.IMAGES, source=None, pairs=tuple(Pair(image, caption) for image in images),
+        uncaptioned=(), orphans=(), bad_rows=(), outside=tuple(outside),
+    )  # fmt: skip
+
+
 def repeat_folders(root: Path) -> dict[Path, int]:
     """kohya's repeat folders directly in ``root``: ``10_apple/`` → 10 (as in kohya, ``0_x/`` trains its images
     0 times)."""
@@ -525,6 +537,8 @@ def list_dataset(config: DataConfig) -> Listing:
         listing = _list_kohya(folder, config)
     elif layout is Layout.WEBDATASET:
         listing = _list_webdataset(folder, config)
+    elif layout is Layout.IMAGES:
+        listing = _list_images(folder, config)
     else:
         listing = _list_table(folder, config, layout)
     return replace(listing, root=root, split=split, splits=splits)

@@ -106,6 +106,28 @@ def weighted_mse(prediction: torch.Tensor, target: torch.Tensor, weights: torch.
     return per_sample.mean()
 
 
+def prior_preservation_loss(
+    prediction: torch.Tensor, target: torch.Tensor, weights: torch.Tensor | None, *, prior: torch.Tensor,
+    prior_weight: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
+    """DreamBooth's loss (Ruiz et al. 2023, Eq. 2): the instance term plus ``prior_weight`` (λ) times the class-prior
+    term, each the :func:`weighted_mse` of its own samples (so Min-SNR weights and the v target apply to both).
+
+    ``prior`` (B,) bool marks the class samples of the batch; ``weights`` (B,) or None. Returns (loss, instance term,
+    prior term), float32 scalars; a term with no samples is 0.
+    """
+    prior = prior.to(prediction.device, torch.bool)
+    terms = []
+    for rows in (~prior, prior):
+        if not rows.any():
+            terms.append(prediction.new_zeros((), dtype=torch.float32))
+            continue
+        w = weights.to(prediction.device)[rows] if weights is not None else None
+        terms.append(weighted_mse(prediction[rows], target[rows], w))
+    instance, class_prior = terms
+    return instance + prior_weight * class_prior, instance, class_prior
+
+
 def offset_noise(
     shape: tuple[int, ...] | torch.Size, *, strength: float, generator: torch.Generator | None = None
 ) -> torch.Tensor:

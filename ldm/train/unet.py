@@ -6,7 +6,8 @@ config changes it; the new bundle records it), weighted per sample by Min-SNR-γ
 classifier-free guidance (``loss.caption_dropout``). Latents are posterior samples of the VAE times its scaling factor
 from the bundle config. VAE posteriors and caption hidden states are cached (see ``ldm.train.cache``) unless
 ``cache.enabled`` is false. ``lora.rank`` > 0 trains LoRA adapters only and writes ``OUT/lora.safetensors`` (and its
-kohya twin ``OUT/lora.kohya.safetensors``).
+kohya twin ``OUT/lora.kohya.safetensors``). ``dreambooth.class_data`` adds DreamBooth's prior preservation
+(``ldm.train.dreambooth``): class images beside the subject's in every batch, and their loss term.
 
 ``task`` inpaint or upscale trains, from a text-to-image bundle, a UNet that also reads a masked image or a
 low-resolution one (the inputs: ``ldm.train.tasks``); its UNet starts as the base's, the new input channels of
@@ -58,6 +59,7 @@ from ldm.train.cache import (
     load_or_build_cache,
     make_buckets,
 )
+from ldm.train.dreambooth import DreamBoothConfig, PriorBatches, batch_loss, check_dreambooth, with_class_images
 from ldm.train.loop import (
     EpochBatches,
     LRSchedule,
@@ -219,6 +221,7 @@ class UNetRunConfig:
     lora: LoraConfig = field(default_factory=LoraConfig)
     validation: ValidationConfig = field(default_factory=ValidationConfig)
     textual_inversion: TextualInversionConfig = field(default_factory=TextualInversionConfig)
+    dreambooth: DreamBoothConfig = field(default_factory=DreamBoothConfig)  # prior preservation (ldm.train.dreambooth)
     train_text_encoder: bool = False  # also train the text encoder (LoRA on it too when lora.rank > 0)
     text_encoder_lr: float = 0.0  # 0 = train.lr
     gradient_checkpointing: bool = False  # recompute activations in the backward pass: less memory, ~30 % slower
@@ -362,8 +365,9 @@ class TrainData:
 
     report: ScanReport
     items: UNetItems
-    order: EpochBatches | BucketBatches
+    order: EpochBatches | BucketBatches | PriorBatches
     cache: FeatureCache | None
+    instances: int | None = None  # DreamBooth's prior preservation: the items from this index on are class images
 
 
 @dataclass
@@ -420,6 +424,8 @@ def run(cfg: UNetRunConfig, *, resume: str | None = None) -> RunResult:
     """Train as ``cfg`` says, from the checkpoint ``resume`` names ('latest' or a file; None: from the start), and
     write ``OUT/bundle`` (or ``OUT/lora.safetensors``) and ``OUT/eval.json``."""
     cfg = with_model(cfg)
+    check_dreambooth(cfg.dreambooth, data=cfg.data, task=cfg.task, conditioning=cfg.conditioning,
+                     bucketing=cfg.buckets.enabled)  # fmt: skip
     out = Path(cfg.train.output_dir)
     accelerator = make_accelerator(cfg.train, log_dir=out / "logs")
     resume_path = resolve_resume(resume, out)
@@ -443,7 +449,8 @@ def run(cfg: UNetRunConfig, *, resume: str | None = None) -> RunResult:
     started, first_step = time.monotonic(), state.progress.step
     train_loop(
         accelerator=accelerator, cfg=cfg.train, state=state, dataset=data.items, config=cfg,
-        step_fn=step_function(cfg, base, model, conditioning, data.cache, accelerator=accelerator),
+        step_fn=step_function(cfg, base, model, conditioning, data.cache, instances=data.instances,
+                              accelerator=accelerator),
         sample_fn=validate, ema_models=[(model.ema, model.unet)] if model.ema else [], batch_order=data.order,
     )  # fmt: skip
     elapsed = time.monotonic() - started
@@ -490,8 +497,12 @@ def training_data(cfg: UNetRunConfig, base: Bundle, accelerator: Accelerator) ->
     here), the feature cache and the items."""
     main_process = accelerator.is_main_process
     report = relabel(cfg, report_dataset(cfg.data, file=sys.stdout if main_process else None))
+    report, instances = with_class_images(cfg.dreambooth, cfg.data, report, base, accelerator=accelerator)
     targets, buckets = training_targets(cfg, report, base)
-    if buckets is not None:
+    if instances is not None:
+        order = PriorBatches(instances, len(targets) - instances, cfg.train.batch_size, seed=cfg.train.seed,
+                             num_replicas=accelerator.num_processes, rank=accelerator.process_index)  # fmt: skip
+    elif buckets is not None:
         order = BucketBatches([buckets.index(t) for t in targets], cfg.train.batch_size, seed=cfg.train.seed,
                               num_replicas=accelerator.num_processes, rank=accelerator.process_index)  # fmt: skip
     else:
@@ -503,7 +514,7 @@ def training_data(cfg: UNetRunConfig, base: Bundle, accelerator: Accelerator) ->
         caption_dropout=cfg.loss.caption_dropout, seed=cfg.train.seed, cache=cache,
         pixels=cfg.task is not Task.TEXT_TO_IMAGE,  # the masked or low-res image is encoded every step
     )  # fmt: skip
-    return TrainData(report=report, items=items, order=order, cache=cache)
+    return TrainData(report=report, items=items, order=order, cache=cache, instances=instances)
 
 
 def training_targets(cfg: UNetRunConfig, report: ScanReport, base: Bundle) -> tuple[list[tuple[int, int]], list | None]:
@@ -751,9 +762,11 @@ def task_conditioner(cfg: UNetRunConfig, base: Bundle, *, accelerator: Accelerat
 
 
 def step_function(cfg: UNetRunConfig, base: Bundle, model: Trainables, conditioning: TextConditioning,
-                  cache: FeatureCache | None, *, accelerator: Accelerator) -> StepFn:  # fmt: skip
+                  cache: FeatureCache | None, *, instances: int | None = None,
+                  accelerator: Accelerator) -> StepFn:  # fmt: skip
     """One micro-batch: noise the latents at random timesteps, add the task's input (masks, noise levels: drawn
-    after the noise and timesteps, from the same global RNG), predict, Min-SNR-weighted MSE, update."""
+    after the noise and timesteps, from the same global RNG), predict, Min-SNR-weighted MSE (with ``instances``,
+    DreamBooth's prior-preservation loss over the instance and class items), update."""
     schedule, device = cfg.model.schedule, accelerator.device
     ac = alphas_cumprod(schedule)  # (T,)
     scaling = base.config.vae.scaling_factor
@@ -771,10 +784,11 @@ def step_function(cfg: UNetRunConfig, base: Bundle, model: Trainables, condition
             prediction = model.denoiser(unet_input(x_t, condition), t, class_labels=condition.class_labels,
                                         **conditioning(batch["caption"], cache))  # fmt: skip
             weights = min_snr_weights(t, ac, gamma=cfg.loss.min_snr_gamma, prediction=schedule.prediction)
-            loss = weighted_mse(prediction, target, weights)
+            loss, terms = batch_loss(prediction, target, weights, batch["index"], instances=instances,
+                                     prior_weight=cfg.dreambooth.prior_loss_weight)  # fmt: skip
             backward_step(accelerator, loss, model.optimizer, model.lr_scheduler, params=model.params,
                           grad_clip=cfg.train.grad_clip)  # fmt: skip
-        return {"loss": float(loss.detach())}
+        return {"loss": float(loss.detach())} | terms
 
     return step_fn
 

@@ -114,3 +114,18 @@ def test_bad_jsonl_rows_are_counted_not_fatal(tmp_path, make_dataset):
         "metadata.jsonl line 3: not a JSON object",
         "metadata.jsonl line 4: no 'file_name'",
     )
+
+
+def test_the_images_layout_captions_every_image_alike(tmp_path, make_dataset):
+    """layout images (DreamBooth's subject and class folders) lists every image file (subfolders too), with the
+    one caption given; caption files are not read."""
+    make_dataset(tmp_path, Layout.KOHYA)  # .txt captions beside the images: ignored
+    listing = list_dataset(DataConfig(path=str(tmp_path), layout=Layout.IMAGES, caption="  a photo of\tsks dog "))
+    names = [name_in_dataset(p.image, tmp_path) for p in listing.pairs]
+    assert len(names) == 14 and "sub/good3.png" in names and "nocap.png" in names
+    assert {p.caption for p in listing.pairs} == {"a photo of sks dog"}  # whitespace collapsed as for any caption
+    assert listing.uncaptioned == () and listing.orphans == () and listing.layout is Layout.IMAGES
+    assert {p.caption for p in list_dataset(DataConfig(path=str(tmp_path), layout=Layout.IMAGES)).pairs} == {""}
+    assert detect_layout(tmp_path) is Layout.KOHYA  # never detected: asked for
+    with pytest.raises(ValueError, match="caption is the caption of every image of the images layout"):
+        DataConfig(path=str(tmp_path), caption="a photo of sks dog")
