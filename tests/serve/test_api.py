@@ -88,7 +88,8 @@ def test_several_lora_tags_in_one_request_as_generate_py(serve, micro_bundle_dir
     assert not np.array_equal(images["ab"], images["a"])  # b's weight counts, and the model was merged anew
     prompt, _, settings = parse_parameters(texts["ab"])
     assert prompt == "red <lora:a:0.8> disc <lora:b:0.5>"
-    assert settings["Lora hashes"] == f"a: {lora_hash(loras / 'a.safetensors')}, b: {lora_hash(loras / 'b.safetensors')}"
+    hashes = {name: lora_hash(loras / f"{name}.safetensors") for name in "ab"}
+    assert settings["Lora hashes"] == f"a: {hashes['a']}, b: {hashes['b']}"
     for bad, words in [("x <lora:a:1> <lora:../b:1>", "no LoRA '../b'"), ("x <lora:b:inf>", "must be a number")]:
         r = s.client.post("/sdapi/v1/txt2img", json=base | {"prompt": bad})
         assert r.status_code == 422 and words in r.json()["detail"], r.text
