@@ -1,3 +1,4 @@
+import itertools
 import json
 import threading
 import time
@@ -78,3 +79,25 @@ def test_twenty_concurrent_requests_are_answered_in_order(serve, tmp_path):
         assert json.loads(answers[i].json()["info"])["all_seeds"] == [100 + i]
     names = sorted(p.name for p in (tmp_path / "out").glob("*.png"))
     assert names == ["00000-3.png"] + [f"{k + 1:05d}-{100 + k}.png" for k in range(20)]  # saved in arrival order
+
+
+def test_previews_are_decoded_only_when_a_progress_call_asks(serve):
+    s = serve(out=None)
+    worker = s.app.state.server.worker
+    decoded = []
+    preview = worker._preview
+    worker._preview = lambda bundle, latents: decoded.append(latents.shape) or preview(bundle, latents)
+    assert s.client.post("/sdapi/v1/txt2img", json=LONG | {"steps": 40}).status_code == 200
+    assert decoded == []  # nobody watched
+    for skip in (True, False):  # watched without previews, then with
+        answers = {}
+        thread = post_in_thread(s, LONG | {"steps": 300}, answers, "job")
+        for calls in itertools.count(1):
+            state = s.client.get("/sdapi/v1/progress", params={"skip_current_image": skip}).json()["state"]
+            if calls >= 5 and state["sampling_step"] >= 20:  # previews come every 2 steps in these servers
+                break
+            time.sleep(0.02)
+        s.client.post("/sdapi/v1/interrupt")
+        thread.join(timeout=30)
+        assert answers["job"].status_code == 200
+        assert bool(decoded) is not skip, (skip, decoded)
