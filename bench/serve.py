@@ -34,32 +34,14 @@ CONTENDERS = {
 }
 
 
-def start_server(model: Path, out: Path):
-    """The serve app on a free port in a thread; returns (base URL, uvicorn server)."""
-    import socket
-    import time
-
-    import uvicorn
-
-    from ldm.serve.api import ServeConfig, create_app
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    app = create_app(ServeConfig(models_dir=model.parent, model=model.name, out=out, device="cpu"))
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="error"))
-    threading.Thread(target=server.run, daemon=True).start()
-    while not server.started:
-        time.sleep(0.01)
-    return f"http://127.0.0.1:{port}", server
-
-
 def worker(args) -> dict:
     import httpx
     import torch
 
     from ldm.cli.generate import build_parser, load_model, plan_batches, resolve_settings, write_images
     from ldm.pipeline.schedule import SAMPLERS
+    from ldm.serve.api import ServeConfig
+    from ldm.serve.background import BackgroundServer
 
     set_threads(args.threads)
     torch.set_grad_enabled(False)
@@ -70,7 +52,8 @@ def worker(args) -> dict:
             "--out", str(scratch / "cli"), "--quiet"]  # fmt: skip
     settings = resolve_settings(build_parser().parse_args(argv))
     bundle = load_model(settings, quiet=True)
-    url, server = start_server(model, scratch / "api")
+    server = BackgroundServer(ServeConfig(models_dir=model.parent, model=model.name, out=scratch / "api", device="cpu"))
+    url = server.url
     client = httpx.Client(base_url=url, timeout=600)
     body = {"prompt": PROMPT, "steps": args.serve_steps, "sampler_name": SAMPLER, "cfg_scale": GUIDANCE, "seed": SEED,
             "width": SIZE, "height": SIZE}  # fmt: skip
@@ -119,7 +102,7 @@ def worker(args) -> dict:
             walls[name].append(t.wall)
             cpus[name].append(t.cpu)
     client.close()
-    server.should_exit = True
+    server.close()
     assert counts == {"generate.py": 1, "api": 1}, counts
     return {"turns": args.serve_turns, "wall": walls, "cpu": cpus, "origin": f"trained weights from {model}"}
 

@@ -65,13 +65,14 @@ def test_a_client_that_leaves_frees_its_place(serve):
 def test_twenty_concurrent_requests_are_answered_in_order(serve, tmp_path):
     s = serve()
     answers = {}
-    threads = [post_in_thread(s, LONG | {"steps": 60}, answers, "first")]
+    threads = [post_in_thread(s, LONG | {"steps": 2000}, answers, "first")]  # runs until interrupted
     wait_for(s.client, lambda p: p["state"]["sampling_step"] >= 1)
     seen = 1
     for i in range(20):
         threads.append(post_in_thread(s, LONG | {"steps": 1, "seed": 100 + i}, answers, i))
         seen = wait_for(s.client, lambda p, n=i + 2: p["state"]["job_count"] >= n)["state"]["job_count"]
     assert seen == 21  # the first job still runs: all twenty wait behind it
+    s.client.post("/sdapi/v1/interrupt")
     for thread in threads:
         thread.join(timeout=60)
     for i in range(20):
