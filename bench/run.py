@@ -5,7 +5,8 @@
 
 Sections: generation (ours, ours --fast and diffusers, side by side), UNet training (feature cache against encoding
 every step), UNet efficiency (FLOPs per second against the measured matmul peak), 3×3 convolutions (direct against
-Winograd) and token merging (the fast path with and without it: speed and image change). Model bundles, the
+Winograd), token merging (the fast path with and without it: speed and image change) and the HTTP API's overhead
+over generate.py's path (needs the serve extra). Model bundles, the
 diffusers exports and the training data are made once in --workdir and reused.
 """
 
@@ -23,13 +24,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import convolution
 import efficiency
 import generation
+import serve
 import token_merging
 import training
 from common import DEFAULT_WORKDIR, ROOT, machine, machine_markdown
 
 SECTIONS = {
     "generation": generation, "training": training, "efficiency": efficiency, "convolution": convolution,
-    "token_merging": token_merging,
+    "token_merging": token_merging, "serve": serve,
 }  # fmt: skip
 
 

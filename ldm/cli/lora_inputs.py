@@ -49,9 +49,12 @@ def prompt_tags(prompt: str) -> tuple[tuple[str, float], ...]:
     for match in LORA_TAG.finditer(prompt):
         name, weight = match.group(1).strip(), match.group(2)
         try:
-            tags.append((name, float(weight) if weight not in (None, "") else 1.0))
+            value = float(weight) if weight not in (None, "") else 1.0
         except ValueError:
-            raise LdmError(f"{match.group(0)} in the prompt: the weight must be a number, as in <lora:{name}:0.8>") from None
+            value = math.nan
+        if not math.isfinite(value):
+            raise LdmError(f"{match.group(0)} in the prompt: the weight must be a number, as in <lora:{name}:0.8>")
+        tags.append((name, value))
     return tuple(tags)
 
 

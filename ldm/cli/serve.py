@@ -40,7 +40,8 @@ def build_parser() -> ArgumentParser:
                    help=f"most batch_size × n_iter per request (default {d.max_images})")  # fmt: skip
     p.add_argument("--max-body", type=int, default=d.max_body, help=f"most bytes of a request (default {d.max_body})")
     p.add_argument("--preview-every", type=int, default=5,
-                   help="sampling steps between the previews /progress shows; 0: none (default 5)")  # fmt: skip
+                   help="sampling steps between the previews /progress shows (each decoded only once a /progress call "
+                        "asks for it); 0: none (default 5)")  # fmt: skip
     return p
 
 

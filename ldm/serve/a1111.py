@@ -13,7 +13,6 @@ import binascii
 import hashlib
 import io
 import json
-import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,13 +23,13 @@ from pydantic import BaseModel, ConfigDict, Field
 import ldm
 from ldm.cli.common import SEED_LIMIT
 from ldm.cli.generate import Made, Settings, build_parser
+from ldm.cli.lora_inputs import prompt_tags
 from ldm.errors import LdmError
 
 # A1111's inpainting_fill values → generate.py's --masked-content; 0 ("fill": blurred colours) has no equivalent here
 # and starts from the original, as 1 does.
 INPAINTING_FILL = {0: "original", 1: "original", 2: "latent-noise", 3: "latent-nothing"}
 RESIZE_MODE = {0: "stretch", 1: "crop", 2: "fill"}  # A1111's resize_mode values → --resize
-_LORA_TAG = re.compile(r"<lora:([^:>]+)(?::([^>]*))?>")
 
 
 class BadRequest(Exception):
@@ -127,22 +126,16 @@ def store_input(data: str, folder: Path, *, what: str, invert: bool = False) -> 
     return path
 
 
-def split_loras(prompt: str, loras: dict[str, Path]) -> tuple[str, Path | None, float | None]:
-    """A1111's ``<lora:NAME:SCALE>`` taken out of the prompt: the prompt without it, the file and the scale. NAME
-    must be one of ``loras`` (the server's LoRA folder): never a path from the client."""
-    tags = _LORA_TAG.findall(prompt)
-    if not tags:
-        return prompt, None, None
-    if len({name for name, _ in tags}) > 1:
-        raise LdmError("one LoRA per request: the prompt names " + ", ".join(sorted({n for n, _ in tags})))
-    name, scale = tags[0]
-    if name not in loras:
-        raise LdmError(f"no LoRA {name!r}; GET /sdapi/v1/loras lists them: {', '.join(sorted(loras)) or 'none'}")
-    try:
-        value = float(scale) if scale else 1.0
-    except ValueError:
-        raise LdmError(f"<lora:{name}:{scale}>: the scale must be a number, e.g. <lora:{name}:0.8>") from None
-    return _LORA_TAG.sub("", prompt).strip(" ,"), loras[name], value
+def check_loras(prompt: str, loras: dict[str, Path]) -> Path | None:
+    """The folder the prompt's ``<lora:NAME:WEIGHT>`` tags are looked up in, once every NAME is one of ``loras`` (the
+    server's LoRA folder, by name): never a path from the client. None when the prompt has no tag. generate.py then
+    reads the tags itself (:func:`ldm.cli.lora_inputs.resolve`): each LoRA at its own weight, cut from the text that
+    is encoded and kept in the PNG's prompt."""
+    tags = prompt_tags(prompt)
+    for name, _ in tags:
+        if name not in loras:
+            raise LdmError(f"no LoRA {name!r}; GET /sdapi/v1/loras lists them: {', '.join(sorted(loras)) or 'none'}")
+    return loras[tags[0][0]].parent if tags else None
 
 
 def to_arguments(
@@ -153,14 +146,13 @@ def to_arguments(
     prompts' embeddings come from ``embeddings_dir``, the server's, never from a client's path."""
     args = build_parser().parse_args([])
     args.embeddings = embeddings_dir
-    prompt, lora, lora_scale = split_loras(body.prompt, loras)
+    args.lora_dir = check_loras(body.prompt, loras)
     sampler = body.sampler_name or body.sampler_index
-    args.prompts, args.negative_prompt, args.model = [prompt], body.negative_prompt, model
+    args.prompts, args.negative_prompt, args.model = [body.prompt], body.negative_prompt, model
     args.steps, args.guidance_scale, args.sampler = body.steps, body.cfg_scale, sampler or None
     args.seed = None if body.seed == -1 else body.seed
     args.num_images, args.batch_size = body.batch_size * body.n_iter, body.batch_size
     args.width, args.height, args.out, args.device, args.dtype = body.width, body.height, out, device, dtype
-    args.lora, args.lora_scale = ([str(lora)] if lora else []), lora_scale  # generate.py's --lora FILE list
     if isinstance(body, Img2ImgRequest):
         args.init_image = store_input(body.init_images[0], inputs, what="init_images[0]")
         args.strength = body.denoising_strength

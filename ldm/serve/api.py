@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import contextlib
 import json
 import re
 import secrets
@@ -41,7 +42,7 @@ from ldm.serve.a1111 import (
     info_json,
     to_arguments,
 )
-from ldm.serve.worker import Generated, Worker
+from ldm.serve.worker import Generated, Task, Worker
 
 _TITLE_HASH = re.compile(r"\s*\[[0-9a-f]+\]$")  # A1111's checkpoint titles end in " [hash]"
 
@@ -144,15 +145,27 @@ class Server:
         settings = resolve_settings(args)
         return settings, plan_batches(settings)
 
+    async def run(self, work, request: HttpRequest | None = None, **sizes) -> Task | None:
+        """``work`` queued and awaited: the worker wakes this handler when it is done (no polling while it runs).
+        Until it starts, the client's leaving is checked every quarter second: None when it left and the task was
+        dropped."""
+        loop, finished = asyncio.get_running_loop(), asyncio.Event()
+        task = self.worker.submit(work, on_done=lambda: loop.call_soon_threadsafe(finished.set), **sizes)
+        while not finished.is_set():
+            if request is not None and not task.started.is_set() and await request.is_disconnected():
+                if self.worker.cancel(task):
+                    return None
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(finished.wait(), timeout=0.25)
+        return task
+
     async def generate(self, body: Txt2ImgRequest, request: HttpRequest) -> Response | dict:
         settings, plan = await run_in_threadpool(self.settings, body)
         worker = self.worker
-        task = worker.submit(lambda: worker.generate(settings, plan, save=body.save_images), steps=settings.steps,
-                             batches=plan.batches)  # fmt: skip
-        while not task.done.is_set():
-            if not task.started.is_set() and await request.is_disconnected() and worker.cancel(task):
-                return Response(status_code=499)  # the client is gone; nobody reads this
-            await asyncio.sleep(0.02)
+        task = await self.run(lambda: worker.generate(settings, plan, save=body.save_images), request,
+                              steps=settings.steps, batches=plan.batches)  # fmt: skip
+        if task is None:
+            return Response(status_code=499)  # the client is gone; nobody reads this
         if task.error is not None:
             raise task.error
         result: Generated = task.result
@@ -175,9 +188,7 @@ class Server:
         path = self.model_path(name)
         body = Txt2ImgRequest(override_settings={"sd_model_checkpoint": path.name})
         settings, _ = await run_in_threadpool(self.settings, body)
-        task = self.worker.submit(lambda: self.worker.bundle(settings))
-        while not task.done.is_set():
-            await asyncio.sleep(0.02)
+        task = await self.run(lambda: self.worker.bundle(settings))
         if task.error is not None:
             raise task.error
         self.model = path.name
@@ -246,7 +257,7 @@ def create_app(config: ServeConfig) -> FastAPI:
 
     @app.get("/sdapi/v1/progress")
     async def progress(skip_current_image: bool = False):
-        report = server.worker.progress()
+        report = server.worker.progress(preview=not skip_current_image)
         if skip_current_image:
             report["current_image"] = None
         return report

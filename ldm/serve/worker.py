@@ -35,6 +35,7 @@ class Task:
     started: threading.Event = field(default_factory=threading.Event)
     done: threading.Event = field(default_factory=threading.Event)
     cancelled: bool = False  # its client left before it started: skipped
+    on_done: Callable[[], None] | None = None
     result: object = None
     error: BaseException | None = None
 
@@ -59,7 +60,8 @@ def _model_key(settings: Settings) -> tuple:
 
 class Worker:
     """The generation thread. ``out``: where images are saved (None: not saved); ``preview_every``: steps between
-    the VAE decodes that /progress shows (0: none)."""
+    the VAE decodes that /progress shows (0: none). A preview is decoded only after a /progress call asked for one,
+    so a job nobody watches spends nothing on previews, and a watched one at most one decode per call."""
 
     def __init__(self, *, out: Path | None, preview_every: int = 5):
         self.out, self.preview_every = out, preview_every
@@ -71,6 +73,7 @@ class Worker:
         self._bundle: Bundle | None = None
         self._key: tuple | None = None
         self._progress = {"job_no": 0, "step": 0, "steps": 0, "batch": 0, "started": 0.0, "preview": None}
+        self._preview_asked = False  # a /progress call wants a newer preview
 
     # the HTTP side
 
@@ -82,8 +85,10 @@ class Worker:
         self._queue.put(None)
         self._thread.join(timeout=30)
 
-    def submit(self, run: Callable[[], object], *, steps: int = 0, batches: int = 1) -> Task:
-        task = Task(run, steps=steps, batches=batches)
+    def submit(self, run: Callable[[], object], *, steps: int = 0, batches: int = 1,
+               on_done: Callable[[], None] | None = None) -> Task:  # fmt: skip
+        """Queue ``run``; ``on_done`` is called on the worker thread once it has finished (an HTTP handler's wake-up)."""
+        task = Task(run, steps=steps, batches=batches, on_done=on_done)
         with self._lock:
             self._pending.append(task)
         self._queue.put(task)
@@ -112,9 +117,11 @@ class Worker:
             self._interrupt.set()
         return running
 
-    def progress(self) -> dict:
-        """A1111's /progress: the fraction done of the running job, its ETA, the queue and the latest preview."""
+    def progress(self, *, preview: bool = True) -> dict:
+        """A1111's /progress: the fraction done of the running job, its ETA, the queue and the latest preview;
+        ``preview``: the caller shows previews, so the job decodes the next one."""
         with self._lock:
+            self._preview_asked |= preview
             count, running = len(self._pending), bool(self._pending) and self._pending[0].started.is_set()
             task = self._pending[0] if running else None
             p = dict(self._progress)
@@ -151,6 +158,11 @@ class Worker:
                     if task in self._pending:
                         self._pending.remove(task)
                 task.done.set()
+                if task.on_done is not None:
+                    try:
+                        task.on_done()
+                    except RuntimeError:  # the waiting event loop has closed (the server is stopping)
+                        pass
 
     def bundle(self, settings: Settings) -> Bundle:
         """The model ``settings`` asks for, loaded once; another one replaces it (the old one freed first)."""
@@ -168,9 +180,12 @@ class Worker:
         bundle = self.bundle(settings)
 
         def on_step(done: int, total: int, latents: torch.Tensor) -> None:
+            every = self.preview_every
             with self._lock:
                 self._progress.update(step=done, steps=total)
-            if self.preview_every and (done % self.preview_every == 0 or done == total):
+                preview = every and done % every == 0 and done < total and self._preview_asked  # the last: the image
+                self._preview_asked &= not preview
+            if preview:
                 self._preview(bundle, latents)
             if self._interrupt.is_set():
                 raise StopSampling

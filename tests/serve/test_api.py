@@ -1,11 +1,19 @@
 import json
+import sys
+from pathlib import Path
 
 import numpy as np
+import pytest
 from PIL import Image
 from serve_images import b64_png, decode
 
 from ldm.cli.generate import main as generate_main
-from ldm.formats.pngmeta import read_png_parameters
+from ldm.formats.bundle import load_bundle
+from ldm.formats.pngmeta import parse_parameters, read_png_parameters
+from ldm.train.lora import lora_hash
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "train"))
+from test_lora_formats import locon_file  # noqa: E402
 
 
 def test_txt2img_pixels_equal_generate_py(serve, micro_bundle_dir, tmp_path):
@@ -56,3 +64,32 @@ def test_img2img_with_mask_pixels_equal_generate_py(serve, micro_bundle_dir, tmp
     assert np.array_equal(np.asarray(decode(data)), np.asarray(Image.open(cli)))
     assert "Masked content: latent noise" in json.loads(r.json()["info"])["infotexts"][0]
     assert not (tmp_path / "out").exists()  # out=None: nothing saved
+
+
+def test_several_lora_tags_in_one_request_as_generate_py(serve, micro_bundle_dir, tmp_path):
+    pytest.importorskip("peft")
+    loras = tmp_path / "loras"
+    loras.mkdir()
+    locon_file(load_bundle(micro_bundle_dir), loras / "a.safetensors", alpha=8.0)
+    locon_file(load_bundle(micro_bundle_dir), loras / "b.safetensors", alpha=4.0, rank=2)
+    s = serve(lora_dir=loras, out=None)
+    base = {"steps": 2, "seed": 3, "width": 32, "height": 32}
+    images, texts = {}, {}
+    for key, prompt in [("ab", "red <lora:a:0.8> disc <lora:b:0.5>"), ("a", "red <lora:a:0.8> disc")]:
+        r = s.client.post("/sdapi/v1/txt2img", json=base | {"prompt": prompt})
+        assert r.status_code == 200, r.text
+        (data,) = r.json()["images"]
+        images[key], texts[key] = np.asarray(decode(data)), json.loads(r.json()["info"])["infotexts"][0]
+    generate_main(["red <lora:a:0.8> disc <lora:b:0.5>", "--lora-dir", str(loras), "--steps", "2", "--seed", "3",
+                   "--width", "32", "--height", "32", "--model", str(micro_bundle_dir), "--out", str(tmp_path / "cli"),
+                   "--device", "cpu", "--quiet"])  # fmt: skip
+    (cli,) = (tmp_path / "cli").glob("*.png")
+    assert np.array_equal(images["ab"], np.asarray(Image.open(cli)))
+    assert not np.array_equal(images["ab"], images["a"])  # b's weight counts, and the model was merged anew
+    prompt, _, settings = parse_parameters(texts["ab"])
+    assert prompt == "red <lora:a:0.8> disc <lora:b:0.5>"
+    hashes = {name: lora_hash(loras / f"{name}.safetensors") for name in "ab"}
+    assert settings["Lora hashes"] == f"a: {hashes['a']}, b: {hashes['b']}"
+    for bad, words in [("x <lora:a:1> <lora:../b:1>", "no LoRA '../b'"), ("x <lora:b:inf>", "must be a number")]:
+        r = s.client.post("/sdapi/v1/txt2img", json=base | {"prompt": bad})
+        assert r.status_code == 422 and words in r.json()["detail"], r.text

@@ -1,3 +1,4 @@
+import itertools
 import json
 import threading
 import time
@@ -64,17 +65,41 @@ def test_a_client_that_leaves_frees_its_place(serve):
 def test_twenty_concurrent_requests_are_answered_in_order(serve, tmp_path):
     s = serve()
     answers = {}
-    threads = [post_in_thread(s, LONG | {"steps": 60}, answers, "first")]
+    threads = [post_in_thread(s, LONG, answers, "first")]  # 1000 steps: runs until interrupted
     wait_for(s.client, lambda p: p["state"]["sampling_step"] >= 1)
     seen = 1
     for i in range(20):
         threads.append(post_in_thread(s, LONG | {"steps": 1, "seed": 100 + i}, answers, i))
         seen = wait_for(s.client, lambda p, n=i + 2: p["state"]["job_count"] >= n)["state"]["job_count"]
     assert seen == 21  # the first job still runs: all twenty wait behind it
+    s.client.post("/sdapi/v1/interrupt")
     for thread in threads:
         thread.join(timeout=60)
+    assert answers["first"].status_code == 200
     for i in range(20):
         assert answers[i].status_code == 200
         assert json.loads(answers[i].json()["info"])["all_seeds"] == [100 + i]
     names = sorted(p.name for p in (tmp_path / "out").glob("*.png"))
     assert names == ["00000-3.png"] + [f"{k + 1:05d}-{100 + k}.png" for k in range(20)]  # saved in arrival order
+
+
+def test_previews_are_decoded_only_when_a_progress_call_asks(serve):
+    s = serve(out=None)
+    worker = s.app.state.server.worker
+    decoded = []
+    preview = worker._preview
+    worker._preview = lambda bundle, latents: decoded.append(latents.shape) or preview(bundle, latents)
+    assert s.client.post("/sdapi/v1/txt2img", json=LONG | {"steps": 40}).status_code == 200
+    assert decoded == []  # nobody watched
+    for skip in (True, False):  # watched without previews, then with
+        answers = {}
+        thread = post_in_thread(s, LONG | {"steps": 300}, answers, "job")
+        for calls in itertools.count(1):
+            state = s.client.get("/sdapi/v1/progress", params={"skip_current_image": skip}).json()["state"]
+            if calls >= 5 and state["sampling_step"] >= 20:  # previews come every 2 steps in these servers
+                break
+            time.sleep(0.02)
+        s.client.post("/sdapi/v1/interrupt")
+        thread.join(timeout=30)
+        assert answers["job"].status_code == 200
+        assert bool(decoded) is not skip, (skip, decoded)
