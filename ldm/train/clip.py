@@ -227,7 +227,9 @@ def run(cfg: CLIPRunConfig, *, resume: str | None = None) -> RunResult:
     resume_path = resolve_resume(resume, out)
     accelerator = make_accelerator(cfg.train, log_dir=out / "logs")
     with hold_output(accelerator, out):
-        return _run(cfg, accelerator, resume_path=resume_path)
+        result = _run(cfg, accelerator, resume_path=resume_path)
+    accelerator.end_training()  # every process: the trackers close, the process group goes
+    return result
 
 
 def _run(cfg: CLIPRunConfig, accelerator: Accelerator, *, resume_path: Path | None) -> RunResult:
@@ -360,4 +362,3 @@ def finish(cfg: CLIPRunConfig, base: Bundle | None, clip: nn.Module, ema, score,
     written = replace(base, text_encoder=text_encoder, extras=extras, name=cfg.name or base.name)
     result.bundle_dir = save_bundle(written, out / "bundle")
     print(f"CLIP written to {result.clip_path}; bundle with the trained text encoder written to {out / 'bundle'}")
-    accelerator.end_training()

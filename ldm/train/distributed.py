@@ -17,6 +17,7 @@ import contextlib
 import json
 import os
 import socket
+import sys
 import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
@@ -27,10 +28,13 @@ import torch
 
 from ldm.errors import LdmError
 
-CPU_COMMANDS = (
-    "ACCELERATE_USE_CPU=1 accelerate launch --config_file configs/accelerate/ddp-cpu.yaml --num_processes N SCRIPT …, "
-    "or ACCELERATE_USE_CPU=1 torchrun --standalone --nproc_per_node N SCRIPT …"
-)
+
+def cpu_commands(script: str) -> str:
+    """The commands that start N CPU processes of ``script``."""
+    return (
+        f"ACCELERATE_USE_CPU=1 accelerate launch --config_file configs/accelerate/ddp-cpu.yaml --num_processes N "
+        f"{script} …, or ACCELERATE_USE_CPU=1 torchrun --standalone --nproc_per_node N {script} …"
+    )
 
 
 @dataclass(frozen=True)
@@ -82,9 +86,10 @@ def check_launch(launch: Launch, environ: Mapping[str, str] | None = None) -> No
         return
     if "LOCAL_RANK" in environ:
         return
+    script = Path(sys.argv[0]).name if sys.argv and sys.argv[0] else "SCRIPT"  # for the message only
     raise LdmError(
         "accelerate launch --cpu started one process although --num_processes asked for more (it starts several CPU "
-        f"processes only through mpirun); for N CPU processes run {CPU_COMMANDS}, or drop --num_processes for one"
+        f"processes only through mpirun); for N CPU processes run {cpu_commands(script)}, or drop --num_processes"
     )
 
 

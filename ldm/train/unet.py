@@ -393,7 +393,9 @@ def run(cfg: UNetRunConfig, *, resume: str | None = None) -> RunResult:
     out = Path(cfg.train.output_dir)
     accelerator = make_accelerator(cfg.train, log_dir=out / "logs")
     with hold_output(accelerator, out):
-        return _run(cfg, accelerator, resume=resume)
+        result = _run(cfg, accelerator, resume=resume)
+    accelerator.end_training()  # every process: the trackers close, the process group goes
+    return result
 
 
 def _run(cfg: UNetRunConfig, accelerator: Accelerator, *, resume: str | None) -> RunResult:
@@ -923,7 +925,6 @@ def finish(cfg: UNetRunConfig, bundle: Bundle, model: Trainables, validate, resu
         result.bundle_dir = save_bundle(written, out / "bundle")
         task = "" if cfg.task is Task.TEXT_TO_IMAGE else f"{cfg.task.value} "
         print(f"bundle written to {result.bundle_dir} ({task}UNet trained for {cfg.model.schedule.prediction.value})")
-    accelerator.end_training()
 
 
 def write_lora(cfg: UNetRunConfig, model: Trainables, result: RunResult) -> None:

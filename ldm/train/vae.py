@@ -237,7 +237,9 @@ def run(cfg: VAERunConfig, *, resume: str | None = None) -> RunResult:
                        "two optimizers and its adaptive GAN weight need whole weights; launch it with "
                        "configs/accelerate/ddp-gpu.yaml")  # fmt: skip
     with hold_output(accelerator, out):
-        return _run(cfg, accelerator, resume_path=resume_path)
+        result = _run(cfg, accelerator, resume_path=resume_path)
+    accelerator.end_training()  # every process: the trackers close, the process group goes
+    return result
 
 
 def _run(cfg: VAERunConfig, accelerator: Accelerator, *, resume_path: Path | None) -> RunResult:
@@ -343,7 +345,6 @@ def finish(cfg: VAERunConfig, base: Bundle, model: Trainables, dataset, sample_f
         (out / "eval.json").write_text(json.dumps(result.metrics, indent=2) + "\n")
         print("held-out: " + ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"
                                        for k, v in result.metrics.items()))  # fmt: skip
-    accelerator.end_training()
 
 
 @torch.no_grad()
