@@ -24,5 +24,7 @@ def logged_scalars(out: Path, tag: str) -> dict[int, float]:
         for event in EventFileLoader(str(path)).Load():
             for value in event.summary.value:
                 if value.tag == tag:
-                    values[event.step] = value.simple_value if value.HasField("simple_value") else value.tensor.float_val[0]
+                    values[event.step] = (
+                        value.simple_value if value.HasField("simple_value") else value.tensor.float_val[0]
+                    )
     return values

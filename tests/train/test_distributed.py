@@ -257,6 +257,7 @@ def test_launch_checks():
 
 def test_the_processes_draw_the_global_batch_together():
     """Each process's rows of the global draws, side by side, are what one process draws."""
+
     def draws(shard, local):
         torch.manual_seed(5)
         noise = shard.local(offset_noise(shard.global_shape((local, 4, 2, 2)), strength=0.1))
