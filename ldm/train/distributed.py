@@ -37,7 +37,7 @@ def cpu_commands(script: str) -> str:
     )
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Launch:
     """What the launcher says about this process: torchrun and accelerate's multi-GPU launcher set ``WORLD_SIZE``,
     ``RANK`` and ``LOCAL_RANK``; mpirun sets its own sizes. One process of rank 0 when nothing is set."""
@@ -118,14 +118,15 @@ def per_process_batch(batch_size: int, processes: int) -> int:
     """The rows of the global batch ``batch_size`` that each of ``processes`` takes."""
     if batch_size % processes:
         lower, upper = max(processes, batch_size // processes * processes), (batch_size // processes + 1) * processes
+        fix = " or ".join(str(n) for n in sorted({lower, upper}))
         raise LdmError(
             f"train.batch_size {batch_size} is the global batch and must split evenly among {processes} processes; "
-            f"set --set train.batch_size={lower} or {upper}"
+            f"set --set train.batch_size={fix}"
         )
     return batch_size // processes
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class BatchShard:
     """This process's rows of each global batch: ``rank``'s share of ``processes`` equal ones.
 

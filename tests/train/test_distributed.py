@@ -253,6 +253,8 @@ def test_launch_checks():
     with pytest.raises(LdmError, match=r"train.batch_size 10 is the global batch and must split evenly among 4 "
                                        r"processes; set --set train.batch_size=8 or 12"):  # fmt: skip
         per_process_batch(10, 4)
+    with pytest.raises(LdmError, match=r"among 2 processes; set --set train.batch_size=2$"):
+        per_process_batch(1, 2)
 
 
 def test_the_processes_draw_the_global_batch_together():
