@@ -237,14 +237,17 @@ def scan_dataset(config: DataConfig, *, workers: int | None = None, progress: bo
 
 
 def report_dataset(
-    config: DataConfig, *, file: TextIO | None = None, workers: int | None = None, progress: bool = True
-) -> ScanReport:
+    config: DataConfig, *, file: TextIO | None = None, workers: int | None = None, progress: bool = True,
+    quiet: bool = False,
+) -> ScanReport:  # fmt: skip
     """Scan, print the report to ``file`` (stdout), and return it; :class:`LdmError` if nothing is usable.
 
-    Training scripts call this at start, so the same report as ``python -m ldm data check`` is in the log.
+    Training scripts call this at start, so the same report as ``python -m ldm data check`` is in the log; their
+    processes other than the main one pass ``quiet`` (no report, no progress bar).
     """
-    report = scan_dataset(config, workers=workers, progress=progress)
-    print(report.format(), file=file or sys.stdout, flush=True)
+    report = scan_dataset(config, workers=workers, progress=progress and not quiet)
+    if not quiet:
+        print(report.format(), file=file or sys.stdout, flush=True)
     if not report.pairs:
         raise LdmError(f"no usable image/caption pairs in {report.root}; fix the problems listed in the report above")
     return report

@@ -40,6 +40,7 @@ from ldm.errors import LdmError
 from ldm.images import crop_tensor, fit_tensor, plan_crop
 from ldm.io import save_tensors
 from ldm.models.tokenizer import tokenize
+from ldm.train.distributed import per_process_batch
 from ldm.train.objectives import drop_captions
 
 CACHE_FORMAT = 1
@@ -111,35 +112,36 @@ def bucket_step(*, vae_factor: int, unet_levels: int) -> int:
 class BucketBatches:
     """Index batches for one epoch, each from one bucket; the interface of :class:`ldm.train.loop.EpochBatches`.
 
-    Within each bucket the images are permuted and cut into global batches of B·W (an incomplete rest is dropped),
-    then all global batches are shuffled together; process ``r`` takes its ``r``-th slice of B. Everything is drawn
-    from one generator seeded by (seed, epoch), so the order is a pure function of them.
+    Within each bucket the images are permuted and cut into global batches of ``batch_size`` (an incomplete rest is
+    dropped), then all global batches are shuffled together; process ``r`` of W takes its ``r``-th slice of
+    ``batch_size`` / W. Everything is drawn from one generator seeded by (seed, epoch), so the order is a pure function
+    of them, the same for any W.
     """
 
     def __init__(self, buckets: Sequence[int], batch_size: int, *, seed: int, num_replicas: int = 1, rank: int = 0):
+        self.per_process = per_process_batch(batch_size, num_replicas)
         self.batch_size, self.seed, self.num_replicas, self.rank = batch_size, seed, num_replicas, rank
         self.size = len(buckets)
         self.groups = [[i for i, b in enumerate(buckets) if b == key] for key in sorted(set(buckets))]
         if len(self) == 0:
             largest = max((len(g) for g in self.groups), default=0)
             raise LdmError(
-                f"no bucket holds a whole batch ({batch_size} × {num_replicas} processes; the largest has {largest} "
-                "images); lower --set train.batch_size, add data, or turn bucketing off"
+                f"no bucket holds a whole batch ({batch_size}; the largest has {largest} images); lower "
+                "--set train.batch_size, add data, or turn bucketing off"
             )
 
     def __len__(self) -> int:
-        span = self.batch_size * self.num_replicas
-        return sum(len(g) // span for g in self.groups)
+        return sum(len(g) // self.batch_size for g in self.groups)
 
     def epoch(self, epoch: int, *, start: int = 0) -> list[list[int]]:
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
-        span = self.batch_size * self.num_replicas
+        span = self.batch_size
         global_batches = []
         for group in self.groups:
             perm = [group[i] for i in torch.randperm(len(group), generator=generator).tolist()]
             global_batches += [perm[b * span : (b + 1) * span] for b in range(len(group) // span)]
         order = torch.randperm(len(global_batches), generator=generator).tolist()
-        lo, hi = self.rank * self.batch_size, (self.rank + 1) * self.batch_size
+        lo, hi = self.rank * self.per_process, (self.rank + 1) * self.per_process
         return [global_batches[b][lo:hi] for b in order[start:]]
 
 

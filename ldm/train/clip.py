@@ -11,7 +11,8 @@ Captions are tokenized by the pipeline's own tokenizer and pad id. At the end:
     OUT/clip.safetensors the whole CLIP, image tower included, config in the metadata (``ldm.models.clip.load_clip``)
     OUT/eval.json        held-out image→text and text→image top-1/top-5 retrieval accuracy
 
-Contrastive negatives are the other items of the same micro-batch: gradient accumulation does not enlarge them.
+Contrastive negatives are the other items of the same global micro-batch (``train.batch_size``; several processes
+gather each other's embeddings): gradient accumulation does not enlarge them.
 :func:`run` is the whole run, in the order of its named steps: the data, the base bundle, the model and what trains
 it, the step, the held-out retrieval, the end.
 """
@@ -19,7 +20,6 @@ it, the step, the held-out retrieval, the end.
 from __future__ import annotations
 
 import math
-import sys
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -48,6 +48,7 @@ from ldm.models.clip import (
 )
 from ldm.models.presets import ModelConfig, get_preset
 from ldm.models.tokenizer import build_tokenizer, tokenize
+from ldm.train.distributed import hold_output
 from ldm.train.loop import (
     LRSchedule,
     Progress,
@@ -225,7 +226,15 @@ def run(cfg: CLIPRunConfig, *, resume: str | None = None) -> RunResult:
     out = Path(cfg.train.output_dir)
     resume_path = resolve_resume(resume, out)
     accelerator = make_accelerator(cfg.train, log_dir=out / "logs")
+    with hold_output(accelerator, out):
+        result = _run(cfg, accelerator, resume_path=resume_path)
+    accelerator.end_training()  # every process: the trackers close, the process group goes
+    return result
 
+
+def _run(cfg: CLIPRunConfig, accelerator: Accelerator, *, resume_path: Path | None) -> RunResult:
+    """:func:`run` once the output folder is held."""
+    out = Path(cfg.train.output_dir)
     dataset, eval_set = datasets(cfg, accelerator)
     base = load_base(cfg)
     tokenizer = base.tokenizer if base is not None else build_tokenizer(context_length=cfg.model.text.context_length)
@@ -266,7 +275,7 @@ def datasets(
     the data, see :func:`~ldm.data.held_out`); notes on captions
     that several items share (false negatives in a batch)."""
     say = print if accelerator.is_main_process else (lambda *a, **k: None)
-    report = report_dataset(cfg.data, file=sys.stdout if accelerator.is_main_process else None)
+    report = report_dataset(cfg.data, quiet=not accelerator.is_main_process)
     dataset = CaptionedImageDataset(cfg.data, report=report, seed=cfg.train.seed)
     if dup := _duplicates(dataset.captions):
         say(f"note: {dup} training items share their caption with another; in a batch they are false negatives")
@@ -353,4 +362,3 @@ def finish(cfg: CLIPRunConfig, base: Bundle | None, clip: nn.Module, ema, score,
     written = replace(base, text_encoder=text_encoder, extras=extras, name=cfg.name or base.name)
     result.bundle_dir = save_bundle(written, out / "bundle")
     print(f"CLIP written to {result.clip_path}; bundle with the trained text encoder written to {out / 'bundle'}")
-    accelerator.end_training()

@@ -46,6 +46,7 @@ from ldm.formats.bundle import Bundle
 from ldm.models.presets import ModelConfig, Task
 from ldm.models.unet import guidance_embedding, with_guidance_input
 from ldm.pipeline.schedule import LCM_GRID_STEPS, Prediction
+from ldm.train.distributed import batch_shard, hold_output
 from ldm.train.loop import (
     LRSchedule,
     StepFn,
@@ -236,7 +237,7 @@ def build_networks(cfg: LCMRunConfig, base: Bundle, accelerator: Accelerator) ->
 def distillation_step(cfg: LCMRunConfig, base: Bundle, nets: Networks, conditioning: TextConditioning, cache, *,
                       accelerator: Accelerator) -> StepFn:  # fmt: skip
     """One micro-batch of Algorithm 1; every random draw from the global RNG, which checkpoints restore."""
-    schedule, lcm, device = cfg.model.schedule, cfg.lcm, accelerator.device
+    schedule, lcm, device, shard = cfg.model.schedule, cfg.lcm, accelerator.device, batch_shard(accelerator)
     ac = alphas_cumprod(schedule)  # (T,)
     grid = skipping_timesteps(schedule.num_train_timesteps, lcm.ddim_timesteps)  # (N,)
     k = schedule.num_train_timesteps // lcm.ddim_timesteps
@@ -255,12 +256,14 @@ def distillation_step(cfg: LCMRunConfig, base: Bundle, nets: Networks, condition
 
     def step_fn(batch: dict, step: int) -> dict[str, float]:
         with accelerator.accumulate(model.denoiser):
-            x0 = latents_of(batch, base.vae, scaling=base.config.vae.scaling_factor, accelerator=accelerator)
-            b = len(x0)
-            noise = torch.randn(x0.shape).to(device)
-            t = grid[torch.randint(0, len(grid), (b,))].to(device)  # (B,) t_{n+k}
+            # Every draw is made for the whole global batch; this process keeps its rows (as train_unet.py's step).
+            x0 = latents_of(batch, base.vae, scaling=base.config.vae.scaling_factor, accelerator=accelerator,
+                            shard=shard)  # fmt: skip
+            b, everyone = len(x0), shard.global_count(len(x0))
+            noise = shard.local(torch.randn(shard.global_shape(x0.shape))).to(device)
+            t = grid[shard.local(torch.randint(0, len(grid), (everyone,)))].to(device)  # (B,) t_{n+k}
             s = (t - k).clamp(min=0)  # (B,) t_n
-            omega = lcm.guidance_min - 1 + (lcm.guidance_max - lcm.guidance_min) * torch.rand(b)  # (B,)
+            omega = shard.local(lcm.guidance_min - 1 + (lcm.guidance_max - lcm.guidance_min) * torch.rand(everyone))
             w = guidance_embedding(omega, lcm.guidance_embedding_dim).to(device) if embeds else None  # (B, D_w)
             x_t = add_noise(x0, noise, t, ac)  # (B, C, h, w)
             context = conditioning(batch["caption"], cache)["context"]  # (B, L, D)
@@ -299,6 +302,15 @@ def run(cfg: LCMRunConfig, *, resume: str | None = None) -> RunResult:
     cfg = with_model(cfg)
     out = Path(cfg.train.output_dir)
     accelerator = make_accelerator(cfg.train, log_dir=out / "logs")
+    with hold_output(accelerator, out):
+        result = _run(cfg, accelerator, resume=resume)
+    accelerator.end_training()  # every process: the trackers close, the process group goes
+    return result
+
+
+def _run(cfg: LCMRunConfig, accelerator: Accelerator, *, resume: str | None) -> RunResult:
+    """:func:`run` once the output folder is held."""
+    out = Path(cfg.train.output_dir)
     resume_path = resolve_resume(resume, out)
     torch.manual_seed(cfg.train.seed)
 

@@ -6,6 +6,10 @@ checkpoint holds the models, optimizers, LR schedulers, EMA, RNG states and the 
 order is a pure function of (seed, epoch), so "5 steps, stop, resume 5" equals "10 steps". A run with a time
 budget (``TrainConfig.budget_minutes``) follows its clock instead, which no two runs share.
 
+Several processes (torchrun, ``accelerate launch``) split each global batch of ``train.batch_size`` rows between them
+and draw its randomness together (``ldm.train.distributed``), so that they take the steps one process would; the main
+process alone writes checkpoints, samples, logs and the result, and each process saves and restores its own RNG.
+
 Checkpoints are one safetensors file each (never a pickle), written atomically: tensors under flat keys, the
 rest of the state as JSON in the header.
 """
@@ -15,6 +19,7 @@ from __future__ import annotations
 import enum
 import json
 import math
+import os
 import random
 import re
 import time
@@ -26,6 +31,7 @@ from typing import Any
 import numpy as np
 import torch
 from accelerate import Accelerator
+from accelerate.utils import DistributedType
 from diffusers.training_utils import EMAModel
 from safetensors import safe_open
 from torch import nn
@@ -36,6 +42,17 @@ from ldm.errors import LdmError
 from ldm.formats.bundle import package_versions
 from ldm.io import remove_stale_temps, save_tensors
 from ldm.runtime import check_memory
+from ldm.train.distributed import (
+    average_gradients,
+    check_launch,
+    check_processes,
+    gather_objects,
+    has_accelerator_device,
+    launch_from_env,
+    main_process_object,
+    mean_across_processes,
+    per_process_batch,
+)
 
 
 class Precision(enum.Enum):
@@ -53,7 +70,7 @@ class LRSchedule(enum.Enum):
 @dataclass(frozen=True, kw_only=True)
 class TrainConfig:
     output_dir: str = "runs/train"
-    batch_size: int = 16  # per process, per micro-batch
+    batch_size: int = 16  # the global micro-batch: split evenly among the processes (train.lr is for this batch)
     gradient_accumulation: int = 1
     lr: float = 1e-4
     adam_betas: tuple[float, float] = (0.9, 0.999)
@@ -112,13 +129,44 @@ class Progress:
     seconds: float = 0.0
 
 
+SHARDED = (DistributedType.FSDP, DistributedType.DEEPSPEED)  # the weights or optimizer states are split up
+
+
 def make_accelerator(cfg: TrainConfig, *, log_dir: Path | None = None) -> Accelerator:
-    return Accelerator(
+    """The run's accelerator, checked against the launcher: the processes it started must be the ones accelerate
+    sets up (several processes on a machine without GPUs run on its CPU, over gloo), and the global batch must
+    split evenly among them. The main process prints what was set up, once."""
+    launch = launch_from_env()
+    check_launch(launch)
+    cpu = launch.processes > 1 and not has_accelerator_device()
+    accelerator = Accelerator(
         mixed_precision=cfg.mixed_precision.value,
         gradient_accumulation_steps=cfg.gradient_accumulation,
         log_with="tensorboard" if log_dir is not None else None,
         project_dir=str(log_dir) if log_dir is not None else None,
+        cpu=cpu,
     )
+    kind = accelerator.distributed_type
+    check_processes(launch, processes=accelerator.num_processes, kind=kind.value)
+    per_process = per_process_batch(cfg.batch_size, accelerator.num_processes)
+    if kind is DistributedType.FSDP and cfg.ema_decay > 0:
+        raise LdmError("FSDP shards the weights the EMA averages; set --set train.ema_decay=0, or use DDP "
+                       "(configs/accelerate/ddp-gpu.yaml) or DeepSpeed ZeRO-2, which keep them whole")  # fmt: skip
+    if kind is DistributedType.DEEPSPEED:  # no DataLoader goes through prepare(): DeepSpeed is told the batch
+        accelerator.state.deepspeed_plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = per_process
+    if kind in SHARDED and accelerator.is_main_process:
+        print(f"note: under {kind.value} checkpoints keep the whole weights but not the optimizer states, which are "
+              "split among the processes: a resumed run starts its Adam moments afresh")  # fmt: skip
+    if accelerator.is_main_process and accelerator.num_processes > 1:
+        mode = {DistributedType.FSDP: "FSDP", DistributedType.DEEPSPEED: "DeepSpeed"}.get(kind, "DDP")
+        where = "the CPU (no GPU here)" if cpu else accelerator.device.type
+        print(f"{accelerator.num_processes} processes on {where}, {mode} over {accelerator.state.backend}; global "
+              f"batch {cfg.batch_size} = {accelerator.num_processes} × {per_process}; process 0 writes {cfg.output_dir}")  # fmt: skip
+    precision = os.environ.get("ACCELERATE_MIXED_PRECISION", "no").lower()
+    if accelerator.is_main_process and precision not in ("no", cfg.mixed_precision.value):
+        print(f"note: the launcher asked for {precision}, the run config says {cfg.mixed_precision.value}, which "
+              "holds; set --set train.mixed_precision=... instead")  # fmt: skip
+    return accelerator
 
 
 FUSED_ADAM_DEVICES = ("cpu", "cuda")  # where make_optimizer picks torch's fused AdamW kernel
@@ -207,13 +255,16 @@ def check_training_size(*, side: int, factor: int, batch: int, channels: Sequenc
 
 def backward_step(
     accelerator: Accelerator, loss: torch.Tensor, optimizer: torch.optim.Optimizer, scheduler, *,
-    params=None, grad_clip: float = 0.0,
+    params=None, grad_clip: float = 0.0, unprepared=(),
 ) -> None:  # fmt: skip
     """One micro-batch's update, inside ``accelerator.accumulate``: backward, then at a gradient-sync step the
-    clipping of ``params``' gradient norm to ``grad_clip`` (0 = off), the optimizer and LR scheduler steps and the
-    zeroing of the gradients. Under accumulation accelerate's prepared optimizer and scheduler skip their steps
-    between syncs, so calling this every micro-batch is right."""
+    averaging across processes of the gradients of ``unprepared`` (parameters of a module that is not a prepared,
+    DDP-wrapped one), the clipping of ``params``' gradient norm to ``grad_clip`` (0 = off), the optimizer and LR
+    scheduler steps and the zeroing of the gradients. Under accumulation accelerate's prepared optimizer and
+    scheduler skip their steps between syncs, so calling this every micro-batch is right."""
     accelerator.backward(loss)
+    if accelerator.sync_gradients:
+        average_gradients(accelerator, unprepared)
     if params is not None and accelerator.sync_gradients and grad_clip > 0:
         accelerator.clip_grad_norm_(params, grad_clip)
     optimizer.step()
@@ -251,32 +302,32 @@ def make_ema(model: nn.Module, cfg: TrainConfig) -> EMAModel | None:
 
 
 class EpochBatches:
-    """Index batches for one epoch: a permutation seeded by (seed, epoch), split across processes.
+    """Index batches for one epoch: a permutation seeded by (seed, epoch), cut into global batches of
+    ``batch_size`` and split across processes.
 
-    Global batch ``b`` covers ``perm[b·B·W : (b+1)·B·W]``; process ``r`` takes its ``r``-th slice of B.
-    Incomplete final batches are dropped, so every process sees the same number of batches.
+    Global batch ``b`` covers ``perm[b·B : (b+1)·B]`` whatever the number of processes W; process ``r`` takes its
+    ``r``-th slice of B / W. Incomplete final batches are dropped, so every process sees the same number of batches.
     """
 
     def __init__(self, size: int, batch_size: int, *, seed: int, num_replicas: int = 1, rank: int = 0):
-        if size < batch_size * num_replicas:
+        self.per_process = per_process_batch(batch_size, num_replicas)
+        if size < batch_size:
             raise LdmError(
-                f"the dataset has {size} usable items, fewer than one batch ({batch_size} × {num_replicas} processes); "
+                f"the dataset has {size} usable items, fewer than one batch ({batch_size}); "
                 "lower --set train.batch_size=N or add data"
             )
         self.size, self.batch_size, self.seed = size, batch_size, seed
         self.num_replicas, self.rank = num_replicas, rank
 
     def __len__(self) -> int:
-        return self.size // (self.batch_size * self.num_replicas)
+        return self.size // self.batch_size
 
     def epoch(self, epoch: int, *, start: int = 0) -> list[list[int]]:
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
         perm = torch.randperm(self.size, generator=generator).tolist()
-        span = self.batch_size * self.num_replicas
-        return [
-            perm[b * span + self.rank * self.batch_size : b * span + (self.rank + 1) * self.batch_size]
-            for b in range(start, len(self))
-        ]
+        lo = self.rank * self.per_process
+        return [perm[b * self.batch_size + lo : b * self.batch_size + lo + self.per_process]
+                for b in range(start, len(self))]  # fmt: skip
 
 
 # --- checkpoints ----------------------------------------------------------------------------------------------------
@@ -356,19 +407,27 @@ def checkpoint_dir(output_dir: str | Path) -> Path:
 
 
 def save_checkpoint(accelerator: Accelerator, state: TrainingState, output_dir: str | Path, *, config: Any, keep: int) -> Path | None:
-    """Write ``checkpoints/step-NNNNNNNN.safetensors`` atomically (main process only) and prune old ones."""
+    """Write ``checkpoints/step-NNNNNNNN.safetensors`` atomically (main process only) and prune old ones. Every
+    process calls it: each one's RNG state goes in, and under FSDP or DeepSpeed the models' shards are gathered into
+    whole weights (their optimizer states, split among the processes, are left out: a resumed run starts its Adam
+    moments afresh)."""
     accelerator.wait_for_everyone()
+    rngs = gather_objects(accelerator, rng_state())
+    models = _model_states(accelerator, state.models)
     if not accelerator.is_main_process:
         return None
+    sharded = accelerator.distributed_type in SHARDED
     tensors: dict[str, torch.Tensor] = {}
     payload = {
-        "models": {k: _trainable_state(accelerator.unwrap_model(m)) for k, m in state.models.items()},
-        "optimizers": {k: o.state_dict() for k, o in state.optimizers.items()},
+        "models": models,
+        "optimizers": {} if sharded else {k: o.state_dict() for k, o in state.optimizers.items()},
         "schedulers": {k: s.state_dict() for k, s in state.schedulers.items()},
         "emas": {k: e.state_dict() for k, e in state.emas.items()},
-        "rng": rng_state(),
+        "rng": rngs[0],
         "progress": vars(state.progress).copy(),
     }
+    if len(rngs) > 1:
+        payload["rng_others"] = rngs[1:]  # processes 1, 2, …: each resumes with its own
     skeleton = _flatten(payload, "s", tensors)
     meta = {
         "ldm.checkpoint": json.dumps(skeleton),
@@ -380,6 +439,25 @@ def save_checkpoint(accelerator: Accelerator, state: TrainingState, output_dir: 
     for old in list_checkpoints(output_dir)[:-keep] if keep > 0 else []:
         old.unlink(missing_ok=True)
     return path
+
+
+def _model_states(accelerator: Accelerator, models: dict[str, nn.Module]) -> dict[str, dict[str, torch.Tensor]]:
+    """Each model's checkpoint entry, on the main process ({} elsewhere). Under FSDP and DeepSpeed accelerate
+    gathers the shards into whole tensors (a collective: every process calls this); of a module that keeps only
+    its trained parameters, those. Otherwise the unwrapped module's own."""
+    if accelerator.distributed_type not in SHARDED:
+        if not accelerator.is_main_process:
+            return {}
+        return {k: _trainable_state(accelerator.unwrap_model(m)) for k, m in models.items()}
+    states = {}
+    for name, model in models.items():
+        whole = accelerator.get_state_dict(model)
+        module = accelerator.unwrap_model(model)
+        if hasattr(module, "trainable_state_dict"):
+            trained = {n.replace("_fsdp_wrapped_module.", "") for n, p in module.named_parameters() if p.requires_grad}
+            whole = {k: v for k, v in whole.items() if k in trained}
+        states[name] = whole
+    return states if accelerator.is_main_process else {}
 
 
 def list_checkpoints(output_dir: str | Path) -> list[Path]:
@@ -418,13 +496,24 @@ def load_checkpoint(path: Path, accelerator: Accelerator, state: TrainingState, 
         model = accelerator.unwrap_model(model)
         getattr(model, "load_trainable_state_dict", model.load_state_dict)(payload["models"][name])
     for name, optimizer in state.optimizers.items():
-        optimizer.load_state_dict(payload["optimizers"][name])
+        if name in payload["optimizers"]:
+            optimizer.load_state_dict(payload["optimizers"][name])
+        elif accelerator.is_main_process:
+            print(f"note: {path} holds no {name} optimizer state (an FSDP or DeepSpeed run's); its Adam moments start "
+                  "afresh")  # fmt: skip
     for name, scheduler in state.schedulers.items():
         scheduler.load_state_dict(payload["schedulers"][name])
     for name, ema in state.emas.items():
         ema.load_state_dict(payload["emas"][name])
         ema.to(device=accelerator.device)  # the checkpoint's tensors load on the CPU; the shadow follows the model
-    set_rng_state(payload["rng"])
+    per_process = [payload["rng"], *payload.get("rng_others", [])]
+    if len(per_process) == accelerator.num_processes:
+        set_rng_state(per_process[accelerator.process_index])
+    else:  # every process draws the global batch's randomness alike: the main process's state serves them all
+        set_rng_state(payload["rng"])
+        if accelerator.is_main_process:
+            print(f"note: {path} was written by {len(per_process)} process(es), resumed by "
+                  f"{accelerator.num_processes}: each continues from process 0's random state")  # fmt: skip
     state.progress = Progress(**payload["progress"])
 
 
@@ -448,8 +537,12 @@ def begin_run(accelerator: Accelerator, state: TrainingState, *, config: Any, re
     ``OUT/config.yaml`` and start TensorBoard logging."""
     if accelerator.is_main_process and (stale := remove_stale_temps(output_dir)):
         print(f"removed {len(stale)} temp file(s) that interrupted writes left in {output_dir}, e.g. {stale[0].name}")
-    path = resume
+    path = main_process_object(accelerator, None if resume is None else str(resume))  # all resume the same one
     if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise LdmError(f"process {accelerator.process_index} cannot read {path}; every process must see the output "
+                           "folder (on several machines: a shared file system)")  # fmt: skip
         load_checkpoint(path, accelerator, state, config=config)
         if accelerator.is_main_process:
             print(f"resumed from {path} at step {state.progress.step}")
@@ -596,7 +689,7 @@ def train_loop(
                 ema.step(accelerator.unwrap_model(model).parameters())
             bar.update(1)
             if progress.step % cfg.log_every == 0 or progress.step == cfg.max_steps:
-                means = {k: sum(v) / len(v) for k, v in running.items()}
+                means = mean_across_processes(accelerator, {k: sum(v) / len(v) for k, v in running.items()})
                 for name, scheduler in state.schedulers.items():
                     means[f"lr/{name}"] = scheduler.get_last_lr()[0]
                 accelerator.log(means, step=progress.step)

@@ -16,7 +16,7 @@ from __future__ import annotations
 import contextlib
 import enum
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -319,14 +319,18 @@ def adaptive_weight(
     *,
     max_weight: float = 1e4,
     eps: float = 1e-4,
+    average: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Adaptive GAN weight λ = ‖∇_{G_L} L_rec‖ / (‖∇_{G_L} L_GAN‖ + δ) (Esser et al. 2021, eq. 7).
 
     Clamped to [0, max_weight] and detached. G_L is the decoder's last layer (``vae.decoder.conv_out.weight``). Both gradients are taken with
-    ``retain_graph=True``, so the caller can still backpropagate the total loss. Returns a scalar.
+    ``retain_graph=True``, so the caller can still backpropagate the total loss. ``average`` (several processes: the
+    mean across them) turns each process's gradients into the global batch's before the norms. Returns a scalar.
     """
     (rec_grad,) = torch.autograd.grad(rec_loss, last_layer_weight, retain_graph=True)
     (g_grad,) = torch.autograd.grad(g_loss, last_layer_weight, retain_graph=True)
+    if average is not None:
+        rec_grad, g_grad = average(rec_grad), average(g_grad)
     weight = torch.linalg.vector_norm(rec_grad) / (torch.linalg.vector_norm(g_grad) + eps)
     return weight.clamp(0.0, max_weight).detach()
 
@@ -438,13 +442,15 @@ class VAELoss(nn.Module):
                 self.logvar.copy_(state["logvar"])
 
     def generator_loss(
-        self, x: torch.Tensor, x_hat: torch.Tensor, posterior, *, step: int, last_layer: torch.Tensor
-    ) -> tuple[torch.Tensor, dict[str, float]]:
+        self, x: torch.Tensor, x_hat: torch.Tensor, posterior, *, step: int, last_layer: torch.Tensor,
+        average: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    ) -> tuple[torch.Tensor, dict[str, float]]:  # fmt: skip
         """The autoencoder's loss (see the class docstring for what is summed and what is averaged).
 
         ``x`` (B, C, H, W) the input, ``x_hat`` its reconstruction (with graph), ``posterior`` the encoder's
         ``latent_dist``, ``last_layer`` the weight of the decoder's last conv (``vae.decoder.conv_out.weight``).
         Where no gradient can be taken (under ``torch.no_grad()``, e.g. validation) the adaptive weight is 0.
+        ``average``: see :func:`adaptive_weight` (several processes).
         Returns the scalar total and float logs.
         """
         rec = reconstruction_loss(x, x_hat, self.config.reconstruction)  # (B, C, H, W)
@@ -462,7 +468,7 @@ class VAELoss(nn.Module):
                 logits_fake = self.discriminator(x_hat)  # (B, 1, h, w)
             g_loss = generator_adv_loss(logits_fake)
             if torch.is_grad_enabled() and nll.requires_grad and g_loss.requires_grad:
-                weight = adaptive_weight(nll, g_loss, last_layer)
+                weight = adaptive_weight(nll, g_loss, last_layer, average=average)
             else:
                 weight = g_loss.new_zeros(()).detach()
             total = total + self.config.disc_weight * weight * g_loss

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 
 from ldm.models.presets import Task
 from ldm.pipeline.modes import latent_mask
+from ldm.train.distributed import BatchShard
 from ldm.train.objectives import add_noise
 
 
@@ -196,17 +197,19 @@ def unet_input(x_t: torch.Tensor, condition: Condition) -> torch.Tensor:
 
 def make_condition(task: Task, pixels: torch.Tensor, *, encode: Callable[[torch.Tensor], torch.Tensor],
                    config: TaskInputConfig, upscale_factor: int, alphas_cumprod: torch.Tensor,
-                   generator: torch.Generator | None = None) -> Condition:  # fmt: skip
+                   generator: torch.Generator | None = None, shard: BatchShard = BatchShard()) -> Condition:  # fmt: skip
     """The task input of a batch of images (B, 3, H, W), signed pixels: ``encode`` maps signed pixels to scaled latent
-    means. Draws (on the CPU, from ``generator``) the inpaint masks, or the upscale noise levels and then the noise."""
+    means. Draws (on the CPU, from ``generator``) the inpaint masks, or the upscale noise levels and then the noise,
+    for the whole global batch of which ``pixels`` are this process's rows (``shard``), and keeps those rows."""
     if task is Task.TEXT_TO_IMAGE:
         return Condition()
     b, _, h, w = pixels.shape
     if task is Task.INPAINT:
-        mask = random_masks(b, height=h, width=w, config=config, generator=generator).to(pixels.device)
+        masks = random_masks(shard.global_count(b), height=h, width=w, config=config, generator=generator)
+        mask = shard.local(masks).to(pixels.device)
         return Condition(channels=inpaint_condition(mask, encode(masked_image(pixels, mask))))
     low = encode(downsample(pixels, upscale_factor))  # (B, C, h/f, w/f)
-    levels = torch.randint(0, config.max_noise_level, (b,), generator=generator)
-    noise = torch.randn(low.shape, generator=generator)
+    levels = shard.local(torch.randint(0, config.max_noise_level, (shard.global_count(b),), generator=generator))
+    noise = shard.local(torch.randn(shard.global_shape(low.shape), generator=generator))
     channels = upscale_condition(low, factor=upscale_factor, levels=levels, noise=noise, alphas_cumprod=alphas_cumprod)
     return Condition(channels=channels, class_labels=levels.to(pixels.device))

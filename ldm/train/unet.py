@@ -25,7 +25,6 @@ import enum
 import json
 import math
 import re
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -59,6 +58,7 @@ from ldm.train.cache import (
     load_or_build_cache,
     make_buckets,
 )
+from ldm.train.distributed import BatchShard, batch_shard, hold_output
 from ldm.train.dreambooth import DreamBoothConfig, PriorBatches, batch_loss, check_dreambooth, with_class_images
 from ldm.train.loop import (
     EpochBatches,
@@ -428,6 +428,15 @@ def run(cfg: UNetRunConfig, *, resume: str | None = None) -> RunResult:
                      bucketing=cfg.buckets.enabled)  # fmt: skip
     out = Path(cfg.train.output_dir)
     accelerator = make_accelerator(cfg.train, log_dir=out / "logs")
+    with hold_output(accelerator, out):
+        result = _run(cfg, accelerator, resume=resume)
+    accelerator.end_training()  # every process: the trackers close, the process group goes
+    return result
+
+
+def _run(cfg: UNetRunConfig, accelerator: Accelerator, *, resume: str | None) -> RunResult:
+    """:func:`run` once the output folder is held."""
+    out = Path(cfg.train.output_dir)
     resume_path = resolve_resume(resume, out)
     torch.manual_seed(cfg.train.seed)
 
@@ -496,7 +505,7 @@ def training_data(cfg: UNetRunConfig, base: Bundle, accelerator: Accelerator) ->
     """The data report, the batch order (checked before anything is encoded: too little data for one batch fails
     here), the feature cache and the items."""
     main_process = accelerator.is_main_process
-    report = relabel(cfg, report_dataset(cfg.data, file=sys.stdout if main_process else None))
+    report = relabel(cfg, report_dataset(cfg.data, quiet=not main_process))
     report, instances = with_class_images(cfg.dreambooth, cfg.data, report, base, accelerator=accelerator)
     targets, buckets = training_targets(cfg, report, base)
     if instances is not None:
@@ -730,9 +739,10 @@ class TextConditioning:
             return {"context": self.bundle.text_encoder(self.token_ids(captions)).hidden_states}
 
 
-def latents_of(batch: dict, vae: nn.Module, *, scaling: float, accelerator: Accelerator) -> torch.Tensor:
+def latents_of(batch: dict, vae: nn.Module, *, scaling: float, accelerator: Accelerator,
+               shard: BatchShard = BatchShard()) -> torch.Tensor:  # fmt: skip
     """Scaled posterior samples z = (μ + σ·n)·scaling_factor, from the cache's (mean, logvar) or the VAE's encoding
-    of the pixels; n from the global RNG, which checkpoints restore."""
+    of the pixels; n from the global RNG, which checkpoints restore, drawn for the global batch (``shard``)."""
     device = accelerator.device
     if "mean" in batch:
         mean, logvar = batch["mean"].to(device), batch["logvar"].to(device)  # (B, C, h, w)
@@ -740,12 +750,12 @@ def latents_of(batch: dict, vae: nn.Module, *, scaling: float, accelerator: Acce
         with torch.no_grad(), accelerator.autocast():
             posterior = vae.encode(batch["pixel_values"].to(device)).latent_dist
         mean, logvar = posterior.mean.float(), posterior.logvar.float()
-    n = torch.randn(mean.shape).to(device)
+    n = shard.local(torch.randn(shard.global_shape(mean.shape))).to(device)
     return (mean + torch.exp(0.5 * logvar) * n) * scaling  # (B, C, h, w)
 
 
 def task_conditioner(cfg: UNetRunConfig, base: Bundle, *, accelerator: Accelerator) -> Callable[..., Condition]:
-    """``condition_of(pixels, generator=None)``: the task's input (``ldm.train.tasks.make_condition``) of a batch of
+    """``condition_of(pixels, generator=None, shard=...)``: the task's input (``ldm.train.tasks.make_condition``) of a batch of
     signed pixels on the device, the masked or low-res images encoded by the frozen VAE (scaled posterior means)."""
     scaling, ac = base.config.vae.scaling_factor, alphas_cumprod(cfg.model.schedule)
 
@@ -754,9 +764,10 @@ def task_conditioner(cfg: UNetRunConfig, base: Bundle, *, accelerator: Accelerat
         with accelerator.autocast():
             return base.vae.encode(pixels).latent_dist.mean.float() * scaling  # (B, C, H/f, W/f)
 
-    def condition_of(pixels: torch.Tensor, *, generator: torch.Generator | None = None) -> Condition:
-        return make_condition(cfg.task, pixels, encode=encode, config=cfg.task_inputs,
-                              upscale_factor=cfg.upscale_factor, alphas_cumprod=ac, generator=generator)  # fmt: skip
+    def condition_of(pixels: torch.Tensor, *, generator: torch.Generator | None = None,
+                     shard: BatchShard = BatchShard()) -> Condition:  # fmt: skip
+        return make_condition(cfg.task, pixels, encode=encode, config=cfg.task_inputs, upscale_factor=cfg.upscale_factor,
+                              alphas_cumprod=ac, generator=generator, shard=shard)  # fmt: skip
 
     return condition_of
 
@@ -766,8 +777,9 @@ def step_function(cfg: UNetRunConfig, base: Bundle, model: Trainables, condition
                   accelerator: Accelerator) -> StepFn:  # fmt: skip
     """One micro-batch: noise the latents at random timesteps, add the task's input (masks, noise levels: drawn
     after the noise and timesteps, from the same global RNG), predict, Min-SNR-weighted MSE (with ``instances``,
-    DreamBooth's prior-preservation loss over the instance and class items), update."""
-    schedule, device = cfg.model.schedule, accelerator.device
+    DreamBooth's prior-preservation loss over the instance and class items), update. Every draw is made for the whole
+    global batch, and this process keeps its rows of it (:class:`BatchShard`)."""
+    schedule, device, shard = cfg.model.schedule, accelerator.device, batch_shard(accelerator)
     ac = alphas_cumprod(schedule)  # (T,)
     scaling = base.config.vae.scaling_factor
     condition_of = task_conditioner(cfg, base, accelerator=accelerator)
@@ -775,12 +787,12 @@ def step_function(cfg: UNetRunConfig, base: Bundle, model: Trainables, condition
 
     def step_fn(batch: dict, step: int) -> dict[str, float]:
         with accelerator.accumulate(model.denoiser):
-            x0 = latents_of(batch, base.vae, scaling=scaling, accelerator=accelerator)  # (B, C, h, w)
-            noise = offset_noise(x0.shape, strength=cfg.loss.noise_offset).to(device)
-            t = sample_timesteps(len(x0), schedule.num_train_timesteps).to(device)  # (B,)
+            x0 = latents_of(batch, base.vae, scaling=scaling, accelerator=accelerator, shard=shard)  # (B, C, h, w)
+            noise = shard.local(offset_noise(shard.global_shape(x0.shape), strength=cfg.loss.noise_offset)).to(device)
+            t = shard.local(sample_timesteps(shard.global_count(len(x0)), schedule.num_train_timesteps)).to(device)
             x_t = add_noise(x0, noise, t, ac)
             target = training_target(x0, noise, t, ac, schedule.prediction)
-            condition = Condition() if text_only else condition_of(batch["pixel_values"].to(device))
+            condition = Condition() if text_only else condition_of(batch["pixel_values"].to(device), shard=shard)
             prediction = model.denoiser(unet_input(x_t, condition), t, class_labels=condition.class_labels,
                                         **conditioning(batch["caption"], cache))  # fmt: skip
             weights = min_snr_weights(t, ac, gamma=cfg.loss.min_snr_gamma, prediction=schedule.prediction)
@@ -957,7 +969,6 @@ def finish(cfg: UNetRunConfig, bundle: Bundle, model: Trainables, validate, resu
         result.bundle_dir = save_bundle(written, out / "bundle")
         task = "" if cfg.task is Task.TEXT_TO_IMAGE else f"{cfg.task.value} "
         print(f"bundle written to {result.bundle_dir} ({task}UNet trained for {cfg.model.schedule.prediction.value})")
-    accelerator.end_training()
 
 
 def write_lora(cfg: UNetRunConfig, model: Trainables, result: RunResult) -> None:

@@ -12,7 +12,6 @@ the reconstruction grids, the end (the scaling factor, the bundle and ``OUT/eval
 from __future__ import annotations
 
 import json
-import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -29,7 +28,9 @@ from ldm.errors import LdmError
 from ldm.eval.reconstruction import evaluate_batches
 from ldm.formats.bundle import Bundle, create_bundle, load_bundle, save_bundle
 from ldm.models.presets import ModelConfig, get_preset
+from ldm.train.distributed import BatchShard, batch_shard, hold_output
 from ldm.train.loop import (
+    SHARDED,
     Progress,
     StepFn,
     TrainConfig,
@@ -105,15 +106,17 @@ def check_config(cfg: VAERunConfig) -> None:
 
 
 class Reconstruct(nn.Module):
-    """x → (x̂, posterior mean, posterior log-variance) in one forward, so DDP sees every parameter used."""
+    """x → (x̂, posterior mean, posterior log-variance) in one forward, so DDP sees every parameter used. The
+    posterior sample's noise comes from the global RNG, drawn for the whole global batch (``shard``)."""
 
-    def __init__(self, vae):
+    def __init__(self, vae, shard: BatchShard = BatchShard()):
         super().__init__()
-        self.vae = vae
+        self.vae, self.shard = vae, shard
 
     def forward(self, x: torch.Tensor):  # (B, 3, H, W) in [-1, 1]
         posterior = self.vae.encode(x).latent_dist
-        z = posterior.sample()  # (B, C, H/f, W/f)
+        noise = self.shard.local(torch.randn(self.shard.global_shape(posterior.mean.shape))).to(posterior.mean)
+        z = posterior.mean + posterior.std * noise  # (B, C, H/f, W/f)
         return self.vae.decode(z).sample, posterior.mean, posterior.logvar
 
 
@@ -175,7 +178,7 @@ class Trainables:
 
     vae: nn.Module  # the plain module (its weights go into the bundle)
     model: nn.Module  # the prepared Reconstruct(vae)
-    loss_fn: nn.Module  # the prepared VAELoss
+    loss_fn: nn.Module  # the VAELoss, on the device (not prepared: see build_trainables)
     params: list[nn.Parameter]  # the autoencoder side's trained parameters (the VAE's and the loss's own)
     opt_g: torch.optim.Optimizer
     opt_d: torch.optim.Optimizer
@@ -195,13 +198,15 @@ class Trainables:
 
 
 def build_trainables(cfg: VAERunConfig, vae: nn.Module, accelerator: Accelerator) -> Trainables:
-    model = Reconstruct(vae)
-    loss_fn = VAELoss(cfg.loss)
+    """The prepared autoencoder, optimizers and schedules. The loss module stays unprepared: it runs outside a DDP
+    forward (its discriminator twice a step), so :func:`~ldm.train.loop.backward_step` averages its gradients."""
+    model = Reconstruct(vae, batch_shard(accelerator))
+    loss_fn = VAELoss(cfg.loss).to(accelerator.device)
     params = [p for p in vae.parameters() if p.requires_grad] + list(loss_fn.generator_parameters())
     opt_g = make_optimizer(params, cfg.train)
     opt_d = make_optimizer(loss_fn.discriminator_parameters(), cfg.train)
     sched_g, sched_d = (make_lr_scheduler(o, cfg.train, processes=accelerator.num_processes) for o in (opt_g, opt_d))
-    model, loss_fn, opt_g, opt_d, sched_g, sched_d = accelerator.prepare(model, loss_fn, opt_g, opt_d, sched_g, sched_d)
+    model, opt_g, opt_d, sched_g, sched_d = accelerator.prepare(model, opt_g, opt_d, sched_g, sched_d)
     return Trainables(vae=vae, model=model, loss_fn=loss_fn, params=params, opt_g=opt_g, opt_d=opt_d,
                       sched_g=sched_g, sched_d=sched_d, ema=make_ema(vae, cfg.train))  # fmt: skip
 
@@ -227,6 +232,19 @@ def run(cfg: VAERunConfig, *, resume: str | None = None) -> RunResult:
     out = Path(cfg.train.output_dir)
     resume_path = resolve_resume(resume, out)
     accelerator = make_accelerator(cfg.train, log_dir=out / "logs")
+    if accelerator.distributed_type in SHARDED:
+        raise LdmError(f"train_vae.py runs on one process or under DDP, not {accelerator.distributed_type.value}: its "
+                       "two optimizers and its adaptive GAN weight need whole weights; launch it with "
+                       "configs/accelerate/ddp-gpu.yaml")  # fmt: skip
+    with hold_output(accelerator, out):
+        result = _run(cfg, accelerator, resume_path=resume_path)
+    accelerator.end_training()  # every process: the trackers close, the process group goes
+    return result
+
+
+def _run(cfg: VAERunConfig, accelerator: Accelerator, *, resume_path: Path | None) -> RunResult:
+    """:func:`run` once the output folder is held."""
+    out = Path(cfg.train.output_dir)
     torch.manual_seed(cfg.train.seed)
 
     dataset = training_dataset(cfg, accelerator)
@@ -251,7 +269,7 @@ def run(cfg: VAERunConfig, *, resume: str | None = None) -> RunResult:
 
 def training_dataset(cfg: VAERunConfig, accelerator: Accelerator) -> CaptionedImageDataset:
     """The training images, after the data report (and a note when the perceptual term is off)."""
-    report = report_dataset(cfg.data, file=sys.stdout if accelerator.is_main_process else None)
+    report = report_dataset(cfg.data, quiet=not accelerator.is_main_process)
     dataset = CaptionedImageDataset(cfg.data, report=report, seed=cfg.train.seed)
     if cfg.loss.perceptual_weights is None and accelerator.is_main_process:
         print(perceptual_unavailable_message())
@@ -260,22 +278,25 @@ def training_dataset(cfg: VAERunConfig, accelerator: Accelerator) -> CaptionedIm
 
 def step_function(cfg: VAERunConfig, model: Trainables, *, accelerator: Accelerator) -> StepFn:
     """One micro-batch: the autoencoder's update, then the discriminator's on the detached reconstruction."""
-    loss_fn = accelerator.unwrap_model(model.loss_fn)
+    loss_fn = model.loss_fn
     last_layer = model.vae.decoder.conv_out.weight  # where the adversarial term's adaptive weight is measured
+    # The adaptive weight compares gradients of the global batch's losses: each process's, averaged.
+    average = (lambda g: accelerator.reduce(g, reduction="mean")) if accelerator.num_processes > 1 else None
 
     def step_fn(batch: dict, step: int) -> dict[str, float]:
         x = batch["pixel_values"].to(accelerator.device)  # (B, 3, H, W) in [-1, 1]
-        with accelerator.accumulate(model.model, model.loss_fn):
+        with accelerator.accumulate(model.model):
             # Autoencoder update. The loss keeps the discriminator out of this backward pass.
             x_hat, mean, logvar = model.model(x)
             posterior = DiagonalGaussianDistribution(torch.cat([mean, logvar], dim=1))
-            loss, logs = loss_fn.generator_loss(x, x_hat, posterior, step=step, last_layer=last_layer)
+            loss, logs = loss_fn.generator_loss(x, x_hat, posterior, step=step, last_layer=last_layer, average=average)
             backward_step(accelerator, loss, model.opt_g, model.sched_g, params=model.params,
-                          grad_clip=cfg.train.grad_clip)  # fmt: skip
+                          grad_clip=cfg.train.grad_clip, unprepared=loss_fn.generator_parameters())  # fmt: skip
             # Discriminator update on the detached reconstruction, from loss.disc_start on.
             d_loss, d_logs = loss_fn.discriminator_loss(x, x_hat.detach(), step=step)
             if loss_fn.adversarial_active(step):  # the discriminator's LR schedule counts its own steps
-                backward_step(accelerator, d_loss, model.opt_d, model.sched_d)
+                backward_step(accelerator, d_loss, model.opt_d, model.sched_d,
+                              unprepared=loss_fn.discriminator_parameters())  # fmt: skip
         return {k: float(v) for k, v in (logs | d_logs).items()}
 
     return step_fn
@@ -324,7 +345,6 @@ def finish(cfg: VAERunConfig, base: Bundle, model: Trainables, dataset, sample_f
         (out / "eval.json").write_text(json.dumps(result.metrics, indent=2) + "\n")
         print("held-out: " + ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"
                                        for k, v in result.metrics.items()))  # fmt: skip
-    accelerator.end_training()
 
 
 @torch.no_grad()

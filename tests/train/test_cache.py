@@ -177,11 +177,11 @@ def test_bucketed_batches_are_one_shape_and_deterministic(mixed):
     assert len(order) == sum(n // 2 for n in [assignment.count(b) for b in set(assignment)])
     # Two processes split each global batch.
     r0, r1 = (
-        BucketBatches(assignment, 1, seed=0, num_replicas=2),
-        BucketBatches(assignment, 1, seed=0, num_replicas=2, rank=1),
+        BucketBatches(assignment, 2, seed=0, num_replicas=2),
+        BucketBatches(assignment, 2, seed=0, num_replicas=2, rank=1),
     )
-    for a, b in zip(r0.epoch(0), r1.epoch(0)):
-        assert targets[a[0]] == targets[b[0]] and a != b
+    for a, b, whole in zip(r0.epoch(0), r1.epoch(0), order.epoch(0), strict=True):  # one process's batches, halved
+        assert a + b == whole and targets[a[0]] == targets[b[0]]
 
 
 def test_bucketed_training_run(micro_bundle_dir, mixed, tmp_path, encoder_calls, capsys):

@@ -74,12 +74,18 @@ def test_epoch_batches_are_deterministic_and_disjoint_across_processes():
     assert order.epoch(0) == EpochBatches(10, 2, seed=3).epoch(0)
     assert order.epoch(0) != order.epoch(1)
     assert order.epoch(0, start=2) == order.epoch(0)[2:]
-    shards = [EpochBatches(10, 2, seed=3, num_replicas=2, rank=r).epoch(0) for r in range(2)]
-    assert len(shards[0]) == len(shards[1]) == 2
+    # train.batch_size is the global batch: two processes take halves of the one process's batches
+    whole = EpochBatches(10, 4, seed=3).epoch(0)
+    shards = [EpochBatches(10, 4, seed=3, num_replicas=2, rank=r).epoch(0) for r in range(2)]
+    assert len(shards[0]) == len(shards[1]) == len(whole) == 2
+    assert [a + b for a, b in zip(*shards)] == whole
     seen = [i for shard in shards for batch in shard for i in batch]
     assert len(seen) == len(set(seen)) == 8
     with pytest.raises(LdmError, match="fewer than one batch"):
         EpochBatches(3, 4, seed=0)
+    with pytest.raises(LdmError, match=r"train.batch_size 6 is the global batch and must split evenly among 4 "
+                                       r"processes; set --set train.batch_size=4 or 8"):  # fmt: skip
+        EpochBatches(10, 6, seed=0, num_replicas=4)
 
 
 @pytest.mark.parametrize(
@@ -255,7 +261,8 @@ def test_resumed_ema_matches_and_sits_on_the_accelerator_device(tmp_path):
         assert torch.equal(a, b)
     assert fresh.emas["m"].optimization_step == ema.optimization_step == 1
 
-    elsewhere = types.SimpleNamespace(device=torch.device("meta"), unwrap_model=lambda m: m)
+    elsewhere = types.SimpleNamespace(device=torch.device("meta"), unwrap_model=lambda m: m, num_processes=1,
+                                      process_index=0, is_main_process=True)  # fmt: skip
     other = torch.nn.Linear(3, 2)
     fresh = TrainingState(models={"m": other}, optimizers={}, emas={"m": make_ema(other, cfg)})
     load_checkpoint(path, elsewhere, fresh, config=cfg)
