@@ -9,6 +9,7 @@ import pytest
 from ldm.cli import train_clip, train_unet, train_vae
 from ldm.config import load_yaml
 from ldm.train.clip import CLIPRunConfig
+from ldm.train.lcm import LCMRunConfig
 from ldm.train.loop import LRSchedule, Precision
 from ldm.train.unet import UNetRunConfig
 from ldm.train.vae import VAERunConfig
@@ -17,7 +18,7 @@ ROOT = Path(__file__).resolve().parents[2]
 RUNS = ROOT / "configs" / "runs"
 RECIPE = ROOT / "recipes" / "emoji-tiny.sh"
 SHIPPED = ROOT / "models" / "emoji-tiny"
-RUN_CONFIGS = {"vae": VAERunConfig, "clip": CLIPRunConfig, "unet": UNetRunConfig}  # file name ends -PART.yaml
+RUN_CONFIGS = {"vae": VAERunConfig, "clip": CLIPRunConfig, "unet": UNetRunConfig, "lcm": LCMRunConfig}  # file name ends -PART.yaml
 SCRIPTS = {"train_vae.py": train_vae, "train_clip.py": train_clip, "train_unet.py": train_unet}
 
 # The three stages as recipes/emoji-tiny.sh ran them with --set chains, before configs/runs/.
@@ -75,7 +76,7 @@ def parse(script: str, command: str, variables: dict[str, str]):
 @pytest.mark.parametrize("path", sorted(RUNS.glob("*.yaml")), ids=lambda p: p.name)
 def test_each_run_file_loads_into_its_run_config(path):
     part = path.stem.rsplit("-", 1)[-1]
-    assert part in RUN_CONFIGS, f"{path.name}: name it ...-vae.yaml, ...-clip.yaml or ...-unet.yaml"
+    assert part in RUN_CONFIGS, f"{path.name}: name it ...-vae.yaml, ...-clip.yaml, ...-unet.yaml or ...-lcm.yaml"
     cfg = load_yaml(RUN_CONFIGS[part], path)
     assert isinstance(cfg, RUN_CONFIGS[part]) and cfg.data.path and cfg.train.output_dir
 
