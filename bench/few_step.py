@@ -47,7 +47,7 @@ def contenders(args) -> dict:
     bundle = load_bundle(model).to("cpu", torch.float32)
     size = bundle.config.vae.sample_size
     pipe = StableDiffusionPipeline.from_pretrained(exported(model, args.workdir), local_files_only=True,
-                                                   safety_checker=None, feature_extractor=None,
+                                                   torch_dtype=torch.float32, safety_checker=None, feature_extractor=None,
                                                    requires_safety_checker=False)  # fmt: skip
     sampler = get_sampler("dpmpp_2m")
     pipe.scheduler = sampler.scheduler.from_config(pipe.scheduler.config, **dict(sampler.options))
