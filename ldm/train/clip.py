@@ -48,7 +48,6 @@ from ldm.models.clip import (
 )
 from ldm.models.presets import ModelConfig, get_preset
 from ldm.models.tokenizer import build_tokenizer, tokenize
-from ldm.train.distributed import hold_output
 from ldm.train.loop import (
     LRSchedule,
     Progress,
@@ -57,7 +56,7 @@ from ldm.train.loop import (
     TrainingState,
     backward_step,
     begin_run,
-    make_accelerator,
+    held_run,
     make_ema,
     make_lr_scheduler,
     make_optimizer,
@@ -225,11 +224,7 @@ def run(cfg: CLIPRunConfig, *, resume: str | None = None) -> RunResult:
     check_config(cfg)
     out = Path(cfg.train.output_dir)
     resume_path = resolve_resume(resume, out)
-    accelerator = make_accelerator(cfg.train, log_dir=out / "logs")
-    with hold_output(accelerator, out):
-        result = _run(cfg, accelerator, resume_path=resume_path)
-    accelerator.end_training()  # every process: the trackers close, the process group goes
-    return result
+    return held_run(cfg.train, lambda accelerator: _run(cfg, accelerator, resume_path=resume_path))
 
 
 def _run(cfg: CLIPRunConfig, accelerator: Accelerator, *, resume_path: Path | None) -> RunResult:

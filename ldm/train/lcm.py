@@ -46,14 +46,14 @@ from ldm.formats.bundle import Bundle
 from ldm.models.presets import ModelConfig, Task
 from ldm.models.unet import guidance_embedding, with_guidance_input
 from ldm.pipeline.schedule import LCM_GRID_STEPS, Prediction
-from ldm.train.distributed import batch_shard, hold_output
+from ldm.train.distributed import batch_shard
 from ldm.train.loop import (
     LRSchedule,
     StepFn,
     TrainConfig,
     backward_step,
     begin_run,
-    make_accelerator,
+    held_run,
     resolve_resume,
     train_loop,
 )
@@ -300,12 +300,7 @@ def run(cfg: LCMRunConfig, *, resume: str | None = None) -> RunResult:
     """Distil as ``cfg`` says, from the checkpoint ``resume`` names ('latest' or a file; None: from the start), and
     write ``OUT/bundle`` (the student) or ``OUT/lora.safetensors`` (the LCM-LoRA)."""
     cfg = with_model(cfg)
-    out = Path(cfg.train.output_dir)
-    accelerator = make_accelerator(cfg.train, log_dir=out / "logs")
-    with hold_output(accelerator, out):
-        result = _run(cfg, accelerator, resume=resume)
-    accelerator.end_training()  # every process: the trackers close, the process group goes
-    return result
+    return held_run(cfg.train, lambda accelerator: _run(cfg, accelerator, resume=resume))
 
 
 def _run(cfg: LCMRunConfig, accelerator: Accelerator, *, resume: str | None) -> RunResult:

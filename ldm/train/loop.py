@@ -26,7 +26,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -48,11 +48,14 @@ from ldm.train.distributed import (
     check_processes,
     gather_objects,
     has_accelerator_device,
+    hold_output,
     launch_from_env,
     main_process_object,
     mean_across_processes,
     per_process_batch,
 )
+
+T = TypeVar("T")
 
 
 class Precision(enum.Enum):
@@ -167,6 +170,21 @@ def make_accelerator(cfg: TrainConfig, *, log_dir: Path | None = None) -> Accele
         print(f"note: the launcher asked for {precision}, the run config says {cfg.mixed_precision.value}, which "
               "holds; set --set train.mixed_precision=... instead")  # fmt: skip
     return accelerator
+
+
+def held_run(cfg: TrainConfig, body: Callable[[Accelerator], T], *,
+             check: Callable[[Accelerator], None] | None = None) -> T:  # fmt: skip
+    """A training script's run: its accelerator (:func:`make_accelerator`, logging to ``OUT/logs``), ``check`` of it,
+    then ``body(accelerator)`` while this run holds its output folder (a second trainer there is refused), and the end
+    of training on every process (the trackers close, the process group goes)."""
+    out = Path(cfg.output_dir)
+    accelerator = make_accelerator(cfg, log_dir=out / "logs")
+    if check is not None:
+        check(accelerator)
+    with hold_output(accelerator, out):
+        result = body(accelerator)
+    accelerator.end_training()
+    return result
 
 
 FUSED_ADAM_DEVICES = ("cpu", "cuda")  # where make_optimizer picks torch's fused AdamW kernel

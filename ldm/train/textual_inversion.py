@@ -41,9 +41,9 @@ from ldm.train.loop import (
     TrainingState,
     backward_step,
     begin_run,
+    held_run,
     image_grid,
     log_grid,
-    make_accelerator,
     make_ema,
     make_lr_scheduler,
     make_optimizer,
@@ -211,8 +211,12 @@ def run(cfg: UNetRunConfig, *, resume: str | None = None) -> RunResult:
     """Train the word's vectors as ``cfg`` says, from the checkpoint ``resume`` names ('latest' or a file; None: from
     the start), and write ``OUT/TOKEN.safetensors`` and ``OUT/learned_embeds.safetensors``."""
     cfg = with_model(cfg)
+    return held_run(cfg.train, lambda accelerator: _run(cfg, accelerator, resume=resume))
+
+
+def _run(cfg: UNetRunConfig, accelerator, *, resume: str | None) -> RunResult:
+    """:func:`run` once the output folder is held."""
     ti, out = cfg.textual_inversion, Path(cfg.train.output_dir)
-    accelerator = make_accelerator(cfg.train, log_dir=out / "logs")
     resume_path = resolve_resume(resume, out)
     torch.manual_seed(cfg.train.seed)
 
@@ -252,7 +256,6 @@ def run(cfg: UNetRunConfig, *, resume: str | None = None) -> RunResult:
     if accelerator.is_main_process:
         print(f"{steps} steps in {elapsed:.1f} s ({result.steps_per_second:.2f} steps/s)")
         finish(cfg, base, module, ema, validate, result)
-    accelerator.end_training()
     return result
 
 

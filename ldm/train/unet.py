@@ -58,7 +58,7 @@ from ldm.train.cache import (
     load_or_build_cache,
     make_buckets,
 )
-from ldm.train.distributed import BatchShard, batch_shard, hold_output
+from ldm.train.distributed import BatchShard, batch_shard
 from ldm.train.dreambooth import DreamBoothConfig, PriorBatches, batch_loss, check_dreambooth, with_class_images
 from ldm.train.loop import (
     EpochBatches,
@@ -70,9 +70,9 @@ from ldm.train.loop import (
     backward_step,
     begin_run,
     check_training_size,
+    held_run,
     image_grid,
     log_grid,
-    make_accelerator,
     make_ema,
     make_lr_scheduler,
     make_optimizer,
@@ -426,12 +426,7 @@ def run(cfg: UNetRunConfig, *, resume: str | None = None) -> RunResult:
     cfg = with_model(cfg)
     check_dreambooth(cfg.dreambooth, data=cfg.data, task=cfg.task, conditioning=cfg.conditioning,
                      bucketing=cfg.buckets.enabled)  # fmt: skip
-    out = Path(cfg.train.output_dir)
-    accelerator = make_accelerator(cfg.train, log_dir=out / "logs")
-    with hold_output(accelerator, out):
-        result = _run(cfg, accelerator, resume=resume)
-    accelerator.end_training()  # every process: the trackers close, the process group goes
-    return result
+    return held_run(cfg.train, lambda accelerator: _run(cfg, accelerator, resume=resume))
 
 
 def _run(cfg: UNetRunConfig, accelerator: Accelerator, *, resume: str | None) -> RunResult:

@@ -28,7 +28,7 @@ from ldm.errors import LdmError
 from ldm.eval.reconstruction import evaluate_batches
 from ldm.formats.bundle import Bundle, create_bundle, load_bundle, save_bundle
 from ldm.models.presets import ModelConfig, get_preset
-from ldm.train.distributed import BatchShard, batch_shard, hold_output
+from ldm.train.distributed import BatchShard, batch_shard
 from ldm.train.loop import (
     SHARDED,
     Progress,
@@ -38,9 +38,9 @@ from ldm.train.loop import (
     backward_step,
     begin_run,
     check_training_size,
+    held_run,
     image_grid,
     log_grid,
-    make_accelerator,
     make_ema,
     make_lr_scheduler,
     make_optimizer,
@@ -231,15 +231,14 @@ def run(cfg: VAERunConfig, *, resume: str | None = None) -> RunResult:
     check_config(cfg)
     out = Path(cfg.train.output_dir)
     resume_path = resolve_resume(resume, out)
-    accelerator = make_accelerator(cfg.train, log_dir=out / "logs")
-    if accelerator.distributed_type in SHARDED:
-        raise LdmError(f"train_vae.py runs on one process or under DDP, not {accelerator.distributed_type.value}: its "
-                       "two optimizers and its adaptive GAN weight need whole weights; launch it with "
-                       "configs/accelerate/ddp-gpu.yaml")  # fmt: skip
-    with hold_output(accelerator, out):
-        result = _run(cfg, accelerator, resume_path=resume_path)
-    accelerator.end_training()  # every process: the trackers close, the process group goes
-    return result
+
+    def unsharded(accelerator: Accelerator) -> None:
+        if accelerator.distributed_type in SHARDED:
+            raise LdmError(f"train_vae.py runs on one process or under DDP, not {accelerator.distributed_type.value}: "
+                           "its two optimizers and its adaptive GAN weight need whole weights; launch it with "
+                           "configs/accelerate/ddp-gpu.yaml")  # fmt: skip
+
+    return held_run(cfg.train, lambda accelerator: _run(cfg, accelerator, resume_path=resume_path), check=unsharded)
 
 
 def _run(cfg: VAERunConfig, accelerator: Accelerator, *, resume_path: Path | None) -> RunResult:
