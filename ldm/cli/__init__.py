@@ -1,7 +1,7 @@
 """The commands: each module turns argv into typed arguments for the library and errors into exit codes.
 
 ``python -m ldm COMMAND ...`` (or the installed ``ldm COMMAND ...``) runs one of :data:`COMMANDS`; the root scripts
-``generate.py``, ``train_vae.py``, ``train_clip.py`` and ``train_unet.py`` run theirs directly.
+``generate.py``, ``train_vae.py``, ``train_clip.py``, ``train_unet.py`` and ``train_tiny_vae.py`` run theirs directly.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ COMMANDS = {  # command → (module, what it does)
     "train-vae": ("ldm.cli.train_vae", "train or fine-tune the autoencoder"),
     "train-clip": ("ldm.cli.train_clip", "train the CLIP text encoder"),
     "train-unet": ("ldm.cli.train_unet", "train or fine-tune the UNet, or a LoRA of it"),
+    "train-tiny-vae": ("ldm.cli.train_tiny_vae", "distil a tiny autoencoder from a bundle's VAE, into the bundle"),
     "bundle": ("ldm.cli.bundle", "create, inspect, export, convert and import model bundles"),
     "upscale": ("ldm.cli.upscale", "upscale images with a latent upscaler bundle"),
     "vae": ("ldm.cli.vae", "encode, decode, round-trip and evaluate with a bundle's VAE"),
