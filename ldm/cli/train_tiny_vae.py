@@ -2,7 +2,7 @@
 
     python train_tiny_vae.py --bundle models/emoji-tiny --preset emoji-tiny --data data/emoji/train \\
         --eval-data data/emoji/test --out runs/tiny-vae --budget-minutes 40
-    python train_tiny_vae.py --config configs/runs/emoji-tiny-tiny-vae.yaml --bundle models/emoji-tiny --out runs/t
+    python train_tiny_vae.py --config configs/runs/emoji-tiny-tiny_vae.yaml --bundle models/emoji-tiny --out runs/t
     python train_tiny_vae.py --out runs/tiny-vae --resume latest            # continue exactly where it stopped
 
 The run itself (the targets, the loss, what is written) is ``ldm.train.tiny_vae``; this module turns argv into its
