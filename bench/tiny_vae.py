@@ -40,7 +40,8 @@ def worker(args) -> dict:
     if bundle.tiny_vae is None:
         raise SystemExit(f"{args.model} has no tiny autoencoder; train one with train_tiny_vae.py")
     scale = bundle.config.vae.scaling_factor
-    held = compare_decoders(bundle, bundle.tiny_vae, DataConfig(path=args.tiny_data, resolution=bundle.config.default_size))
+    held_data = DataConfig(path=args.tiny_data, resolution=bundle.config.default_size)
+    held = compare_decoders(bundle, bundle.tiny_vae, held_data)
 
     prompts = (ROOT / "docs" / "eval-prompts.txt").read_text().split("\n")[: args.tiny_prompts]
     made = []

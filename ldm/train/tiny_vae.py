@@ -243,14 +243,15 @@ def step_function(cfg: TinyVAERunConfig, base: Bundle, model: Trainables, *, acc
 
 def sample_grid(cfg: TinyVAERunConfig, base: Bundle, tiny: nn.Module, items: UNetItems, *,
                 accelerator: Accelerator) -> Callable[[int], None]:  # fmt: skip
-    """``sample_fn(step)``: for fixed training images, rows of the image, the full decoder's output, the tiny
-    decoder's, and the tiny round trip (tiny encoder, then tiny decoder), as a grid in ``samples/`` and
-    TensorBoard, on the main process."""
-    picked = [items.cache.latent(i)[0] for i in range(min(cfg.sample_images, len(items)))]
-    latents = torch.stack(picked) * base.config.vae.scaling_factor  # (N, C, h, w)
-    full = torch.stack([items.cache.decoded(i) for i in range(len(picked))])  # (N, 3, H, W)
+    """``sample_fn(step)``: for training images spread over the dataset, rows of the image, the full decoder's
+    output, the tiny decoder's, and the tiny round trip (tiny encoder, then tiny decoder), as a grid in ``samples/``
+    and TensorBoard, on the main process."""
+    count = min(cfg.sample_images, len(items))
+    picked = [i * len(items) // count for i in range(count)]
+    latents = torch.stack([items.cache.latent(i)[0] for i in picked]) * base.config.vae.scaling_factor  # (N, C, h, w)
+    full = torch.stack([items.cache.decoded(i) for i in picked])  # (N, 3, H, W)
     originals = CaptionedImageDataset(replace(cfg.data, random_flip=0.0), report=items.report, seed=0)
-    pixels = torch.stack([originals[i]["pixel_values"] for i in range(len(picked))])
+    pixels = torch.stack([originals[i]["pixel_values"] for i in picked])
 
     @torch.no_grad()
     def sample_fn(step: int) -> None:

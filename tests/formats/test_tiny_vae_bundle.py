@@ -40,7 +40,8 @@ def test_adding_one_keeps_the_other_files_and_the_hash(micro_bundle_dir, micro_t
 
 
 def test_it_is_stored_in_the_vaes_dtype_and_converts_with_the_rest(micro_tiny_bundle_dir, tmp_path):
-    assert run_cli(bundle_cli.main, ["convert", str(micro_tiny_bundle_dir), str(tmp_path / "half"), "--dtype", "fp16"]) == 0
+    argv = ["convert", str(micro_tiny_bundle_dir), str(tmp_path / "half"), "--dtype", "fp16"]
+    assert run_cli(bundle_cli.main, argv) == 0
     half = load_bundle(tmp_path / "half")
     assert {p.dtype for p in half.tiny_vae.parameters()} == {torch.float16}
     torch.manual_seed(1)

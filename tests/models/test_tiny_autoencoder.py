@@ -37,6 +37,7 @@ def test_the_config_is_diffusers_own():
     ours = build_tiny_autoencoder(get_tiny_preset("taesd", latent_channels=4))
     theirs = AutoencoderTiny()
     assert {k: v.shape for k, v in ours.state_dict().items()} == {k: v.shape for k, v in theirs.state_dict().items()}
+
     def settings(tiny):
         return {k: v for k, v in tiny.config.items() if not k.startswith("_")}
 

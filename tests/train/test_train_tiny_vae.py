@@ -55,14 +55,17 @@ def checkpoint_tensors(path):
 
 
 def test_resume_is_exact(discs, micro_bundle_dir, tmp_path):
-    common = ["--set", "train.ema_decay=0.9", "--set", "train.checkpoint_every=100", "--cache-dir", str(tmp_path / "cache")]
+    common = ["--set", "train.ema_decay=0.9", "--set", "train.checkpoint_every=100", "--cache-dir", tmp_path / "cache"]
     for name in ("straight", "split"):
         shutil.copytree(micro_bundle_dir, tmp_path / name / "bundle")
     straight, split = tmp_path / "straight", tmp_path / "split"
-    assert run_cli(train_tiny_vae.main, args(straight / "bundle", discs, straight / "run", "--max-steps", "4", *common)) == 0
-    assert run_cli(train_tiny_vae.main, args(split / "bundle", discs, split / "run", "--max-steps", "2", *common)) == 0
-    assert run_cli(train_tiny_vae.main, args(split / "bundle", discs, split / "run", "--max-steps", "4", "--resume",
-                                             "latest", *common)) == 0  # fmt: skip
+
+    def train(folder, *extra):
+        return run_cli(train_tiny_vae.main, [str(a) for a in args(folder / "bundle", discs, folder / "run", *extra)])
+
+    assert train(straight, "--max-steps", "4", *common) == 0
+    assert train(split, "--max-steps", "2", *common) == 0
+    assert train(split, "--max-steps", "4", "--resume", "latest", *common) == 0
     a = checkpoint_tensors(straight / "run" / "checkpoints" / "step-00000004.safetensors")
     b = checkpoint_tensors(split / "run" / "checkpoints" / "step-00000004.safetensors")
     assert a.keys() == b.keys() and any(k.startswith("s.optimizers.tiny_vae.state.") for k in a)
@@ -71,7 +74,6 @@ def test_resume_is_exact(discs, micro_bundle_dir, tmp_path):
     assert sha256_file(straight / "bundle" / TINY_VAE_WEIGHTS) == sha256_file(split / "bundle" / TINY_VAE_WEIGHTS)
 
 
-@pytest.mark.slow
 def test_it_learns_and_goes_into_the_bundle(discs, bundle, micro_bundle_dir, tmp_path):
     out = tmp_path / "run"
     assert run_cli(train_tiny_vae.main, args(bundle, discs, out, "--max-steps", "30", "--eval-data", str(discs),
@@ -110,3 +112,13 @@ def test_bad_runs_fail_before_training(discs, bundle, tmp_path, capsys, extra, m
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1, err
     assert not (tmp_path / "run").exists() and not (bundle / "tiny_vae").exists()
+
+
+def test_training_the_vae_again_leaves_the_tiny_autoencoder_out(discs, micro_tiny_bundle_dir, tmp_path, capsys):
+    from ldm.cli import train_vae
+
+    argv = ["--init-from", str(micro_tiny_bundle_dir), "--data", str(discs), "--out", str(tmp_path / "vae"),
+            "--max-steps", "1", "--set", "train.batch_size=4", "--set", "scale_samples=4"]  # fmt: skip
+    assert run_cli(train_vae.main, argv) == 0
+    assert "the bundle's tiny autoencoder is left out of the new bundle, which it no longer fits" in capsys.readouterr().out
+    assert load_bundle(tmp_path / "vae" / "bundle").tiny_vae is None
