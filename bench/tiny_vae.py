@@ -89,8 +89,10 @@ def section(args, workdir: Path) -> tuple[str, dict]:
         "--tiny-turns", args.tiny_turns, "--tiny-batches", *args.tiny_batches,
     ], threads=args.threads, log=workdir / "tiny_vae.log")  # fmt: skip
     held, generated = r["held_out"], r["generated"]
+    shown = Path(args.tiny_data).resolve()
+    shown = shown.relative_to(ROOT) if shown.is_relative_to(ROOT) else shown
     quality = table(["latents", "images", "PSNR tiny vs full decoder", "SSIM"], [
-        [f"held-out images' (`{args.tiny_data}`)", held["count"], f"{held['decoder_psnr']:.2f} dB", f"{held['decoder_ssim']:.3f}"],
+        [f"held-out images' (`{shown}`)", held["count"], f"{held['decoder_psnr']:.2f} dB", f"{held['decoder_ssim']:.3f}"],
         ["the UNet's, for docs/eval-prompts.txt", generated["count"], f"{generated['psnr']:.2f} dB", f"{generated['ssim']:.3f}"],
     ])  # fmt: skip
     rows = []

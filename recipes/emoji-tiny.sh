@@ -51,9 +51,10 @@ python train_unet.py --config configs/runs/emoji-tiny-unet.yaml --bundle "$OUT/c
 #    python -m ldm eval --clip $OUT/clip/clip.safetensors.
 python -m ldm bundle convert "$OUT/unet/bundle" "$SHIP" --dtype fp16 --no-extras --name emoji-tiny --force
 
-# 6. Tiny autoencoder (~40 min + a few minutes to cache the VAE's outputs): distilled from the shipped VAE on the
+# 6. Tiny autoencoder (~40 min, after ~20 min caching the VAE's outputs): distilled from the shipped VAE on the
 #    default-tone emoji and written into $SHIP in place (tiny_vae/, fp16): the server's previews and
-#    generate.py --tiny-vae decode with it. The other files and the bundle hash stay as they are.
+#    generate.py --tiny-vae decode with it. The other files and the bundle hash stay as they are. The shipped one
+#    ran with OMP_NUM_THREADS=1 on a machine shared with other jobs, where two threads spin at their barriers.
 python train_tiny_vae.py --config configs/runs/emoji-tiny-tiny_vae.yaml --bundle "$SHIP" --data "$BASE/train" \
     --eval-data "$BASE/test" --out "$OUT/tiny-vae"
 python -m ldm bundle info "$SHIP"
