@@ -2,7 +2,7 @@
 # The recipe of the shipped default model, models/emoji-tiny: VAE, CLIP text encoder and UNet trained from
 # scratch on the emoji dataset with the project's own scripts, then written as an fp16 bundle.
 #
-#     bash recipes/emoji-tiny.sh                 # about 2 hours on 2 CPU cores
+#     bash recipes/emoji-tiny.sh                 # about 3 hours on 2 CPU cores
 #     OUT=runs/mine bash recipes/emoji-tiny.sh   # somewhere else
 #
 # Each stage stops on its own clock as well as its step count. The VAE and CLIP commands are the ones that made
@@ -11,7 +11,7 @@
 # --budget-minutes instead: its cosine schedule anneals within the hour on any machine (12,935 steps here).
 # To do the same for the VAE, replace train.max_minutes by train.budget_minutes in its run config and raise
 # train.max_steps out of the way (or pass --budget-minutes M --max-minutes 0 --max-steps N).
-# Each stage's settings are a run config in configs/runs/ (emoji-tiny-vae.yaml, -clip.yaml, -unet.yaml); the command
+# Each stage's settings are a run config in configs/runs/ (emoji-tiny-vae.yaml, -clip.yaml, -unet.yaml, -tiny_vae.yaml); the command
 # lines below add the folders, which depend on $OUT, $DATA and $BASE. Flags and --set override the file.
 # README.md (Training the autoencoder) gives newer VAE settings: 26.3 dB held-out in the same 29 minutes, against
 # this stage's 24.7 dB; the shipped model predates them, and a rerun of this recipe with them followed its prompts
@@ -50,4 +50,11 @@ python train_unet.py --config configs/runs/emoji-tiny-unet.yaml --bundle "$OUT/c
 # 5. Ship: fp16 weights, under 32 MB with the tokenizer. The full CLIP (image tower too) stays in $OUT/clip for
 #    python -m ldm eval --clip $OUT/clip/clip.safetensors.
 python -m ldm bundle convert "$OUT/unet/bundle" "$SHIP" --dtype fp16 --no-extras --name emoji-tiny --force
+
+# 6. Tiny autoencoder (~40 min, after ~20 min caching the VAE's outputs): distilled from the shipped VAE on the
+#    default-tone emoji and written into $SHIP in place (tiny_vae/, fp16): the server's previews and
+#    generate.py --tiny-vae decode with it. The other files and the bundle hash stay as they are. The shipped one
+#    ran with OMP_NUM_THREADS=1 on a machine shared with other jobs, where two threads spin at their barriers.
+python train_tiny_vae.py --config configs/runs/emoji-tiny-tiny_vae.yaml --bundle "$SHIP" --data "$BASE/train" \
+    --eval-data "$BASE/test" --out "$OUT/tiny-vae"
 python -m ldm bundle info "$SHIP"

@@ -21,6 +21,24 @@ def micro_bundle_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def micro_tiny_bundle_dir(micro_bundle_dir, tmp_path_factory):
+    """The ``micro`` bundle with a randomly initialised tiny autoencoder (the ``micro`` tiny preset) added (read-only)."""
+    import shutil
+
+    import torch
+
+    from ldm.formats.bundle import add_tiny_vae
+    from ldm.models.presets import get_tiny_preset
+    from ldm.models.tiny_autoencoder import build_tiny_autoencoder
+
+    folder = tmp_path_factory.mktemp("bundles") / "micro-tiny"
+    shutil.copytree(micro_bundle_dir, folder)
+    torch.manual_seed(0)
+    add_tiny_vae(folder, build_tiny_autoencoder(get_tiny_preset("micro", latent_channels=4)))
+    return folder
+
+
+@pytest.fixture(scope="session")
 def micro_f4_bundle_dir(tmp_path_factory):
     """The ``micro`` bundle with a three-level VAE: 4 pixels per latent cell, where every preset has 8 (read-only)."""
     micro = PRESETS["micro"]

@@ -1,7 +1,8 @@
 """The commands: each module turns argv into typed arguments for the library and errors into exit codes.
 
 ``python -m ldm COMMAND ...`` (or the installed ``ldm COMMAND ...``) runs one of :data:`COMMANDS`; the root scripts
-``generate.py``, ``train_vae.py``, ``train_clip.py``, ``train_unet.py`` and ``train_lcm.py`` run theirs directly.
+``generate.py``, ``train_vae.py``, ``train_clip.py``, ``train_unet.py``, ``train_lcm.py`` and ``train_tiny_vae.py`` run
+theirs directly.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ COMMANDS = {  # command → (module, what it does)
     "train-clip": ("ldm.cli.train_clip", "train the CLIP text encoder"),
     "train-unet": ("ldm.cli.train_unet", "train or fine-tune the UNet, or a LoRA of it"),
     "train-lcm": ("ldm.cli.train_lcm", "distil a UNet into a few-step consistency model or an LCM-LoRA"),
+    "train-tiny-vae": ("ldm.cli.train_tiny_vae", "distil a tiny autoencoder from a bundle's VAE, into the bundle"),
     "bundle": ("ldm.cli.bundle", "create, inspect, export, convert and import model bundles"),
     "upscale": ("ldm.cli.upscale", "upscale images with a latent upscaler bundle"),
     "vae": ("ldm.cli.vae", "encode, decode, round-trip and evaluate with a bundle's VAE"),

@@ -7,9 +7,18 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from ldm.cli.common import ArgumentParser, check_output, run_cli, seed
-from ldm.config import apply_overrides, dump_yaml
+from ldm.config import apply_overrides, dump_yaml, to_dict
 from ldm.errors import BundleError, ConfigError, LdmError
-from ldm.formats.bundle import create_bundle, load_bundle, read_config, read_manifest, save_bundle, save_new_bundle
+from ldm.formats.bundle import (
+    TINY_VAE_CONFIG,
+    create_bundle,
+    load_bundle,
+    read_config,
+    read_manifest,
+    read_tiny_config,
+    save_bundle,
+    save_new_bundle,
+)
 from ldm.formats.diffusers import choose_variant, export_diffusers, import_diffusers
 from ldm.formats.single_file import export_single_file, import_single_file, parse_prediction
 from ldm.models.presets import PRESETS, get_preset
@@ -83,6 +92,9 @@ def info(args) -> None:
     print(json.dumps({k: v for k, v in manifest.items() if k not in ("files", "extras")}, indent=2))
     if manifest.get("extras"):
         print(f"optional files: {', '.join(sorted(manifest['extras']))}")
+    if TINY_VAE_CONFIG in manifest["files"]:
+        tiny = to_dict(read_tiny_config(args.bundle, manifest, read_config(args.bundle)))
+        print(f"tiny autoencoder ({TINY_VAE_CONFIG}): {', '.join(f'{k} {v}' for k, v in tiny.items())}")
 
 
 def export(args) -> None:

@@ -49,7 +49,7 @@ from ldm.cli.lora_inputs import add_arguments as add_lora_arguments
 from ldm.cli.lora_inputs import record as lora_record
 from ldm.cli.lora_inputs import resolve as resolve_loras
 from ldm.cli.model_inputs import add_arguments as add_model_arguments
-from ldm.cli.model_inputs import resolve_model, resolve_vae, vae_record, warn_about_vae
+from ldm.cli.model_inputs import check_tiny_vae, resolve_model, resolve_vae, vae_record, warn_about_vae
 from ldm.config import show
 from ldm.errors import LdmError
 from ldm.formats.bundle import Bundle, load_bundle, read_config
@@ -74,7 +74,7 @@ from ldm.runtime import DTYPES, resolve_device, resolve_dtype
 
 DEFAULTS = {
     "negative_prompt": "", "steps": DEFAULT_STEPS, "guidance_scale": DEFAULT_GUIDANCE, "sampler": DEFAULT_SAMPLER,
-    "dtype": "fp32", "fast": False, "deep_cache": 0, "token_merging": 0.0, "clip_skip": 1,
+    "dtype": "fp32", "fast": False, "deep_cache": 0, "token_merging": 0.0, "clip_skip": 1, "tiny_vae": False,
 }  # fmt: skip
 
 
@@ -117,6 +117,7 @@ class Settings:
     upscale: UpscaleSettings | None = None  # --upscale: every image upscaled after it is made
     vae: VaeFile | None = None  # --vae: the autoencoder swapped in; None: the model's own
     embeddings: EmbeddingSet | None = None  # the textual-inversion embeddings the prompts name (--embeddings)
+    tiny_vae: bool = False  # --tiny-vae: the images decoded by the bundle's tiny autoencoder
 
 
 @dataclass(frozen=True)
@@ -204,6 +205,7 @@ def settings_from_png(path: Path) -> tuple[ImageParameters, dict]:
         "prompts": [p.prompt], "negative_prompt": p.negative_prompt, "steps": p.steps, "guidance_scale": p.guidance_scale,
         "sampler": sampler, "width": p.width, "height": p.height, "dtype": p.dtype or "fp32",
         "fast": p.fast, "deep_cache": p.deep_cache, "token_merging": p.token_merging, "clip_skip": p.clip_skip,
+        "tiny_vae": p.tiny_vae,
     }  # fmt: skip
 
 
@@ -243,6 +245,8 @@ def resolve_settings(args: argparse.Namespace) -> Settings:
         label_ids(config.classes, [*prompts, pick("negative_prompt")])  # unknown classes fail before the load
     vae = resolve_vae(args, config)
     embeddings = resolve_embeddings(args, [*prompts, pick("negative_prompt")], config)
+    tiny_vae = pick("tiny_vae")
+    check_tiny_vae(tiny_vae, model, vae=vae, from_png=args.from_png if args.tiny_vae is None else None)
     inputs = resolve_image_inputs(args, recorded, args.from_png)
     check_task(config, model, inputs)
     default_width, default_height = inputs.default_size(config) if inputs else (config.default_size,) * 2
@@ -265,7 +269,7 @@ def resolve_settings(args: argparse.Namespace) -> Settings:
         sampler=sampler, width=width, height=height, device=device, dtype=dtype, fast=fast, compile=args.compile,
         deep_cache=deep_cache, token_merging=token_merging, clip_skip=clip_skip, loras=resolve_loras(args, prompts, recorded), seed=args.seed,
         num_images=args.num_images, batch_size=args.batch_size, from_png=args.from_png, recorded=recorded,
-        rebuild=rebuild, inputs=inputs, upscale=upscale, vae=vae, embeddings=embeddings,
+        rebuild=rebuild, inputs=inputs, upscale=upscale, vae=vae, embeddings=embeddings, tiny_vae=tiny_vae,
     )  # fmt: skip
 
 
@@ -370,7 +374,7 @@ def image_parameters(settings: Settings, bundle: Bundle, job: Job, *, batch_size
         loras=lora_record(settings.loras), extra=settings.recorded.extra if settings.recorded else (), dtype=settings.dtype,
         embeddings=embedding_record(settings.embeddings, [job.prompt, job.negative_prompt]),
         fast=settings.fast, deep_cache=settings.deep_cache, token_merging=settings.token_merging,
-        clip_skip=settings.clip_skip, version=f"ldm {ldm.__version__}", **(settings.inputs.record() if settings.inputs else {}),
+        clip_skip=settings.clip_skip, tiny_vae=settings.tiny_vae, version=f"ldm {ldm.__version__}", **(settings.inputs.record() if settings.inputs else {}),
         **(upscale_record(settings.upscale, upscaler) if settings.upscale else {}), **vae_record(settings.vae),
     )  # fmt: skip
 
@@ -410,7 +414,7 @@ def make_images(
             prompts=[strip_lora_tags(j.prompt) for j in batch], negative_prompts=[j.negative_prompt for j in batch],
             seeds=[j.seed for j in batch], steps=settings.steps, guidance_scale=settings.guidance_scale,
             sampler=settings.sampler, width=settings.width, height=settings.height, clip_skip=settings.clip_skip,
-            embeddings=settings.embeddings, **image_inputs,
+            embeddings=settings.embeddings, tiny_vae=settings.tiny_vae, **image_inputs,
         )  # fmt: skip
         images = generate(bundle, request, progress=progress, on_step=on_step)  # (B, 3, H, W) in [0, 1]
         if canvas is not None:

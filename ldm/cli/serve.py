@@ -39,9 +39,10 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--max-images", type=int, default=d.max_images,
                    help=f"most batch_size × n_iter per request (default {d.max_images})")  # fmt: skip
     p.add_argument("--max-body", type=int, default=d.max_body, help=f"most bytes of a request (default {d.max_body})")
-    p.add_argument("--preview-every", type=int, default=5,
-                   help="sampling steps between the previews /progress shows (each decoded only once a /progress call "
-                        "asks for it); 0: none (default 5)")  # fmt: skip
+    p.add_argument("--preview-every", type=int, default=None,
+                   help="sampling steps between the previews /progress shows, each decoded only once a /progress call "
+                        "asks for it; 0: none (default: every step where the model has a tiny autoencoder, which "
+                        "decodes them, else 5)")  # fmt: skip
     return p
 
 
@@ -68,8 +69,9 @@ def main(argv=None) -> int:
     if args.embeddings_dir is not None and not args.embeddings_dir.is_dir():
         raise LdmError(f"--embeddings-dir {args.embeddings_dir} is not a folder; pass the embeddings' folder")
     config = ServeConfig(models_dir=args.models_dir, lora_dir=args.lora_dir, embeddings_dir=args.embeddings_dir,
-                         model=args.model, out=None if args.no_save else args.out, device=args.device, dtype=args.dtype, limits=limits,
-                         auth=auth, preview_every=max(0, args.preview_every))  # fmt: skip
+                         model=args.model, out=None if args.no_save else args.out, device=args.device, dtype=args.dtype,
+                         limits=limits, auth=auth,
+                         preview_every=None if args.preview_every is None else max(0, args.preview_every))  # fmt: skip
     app = create_app(config)
     uvicorn.run(app, host="0.0.0.0" if args.listen else "127.0.0.1", port=args.port, log_level="info")
     return 0

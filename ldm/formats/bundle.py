@@ -7,12 +7,15 @@ Layout::
     text_encoder.safetensors   CLIPTextModel weights
     unet.safetensors           UNet2DConditionModel weights
     labels.safetensors         class-conditional and unconditional models only: the learned label tokens
+    tiny_vae/                  optional: config.yaml and model.safetensors of a tiny autoencoder distilled from the
+                               VAE (ldm.models.tiny_autoencoder), for previews and generate.py --tiny-vae
     tokenizer/                 vocab.json, merges.txt, tokenizer_config.json, special_tokens_map.json
     clip.safetensors           optional: the whole CLIP of train_clip.py, the default scorer of ``ldm.eval.evaluate``
     manifest.json              format version, package versions, sha256 of every file above
 
 Optional files (:data:`EXTRAS`) are listed under the manifest's ``extras`` with their sha256 and checked on load
-like the rest, but they are not part of the bundle hash: that names the weights that make the pictures.
+like the rest, but they are not part of the bundle hash: that names the weights that make the pictures. Nor is the
+tiny autoencoder, which makes them only when asked (and the PNG says so): adding one to a bundle keeps its hash.
 
 Every file is written atomically and the manifest last, so a folder with a manifest is complete. Loading checks
 each file's sha256 against the manifest. ``ldm.formats.diffusers`` exports a bundle to a diffusers Stable Diffusion
@@ -33,7 +36,7 @@ from pathlib import Path
 
 import torch
 from accelerate import init_empty_weights
-from diffusers import AutoencoderKL
+from diffusers import AutoencoderKL, AutoencoderTiny
 from torch import nn
 from transformers import CLIPTextModel, CLIPTokenizer
 
@@ -44,6 +47,7 @@ from ldm.models.autoencoder import build_autoencoder
 from ldm.models.labels import Conditioning, LabelEncoder, build_label_encoder
 from ldm.models.presets import ModelConfig
 from ldm.models.text_encoder import TextEncoder, build_text_encoder, fit_state_dict
+from ldm.models.tiny_autoencoder import TRAIN_COMMAND, TinyAutoencoderConfig, build_tiny_autoencoder, tiny_config
 from ldm.models.tokenizer import build_tokenizer, load_tokenizer, save_tokenizer
 from ldm.models.unet import build_unet
 from ldm.pipeline.denoiser import Denoiser
@@ -54,6 +58,8 @@ FORMAT_VERSION = 1
 CLIP_FILE = "clip.safetensors"
 EXTRAS = (CLIP_FILE,)  # optional files a bundle may carry beside its parts
 PACKAGES = ("ldm", "torch", "diffusers", "transformers", "safetensors", "open_clip_torch")
+TINY_VAE_CONFIG = "tiny_vae/config.yaml"  # the optional tiny autoencoder's TinyAutoencoderConfig
+TINY_VAE_WEIGHTS = "tiny_vae/model.safetensors"
 
 
 @dataclass
@@ -69,11 +75,14 @@ class Bundle:
     manifest: dict = field(default_factory=dict)
     extras: dict[str, Path] = field(default_factory=dict)  # optional file name (EXTRAS) → where it is now
     labels: LabelEncoder | None = None  # config.conditioning class or none: what the UNet cross-attends to
+    tiny_vae: AutoencoderTiny | None = None  # optional: distilled from ``vae`` (train_tiny_vae.py); previews
 
     def modules(self) -> dict[str, nn.Module]:
         modules = {"vae": self.vae, "text_encoder": self.text_encoder.model, "unet": self.unet}
         if self.labels is not None:
             modules["labels"] = self.labels.model
+        if self.tiny_vae is not None:
+            modules["tiny_vae"] = self.tiny_vae
         return modules
 
     @property
@@ -136,7 +145,23 @@ def label_encoder(config: ModelConfig) -> LabelEncoder | None:
 
 
 def _combined_hash(files: dict[str, str]) -> str:
-    return hashlib.sha256("".join(f"{k}={files[k]}\n" for k in sorted(files)).encode()).hexdigest()
+    """The bundle hash: over every listed file but the tiny autoencoder's (module docstring)."""
+    named = sorted(k for k in files if not k.startswith("tiny_vae/"))
+    return hashlib.sha256("".join(f"{k}={files[k]}\n" for k in named).encode()).hexdigest()
+
+
+def part_file(part: str) -> str:
+    """Where a part's weights are in a bundle folder."""
+    return TINY_VAE_WEIGHTS if part == "tiny_vae" else f"{part}.safetensors"
+
+
+def check_tiny_vae(tiny: TinyAutoencoderConfig, config: ModelConfig, *, what: str) -> None:
+    """A tiny autoencoder must take and give the VAE's latents: its latent channels and downsampling factor."""
+    vae = config.vae
+    if (tiny.latent_channels, tiny.downsampling_factor) != (vae.latent_channels, vae.downsampling_factor):
+        raise BundleError(f"{what} has {tiny.latent_channels} latent channels and factor {tiny.downsampling_factor}, "
+                          f"the VAE {vae.latent_channels} and {vae.downsampling_factor}; distil one from this VAE: "
+                          f"{TRAIN_COMMAND}")  # fmt: skip
 
 
 def _copy_extra(name: str, source: Path, folder: Path) -> Path:
@@ -170,13 +195,23 @@ def save_bundle(bundle: Bundle, folder: str | Path, *, base: str | Path | None =
     write_text(folder / "model.yaml", config_yaml)
     files, borrowed = {"model.yaml": sha256_file(folder / "model.yaml")}, []
     for part, module in bundle.modules().items():
-        name = f"{part}.safetensors"
+        name = part_file(part)
+        if part == "tiny_vae":
+            tiny_yaml = dump_yaml(tiny_config(module))
+            check_tiny_vae(tiny_config(module), bundle.config, what="the tiny autoencoder")
+            if base_folder is not None and _same_text(tiny_yaml, base_manifest, TINY_VAE_CONFIG):
+                files[TINY_VAE_CONFIG] = base_manifest["files"][TINY_VAE_CONFIG]
+                borrowed.append(TINY_VAE_CONFIG)
+            else:
+                write_text(folder / TINY_VAE_CONFIG, tiny_yaml)
+                files[TINY_VAE_CONFIG] = sha256_file(folder / TINY_VAE_CONFIG)
         if base_folder is not None and _same_weights(module, base_folder, base_manifest, name):
             files[name] = base_manifest["files"][name]
             borrowed.append(name)
             continue
         # One metadata key: safetensors does not keep the order of several, and the files should hash the same.
-        meta = {"ldm": json.dumps({"part": part, "config": config_yaml, "format_version": FORMAT_VERSION})}
+        part_yaml = tiny_yaml if part == "tiny_vae" else config_yaml
+        meta = {"ldm": json.dumps({"part": part, "config": part_yaml, "format_version": FORMAT_VERSION})}
         save_tensors(folder / name, module.state_dict(), metadata=meta)
         files[name] = sha256_file(folder / name)
     with tempfile.TemporaryDirectory(dir=folder) as tmp:
@@ -207,6 +242,11 @@ def save_bundle(bundle: Bundle, folder: str | Path, *, base: str | Path | None =
     write_json(folder / "manifest.json", manifest)
     bundle.manifest, bundle.extras = manifest, extras
     return folder
+
+
+def _same_text(text: str, manifest: dict, name: str) -> bool:
+    """Whether ``text`` is the base bundle's file ``name``, by its sha256 in the base's manifest."""
+    return manifest["files"].get(name) == hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
 def _same_weights(module: nn.Module, base: Path, manifest: dict, name: str) -> bool:
@@ -318,6 +358,50 @@ def _parse_config(folder: Path) -> ModelConfig:
         raise BundleError(f"cannot read {path} ({exc.__class__.__name__}); the bundle is damaged") from None
 
 
+def read_tiny_config(folder: Path, manifest: dict, config: ModelConfig) -> TinyAutoencoderConfig:
+    """The bundle's tiny autoencoder config (``tiny_vae/config.yaml``), checked against its VAE."""
+    path = file_path(folder, manifest, TINY_VAE_CONFIG)
+    try:
+        tiny = from_dict(TinyAutoencoderConfig, parse_yaml(path.read_text(encoding="utf-8"), what="the file") or {})
+    except ConfigError as exc:
+        raise BundleError(f"{path}: {exc}") from None
+    except (OSError, ValueError) as exc:
+        raise BundleError(f"cannot read {path} ({exc.__class__.__name__}); the bundle is damaged") from None
+    check_tiny_vae(tiny, config, what=f"the tiny autoencoder of {folder}")
+    return tiny
+
+
+def has_tiny_vae(folder: str | Path) -> bool:
+    """Whether a bundle carries a tiny autoencoder, from its manifest (no weights read)."""
+    return TINY_VAE_WEIGHTS in read_manifest(Path(folder))["files"]
+
+
+def add_tiny_vae(folder: str | Path, tiny: AutoencoderTiny) -> Path:
+    """Put ``tiny`` into the bundle at ``folder`` in place, in the dtype of the bundle's VAE, replacing the one it
+    had: ``tiny_vae/`` is written (each file atomically), then the manifest. The other files are not touched, so a
+    bundle that others borrow from keeps its digests, and the bundle hash stays (module docstring)."""
+    folder = Path(folder)
+    manifest = read_manifest(folder)
+    config = _parse_config(folder)
+    tiny_cfg = tiny_config(tiny)
+    check_tiny_vae(tiny_cfg, config, what="the tiny autoencoder")
+    vae_file = file_path(folder, manifest, "vae.safetensors")
+    dtype = next(iter(load_tensors(vae_file).values())).dtype
+    tiny_yaml = dump_yaml(tiny_cfg)
+    write_text(folder / TINY_VAE_CONFIG, tiny_yaml)
+    meta = {"ldm": json.dumps({"part": "tiny_vae", "config": tiny_yaml, "format_version": FORMAT_VERSION})}
+    state = {k: v.detach().to(dtype) for k, v in tiny.state_dict().items()}
+    save_tensors(folder / TINY_VAE_WEIGHTS, state, metadata=meta)
+    files = manifest["files"] | {name: sha256_file(folder / name) for name in (TINY_VAE_CONFIG, TINY_VAE_WEIGHTS)}
+    borrowed = [name for name in manifest.get("borrowed", []) if not name.startswith("tiny_vae/")]  # now its own
+    updated = {k: v for k, v in manifest.items() if k not in ("borrowed", "base")}
+    updated |= {"files": dict(sorted(files.items())), "hash": _combined_hash(files)}
+    if borrowed:
+        updated |= {"base": manifest["base"], "borrowed": borrowed}
+    write_json(folder / "manifest.json", updated)
+    return folder
+
+
 def read_config(folder: str | Path) -> ModelConfig:
     """A bundle's ModelConfig without its weights: what a command checks its flags against before the load.
 
@@ -341,8 +425,10 @@ def load_bundle(folder: str | Path, *, verify: bool = True) -> Bundle:
                 ("unet", build_unet, config.unet)]  # fmt: skip
     if config.conditioning is not Conditioning.TEXT:
         builders.append(("labels", lambda c: build_label_encoder(*c), (config.classes, config.unet.cross_attention_dim)))
+    if TINY_VAE_WEIGHTS in manifest["files"]:
+        builders.append(("tiny_vae", build_tiny_autoencoder, read_tiny_config(folder, manifest, config)))
     for part, build, cfg in builders:
-        path = file_path(folder, manifest, f"{part}.safetensors")
+        path = file_path(folder, manifest, part_file(part))
         try:
             state = load_tensors(path)
         except Exception as exc:  # noqa: BLE001 - safetensors raises its own SafetensorError, and more

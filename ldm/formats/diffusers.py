@@ -4,6 +4,11 @@ An export loads with ``StableDiffusionPipeline.from_pretrained(folder)`` offline
 accepts local SD 1.x/2.x folders with safetensors weights (single-file or sharded, plain or a variant such as
 ``fp16``). Pickled ``.bin`` weights are refused, since unpickling can run code. Single-file CompVis checkpoints are
 ``ldm.formats.single_file``.
+
+A bundle's tiny autoencoder goes into the folder as ``tiny_vae/``, an ``AutoencoderTiny`` folder beside the
+pipeline's parts (``model_index.json`` does not list it, so the pipeline loads as before):
+``AutoencoderTiny.from_pretrained(folder, subfolder="tiny_vae")`` takes the latents the UNet makes, as
+``pipe.vae = ...`` does. An import reads it back.
 """
 
 from __future__ import annotations
@@ -17,15 +22,16 @@ from pathlib import Path
 
 import torch
 from accelerate import init_empty_weights
-from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+from diffusers import AutoencoderKL, AutoencoderTiny, DDIMScheduler, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTokenizer
 
 from ldm.errors import BundleError, LdmError
-from ldm.formats.bundle import Bundle, instantiate
+from ldm.formats.bundle import Bundle, check_tiny_vae, instantiate
 from ldm.io import load_tensors, umask
 from ldm.models.autoencoder import AutoencoderConfig, build_autoencoder
 from ldm.models.presets import ModelConfig, Task, task_input_channels
 from ldm.models.text_encoder import Padding, TextEncoderConfig, build_text_encoder
+from ldm.models.tiny_autoencoder import TinyAutoencoderConfig, build_tiny_autoencoder
 from ldm.models.tokenizer import load_tokenizer, save_tokenizer
 from ldm.models.unet import UNetConfig, build_unet
 from ldm.pipeline.schedule import ScheduleConfig
@@ -69,6 +75,8 @@ def export_diffusers(bundle: Bundle, folder: str | Path) -> Path:
     tmp = Path(tempfile.mkdtemp(dir=folder.parent if folder.parent.exists() else None, prefix=f".{folder.name}."))
     try:
         pipe.save_pretrained(tmp, safe_serialization=True)
+        if bundle.tiny_vae is not None:
+            bundle.tiny_vae.save_pretrained(tmp / TINY_VAE, safe_serialization=True)
         os.chmod(tmp, 0o777 & ~umask())
         if folder.exists():
             folder.rmdir()
@@ -86,6 +94,7 @@ def _with_pad(tokenizer: CLIPTokenizer, pad: str) -> CLIPTokenizer:
 
 
 WEIGHTS = {"vae": "diffusion_pytorch_model", "text_encoder": "model", "unet": "diffusion_pytorch_model"}
+TINY_VAE = "tiny_vae"  # the bundle's tiny autoencoder, an AutoencoderTiny folder beside the pipeline's parts
 VARIANT_NAME = r"[A-Za-z0-9_]+"  # what save_pretrained(variant=...) puts between the stem and .safetensors
 
 
@@ -244,7 +253,9 @@ def import_diffusers(folder: str | Path, *, name: str | None = None, variant: st
     if tokenizer.pad_token_id != config.text_encoder.pad_id:  # carry the padding in the config, not the tokenizer
         tokenizer = _with_pad(tokenizer, tokenizer.eos_token)
     weights = {part: _read_weights(folder / part, stem, variant) for part, stem in WEIGHTS.items()}
+    tiny = _import_tiny_vae(folder / TINY_VAE, config, variant)
     return Bundle(
+        tiny_vae=tiny,
         config=config,
         vae=instantiate(build_autoencoder, config.vae, weights["vae"], "vae"),
         text_encoder=instantiate(build_text_encoder, config.text_encoder, weights["text_encoder"], "text_encoder"),
@@ -252,3 +263,18 @@ def import_diffusers(folder: str | Path, *, name: str | None = None, variant: st
         tokenizer=tokenizer,
         name=name or folder.name,
     )
+
+
+def _import_tiny_vae(folder: Path, config: ModelConfig, variant: str | None) -> AutoencoderTiny | None:
+    """The ``tiny_vae/`` AutoencoderTiny folder of an export, checked against the VAE; None where there is none. Its
+    weights are the ``variant``'s where it has them, else its plain ones."""
+    if not (folder / "config.json").is_file():
+        return None
+    try:
+        tiny = TinyAutoencoderConfig.from_diffusers(AutoencoderTiny.load_config(folder))
+    except (KeyError, ValueError, TypeError, OSError) as exc:
+        raise BundleError(f"cannot import {folder}: {exc}") from None
+    check_tiny_vae(tiny, config, what=str(folder))
+    stem = "diffusion_pytorch_model"
+    chosen = variant if variant in weight_variants(folder, stem) else None
+    return instantiate(build_tiny_autoencoder, tiny, _read_weights(folder, stem, chosen), "tiny_vae")

@@ -108,6 +108,9 @@ def read_png_parameters(path: str | Path) -> str:
     return text
 
 
+# A1111's "VAE Decoder" setting ("Full", the default, is not written): the decode by TAESD, a tiny autoencoder.
+TINY_DECODER = "TAESD"
+
 # A1111's "Schedule type" names; "Automatic" is the sampler's own. ldm's labels join the type to the sampler's name
 # ("DPM++ 2M Karras"), as A1111 wrote them before it had the entry.
 SCHEDULE_TYPES = ("Automatic", "Uniform", "Karras", "Exponential", "Polyexponential", "SGM Uniform", "KL Optimal",
@@ -177,6 +180,7 @@ class ImageParameters:
     # a VAE swapped in at generation time (generate.py --vae), in A1111's keys; None: the model's own
     vae: str | None = None  # its file or folder name
     vae_hash: str | None = None  # the first 10 hex digits of its weights' sha256
+    tiny_vae: bool = False  # decoded by the bundle's tiny autoencoder (generate.py --tiny-vae): A1111's "VAE Decoder"
     batch_size: int = 1  # the UNet batch the image was made in, and its place there: the numbers depend on them
     batch_pos: int = 0
     loras: tuple[LoraRecord, ...] = ()  # the LoRAs merged in, in order
@@ -227,6 +231,8 @@ class ImageParameters:
             pairs["Model"] = self.model
         if self.vae is not None:
             pairs |= {"VAE hash": self.vae_hash, "VAE": self.vae}
+        if self.tiny_vae:
+            pairs["VAE Decoder"] = TINY_DECODER
         if self.batch_size > 1:
             pairs |= {"Batch size": self.batch_size, "Batch pos": self.batch_pos}
         if self.loras:  # one: "Lora: a.safetensors, Lora scale: 0.8"; several: both entries as lists
@@ -287,7 +293,7 @@ class ImageParameters:
             embeddings=tuple(EmbeddingRecord(name=n, hash=h) for n, h in _listing(s.get("TI hashes", ""))),
             guidance_scale=float(s["CFG scale"]), seed=int(s["Seed"]), width=width, height=height,
             model_hash=s.get("Model hash"), model=s.get("Model"), batch_size=int(s.get("Batch size", 1)),
-            vae=s.get("VAE"), vae_hash=s.get("VAE hash"),
+            vae=s.get("VAE"), vae_hash=s.get("VAE hash"), tiny_vae=s.get("VAE Decoder") == TINY_DECODER,
             batch_pos=int(s.get("Batch pos", 0)),
             dtype=s.get("Dtype"), fast=s.get("Fast") == "on", deep_cache=int(s.get("Deep cache", 0)),
             token_merging=float(s.get("Token merging ratio", 0)), version=s.get("Version"),
@@ -305,7 +311,7 @@ class ImageParameters:
 # Every key ImageParameters writes, so every key it reads: the rest are another tool's, kept in ``extra``.
 KNOWN_KEYS = frozenset(
     ImageParameters(prompt="", steps=1, sampler="DPM++ 2M Karras", guidance_scale=1.0, seed=0, width=1, height=1,
-                    model_hash="", model="", vae="", batch_size=2, loras=(LoraRecord(name="x", hash="x"),), dtype="",
+                    model_hash="", model="", vae="", tiny_vae=True, batch_size=2, loras=(LoraRecord(name="x", hash="x"),), dtype="",
                     embeddings=(EmbeddingRecord(name="x", hash="x"),),
                     fast=True, deep_cache=2, token_merging=0.5, version="", init_image="", resize_mode="", mask="",
                     only_masked=True, outpaint="", upscaler="", clip_skip=2).settings()

@@ -1,6 +1,7 @@
 """The whole model's config, and the named presets (``micro``, ``emoji-tiny``, ``sd-v1``, ``sd-v2``).
 
-Each preset also stands in ``configs/<name>.yaml``; a test keeps the two equal.
+Each preset also stands in ``configs/<name>.yaml``; a test keeps the two equal. The tiny autoencoders distilled from
+a bundle's VAE (``train_tiny_vae.py``) have presets of their own, :data:`TINY_AUTOENCODER_PRESETS`.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from ldm.models.autoencoder import AutoencoderConfig
 from ldm.models.labels import Conditioning
 from ldm.models.tasks import Task, task_input_channels
 from ldm.models.text_encoder import Activation, Padding, TextEncoderConfig
+from ldm.models.tiny_autoencoder import TinyAutoencoderConfig
 from ldm.models.unet import UNetConfig
 from ldm.pipeline.schedule import Prediction, ScheduleConfig
 
@@ -74,7 +76,8 @@ class ModelConfig:
         return self.unet.sample_size * self.vae.downsampling_factor
 
 
-__all__ = ["PRESETS", "Conditioning", "ModelConfig", "Task", "get_preset", "task_input_channels"]
+__all__ = ["PRESETS", "TINY_AUTOENCODER_PRESETS", "Conditioning", "ModelConfig", "Task", "get_preset",
+           "get_tiny_preset", "task_input_channels"]  # fmt: skip
 
 PRESETS: dict[str, ModelConfig] = {
     # Builds and runs in well under a second: for tests.
@@ -136,3 +139,28 @@ def get_preset(name: str) -> ModelConfig:
         return PRESETS[name]
     except KeyError:
         raise ConfigError(f"unknown preset '{name}'; choose one of: {', '.join(PRESETS)}") from None
+
+
+# The shapes of the tiny autoencoders train_tiny_vae.py distils; the latent channels are the bundle's VAE's
+# (filled in from it), the levels must give its downsampling factor.
+TINY_AUTOENCODER_PRESETS: dict[str, TinyAutoencoderConfig] = {
+    # Builds and runs in milliseconds: for tests (four levels, as the micro VAE).
+    "micro": TinyAutoencoderConfig(encoder_channels=8, decoder_channels=8, encoder_blocks=(1, 1, 1, 1),
+                                   decoder_blocks=(1, 1, 1, 1)),  # fmt: skip
+    # For emoji-tiny's 64-px VAE, whose decoder is small already (32 channels at full size): under a third of its
+    # multiply-adds, and small enough for the 32 MB bundle in fp16. The encoder (img2img's, not the previews') has
+    # no block at full size, where a block would cost as much as all the others.
+    "emoji-tiny": TinyAutoencoderConfig(encoder_channels=32, decoder_channels=32, encoder_blocks=(0, 2, 2, 2),
+                                        decoder_blocks=(3, 3, 3, 1)),  # fmt: skip
+    # TAESD's published shape (64 channels; 1, 3, 3, 3 encoder blocks and 3, 3, 3, 1 decoder blocks), for SD-sized VAEs.
+    "taesd": TinyAutoencoderConfig(encoder_channels=64, decoder_channels=64),
+}
+
+
+def get_tiny_preset(name: str, *, latent_channels: int) -> TinyAutoencoderConfig:
+    """The tiny autoencoder preset ``name`` for a VAE of ``latent_channels``."""
+    try:
+        return replace(TINY_AUTOENCODER_PRESETS[name], latent_channels=latent_channels)
+    except KeyError:
+        raise ConfigError(f"unknown tiny autoencoder preset '{name}'; choose one of: "
+                          f"{', '.join(TINY_AUTOENCODER_PRESETS)}") from None  # fmt: skip

@@ -12,11 +12,12 @@ from ldm.pipeline.text_to_image import (
     StopSampling,
     check_generation_memory,
     check_settings,
+    decode,
     encode_prompts,
     generate,
 )
 
 __all__ = [
     "DEFAULT_GUIDANCE", "DEFAULT_SAMPLER", "DEFAULT_STEPS", "Request", "StepHook", "StopSampling", "check_generation_memory", "check_settings",
-    "encode_prompts", "generate", "to_uint8",
+    "decode", "encode_prompts", "generate", "to_uint8",
 ]  # fmt: skip

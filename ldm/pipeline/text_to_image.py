@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 from ldm.errors import LdmError
 from ldm.images import MAX_SIDE, signed_to_unit
 from ldm.models.autoencoder import decode_latents
+from ldm.models.tiny_autoencoder import TRAIN_COMMAND, tiny_decode
 from ldm.models.unet import guidance_embedding
 from ldm.pipeline.denoiser import start_sampling_run
 from ldm.pipeline.modes import DEFAULT_NOISE_LEVEL, Fill
@@ -67,6 +68,7 @@ class Request:
     noise_level: int = DEFAULT_NOISE_LEVEL  # an upscaler's noise augmentation of its input
     clip_skip: int = 1  # A1111's "Clip skip": condition on the N-th text-encoder layer from the end
     embeddings: EmbeddingSet | None = None  # textual-inversion embeddings the prompts may name (ldm.models.embeddings)
+    tiny_vae: bool = False  # decode with the bundle's tiny autoencoder (ldm.models.tiny_autoencoder), not its VAE
 
     def __post_init__(self):
         if not len(self.prompts) == len(self.negative_prompts) == len(self.seeds) > 0:
@@ -238,8 +240,19 @@ def generate(
             except StopSampling:
                 break
 
-    images = decode_latents(bundle.vae, latents, scaling_factor=bundle.config.vae.scaling_factor)  # (B, 3, H, W)
+    images = decode(bundle, latents, tiny=request.tiny_vae)  # (B, 3, H, W)
     return inputs.finish(signed_to_unit(images))
+
+
+def decode(bundle: Bundle, latents: torch.Tensor, *, tiny: bool = False) -> torch.Tensor:
+    """(B, C, h, w) latents as the UNet makes them → (B, 3, f·h, f·w) images in about [-1, 1]: the VAE's decoder,
+    or with ``tiny`` the bundle's tiny autoencoder (faster, and close to it), which takes the latents as they are."""
+    if not tiny:
+        return decode_latents(bundle.vae, latents, scaling_factor=bundle.config.vae.scaling_factor)
+    if bundle.tiny_vae is None:
+        raise LdmError(f"the model has no tiny autoencoder; distil one into it with `{TRAIN_COMMAND}`, or decode "
+                       "with its VAE (no --tiny-vae)")  # fmt: skip
+    return tiny_decode(bundle.tiny_vae, latents)
 
 
 def _step_kwargs(scheduler, generators: list[torch.Generator]) -> dict:

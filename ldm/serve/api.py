@@ -60,7 +60,7 @@ class ServeConfig:
     dtype: str = "fp32"
     limits: Limits = field(default_factory=Limits)
     auth: tuple[str, str] | None = None  # HTTP basic user and password; None: open
-    preview_every: int = 5  # sampling steps between /progress previews; 0: none
+    preview_every: int | None = None  # sampling steps between /progress previews; 0: none; None: Worker's choice
 
 
 def list_models(folder: Path) -> dict[str, Path]:

@@ -21,8 +21,9 @@ from ldm.cli.generate import Made, Plan, Settings, image_path, load_model, make_
 from ldm.formats.bundle import Bundle
 from ldm.formats.pngmeta import png_bytes, save_png
 from ldm.images import signed_to_unit, to_uint8, uint8_to_pil
-from ldm.models.autoencoder import decode_latents
-from ldm.pipeline import StopSampling
+from ldm.pipeline import StopSampling, decode
+
+PREVIEW_EVERY = 5  # sampling steps between previews where the full VAE decodes them
 
 
 @dataclass(eq=False)
@@ -60,10 +61,11 @@ def _model_key(settings: Settings) -> tuple:
 
 class Worker:
     """The generation thread. ``out``: where images are saved (None: not saved); ``preview_every``: steps between
-    the VAE decodes that /progress shows (0: none). A preview is decoded only after a /progress call asked for one,
-    so a job nobody watches spends nothing on previews, and a watched one at most one decode per call."""
+    the decodes that /progress shows (0: none; None: every step with the model's tiny autoencoder, else every
+    :data:`PREVIEW_EVERY`). A preview is decoded only after a /progress call asked for one, so a job nobody watches
+    spends nothing on previews, and a watched one at most one decode per call."""
 
-    def __init__(self, *, out: Path | None, preview_every: int = 5):
+    def __init__(self, *, out: Path | None, preview_every: int | None = None):
         self.out, self.preview_every = out, preview_every
         self._queue: queue.Queue[Task | None] = queue.Queue()
         self._pending: list[Task] = []  # queued and running, in order
@@ -179,8 +181,11 @@ class Worker:
         """Run a plan on the worker thread (call it from a task's ``run``), saving each image like generate.py."""
         bundle = self.bundle(settings)
 
+        every = self.preview_every
+        if every is None:
+            every = 1 if bundle.tiny_vae is not None else PREVIEW_EVERY
+
         def on_step(done: int, total: int, latents: torch.Tensor) -> None:
-            every = self.preview_every
             with self._lock:
                 self._progress.update(step=done, steps=total)
                 preview = every and done % every == 0 and done < total and self._preview_asked  # the last: the image
@@ -204,8 +209,9 @@ class Worker:
         return Generated(made, paths, self._interrupt.is_set(), bundle.name, bundle.short_hash)
 
     def _preview(self, bundle: Bundle, latents: torch.Tensor) -> None:
-        """The first image of the batch, decoded from the current latents, as a base64 PNG for /progress."""
-        image = decode_latents(bundle.vae, latents[:1], scaling_factor=bundle.config.vae.scaling_factor)
+        """The first image of the batch, decoded from the current latents (by the tiny autoencoder where the model
+        has one), as a base64 PNG for /progress."""
+        image = decode(bundle, latents[:1], tiny=bundle.tiny_vae is not None)
         pixels = to_uint8(signed_to_unit(image))[0]  # (3, H, W)
         encoded = base64.b64encode(png_bytes(uint8_to_pil(pixels))).decode()
         with self._lock:

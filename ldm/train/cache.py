@@ -11,7 +11,8 @@ same first three draws as :func:`~ldm.data.square_tensor`, so the square case cr
 
 **Cache.** The frozen VAE's posterior (mean and log-variance, so a fresh latent is sampled each epoch) of every
 centre-cropped image, and of its mirror image when flipping is on, plus the frozen text encoder's hidden states
-of every caption and of the empty caption (for caption dropout), in one safetensors file. Its key — the VAE's and
+of every caption and of the empty caption (for caption dropout), in one safetensors file; for distilling a tiny
+autoencoder (``ldm.train.tiny_vae``) also the full decoder's output of each posterior mean. Its key — the VAE's and
 text encoder's sha256 from the bundle manifest, resolution, crop, flip, buckets and a hash of the dataset
 listing (paths, captions, sizes, file stats) — is stored in the file; a run whose key differs rebuilds it.
 """
@@ -153,7 +154,8 @@ class UNetItems(Dataset):
 
     Item ``i``: ``caption`` (after dropout), ``index`` and either ``mean``/``logvar`` (C, h, w) from ``cache`` — the
     mirrored entry when the item's flip is drawn — or ``pixel_values`` (3, H, W) in [-1, 1]; with ``pixels`` both
-    (inpainting and upscaling training encode a masked or low-res version of the same crop every step).
+    (inpainting and upscaling training encode a masked or low-res version of the same crop every step). A cache
+    built with ``decoded`` adds ``decoded`` (3, H, W), the full decoder's output of ``mean``.
     """
 
     def __init__(
@@ -185,6 +187,8 @@ class UNetItems(Dataset):
         item = {}
         if self.cache is not None:
             item["mean"], item["logvar"] = self.cache.latent(index, flipped=plan.flip)
+            if self.cache.has_decoded:
+                item["decoded"] = self.cache.decoded(index, flipped=plan.flip)
         if self.cache is None or self.pixels:
             item["pixel_values"] = crop_tensor(read_scanned_image(pair), plan)
         return item | {"caption": caption, "index": index}
@@ -230,6 +234,10 @@ class FeatureCache:
     def has_flipped(self) -> bool:
         return any(name.endswith(".mean_flipped") for name in self.tensors)
 
+    @property
+    def has_decoded(self) -> bool:
+        return any(name.endswith(".decoded") for name in self.tensors)
+
     def __len__(self) -> int:
         return len(self._where)
 
@@ -240,6 +248,11 @@ class FeatureCache:
         if flipped and f"{stem}.mean_flipped" not in self.tensors:
             raise LdmError("the feature cache holds no mirrored latents; it was built with data.random_flip=0")
         return self.tensors[f"{stem}.mean{suffix}"][row], self.tensors[f"{stem}.logvar{suffix}"][row]
+
+    def decoded(self, index: int, *, flipped: bool = False) -> torch.Tensor:
+        """(3, H, W) float32 in about [-1, 1]: the full decoder's output of item ``index``'s posterior mean."""
+        stem, row = self._where[index]
+        return self.tensors[f"{stem}.decoded{'_flipped' if flipped else ''}"][row]
 
     def text(self, captions: Sequence[str]) -> torch.Tensor:
         """(B, L, D) float32 hidden states of ``captions`` (each must be in the cache, as must '')."""
@@ -325,9 +338,10 @@ def encode_text(bundle, captions: Sequence[str], *, batch_size: int = 64, device
 @torch.no_grad()
 def encode_features(
     bundle, report: ScanReport, targets: Sequence[Size], *, key: dict, latents: bool, flip: bool, batch_size: int,
-    device=None, progress: bool = True,
+    device=None, progress: bool = True, decoded: bool = False,
 ) -> FeatureCache:  # fmt: skip
-    """Run the frozen VAE (centre crops, and their mirror images when ``flip``) and text encoder over a dataset.
+    """Run the frozen VAE (centre crops, and their mirror images when ``flip``) and text encoder over a dataset;
+    with ``decoded`` the VAE's decoder too, on each posterior mean.
 
     An image listed more than once at one target size (a kohya repeat folder's) is encoded once: its items share
     the posterior, as a centre crop draws nothing."""
@@ -360,6 +374,11 @@ def encode_features(
                 if flip:
                     parts.setdefault("mean_flipped", []).append(mean[n:])
                     parts.setdefault("logvar_flipped", []).append(logvar[n:])
+                if decoded:
+                    pixels = vae.decode(dist.mean).sample.float().cpu()  # (n or 2n, 3, H, W)
+                    parts.setdefault("decoded", []).append(pixels[:n])
+                    if flip:
+                        parts.setdefault("decoded_flipped", []).append(pixels[n:])
                 bar.update(n)
             stem = f"latents.{w}x{h}"
             tensors[f"{stem}.index"] = torch.tensor(indices, dtype=torch.int64)
@@ -400,12 +419,15 @@ def save_cache(cache: FeatureCache, path: Path) -> Path:
 def load_or_build_cache(
     path: Path | None, *, bundle, data: DataConfig, report: ScanReport, targets: Sequence[Size],
     buckets: Sequence[Size] | None, latents: bool, batch_size: int, device=None,
-    log: Callable[[str], None] | None = None,
+    log: Callable[[str], None] | None = None, decoded: bool = False,
 ) -> FeatureCache:  # fmt: skip
     """The feature cache of a dataset: read from ``path`` when its key matches, else encoded (and written to ``path``;
-    ``path`` None: kept in memory only). ``latents`` False caches the text only (random crops cannot be cached)."""
+    ``path`` None: kept in memory only). ``latents`` False caches the text only (random crops cannot be cached);
+    ``decoded`` adds the full decoder's output of every posterior mean."""
     log = log or (lambda message: print(message, file=sys.stdout, flush=True))
     key = cache_key(bundle, data, report, targets, buckets=buckets) | {"latents": latents}
+    if decoded:
+        key["decoded"] = True  # a key of its own: the UNet's caches keep theirs
     if path is not None:
         cache, why = load_cache(path, key)
         if cache is not None:
@@ -422,6 +444,7 @@ def load_or_build_cache(
         flip=data.random_flip > 0,
         batch_size=batch_size,
         device=device,
+        decoded=decoded,
     )
     if path is not None:
         save_cache(cache, path)

@@ -335,8 +335,11 @@ def finish(cfg: VAERunConfig, base: Bundle, model: Trainables, dataset, sample_f
                                    device=accelerator.device, seed=cfg.train.seed)  # fmt: skip
     vae.register_to_config(scaling_factor=scale)
     config = replace(base.config, vae=replace(base.config.vae, scaling_factor=scale))
-    result.bundle_dir = save_bundle(replace(base, config=config, vae=vae.cpu(), name=cfg.name or base.name),
-                                    out / "bundle")  # fmt: skip
+    if base.tiny_vae is not None:  # distilled from the VAE as it was: its latents have moved since
+        print("note: the bundle's tiny autoencoder is left out of the new bundle, which it no longer fits; distil "
+              f"another with `python train_tiny_vae.py --bundle {out / 'bundle'} --data IMAGES --out OUT`")  # fmt: skip
+    written = replace(base, config=config, vae=vae.cpu(), name=cfg.name or base.name, tiny_vae=None)
+    result.bundle_dir = save_bundle(written, out / "bundle")
     result.scaling_factor = scale
     print(f"latent scaling factor {scale:.5f}; bundle written to {out / 'bundle'}")
     if (held := held_out(cfg.data, cfg.eval_data)) is not None:

@@ -6,11 +6,12 @@ from pathlib import Path
 
 import pytest
 
-from ldm.cli import train_clip, train_unet, train_vae
+from ldm.cli import train_clip, train_tiny_vae, train_unet, train_vae
 from ldm.config import load_yaml
 from ldm.train.clip import CLIPRunConfig
 from ldm.train.lcm import LCMRunConfig
 from ldm.train.loop import LRSchedule, Precision
+from ldm.train.tiny_vae import TinyVAERunConfig
 from ldm.train.unet import UNetRunConfig
 from ldm.train.vae import VAERunConfig
 
@@ -18,7 +19,8 @@ ROOT = Path(__file__).resolve().parents[2]
 RUNS = ROOT / "configs" / "runs"
 RECIPE = ROOT / "recipes" / "emoji-tiny.sh"
 SHIPPED = ROOT / "models" / "emoji-tiny"
-RUN_CONFIGS = {"vae": VAERunConfig, "clip": CLIPRunConfig, "unet": UNetRunConfig, "lcm": LCMRunConfig}  # file name ends -PART.yaml
+RUN_CONFIGS = {"vae": VAERunConfig, "clip": CLIPRunConfig, "unet": UNetRunConfig, "lcm": LCMRunConfig,
+               "tiny_vae": TinyVAERunConfig}  # file name ends -PART.yaml  # fmt: skip
 SCRIPTS = {"train_vae.py": train_vae, "train_clip.py": train_clip, "train_unet.py": train_unet}
 
 # The three stages as recipes/emoji-tiny.sh ran them with --set chains, before configs/runs/.
@@ -76,7 +78,7 @@ def parse(script: str, command: str, variables: dict[str, str]):
 @pytest.mark.parametrize("path", sorted(RUNS.glob("*.yaml")), ids=lambda p: p.name)
 def test_each_run_file_loads_into_its_run_config(path):
     part = path.stem.rsplit("-", 1)[-1]
-    assert part in RUN_CONFIGS, f"{path.name}: name it ...-vae.yaml, ...-clip.yaml, ...-unet.yaml or ...-lcm.yaml"
+    assert part in RUN_CONFIGS, f"{path.name}: name it ...-vae.yaml, -clip, -unet, -lcm or -tiny_vae.yaml"
     cfg = load_yaml(RUN_CONFIGS[part], path)
     assert isinstance(cfg, RUN_CONFIGS[part]) and cfg.data.path and cfg.train.output_dir
 
@@ -125,3 +127,16 @@ def test_flags_and_set_override_the_config_file(recipe_env, tmp_path):
             "--set", "model.vision.layers=1"]  # fmt: skip
     cfg = train_clip.resolve_config(train_clip.build_parser().parse_args(argv))
     assert (cfg.preset, cfg.bundle, cfg.eval_data, cfg.model.vision.layers) == ("emoji-tiny", "", "held", 1)
+
+
+@pytest.mark.skipif(not (SHIPPED / "manifest.json").is_file(), reason="no shipped model in this checkout")
+def test_the_recipe_distils_the_tiny_autoencoder_from_its_run_file(recipe_env, tmp_path):
+    lines = RECIPE.read_text().replace("\\\n", " ").splitlines()
+    (command,) = [line.split(maxsplit=2)[2] for line in lines if line.startswith("python train_tiny_vae.py ")]
+    words = [w.replace("$SHIP", str(SHIPPED)) for w in shlex.split(command)]
+    for name, value in recipe_env.items():
+        words = [word.replace(f"${name}", value) for word in words]
+    assert "--config" in words and "--set" not in words
+    cfg = train_tiny_vae.resolve_config(train_tiny_vae.build_parser().parse_args(words))
+    assert cfg.bundle == str(SHIPPED) and cfg.preset == "emoji-tiny" and cfg.model.latent_channels == 16
+    assert cfg.train.budget_minutes == 40 and cfg.data.path == f"{recipe_env['BASE']}/train"
