@@ -195,11 +195,11 @@ def with_class_images(db: DreamBoothConfig, data: DataConfig, report: ScanReport
 
 
 class PriorBatches:
-    """Index batches of B instance items and then B class items; the interface of :class:`~ldm.train.loop.EpochBatches`.
+    """Index batches of B/W instance items and then B/W class items (B the global batch, W the processes); the interface of :class:`~ldm.train.loop.EpochBatches`.
 
     The instance items ``0 … I−1`` are batched as :class:`EpochBatches` does (an epoch is one pass over them). The
     class items ``I … I+C−1`` fill the class places from a stream of permutations of them: the place that is the
-    s-th of the whole run (global batch k, process r, place j: s = k·B·W + r·B + j) takes item ``perm_q[s mod C]``
+    s-th of the whole run (global batch k, process r, place j: s = k·B + r·B/W + j, B the global batch) takes item ``perm_q[s mod C]``
     of permutation q = s div C, each seeded by (seed, q). Every class image is seen once before any is seen twice,
     and a batch is a pure function of the seed and its position, so a resumed run draws the same batches.
     """
@@ -228,11 +228,11 @@ class PriorBatches:
         return self.instances + self.permutation(q)[r]
 
     def epoch(self, epoch: int, *, start: int = 0) -> list[list[int]]:
-        span = self.batch_size * self.num_replicas
+        per_process = self.instance_order.per_process  # B is the global batch: each process its B / W of both kinds
         out = []
         for b, batch in enumerate(self.instance_order.epoch(epoch, start=start), start=start):
-            first = (epoch * len(self) + b) * span + self.rank * self.batch_size
-            out.append(batch + [self.class_item(first + j) for j in range(self.batch_size)])
+            first = (epoch * len(self) + b) * self.batch_size + self.rank * per_process
+            out.append(batch + [self.class_item(first + j) for j in range(per_process)])
         return out
 
 

@@ -55,7 +55,7 @@ def test_prior_batches_hold_instance_then_class_items():
     assert PriorBatches(4, 5, 2, seed=3).epoch(1, start=1) == epochs[1][1:]
     assert PriorBatches(4, 5, 2, seed=4).epoch(0) != epochs[0]
     # Two processes: each its own slice of the global batch, the class places continuing across them.
-    ranks = [PriorBatches(4, 5, 1, seed=3, num_replicas=2, rank=r).epoch(0) for r in range(2)]
+    ranks = [PriorBatches(4, 5, 2, seed=3, num_replicas=2, rank=r).epoch(0) for r in range(2)]
     places = [i for b in range(2) for r in range(2) for i in ranks[r][b][1:]]
     assert sorted(i for r in ranks for b in r for i in b[:1]) == [0, 1, 2, 3] and len(set(places)) == 4
 
