@@ -53,12 +53,12 @@ def contenders(args) -> dict:
     pipe.scheduler = sampler.scheduler.from_config(pipe.scheduler.config, **dict(sampler.options))
     pipe.set_progress_bar_config(disable=True)
 
-    def request(steps: int, guidance: float, sampler_name: str) -> Request:
+    def request(steps: int, guidance: float, sampler_name: str, *, tiny_vae: bool = False) -> Request:
         return Request(prompts=[PROMPT], negative_prompts=[""], seeds=[SEED], steps=steps, guidance_scale=guidance,
-                       sampler=get_sampler(sampler_name), width=size, height=size)  # fmt: skip
+                       sampler=get_sampler(sampler_name), width=size, height=size, tiny_vae=tiny_vae)  # fmt: skip
 
-    def ours(b, req, **kwargs):
-        return lambda: generate(b, req, progress=False, **kwargs).numpy()
+    def ours(b, req):
+        return lambda: generate(b, req, progress=False).numpy()
 
     def diffusers_20():
         out = pipe(PROMPT, num_inference_steps=20, guidance_scale=7.5, height=size, width=size, output_type="np",
@@ -73,7 +73,7 @@ def contenders(args) -> dict:
         for steps in args.lcm_steps:
             runs[f"lcm-{steps}"] = ours(student, request(steps, 1.0, "lcm"))
             if getattr(student, "tiny_vae", None) is not None:
-                runs[f"lcm-{steps}-tiny"] = ours(student, request(steps, 1.0, "lcm"), tiny_vae=True)
+                runs[f"lcm-{steps}-tiny"] = ours(student, request(steps, 1.0, "lcm", tiny_vae=True))
     return runs
 
 
