@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import copy
 import enum
-import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -55,7 +54,6 @@ from ldm.train.loop import (
     begin_run,
     held_run,
     resolve_resume,
-    train_loop,
 )
 from ldm.train.objectives import add_noise, alphas_cumprod
 from ldm.train.unet import (
@@ -68,6 +66,7 @@ from ldm.train.unet import (
     finish,
     latents_of,
     load_base,
+    train_timed,
     training_data,
     validation,
     validation_prompts,
@@ -245,6 +244,13 @@ def distillation_step(cfg: LCMRunConfig, base: Bundle, nets: Networks, condition
     embeds = nets.target is not None  # the full student reads ω
     scalings = dict(prediction=schedule.prediction, timestep_scaling=lcm.timestep_scaling)
 
+    empty_context: list[torch.Tensor] = []  # the empty prompt's hidden states, encoded once
+
+    def unconditional(b: int) -> torch.Tensor:
+        if not empty_context:
+            empty_context.append(conditioning([""], cache)["context"])  # (1, L, D)
+        return empty_context[0].expand(b, -1, -1)
+
     def teacher_output(x_t, t, context):
         if nets.teacher is not None:
             return nets.teacher(x_t, t, encoder_hidden_states=context).sample
@@ -270,7 +276,7 @@ def distillation_step(cfg: LCMRunConfig, base: Bundle, nets: Networks, condition
             student = model.denoiser(x_t, t, context=context, timestep_cond=w)
             f_student = consistency_function(student, x_t, t, ac, **scalings)
             with torch.no_grad(), accelerator.autocast():
-                empty = conditioning([""] * b, cache)["context"]
+                empty = unconditional(b)  # (B, L, D)
                 both = teacher_output(torch.cat([x_t, x_t]), torch.cat([t, t]), torch.cat([empty, context]))
                 uncond, cond = both.float().chunk(2)
                 x0_hat, noise_hat = x0_and_noise(guided(cond, uncond, omega), x_t, t, ac, schedule.prediction)
@@ -323,20 +329,14 @@ def _run(cfg: LCMRunConfig, accelerator: Accelerator, *, resume: str | None) -> 
     result_bundle = replace(base, config=student_model(base.config, cfg), unet=model.unet)
     validate = validation(cfg, result_bundle, model, conditioning, None, prompts=validation_prompts(cfg, data.report),
                           report=data.report, accelerator=accelerator)  # fmt: skip
-    started, first_step = time.monotonic(), state.progress.step
-    train_loop(
-        accelerator=accelerator, cfg=cfg.train, state=state, dataset=data.items, config=cfg,
-        step_fn=distillation_step(cfg, base, nets, conditioning, data.cache, accelerator=accelerator),
-        sample_fn=validate, ema_models=[(model.ema, model.unet)] if model.ema else [], batch_order=data.order,
+    result = train_timed(
+        accelerator, state, unet=model.unet, text_encoder=model.text_encoder, cfg=cfg.train, dataset=data.items,
+        config=cfg, sample_fn=validate, ema_models=[(model.ema, model.unet)] if model.ema else [],
+        batch_order=data.order, step_fn=distillation_step(cfg, base, nets, conditioning, data.cache,
+                                                          accelerator=accelerator),
     )  # fmt: skip
-    elapsed = time.monotonic() - started
-    steps = state.progress.step - first_step
-    accelerator.wait_for_everyone()
-    result = RunResult(progress=state.progress, unet=model.unet, text_encoder=model.text_encoder,
-                       steps_per_second=steps / elapsed if elapsed > 0 else 0.0)  # fmt: skip
     if not accelerator.is_main_process:
         return result
-    print(f"{steps} steps in {elapsed:.1f} s ({result.steps_per_second:.2f} steps/s)")
     finish(cfg, result_bundle, model, validate, result, accelerator=accelerator)
     how = "--sampler lcm --steps 4" + (" --cfg 1" if cfg.lora.rank else "")
     print(f"sample with: generate.py --model {result.bundle_dir or cfg.bundle} "

@@ -16,7 +16,6 @@ embeddings folders, as ``generate.py --embeddings`` does) and ``OUT/learned_embe
 
 from __future__ import annotations
 
-import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -48,15 +47,10 @@ from ldm.train.loop import (
     make_lr_scheduler,
     make_optimizer,
     resolve_resume,
-    train_loop,
 )
 from ldm.train.objectives import (
-    add_noise,
     alphas_cumprod,
     min_snr_weights,
-    offset_noise,
-    sample_timesteps,
-    training_target,
     weighted_mse,
 )
 from ldm.train.unet import (
@@ -64,8 +58,9 @@ from ldm.train.unet import (
     TextualInversionConfig,
     UNetRunConfig,
     ema_weights,
-    latents_of,
     load_base,
+    noised_latents,
+    train_timed,
     training_data,
     validation_prompts,
     with_model,
@@ -159,17 +154,14 @@ def step_function(cfg: UNetRunConfig, base: Bundle, model: WordVectors, optimize
                   *, accelerator: Accelerator) -> StepFn:  # fmt: skip
     """One micro-batch as the UNet run's (noise, timesteps, target, Min-SNR-weighted MSE), the gradient reaching the
     word's vectors only."""
-    schedule, device = cfg.model.schedule, accelerator.device
-    ac, scaling = alphas_cumprod(schedule), base.config.vae.scaling_factor
+    schedule = cfg.model.schedule
+    ac = alphas_cumprod(schedule)
+    noised = noised_latents(cfg, base, accelerator=accelerator)
     params = list(accelerator.unwrap_model(model).parameters())
 
     def step_fn(batch: dict, step: int) -> dict[str, float]:
         with accelerator.accumulate(model):
-            x0 = latents_of(batch, base.vae, scaling=scaling, accelerator=accelerator)  # (B, C, h, w)
-            noise = offset_noise(x0.shape, strength=cfg.loss.noise_offset).to(device)
-            t = sample_timesteps(len(x0), schedule.num_train_timesteps).to(device)  # (B,)
-            x_t = add_noise(x0, noise, t, ac)
-            target = training_target(x0, noise, t, ac, schedule.prediction)
+            _, t, x_t, target = noised(batch)
             prediction = model(x_t, t, input_ids=prompt_ids(batch["caption"]))
             weights = min_snr_weights(t, ac, gamma=cfg.loss.min_snr_gamma, prediction=schedule.prediction)
             loss = weighted_mse(prediction, target, weights)
@@ -242,19 +234,12 @@ def _run(cfg: UNetRunConfig, accelerator, *, resume: str | None) -> RunResult:
     prompt_ids = PromptIds(base, words, ti, device=accelerator.device)
     prompts = [training_prompt(p, ti) for p in validation_prompts(cfg, data.report)]
     validate = validation(cfg, base, module, ema, prompts=prompts, accelerator=accelerator)
-    started, first_step = time.monotonic(), state.progress.step
-    train_loop(
-        accelerator=accelerator, cfg=cfg.train, state=state, dataset=data.items, config=cfg,
+    result = train_timed(
+        accelerator, state, unet=unet, text_encoder=base.text_encoder, cfg=cfg.train, dataset=data.items,
+        config=cfg, sample_fn=validate, ema_models=[(ema, model)] if ema else [], batch_order=data.order,
         step_fn=step_function(cfg, base, model, optimizer, lr_scheduler, prompt_ids, accelerator=accelerator),
-        sample_fn=validate, ema_models=[(ema, model)] if ema else [], batch_order=data.order,
     )  # fmt: skip
-    elapsed = time.monotonic() - started
-    steps = state.progress.step - first_step
-    accelerator.wait_for_everyone()
-    result = RunResult(progress=state.progress, unet=unet, text_encoder=base.text_encoder,
-                       steps_per_second=steps / elapsed if elapsed > 0 else 0.0)  # fmt: skip
     if accelerator.is_main_process:
-        print(f"{steps} steps in {elapsed:.1f} s ({result.steps_per_second:.2f} steps/s)")
         finish(cfg, base, module, ema, validate, result)
     return result
 

@@ -450,21 +450,14 @@ def _run(cfg: UNetRunConfig, accelerator: Accelerator, *, resume: str | None) ->
     result_bundle = replace(base, config=config, labels=labels)
     validate = validation(cfg, result_bundle, model, conditioning, held, prompts=validation_prompts(cfg, data.report),
                           report=data.report, accelerator=accelerator)  # fmt: skip
-    started, first_step = time.monotonic(), state.progress.step
-    train_loop(
-        accelerator=accelerator, cfg=cfg.train, state=state, dataset=data.items, config=cfg,
-        step_fn=step_function(cfg, base, model, conditioning, data.cache, instances=data.instances,
-                              accelerator=accelerator),
-        sample_fn=validate, ema_models=[(model.ema, model.unet)] if model.ema else [], batch_order=data.order,
+    result = train_timed(
+        accelerator, state, unet=model.unet, text_encoder=model.text_encoder, cfg=cfg.train, dataset=data.items,
+        config=cfg, sample_fn=validate, ema_models=[(model.ema, model.unet)] if model.ema else [],
+        batch_order=data.order, step_fn=step_function(cfg, base, model, conditioning, data.cache,
+                                                      instances=data.instances, accelerator=accelerator),
     )  # fmt: skip
-    elapsed = time.monotonic() - started
-    steps = state.progress.step - first_step
-    accelerator.wait_for_everyone()
-    result = RunResult(progress=state.progress, unet=model.unet, text_encoder=model.text_encoder,
-                       steps_per_second=steps / elapsed if elapsed > 0 else 0.0)  # fmt: skip
     if not accelerator.is_main_process:
         return result
-    print(f"{steps} steps in {elapsed:.1f} s ({result.steps_per_second:.2f} steps/s)")
     finish(cfg, result_bundle, model, validate, result, accelerator=accelerator)
     return result
 
@@ -767,6 +760,39 @@ def task_conditioner(cfg: UNetRunConfig, base: Bundle, *, accelerator: Accelerat
     return condition_of
 
 
+def noised_latents(cfg: UNetRunConfig, base: Bundle, *, accelerator: Accelerator) -> Callable[[dict], tuple]:
+    """``noised(batch)`` → (x₀, t, x_t, target): the batch's scaled posterior samples, timesteps drawn uniformly,
+    x_t = √ᾱ_t·x₀ + √(1−ᾱ_t)·ε with (offset) noise ε, and the UNet's training target (ε or v). Every draw is made for
+    the whole global batch from the global RNG, and this process keeps its rows (:class:`BatchShard`), so N processes
+    draw what one does. Shared by every run that trains on the denoising loss (UNet, DreamBooth, textual inversion)."""
+    schedule, device, shard = cfg.model.schedule, accelerator.device, batch_shard(accelerator)
+    ac, scaling = alphas_cumprod(schedule), base.config.vae.scaling_factor  # (T,)
+
+    def noised(batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        x0 = latents_of(batch, base.vae, scaling=scaling, accelerator=accelerator, shard=shard)  # (B, C, h, w)
+        noise = shard.local(offset_noise(shard.global_shape(x0.shape), strength=cfg.loss.noise_offset)).to(device)
+        t = shard.local(sample_timesteps(shard.global_count(len(x0)), schedule.num_train_timesteps)).to(device)
+        return x0, t, add_noise(x0, noise, t, ac), training_target(x0, noise, t, ac, schedule.prediction)
+
+    return noised
+
+
+def train_timed(accelerator: Accelerator, state: TrainingState, *, unet: nn.Module, text_encoder: nn.Module,
+                **loop: object) -> RunResult:  # fmt: skip
+    """:func:`~ldm.train.loop.train_loop` with ``loop``'s arguments, then, once every process is done, the result
+    with its speed (printed on the main process)."""
+    started, first_step = time.monotonic(), state.progress.step
+    train_loop(accelerator=accelerator, state=state, **loop)
+    elapsed = time.monotonic() - started
+    steps = state.progress.step - first_step
+    accelerator.wait_for_everyone()
+    result = RunResult(progress=state.progress, unet=unet, text_encoder=text_encoder,
+                       steps_per_second=steps / elapsed if elapsed > 0 else 0.0)  # fmt: skip
+    if accelerator.is_main_process:
+        print(f"{steps} steps in {elapsed:.1f} s ({result.steps_per_second:.2f} steps/s)")
+    return result
+
+
 def step_function(cfg: UNetRunConfig, base: Bundle, model: Trainables, conditioning: TextConditioning,
                   cache: FeatureCache | None, *, instances: int | None = None,
                   accelerator: Accelerator) -> StepFn:  # fmt: skip
@@ -776,17 +802,13 @@ def step_function(cfg: UNetRunConfig, base: Bundle, model: Trainables, condition
     global batch, and this process keeps its rows of it (:class:`BatchShard`)."""
     schedule, device, shard = cfg.model.schedule, accelerator.device, batch_shard(accelerator)
     ac = alphas_cumprod(schedule)  # (T,)
-    scaling = base.config.vae.scaling_factor
+    noised = noised_latents(cfg, base, accelerator=accelerator)
     condition_of = task_conditioner(cfg, base, accelerator=accelerator)
     text_only = cfg.task is Task.TEXT_TO_IMAGE
 
     def step_fn(batch: dict, step: int) -> dict[str, float]:
         with accelerator.accumulate(model.denoiser):
-            x0 = latents_of(batch, base.vae, scaling=scaling, accelerator=accelerator, shard=shard)  # (B, C, h, w)
-            noise = shard.local(offset_noise(shard.global_shape(x0.shape), strength=cfg.loss.noise_offset)).to(device)
-            t = shard.local(sample_timesteps(shard.global_count(len(x0)), schedule.num_train_timesteps)).to(device)
-            x_t = add_noise(x0, noise, t, ac)
-            target = training_target(x0, noise, t, ac, schedule.prediction)
+            x0, t, x_t, target = noised(batch)
             condition = Condition() if text_only else condition_of(batch["pixel_values"].to(device), shard=shard)
             prediction = model.denoiser(unet_input(x_t, condition), t, class_labels=condition.class_labels,
                                         **conditioning(batch["caption"], cache))  # fmt: skip
