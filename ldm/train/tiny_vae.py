@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import copy
 import json
-import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -46,9 +45,9 @@ from ldm.train.loop import (
     backward_step,
     begin_run,
     check_training_size,
+    held_run,
     image_grid,
     log_grid,
-    make_accelerator,
     make_ema,
     make_lr_scheduler,
     make_optimizer,
@@ -162,9 +161,13 @@ def run(cfg: TinyVAERunConfig, *, resume: str | None = None) -> RunResult:
     write the tiny autoencoder into ``cfg.bundle`` and, with held-out data, ``OUT/eval.json``."""
     cfg = with_model(cfg)
     check_config(cfg)
+    resume_path = resolve_resume(resume, Path(cfg.train.output_dir))
+    return held_run(cfg.train, lambda accelerator: _run(cfg, accelerator, resume_path=resume_path))
+
+
+def _run(cfg: TinyVAERunConfig, accelerator: Accelerator, *, resume_path: Path | None) -> RunResult:
+    """:func:`run` once the output folder is held."""
     out = Path(cfg.train.output_dir)
-    resume_path = resolve_resume(resume, out)
-    accelerator = make_accelerator(cfg.train, log_dir=out / "logs")
     torch.manual_seed(cfg.train.seed)
 
     base = load_bundle(cfg.bundle)
@@ -193,7 +196,7 @@ def training_items(cfg: TinyVAERunConfig, base: Bundle, accelerator: Accelerator
     pixels of it, for each centre crop and its mirror image. The main process builds the cache file, the others
     then read it."""
     main_process = accelerator.is_main_process
-    report = report_dataset(cfg.data, file=sys.stdout if main_process else None)
+    report = report_dataset(cfg.data, quiet=not main_process)
     targets = [(cfg.data.resolution, cfg.data.resolution)] * len(report.pairs)
     folder = Path(cfg.cache.dir) if cfg.cache.dir else Path(cfg.train.output_dir) / "cache"
     cache = None
