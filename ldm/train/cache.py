@@ -11,10 +11,16 @@ same first three draws as :func:`~ldm.data.square_tensor`, so the square case cr
 
 **Cache.** The frozen VAE's posterior (mean and log-variance, so a fresh latent is sampled each epoch) of every
 centre-cropped image, and of its mirror image when flipping is on, plus the frozen text encoder's hidden states
-of every caption and of the empty caption (for caption dropout), in one safetensors file; for distilling a tiny
-autoencoder (``ldm.train.tiny_vae``) also the full decoder's output of each posterior mean. Its key — the VAE's and
-text encoder's sha256 from the bundle manifest, resolution, crop, flip, buckets and a hash of the dataset
-listing (paths, captions, sizes, file stats) — is stored in the file; a run whose key differs rebuilds it.
+of every caption and of the empty caption (for caption dropout); for distilling a tiny autoencoder
+(``ldm.train.tiny_vae``) also the full decoder's output of each posterior mean. Its key — the VAE's and text
+encoder's sha256 from the bundle manifest, resolution, crop, flip, buckets and a hash of the dataset listing (paths,
+captions, sizes, file stats) — is stored in the cache's head file; a run whose key differs rebuilds it.
+
+**At scale.** Every process of a multi-process run builds a share of the cache (every N-th VAE and text encoder
+call, the calls themselves fixed by the data alone) and writes it as a part file; the main process then writes the
+head, which names the parts. Any number of processes reads it back, and its numbers are those one process builds,
+call for call: bit for bit where each process runs as many threads as the one did (a convolution's rounding depends
+on the thread count and the batch, by about 1e-6 in float32; the calls' batches are fixed, so only threads remain).
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ import json
 import math
 import sys
 import time
+import uuid
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -41,10 +48,10 @@ from ldm.errors import LdmError
 from ldm.images import crop_tensor, fit_tensor, plan_crop
 from ldm.io import save_tensors
 from ldm.models.tokenizer import tokenize
-from ldm.train.distributed import per_process_batch
+from ldm.train.distributed import main_process_object, per_process_batch
 from ldm.train.objectives import drop_captions
 
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2  # 2: a head file and one part per building process
 Size = tuple[int, int]  # (width, height) in pixels
 
 
@@ -335,83 +342,177 @@ def encode_text(bundle, captions: Sequence[str], *, batch_size: int = 64, device
     return torch.cat(out) if out else torch.zeros(0, cfg.context_length, cfg.width)
 
 
+@dataclass(frozen=True)
+class Chunk:
+    """One VAE call of a cache build: up to ``batch_size`` distinct images at one target size, and for each the items
+    that share its posterior (a kohya repeat folder's copies). Chunks are numbered in one fixed order, and process
+    ``r`` of ``n`` encodes chunks ``r, r + n, r + 2n, …``: the calls are the same whatever the number of processes,
+    so a cache built by several is the one built by one."""
+
+    target: Size
+    items: tuple[tuple[int, ...], ...]  # per distinct image, its item indices; the first one is read
+
+
+def plan_chunks(report: ScanReport, targets: Sequence[Size], batch_size: int) -> list[Chunk]:
+    """The VAE calls that encode a dataset: by target size (sorted), the distinct images in listing order."""
+    by_target: dict[Size, dict[Path, list[int]]] = {}
+    for i, target in enumerate(targets):
+        by_target.setdefault(tuple(target), {}).setdefault(report.pairs[i].image, []).append(i)
+    chunks = []
+    for target, images in sorted(by_target.items()):
+        groups = [tuple(items) for items in images.values()]
+        chunks += [Chunk(target, tuple(groups[s : s + batch_size])) for s in range(0, len(groups), batch_size)]
+    return chunks
+
+
 @torch.no_grad()
+def encode_chunks(
+    bundle, report: ScanReport, chunks: Sequence[Chunk], *, flip: bool, decoded: bool, device=None,
+    progress: bool = True,
+) -> dict[str, torch.Tensor]:  # fmt: skip
+    """The posteriors of ``chunks``: per target size ``latents.WxH.index`` (item indices) and ``.mean``/``.logvar``
+    (one row per index; ``_flipped`` for the mirror images, ``.decoded`` for the decoder's output of each mean)."""
+    vae = bundle.vae
+    parts: dict[Size, dict[str, list[torch.Tensor]]] = {}
+    bar = tqdm(total=sum(len(c.items) for c in chunks), desc="encoding latents", unit="img", disable=not progress,
+               leave=False)  # fmt: skip
+    for chunk in chunks:
+        generator = torch.Generator().manual_seed(0)  # centre crops draw nothing that matters
+        x = torch.stack([fit_tensor(read_scanned_image(report.pairs[items[0]]), chunk.target, generator=generator)
+                         for items in chunk.items])  # fmt: skip
+        n = len(x)
+        if flip:
+            x = torch.cat([x, x.flip(-1)])  # (2n, 3, H, W): the mirror images in the same VAE call
+        dist = vae.encode(x.to(device, vae.dtype)).latent_dist
+        encoded = {"mean": dist.mean.float().cpu(), "logvar": dist.logvar.float().cpu()}  # (n or 2n, C, h/f, w/f)
+        if decoded:
+            encoded["decoded"] = vae.decode(dist.mean).sample.float().cpu()  # (n or 2n, 3, H, W)
+        rows = torch.tensor([row for row, items in enumerate(chunk.items) for _ in items])  # item → its image's row
+        out = parts.setdefault(chunk.target, {})
+        out.setdefault("index", []).append(torch.tensor([i for items in chunk.items for i in items]))
+        for name, value in encoded.items():
+            out.setdefault(name, []).append(value[:n][rows])
+            if flip:
+                out.setdefault(f"{name}_flipped", []).append(value[n:][rows])
+        bar.update(n)
+    bar.close()
+    return {f"latents.{w}x{h}.{name}": torch.cat(values) for (w, h), out in parts.items() for name, values in out.items()}
+
+
+def _merge(parts: Sequence[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """The tensors of several parts, each name's rows concatenated in part order (indices with their rows)."""
+    names = dict.fromkeys(name for part in parts for name in part)
+    return {name: torch.cat([part[name] for part in parts if name in part]) for name in names}
+
+
+def cache_captions(report: ScanReport) -> list[str]:
+    """The captions a cache encodes: every distinct one of the usable pairs and the empty one, sorted."""
+    return sorted({pair.caption for pair in report.pairs} | {""})
+
+
+def caption_chunks(count: int, batch_size: int = 64) -> list[range]:
+    return [range(s, min(s + batch_size, count)) for s in range(0, count, batch_size)]
+
+
+@torch.no_grad()
+def encode_text_rows(bundle, captions: Sequence[str], chunks: Sequence[range], device=None) -> dict[str, torch.Tensor]:
+    """``text.index`` (caption rows) and ``text.hidden_states`` of ``chunks`` of ``captions``, one encoder call each."""
+    index = [i for chunk in chunks for i in chunk]
+    hidden = [encode_text(bundle, [captions[i] for i in chunk], batch_size=len(chunk), device=device)
+              for chunk in chunks]  # fmt: skip
+    if not hidden:
+        cfg = bundle.config.text_encoder
+        hidden = [torch.zeros(0, cfg.context_length, cfg.width)]
+    return {"text.index": torch.tensor(index, dtype=torch.int64), "text.hidden_states": torch.cat(hidden)}
+
+
+def features_of(tensors: dict[str, torch.Tensor], *, key: dict, captions: list[str], path: Path | None = None):
+    """A :class:`FeatureCache` from merged parts: the text rows put in caption order."""
+    tensors = dict(tensors)
+    index, rows = tensors.pop("text.index"), tensors.pop("text.hidden_states")
+    if sorted(index.tolist()) != list(range(len(captions))):
+        raise ValueError("the cache parts do not hold every caption once")
+    hidden = torch.empty_like(rows)
+    hidden[index] = rows
+    return FeatureCache(key=key, latents=tensors, captions=captions, hidden_states=hidden, path=path)
+
+
 def encode_features(
     bundle, report: ScanReport, targets: Sequence[Size], *, key: dict, latents: bool, flip: bool, batch_size: int,
     device=None, progress: bool = True, decoded: bool = False,
 ) -> FeatureCache:  # fmt: skip
-    """Run the frozen VAE (centre crops, and their mirror images when ``flip``) and text encoder over a dataset;
-    with ``decoded`` the VAE's decoder too, on each posterior mean.
-
-    An image listed more than once at one target size (a kohya repeat folder's) is encoded once: its items share
-    the posterior, as a centre crop draws nothing."""
-    vae = bundle.vae
-    tensors: dict[str, torch.Tensor] = {}
+    """Run the frozen VAE (centre crops, and their mirror images when ``flip``) and text encoder over a dataset, in
+    one process; with ``decoded`` the VAE's decoder too, on each posterior mean."""
+    captions = cache_captions(report)
+    tensors = encode_text_rows(bundle, captions, caption_chunks(len(captions)), device=device)
     if latents:
-        by_target: dict[Size, dict[Path, list[int]]] = {}
-        for i, target in enumerate(targets):
-            by_target.setdefault(tuple(target), {}).setdefault(report.pairs[i].image, []).append(i)
-        total = sum(len(images) for images in by_target.values())
-        bar = tqdm(total=total, desc="encoding latents", unit="img", disable=not progress, leave=False)
-        for (w, h), images in sorted(by_target.items()):
-            unique = [items[0] for items in images.values()]  # one item per distinct image
-            rows = torch.tensor([row for row, items in enumerate(images.values()) for _ in items])  # item → its row
-            indices = [i for items in images.values() for i in items]
-            parts: dict[str, list[torch.Tensor]] = {}
-            for start in range(0, len(unique), batch_size):
-                chunk = unique[start : start + batch_size]
-                generator = torch.Generator().manual_seed(0)  # centre crops draw nothing that matters
-                x = torch.stack(
-                    [fit_tensor(read_scanned_image(report.pairs[i]), (w, h), generator=generator) for i in chunk]
-                )
-                if flip:
-                    x = torch.cat([x, x.flip(-1)])  # (2n, 3, H, W): the mirror images in the same VAE call
-                dist = vae.encode(x.to(device, vae.dtype)).latent_dist
-                mean, logvar = dist.mean.float().cpu(), dist.logvar.float().cpu()  # (n or 2n, C, h/f, w/f)
-                n = len(chunk)
-                parts.setdefault("mean", []).append(mean[:n])
-                parts.setdefault("logvar", []).append(logvar[:n])
-                if flip:
-                    parts.setdefault("mean_flipped", []).append(mean[n:])
-                    parts.setdefault("logvar_flipped", []).append(logvar[n:])
-                if decoded:
-                    pixels = vae.decode(dist.mean).sample.float().cpu()  # (n or 2n, 3, H, W)
-                    parts.setdefault("decoded", []).append(pixels[:n])
-                    if flip:
-                        parts.setdefault("decoded_flipped", []).append(pixels[n:])
-                bar.update(n)
-            stem = f"latents.{w}x{h}"
-            tensors[f"{stem}.index"] = torch.tensor(indices, dtype=torch.int64)
-            tensors |= {f"{stem}.{name}": torch.cat(values)[rows] for name, values in parts.items()}
-        bar.close()
-    captions = sorted({pair.caption for pair in report.pairs} | {""})
-    hidden = encode_text(bundle, captions, device=device)
-    return FeatureCache(key=key, latents=tensors, captions=captions, hidden_states=hidden)
+        chunks = plan_chunks(report, targets, batch_size)
+        tensors |= encode_chunks(bundle, report, chunks, flip=flip, decoded=decoded, device=device, progress=progress)
+    return features_of(tensors, key=key, captions=captions)
+
+
+# --- the cache on disk: a head file and one part per building process ---------------------------------------------
+
+
+def part_path(head: Path, rank: int, processes: int) -> Path:
+    """``NAME.part-00001-of-00002.safetensors`` beside the head ``NAME.safetensors``."""
+    return head.with_name(f"{head.stem}.part-{rank:05d}-of-{processes:05d}{head.suffix}")
 
 
 def _changed(saved: dict, key: dict) -> list[str]:
     return [name for name in key if saved.get(name) != key[name]] or ["format"]
 
 
+def _read(path: Path) -> tuple[dict, dict[str, torch.Tensor]]:
+    with safe_open(str(path), framework="pt") as f:
+        meta = json.loads((f.metadata() or {}).get("ldm.train.cache", "{}"))
+        return meta, {name: f.get_tensor(name) for name in f.keys()}  # noqa: SIM118 - safe_open is not iterable
+
+
 def load_cache(path: Path, key: dict) -> tuple[FeatureCache | None, str]:
-    """The cache at ``path`` if its key equals ``key``; else None and why."""
+    """The cache whose head is ``path``, if its key equals ``key`` and every part it lists is there and from the same
+    build; else None and why. Any number of processes may read a cache that any number built."""
     if not path.is_file():
         return None, "no cache yet"
     try:
-        with safe_open(str(path), framework="pt") as f:
-            meta = json.loads((f.metadata() or {}).get("ldm.train.cache", "{}"))
-            if meta.get("key") != key:
-                return None, f"{', '.join(_changed(meta.get('key') or {}, key))} changed"
-            tensors = {name: f.get_tensor(name) for name in f.keys()}  # noqa: SIM118 - safe_open is not iterable
+        meta, _ = _read(path)
+        if meta.get("key") != key:
+            return None, f"{', '.join(_changed(meta.get('key') or {}, key))} changed"
+        parts = []
+        for name in meta["parts"]:
+            if not (path.parent / name).is_file():
+                return None, f"part {name} is missing"
+            part_meta, tensors = _read(path.parent / name)
+            if part_meta.get("build") != meta["build"]:
+                return None, f"part {name} is from another build"
+            parts.append(tensors)
+        cache = features_of(_merge(parts), key=key, captions=meta["captions"], path=path)
     except Exception as exc:  # noqa: BLE001 - safetensors raises its own error types; a damaged cache is simply rebuilt
         return None, f"unreadable ({type(exc).__name__})"
-    hidden = tensors.pop("text.hidden_states")
-    return FeatureCache(key=key, latents=tensors, captions=meta["captions"], hidden_states=hidden, path=path), "hit"
+    return cache, "hit"
+
+
+def _write_part(path: Path, tensors: dict[str, torch.Tensor], *, build: str) -> Path:
+    return save_tensors(path, tensors, metadata={"ldm.train.cache": json.dumps({"build": build})})
+
+
+def _write_head(path: Path, *, key: dict, captions: list[str], parts: list[Path], build: str) -> None:
+    """The head, written after every part it lists (a build killed midway leaves no head that matches); parts of an
+    earlier build beside it are removed."""
+    meta = {"key": key, "captions": captions, "parts": [p.name for p in parts], "build": build}
+    save_tensors(path, {"format": torch.tensor([CACHE_FORMAT])}, metadata={"ldm.train.cache": json.dumps(meta)})
+    keep = {p.name for p in parts}
+    for old in path.parent.glob(f"{path.stem}.part-*-of-*{path.suffix}"):
+        if old.name not in keep:
+            old.unlink(missing_ok=True)
 
 
 def save_cache(cache: FeatureCache, path: Path) -> Path:
-    meta = {"ldm.train.cache": json.dumps({"key": cache.key, "captions": cache.captions})}
-    save_tensors(path, {**cache.tensors, "text.hidden_states": cache.hidden_states}, metadata=meta)
+    """``cache`` as a head and one part (what one process builds)."""
+    build = uuid.uuid4().hex
+    part = _write_part(part_path(path, 0, 1), {**cache.tensors, "text.index": torch.arange(len(cache.captions)),
+                                               "text.hidden_states": cache.hidden_states}, build=build)  # fmt: skip
+    _write_head(path, key=cache.key, captions=cache.captions, parts=[part], build=build)
     cache.path = path
     return path
 
@@ -419,34 +520,60 @@ def save_cache(cache: FeatureCache, path: Path) -> Path:
 def load_or_build_cache(
     path: Path | None, *, bundle, data: DataConfig, report: ScanReport, targets: Sequence[Size],
     buckets: Sequence[Size] | None, latents: bool, batch_size: int, device=None,
-    log: Callable[[str], None] | None = None, decoded: bool = False,
+    log: Callable[[str], None] | None = None, decoded: bool = False, accelerator=None,
 ) -> FeatureCache:  # fmt: skip
     """The feature cache of a dataset: read from ``path`` when its key matches, else encoded (and written to ``path``;
     ``path`` None: kept in memory only). ``latents`` False caches the text only (random crops cannot be cached);
-    ``decoded`` adds the full decoder's output of every posterior mean."""
+    ``decoded`` adds the full decoder's output of every posterior mean.
+
+    With ``accelerator`` every process of the run calls this: each encodes its share of the VAE and text encoder
+    calls (:class:`Chunk`) and writes it as one part, the main process writes the head, and all then read the whole
+    cache. Only the main process logs."""
+    main = accelerator is None or accelerator.is_main_process
+    processes = 1 if accelerator is None or path is None else accelerator.num_processes
     log = log or (lambda message: print(message, file=sys.stdout, flush=True))
+    say = log if main else (lambda message: None)
     key = cache_key(bundle, data, report, targets, buckets=buckets) | {"latents": latents}
     if decoded:
         key["decoded"] = True  # a key of its own: the UNet's caches keep theirs
-    if path is not None:
-        cache, why = load_cache(path, key)
-        if cache is not None:
-            log(f"feature cache: hit {path} ({len(cache)} latents, {len(cache.captions)} captions); no VAE encoding")
-            return cache
-        log(f"feature cache: building {path} ({why})")
+    if path is None:
+        return encode_features(bundle, report, targets, key=key, latents=latents, flip=data.random_flip > 0,
+                               batch_size=batch_size, device=device, decoded=decoded)  # fmt: skip
+    cache, why = load_cache(path, key) if main else (None, "")
+    if processes > 1:
+        why = main_process_object(accelerator, "hit" if cache is not None else why)
+    if why == "hit":
+        cache = cache if cache is not None else _loaded(path, key)
+        say(f"feature cache: hit {path} ({len(cache)} latents, {len(cache.captions)} captions); no VAE encoding")
+        return cache
+    shares = f" by {processes} processes" if processes > 1 else ""
+    say(f"feature cache: building {path} ({why}){shares}")
     started = time.monotonic()
-    cache = encode_features(
-        bundle,
-        report,
-        targets,
-        key=key,
-        latents=latents,
-        flip=data.random_flip > 0,
-        batch_size=batch_size,
-        device=device,
-        decoded=decoded,
-    )
-    if path is not None:
-        save_cache(cache, path)
-        log(f"feature cache: wrote {path} ({cache.nbytes() / 2**20:.1f} MiB) in {time.monotonic() - started:.1f} s")
+    rank = 0 if accelerator is None else accelerator.process_index
+    build = uuid.uuid4().hex if processes == 1 else main_process_object(accelerator, uuid.uuid4().hex)
+    captions = cache_captions(report)
+    tensors = encode_text_rows(bundle, captions, caption_chunks(len(captions))[rank::processes], device=device)
+    if latents:
+        chunks = plan_chunks(report, targets, batch_size)[rank::processes]
+        tensors |= encode_chunks(bundle, report, chunks, flip=data.random_flip > 0, decoded=decoded, device=device,
+                                 progress=main)  # fmt: skip
+    path.parent.mkdir(parents=True, exist_ok=True)
+    parts = [part_path(path, r, processes) for r in range(processes)]
+    _write_part(parts[rank], tensors, build=build)
+    if processes > 1:
+        accelerator.wait_for_everyone()  # every part is on disk
+    if main:
+        _write_head(path, key=key, captions=captions, parts=parts, build=build)
+        mib = sum(p.stat().st_size for p in [path, *parts]) / 2**20
+        say(f"feature cache: wrote {path} and {len(parts)} part(s) ({mib:.1f} MiB) in "
+            f"{time.monotonic() - started:.1f} s")  # fmt: skip
+    if processes > 1:
+        accelerator.wait_for_everyone()  # the head is on disk
+    return _loaded(path, key)
+
+
+def _loaded(path: Path, key: dict) -> FeatureCache:
+    cache, why = load_cache(path, key)
+    if cache is None:
+        raise LdmError(f"the feature cache {path} could not be read back ({why}); delete it and start again")
     return cache

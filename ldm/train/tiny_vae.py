@@ -193,20 +193,16 @@ def _run(cfg: TinyVAERunConfig, accelerator: Accelerator, *, resume_path: Path |
 
 def training_items(cfg: TinyVAERunConfig, base: Bundle, accelerator: Accelerator) -> UNetItems:
     """The data report, then the items with their cached targets: the VAE's posterior mean and the full decoder's
-    pixels of it, for each centre crop and its mirror image. The main process builds the cache file, the others
-    then read it."""
+    pixels of it, for each centre crop and its mirror image, in the cache all processes build together."""
     main_process = accelerator.is_main_process
     report = report_dataset(cfg.data, quiet=not main_process)
     targets = [(cfg.data.resolution, cfg.data.resolution)] * len(report.pairs)
     folder = Path(cfg.cache.dir) if cfg.cache.dir else Path(cfg.train.output_dir) / "cache"
-    cache = None
-    for builder in (True, False):
-        if builder == main_process:
-            cache = load_or_build_cache(
-                cache_path(folder, cfg.data, "tiny-vae"), bundle=base, data=cfg.data, report=report, targets=targets,
-                buckets=None, latents=True, decoded=True, batch_size=cfg.cache.batch_size, device=accelerator.device,
-            )  # fmt: skip
-        accelerator.wait_for_everyone()
+    cache = load_or_build_cache(
+        cache_path(folder, cfg.data, "tiny-vae"), bundle=base, data=cfg.data, report=report, targets=targets,
+        buckets=None, latents=True, decoded=True, batch_size=cfg.cache.batch_size, device=accelerator.device,
+        accelerator=accelerator,
+    )  # fmt: skip
     if main_process and cfg.loss.perceptual_weights is None:
         print("perceptual term off (loss.perceptual_weights, a VGG16 safetensors file, turns it on)")
     return UNetItems(report, targets=targets, center_crop=True, flip_p=cfg.data.random_flip, seed=cfg.train.seed,

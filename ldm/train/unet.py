@@ -541,25 +541,19 @@ def cache_dir(cfg: UNetRunConfig) -> Path:
 
 def feature_cache(cfg: UNetRunConfig, base: Bundle, report: ScanReport, targets, buckets, *,
                   accelerator: Accelerator) -> FeatureCache | None:  # fmt: skip
-    """VAE posteriors (centre crops only) and caption hidden states in float32; None when the cache is off. The main
-    process builds the file, the others then read it."""
+    """VAE posteriors (centre crops only) and caption hidden states in float32; None when the cache is off. All
+    processes build it together (each its share), then all read it."""
     if not cfg.cache.enabled:
         return None
     main_process = accelerator.is_main_process
     cache_latents = cfg.data.center_crop
     if not cache_latents and main_process:
         print("note: random crops (data.center_crop=false) cannot be cached; the VAE encodes every step")
-    cache = None
-    for builder in (True, False):
-        if builder == main_process:
-            cache = load_or_build_cache(
-                cache_path(cache_dir(cfg), cfg.data, "train"), bundle=base, data=cfg.data, report=report,
-                targets=targets, buckets=buckets, latents=cache_latents, batch_size=cfg.cache.batch_size,
-                device=accelerator.device, log=None if main_process else (lambda message: None),
-            )  # fmt: skip
-        if builder:
-            accelerator.wait_for_everyone()
-    return cache
+    return load_or_build_cache(
+        cache_path(cache_dir(cfg), cfg.data, "train"), bundle=base, data=cfg.data, report=report, targets=targets,
+        buckets=buckets, latents=cache_latents, batch_size=cfg.cache.batch_size, device=accelerator.device,
+        accelerator=accelerator,
+    )  # fmt: skip
 
 
 def held_out_set(cfg: UNetRunConfig, base: Bundle, accelerator: Accelerator) -> HeldOut | None:

@@ -81,6 +81,35 @@ def test_cache_is_rebuilt_when_the_vae_changes(micro_bundle_dir, data, tmp_path,
     assert encoder_calls == [(8, 3, 64, 64)]  # rebuilt: no flipping, so one call for the 8 images
 
 
+def test_cache_parts_are_checked_and_stale_ones_removed(micro_bundle_dir, data, tmp_path, encoder_calls, capsys):
+    """The head names its parts: a part of an earlier build is removed when a new head is written, and a missing
+    part or one from another build makes the cache a miss (rebuilt), never a mix of two builds."""
+    folder = tmp_path / "cache"
+    folder.mkdir()
+    stale = folder / "shapes-stale.part-00001-of-00002.safetensors"
+    stale.write_bytes(b"left by a run of another dataset")  # another cache's part: not this head's to remove
+    run = ["--cache-dir", str(folder), "--max-steps", "1"]
+    assert run_cli(train_unet.main, args(micro_bundle_dir, data, tmp_path / "a", *run)) == 0
+    (head,) = [p for p in folder.glob("shapes-train-*.safetensors") if ".part-" not in p.name]
+    own_stale = folder / f"{head.stem}.part-00001-of-00002.safetensors"
+    own_stale.write_bytes(b"from a 2-process build of before")
+    (part,) = folder.glob(f"{head.stem}.part-00000-of-00001*")
+
+    part.rename(tmp_path / "kept-part")  # missing: rebuilt, and the earlier 2-process part removed
+    capsys.readouterr()
+    encoder_calls.clear()
+    assert run_cli(train_unet.main, args(micro_bundle_dir, data, tmp_path / "b", *run)) == 0
+    assert f"(part {part.name} is missing)" in capsys.readouterr().out
+    assert encoder_calls == [(8, 3, 64, 64)]
+    assert part.is_file() and not own_stale.exists() and stale.exists()
+
+    (tmp_path / "kept-part").replace(part)  # a part of the first build beside the second build's head
+    encoder_calls.clear()
+    assert run_cli(train_unet.main, args(micro_bundle_dir, data, tmp_path / "c", *run)) == 0
+    assert f"(part {part.name} is from another build)" in capsys.readouterr().out
+    assert encoder_calls == [(8, 3, 64, 64)]
+
+
 def test_no_cache_encodes_every_step(micro_bundle_dir, data, tmp_path, encoder_calls, capsys):
     argv = args(micro_bundle_dir, data, tmp_path / "run", "--max-steps", "3", "--no-cache",
                 "--set", "train.gradient_accumulation=2")  # fmt: skip

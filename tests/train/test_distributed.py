@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors import safe_open
 from tb_events import logged_scalars
 from test_train_unet import assert_same_checkpoints, checkpoint_tensors, write_shapes
 
@@ -18,6 +19,7 @@ from ldm.cli import train_unet, train_vae
 from ldm.cli.common import run_cli
 from ldm.errors import LdmError
 from ldm.formats.bundle import load_bundle
+from ldm.train.cache import load_cache
 from ldm.train.distributed import (
     BatchShard,
     Launch,
@@ -36,11 +38,12 @@ GLOO = torch.distributed.is_available() and torch.distributed.is_gloo_available(
 needs_gloo = pytest.mark.skipif(not GLOO, reason="torch.distributed with the gloo backend is not available")
 
 LR = 1e-3
+# cache.batch_size=3: 3 VAE calls for the 8 images, which 2 processes share.
 UNET = ["--set", "train.batch_size=4", "--set", "train.log_every=1", "--set", "train.warmup_steps=0",
         "--set", "validation.steps=2", "--set", f"train.lr={LR}", "--set", "train.ema_decay=0.9",
         "--set", "train.sample_every=100", "--set", "data.random_flip=0.5", "--set", "loss.caption_dropout=0.3",
         "--set", "loss.noise_offset=0.1", "--set", "train.checkpoint_every=2", "--set", "train.keep_checkpoints=3",
-        "--max-steps", "4"]  # fmt: skip
+        "--set", "cache.batch_size=3", "--max-steps", "4"]  # fmt: skip
 # The discriminator is on from step 1, at 32 px and a quarter of its width: its gradients and the adaptive weight
 # are averaged across the processes outside DDP, which this checks.
 VAE = ["--preset", "micro", "--resolution", "32", "--set", "train.batch_size=4", "--set", "train.log_every=1",
@@ -125,20 +128,33 @@ def shapes(tmp_path_factory):
 def test_two_processes_train_as_one_resume_exactly_and_write_once(micro_bundle_dir, shapes, tmp_path):
     """UNet and VAE, 2 processes against 1 on the same global batch (4) and seed: the same losses at every step and
     the same weights (assert_close_weights); a 2-process UNet run killed after its step-2 checkpoint and resumed on
-    2 processes ends bit-identical to the unbroken one; the outputs are written once, by process 0."""
+    2 processes ends bit-identical to the unbroken one; the outputs are written once, by process 0. The feature
+    cache the 2 processes build (a part each) holds the numbers 1 process builds, and the resumed run reads the one
+    1 process built."""
     unet = ["--bundle", str(micro_bundle_dir), "--data", str(shapes), *UNET]
+    one = tmp_path / "unet-1"
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as each of the 2 processes has: a convolution's rounding depends on the thread count
+    try:
+        assert run_cli(train_unet.main, [*unet, "--out", str(one)]) == 0
+    finally:
+        torch.set_num_threads(threads)
     two, killed, vae_two = tmp_path / "unet-2", tmp_path / "unet-killed", tmp_path / "vae-2"
     printed = torchrun(tmp_path, [
         {"main": "unet", "argv": [*unet, "--out", str(two)]},
         {"copy": [[str(two / "checkpoints" / "step-00000002.safetensors"),
                    str(killed / "checkpoints" / "step-00000002.safetensors")],
                   [str(two / "config.yaml"), str(killed / "config.yaml")]]},
-        {"main": "unet", "argv": ["--out", str(killed), "--resume", "latest"]},  # the saved config is used
+        {"main": "unet", "argv": ["--out", str(killed), "--resume", "latest",  # the saved config is used
+                                  "--set", f"cache.dir={one / 'cache'}"]},
         {"main": "vae", "argv": ["--data", str(shapes), *VAE, "--out", str(vae_two)]},
     ])  # fmt: skip
     said = "2 processes on the CPU (no GPU here), DDP over gloo; global batch 4 = 2 × 2; process 0 writes "
     assert printed.count(said) == 3 and printed.count("bundle written to") == 3
     assert printed.count("usable pairs") == 3  # the data report, from process 0 only
+    assert printed.count("feature cache: building") == 1 and "by 2 processes" in printed
+    assert printed.count("feature cache: hit") == 1  # the resumed run: the cache of the 1-process run
+    assert_same_caches(one / "cache", two / "cache", parts=(1, 2))
 
     # Killed and resumed on two processes = unbroken; each process resumed its own RNG state.
     final = "checkpoints/step-00000004.safetensors"
@@ -149,9 +165,6 @@ def test_two_processes_train_as_one_resume_exactly_and_write_once(micro_bundle_d
     assert load_bundle(two / "bundle").config.unet == load_bundle(micro_bundle_dir).config.unet
     assert [p.name for p in (two / "samples").glob("*.png")] == ["samples-00000004.png"]
     assert not (two / "train.lock").exists() and not (vae_two / "train.lock").exists()  # released at the end
-
-    one = tmp_path / "unet-1"
-    assert run_cli(train_unet.main, [*unet, "--out", str(one)]) == 0
     assert_same_losses(one, two, "loss", range(1, 5))
     assert_close_weights(trained(one, final, "unet"), trained(two, final, "unet"), steps=4)
 
@@ -163,6 +176,27 @@ def test_two_processes_train_as_one_resume_exactly_and_write_once(micro_bundle_d
     assert_close_weights(trained(vae_one, last, "vae"), trained(vae_two, last, "vae"), steps=3)
     scale = [load_bundle(out / "bundle").config.vae.scaling_factor for out in (vae_one, vae_two)]
     assert scale[1] == pytest.approx(scale[0], rel=1e-4)
+
+
+def read_cache(folder: Path, *, parts: int):
+    """The one feature cache in ``folder``, checking that it has ``parts`` part files."""
+    (head,) = [p for p in folder.glob("*.safetensors") if ".part-" not in p.name]
+    assert len(list(folder.glob(f"{head.stem}.part-*"))) == parts
+    meta = json.loads(safe_open(str(head), framework="pt").metadata()["ldm.train.cache"])
+    cache, why = load_cache(head, meta["key"])
+    assert why == "hit"
+    return cache
+
+
+def assert_same_caches(a: Path, b: Path, *, parts: tuple[int, int]):
+    """The caches in ``a`` and ``b`` hold the same numbers for every item and caption: the same VAE and text
+    encoder calls, made in one process or shared between several."""
+    one, two = read_cache(a, parts=parts[0]), read_cache(b, parts=parts[1])
+    assert one.key == two.key and one.captions == two.captions and len(one) == len(two) > 0
+    for i in range(len(one)):
+        for flipped in (False, True):
+            assert all(torch.equal(x, y) for x, y in zip(one.latent(i, flipped=flipped), two.latent(i, flipped=flipped)))
+    assert torch.equal(one.hidden_states, two.hidden_states)
 
 
 # --- refusals -------------------------------------------------------------------------------------------------------
