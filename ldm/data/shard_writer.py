@@ -7,7 +7,10 @@ each written atomically. A sample is ``KEY.EXT`` (the image file's bytes as they
 that the shards list the same captions and image bytes in the same order as the folder. What the scan skipped is
 not written. A kohya image of a repeat folder ``10_x/`` is written as ten samples, as it is ten pairs of the scan:
 the shards train as the folder does (the same items, order and epoch length); an image of ``0_x/`` is not written.
-Member owners and times are zero, so the same pairs give the same bytes.
+(One difference remains there: train_unet.py's feature cache encodes a repeated file once, and the shards' repeats
+are samples of their own, so the VAE's batches hold other images; ``--set cache.batch_size=1`` makes the latents
+equal by construction, and on the CPU they are equal at the default too.) Member owners and times are zero, so the
+same pairs give the same bytes.
 """
 
 from __future__ import annotations

@@ -1,10 +1,11 @@
-"""Training on webdataset shards written from a folder is training on the folder: the same checkpoint, bit for bit."""
+"""Training on webdataset shards written from a folder is training on the folder: the same checkpoint, bit for bit.
+(2 processes on shards, killed and resumed: tests/train/test_distributed.py, in its one torchrun start.)"""
 
 import json
 import shutil
 
 import pytest
-from test_distributed import UNET, needs_gloo, torchrun
+from test_distributed import UNET
 from test_train_unet import assert_same_checkpoints, write_shapes
 
 from ldm.cli import train_unet
@@ -54,24 +55,3 @@ def test_training_on_the_shards_equals_training_on_the_folder(micro_bundle_dir, 
         assert run_cli(train_unet.main, argv) == 0
     assert_same_checkpoints(tmp_path / "from-folder" / FINAL, tmp_path / "from-shards" / FINAL)
 
-
-@pytest.mark.slow
-@needs_gloo
-def test_two_processes_read_their_share_of_the_shards_and_resume_exactly(micro_bundle_dir, shapes, tmp_path):
-    """2 processes, each with 2 dataloader workers and no feature cache, so that every image is read from its shard
-    in a worker: the same checkpoint as the 2 processes on the folder, and a run killed after its step-2 checkpoint
-    and resumed on 2 processes ends bit-identical to the unbroken one."""
-    pattern = shards_of(shapes, tmp_path / "shards", 3)
-    flags = [*UNET, "--no-cache", "--set", "train.num_workers=2"]
-    two, killed, folder = tmp_path / "two", tmp_path / "killed", tmp_path / "folder"
-    torchrun(tmp_path, [
-        {"main": "unet", "argv": ["--bundle", str(micro_bundle_dir), "--data", pattern, *flags, "--out", str(two)]},
-        {"copy": [[str(two / "checkpoints" / "step-00000002.safetensors"),
-                   str(killed / "checkpoints" / "step-00000002.safetensors")],
-                  [str(two / "config.yaml"), str(killed / "config.yaml")]]},
-        {"main": "unet", "argv": ["--out", str(killed), "--resume", "latest"]},
-        {"main": "unet", "argv": ["--bundle", str(micro_bundle_dir), "--data", str(shapes), *flags,
-                                  "--out", str(folder)]},
-    ])  # fmt: skip
-    assert_same_checkpoints(two / FINAL, killed / FINAL)
-    assert_same_checkpoints(two / FINAL, folder / FINAL)
