@@ -9,7 +9,7 @@ not written. A kohya image of a repeat folder ``10_x/`` is written as ten sample
 the shards train as the folder does (the same items, order and epoch length); an image of ``0_x/`` is not written.
 (One difference remains there: train_unet.py's feature cache encodes a repeated file once, and the shards' repeats
 are samples of their own, so the VAE's batches hold other images; ``--set cache.batch_size=1`` makes the latents
-equal by construction, and on the CPU they are equal at the default too.) Member owners and times are zero, so the
+equal by construction; the CPU test found them equal at the default too.) Member owners and times are zero, so the
 same pairs give the same bytes.
 """
 
