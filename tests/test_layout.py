@@ -58,7 +58,9 @@ def imports_of(module: str) -> frozenset[str]:
 
 
 def reached_from(package: str) -> set[str]:
-    todo = [m for m in MODULES if m == package or m.startswith(package + ".")]
+    """What ``package``'s modules reach; its ``__main__`` (``python -m ldm.data``) is a command that nothing imports,
+    there to start the CLI, so it is not counted as the package's."""
+    todo = [m for m in MODULES if (m == package or m.startswith(package + ".")) and not m.endswith(".__main__")]
     seen = set(todo)
     while todo:
         for target in imports_of(todo.pop()):

@@ -21,7 +21,7 @@ COMMANDS = {  # command → (module, what it does)
     "upscale": ("ldm.cli.upscale", "upscale images with a latent upscaler bundle"),
     "vae": ("ldm.cli.vae", "encode, decode, round-trip and evaluate with a bundle's VAE"),
     "eval": ("ldm.cli.evaluate", "CLIP score, FID/KID and VAE reconstructions of a bundle or of images"),
-    "data": ("ldm.cli.data", "check a captioned image folder before training on it"),
+    "data": ("ldm.cli.data", "check a captioned image folder, or write it as webdataset shards"),
     "emoji": ("ldm.cli.emoji", "render the emoji dataset"),
     "serve": ("ldm.cli.serve", "an A1111-compatible HTTP API and web page"),
 }

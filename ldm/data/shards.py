@@ -10,6 +10,8 @@ Nothing is extracted, so no name inside a tar ever reaches the file system; stil
 path or a ``..`` part (the tar path traversal), and any member that is not a plain file (links, devices), is refused:
 counted as outside the dataset and never read. Compressed shards (``.tar.gz`` content) have no offsets to seek to and
 are refused with the fix, as are truncated and empty shards: each is one :class:`~ldm.errors.LdmError` line.
+
+:mod:`ldm.data.shard_writer` writes such shards from any dataset (``python -m ldm data shard``).
 """
 
 from __future__ import annotations

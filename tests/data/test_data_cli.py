@@ -130,3 +130,46 @@ def test_check_layout_errors_are_one_line_with_the_fix(tmp_path):
         assert result.returncode == 2, argv
         assert result.stdout == "" and result.stderr.count("\n") == 1, result.stderr
         assert result.stderr.startswith("error: " + message.format(tmp_path)), result.stderr
+
+
+def test_shard_prints_the_report_then_the_shards_and_their_pattern(tmp_path, make_dataset):
+    root = make_dataset(tmp_path / "d", Layout.KOHYA)
+    result = run("shard", str(root), str(tmp_path / "out"), "--size", "4")
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[0] == f"dataset {root} (layout kohya)" and "    truncated                    1" in result.stdout
+    assert lines[-1] == (f"wrote 9 samples in 3 shards of up to 4 to {tmp_path / 'out'}; train on them with "
+                         f"--data '{tmp_path / 'out'}/{{000000..000002}}.tar'")  # fmt: skip
+    assert result.stderr == ""
+    # python -m ldm.data is the same command; the layout flags apply as in check.
+    (root / "metadata.csv").write_text("image,caption\ngood1.png,from the table\n")
+    result = subprocess.run([sys.executable, "-m", "ldm.data", "shard", str(root), str(tmp_path / "csv"), "--size",
+                             "1", "--layout", "csv"], capture_output=True, text=True, cwd=REPO, timeout=60,
+                            env={**os.environ, "PYTHONPATH": str(REPO)})  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines()[-1].startswith("wrote 1 sample in 1 shard of up to 1 to ")
+    assert result.stdout.splitlines()[-1].endswith(f"--data '{tmp_path / 'csv' / '000000.tar'}'")
+
+
+def test_shard_errors_are_one_line_and_write_nothing(tmp_path, make_dataset, capsys):
+    from ldm.cli import data as data_cli
+    from ldm.cli.common import run_cli
+
+    root = make_dataset(tmp_path / "d", Layout.IMAGEFOLDER)
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "x.jpg").write_bytes(b"")
+    new = tmp_path / "new"
+    for argv, message in [
+        ([str(root), str(new), "--size", "0"], "--size is the number of samples a shard holds and must be at least 1, "
+                                               "got 0"),
+        ([str(root), str(tmp_path / "full"), "--size", "2"], f"{tmp_path / 'full'} is not empty (it holds x.jpg); "
+                                                             "choose a new folder for the shards"),
+        ([str(root), str(tmp_path / "full"), "--size", "2", "--force"], "--force replaces shards only: choose"),
+        ([str(tmp_path / "missing"), str(new), "--size", "2"], f"dataset folder {tmp_path / 'missing'} not found; "
+                                                               "check the path"),
+        ([str(root), str(new), "--size", "2", "--layout", "kohya"], "no usable image/caption pairs"),
+    ]:  # fmt: skip
+        assert run_cli(data_cli.main, ["shard", *argv]) == 2, argv
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and err.startswith("error: ") and message in err, err
+    assert not new.exists() and [p.name for p in (tmp_path / "full").iterdir()] == ["x.jpg"]

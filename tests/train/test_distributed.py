@@ -17,6 +17,8 @@ from test_train_unet import assert_same_checkpoints, checkpoint_tensors, write_s
 
 from ldm.cli import train_unet, train_vae
 from ldm.cli.common import run_cli
+from ldm.data import DataConfig, scan_dataset
+from ldm.data.shard_writer import shard_pattern, write_shards
 from ldm.errors import LdmError
 from ldm.formats.bundle import load_bundle
 from ldm.train.cache import load_cache
@@ -118,6 +120,16 @@ def assert_same_losses(one: Path, two: Path, tag: str, steps: range):
     assert [b[s] for s in a] == pytest.approx([a[s] for s in a], rel=1e-4)
 
 
+def killed_and_resumed(out: Path, killed: Path, *, cache: Path | None = None) -> list[dict]:
+    """The jobs that copy what a run killed after its step-2 checkpoint leaves into ``killed``, and resume it there
+    (the saved config is used; with ``cache``, the feature cache in that folder)."""
+    checkpoint = Path("checkpoints") / "step-00000002.safetensors"
+    return [{"copy": [[str(out / checkpoint), str(killed / checkpoint)],
+                      [str(out / "config.yaml"), str(killed / "config.yaml")]]},
+            {"main": "unet", "argv": ["--out", str(killed), "--resume", "latest",
+                                      *(["--set", f"cache.dir={cache}"] if cache else [])]}]  # fmt: skip
+
+
 @pytest.fixture(scope="module")
 def shapes(tmp_path_factory):
     return write_shapes(tmp_path_factory.mktemp("ddp-data") / "shapes")
@@ -128,9 +140,10 @@ def shapes(tmp_path_factory):
 def test_two_processes_train_as_one_resume_exactly_and_write_once(micro_bundle_dir, shapes, tmp_path):
     """UNet and VAE, 2 processes against 1 on the same global batch (4) and seed: the same losses at every step and
     the same weights (assert_close_weights); a 2-process UNet run killed after its step-2 checkpoint and resumed on
-    2 processes ends bit-identical to the unbroken one; the outputs are written once, by process 0. The feature
-    cache the 2 processes build (a part each) holds the numbers 1 process builds, and the resumed run reads the one
-    1 process built."""
+    2 processes ends bit-identical to the unbroken one, on the folder and on webdataset shards of it; the outputs
+    are written once, by process 0. The feature cache the 2 processes build (a part each) holds the numbers 1
+    process builds, and a resumed run reads the one 1 process built. (One torchrun start for all: starting one takes
+    longer than a micro run.)"""
     unet = ["--bundle", str(micro_bundle_dir), "--data", str(shapes), *UNET]
     one = tmp_path / "unet-1"
     threads = torch.get_num_threads()
@@ -140,18 +153,23 @@ def test_two_processes_train_as_one_resume_exactly_and_write_once(micro_bundle_d
     finally:
         torch.set_num_threads(threads)
     two, killed, vae_two = tmp_path / "unet-2", tmp_path / "unet-killed", tmp_path / "vae-2"
+    # The shards: 3 of 3, 3 and 2 samples, which batches straddle; no feature cache and 2 dataloader workers in each
+    # process, so that every image is read from its shard, by offset, in a worker.
+    report = scan_dataset(DataConfig(path=str(shapes)), progress=False)
+    pattern = shard_pattern(write_shards(report, tmp_path / "shards", 3, progress=False))
+    on_shards = ["--bundle", str(micro_bundle_dir), "--data", pattern, *UNET, "--no-cache", "--set",
+                 "train.num_workers=2"]  # fmt: skip
+    shards_two, shards_killed = tmp_path / "shards-2", tmp_path / "shards-killed"
     printed = torchrun(tmp_path, [
         {"main": "unet", "argv": [*unet, "--out", str(two)]},
-        {"copy": [[str(two / "checkpoints" / "step-00000002.safetensors"),
-                   str(killed / "checkpoints" / "step-00000002.safetensors")],
-                  [str(two / "config.yaml"), str(killed / "config.yaml")]]},
-        {"main": "unet", "argv": ["--out", str(killed), "--resume", "latest",  # the saved config is used
-                                  "--set", f"cache.dir={one / 'cache'}"]},
+        *killed_and_resumed(two, killed, cache=one / "cache"),
         {"main": "vae", "argv": ["--data", str(shapes), *VAE, "--out", str(vae_two)]},
+        {"main": "unet", "argv": [*on_shards, "--out", str(shards_two)]},
+        *killed_and_resumed(shards_two, shards_killed),
     ])  # fmt: skip
     said = "2 processes on the CPU (no GPU here), DDP over gloo; global batch 4 = 2 × 2; process 0 writes "
-    assert printed.count(said) == 3 and printed.count("bundle written to") == 3
-    assert printed.count("usable pairs") == 3  # the data report, from process 0 only
+    assert printed.count(said) == 5 and printed.count("bundle written to") == 5
+    assert printed.count("usable pairs") == 5  # the data report, from process 0 only
     assert printed.count("feature cache: building") == 1 and "by 2 processes" in printed
     assert printed.count("feature cache: hit") == 1  # the resumed run: the cache of the 1-process run
     assert_same_caches(one / "cache", two / "cache", parts=(1, 2))
@@ -159,6 +177,7 @@ def test_two_processes_train_as_one_resume_exactly_and_write_once(micro_bundle_d
     # Killed and resumed on two processes = unbroken; each process resumed its own RNG state.
     final = "checkpoints/step-00000004.safetensors"
     assert_same_checkpoints(two / final, killed / final)
+    assert_same_checkpoints(shards_two / final, shards_killed / final)
     assert any(k.startswith("s.rng_others.0.") for k in checkpoint_tensors(two / final))
     # Written once: one TensorBoard file, one bundle (which loads), the sample grid of the final validation.
     assert len(list((two / "logs").rglob("events.out.tfevents.*"))) == 1
