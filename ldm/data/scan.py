@@ -16,7 +16,7 @@ from __future__ import annotations
 import os
 import sys
 from collections import Counter, defaultdict
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -171,26 +171,45 @@ class ScanReport:
     __str__ = format
 
 
-def scan_dataset(config: DataConfig, *, workers: int | None = None, progress: bool = True) -> ScanReport:
+@dataclass(frozen=True)
+class ScanShare:
+    """One process's part of a scan that several processes share: process ``rank`` of ``processes`` decodes every
+    ``processes``-th image, and ``gather`` (a collective: every process's object, in rank order, on every process)
+    brings the parts together, so that every process holds the whole report for the decoding of its share."""
+
+    rank: int
+    processes: int
+    gather: Callable[[object], list]
+
+
+def scan_dataset(
+    config: DataConfig, *, workers: int | None = None, progress: bool = True, share: ScanShare | None = None
+) -> ScanReport:
     """List ``config.path``'s captions, fully decode each captioned image once, and report.
 
     Raises :class:`LdmError` only for a folder problem (missing, unknown layout, unreadable caption
-    table); a bad image or caption is counted in the report.
+    table); a bad image or caption is counted in the report. With ``share``, the decoding is split among the
+    processes of a run (each lists the folder, which reads no image).
     """
     listing = list_dataset(config)
     unique = list({pair.image: pair for pair in listing.pairs}.values())  # one pair per image file
     workers = workers or min(8, os.cpu_count() or 1)
+    rank, processes = (share.rank, share.processes) if share is not None else (0, 1)
 
     def inspect(pair: Pair) -> ImageInfo:
         return inspect_image(pair.image, min_side=config.min_side, read=pair.read_bytes)
 
+    mine = unique[rank::processes]
     with ThreadPoolExecutor(max_workers=workers) as pool:  # decoding releases the GIL
         infos = list(
             tqdm(
-                pool.map(inspect, unique),
-                total=len(unique), desc="scanning images", unit="img", disable=not progress, leave=False,
+                pool.map(inspect, mine),
+                total=len(mine), desc="scanning images", unit="img", disable=not progress, leave=False,
             )
         )  # fmt: skip
+    if processes > 1:
+        parts = share.gather(infos)
+        infos = [parts[i % processes][i // processes] for i in range(len(unique))]  # back in listing order
     by_path = {info.path: info for info in infos}
     problems: dict[Problem, list[ImageInfo]] = defaultdict(list)
     for info in infos:
@@ -238,14 +257,14 @@ def scan_dataset(config: DataConfig, *, workers: int | None = None, progress: bo
 
 def report_dataset(
     config: DataConfig, *, file: TextIO | None = None, workers: int | None = None, progress: bool = True,
-    quiet: bool = False,
+    quiet: bool = False, share: ScanShare | None = None,
 ) -> ScanReport:  # fmt: skip
     """Scan, print the report to ``file`` (stdout), and return it; :class:`LdmError` if nothing is usable.
 
     Training scripts call this at start, so the same report as ``python -m ldm data check`` is in the log; their
-    processes other than the main one pass ``quiet`` (no report, no progress bar).
+    processes other than the main one pass ``quiet`` (no report, no progress bar), and all of them a ``share``.
     """
-    report = scan_dataset(config, workers=workers, progress=progress and not quiet)
+    report = scan_dataset(config, workers=workers, progress=progress and not quiet, share=share)
     if not quiet:
         print(report.format(), file=file or sys.stdout, flush=True)
     if not report.pairs:

@@ -48,6 +48,7 @@ from ldm.models.clip import (
 )
 from ldm.models.presets import ModelConfig, get_preset
 from ldm.models.tokenizer import build_tokenizer, tokenize
+from ldm.train.distributed import scan_share
 from ldm.train.loop import (
     LRSchedule,
     Progress,
@@ -270,7 +271,7 @@ def datasets(
     the data, see :func:`~ldm.data.held_out`); notes on captions
     that several items share (false negatives in a batch)."""
     say = print if accelerator.is_main_process else (lambda *a, **k: None)
-    report = report_dataset(cfg.data, quiet=not accelerator.is_main_process)
+    report = report_dataset(cfg.data, quiet=not accelerator.is_main_process, share=scan_share(accelerator))
     dataset = CaptionedImageDataset(cfg.data, report=report, seed=cfg.train.seed)
     if dup := _duplicates(dataset.captions):
         say(f"note: {dup} training items share their caption with another; in a batch they are false negatives")

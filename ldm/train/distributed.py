@@ -26,6 +26,7 @@ from typing import Any
 
 import torch
 
+from ldm.data.scan import ScanShare
 from ldm.errors import LdmError
 
 
@@ -165,6 +166,13 @@ def gather_objects(accelerator, obj: Any) -> list[Any]:
     gathered: list[Any] = [None] * accelerator.num_processes
     torch.distributed.all_gather_object(gathered, obj)
     return gathered
+
+
+def scan_share(accelerator) -> ScanShare | None:
+    """The share of the data scan this process decodes (None on a single process)."""
+    if accelerator.num_processes == 1:
+        return None
+    return ScanShare(accelerator.process_index, accelerator.num_processes, lambda obj: gather_objects(accelerator, obj))
 
 
 def main_process_object(accelerator, obj: Any) -> Any:

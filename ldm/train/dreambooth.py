@@ -36,6 +36,7 @@ from ldm.models.labels import Conditioning
 from ldm.models.presets import Task
 from ldm.pipeline import DEFAULT_GUIDANCE, DEFAULT_SAMPLER, DEFAULT_STEPS, Request, generate, to_uint8
 from ldm.pipeline.schedule import get_sampler
+from ldm.train.distributed import scan_share
 from ldm.train.loop import EpochBatches, LRSchedule, TrainConfig
 from ldm.train.objectives import prior_preservation_loss, weighted_mse
 
@@ -182,7 +183,8 @@ def with_class_images(db: DreamBoothConfig, data: DataConfig, report: ScanReport
         base.unet.float().to(accelerator.device)
         fill_class_folder(db, data, base)
     accelerator.wait_for_everyone()
-    classes = report_dataset(class_data(db, data), file=sys.stdout if accelerator.is_main_process else None)
+    classes = report_dataset(class_data(db, data), file=sys.stdout if accelerator.is_main_process else None,
+                             share=scan_share(accelerator))
     pairs = classes.pairs[: db.num_class_images]
     if accelerator.is_main_process:
         print(f"DreamBooth: {len(report.pairs)} instance images ('{data.caption}'), {len(pairs)} class images "

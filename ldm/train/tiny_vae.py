@@ -37,6 +37,7 @@ from ldm.images import signed_to_unit
 from ldm.models.presets import get_tiny_preset
 from ldm.models.tiny_autoencoder import TinyAutoencoderConfig, build_tiny_autoencoder, tiny_decode, tiny_encode
 from ldm.train.cache import CacheConfig, UNetItems, cache_path, load_or_build_cache
+from ldm.train.distributed import scan_share
 from ldm.train.loop import (
     Progress,
     StepFn,
@@ -195,7 +196,7 @@ def training_items(cfg: TinyVAERunConfig, base: Bundle, accelerator: Accelerator
     """The data report, then the items with their cached targets: the VAE's posterior mean and the full decoder's
     pixels of it, for each centre crop and its mirror image, in the cache all processes build together."""
     main_process = accelerator.is_main_process
-    report = report_dataset(cfg.data, quiet=not main_process)
+    report = report_dataset(cfg.data, quiet=not main_process, share=scan_share(accelerator))
     targets = [(cfg.data.resolution, cfg.data.resolution)] * len(report.pairs)
     folder = Path(cfg.cache.dir) if cfg.cache.dir else Path(cfg.train.output_dir) / "cache"
     cache = load_or_build_cache(

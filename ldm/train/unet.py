@@ -58,7 +58,7 @@ from ldm.train.cache import (
     load_or_build_cache,
     make_buckets,
 )
-from ldm.train.distributed import BatchShard, batch_shard
+from ldm.train.distributed import BatchShard, batch_shard, scan_share
 from ldm.train.dreambooth import DreamBoothConfig, PriorBatches, batch_loss, check_dreambooth, with_class_images
 from ldm.train.loop import (
     EpochBatches,
@@ -493,7 +493,7 @@ def training_data(cfg: UNetRunConfig, base: Bundle, accelerator: Accelerator) ->
     """The data report, the batch order (checked before anything is encoded: too little data for one batch fails
     here), the feature cache and the items."""
     main_process = accelerator.is_main_process
-    report = relabel(cfg, report_dataset(cfg.data, quiet=not main_process))
+    report = relabel(cfg, report_dataset(cfg.data, quiet=not main_process, share=scan_share(accelerator)))
     report, instances = with_class_images(cfg.dreambooth, cfg.data, report, base, accelerator=accelerator)
     targets, buckets = training_targets(cfg, report, base)
     if instances is not None:

@@ -28,7 +28,7 @@ from ldm.errors import LdmError
 from ldm.eval.reconstruction import evaluate_batches
 from ldm.formats.bundle import Bundle, create_bundle, load_bundle, save_bundle
 from ldm.models.presets import ModelConfig, get_preset
-from ldm.train.distributed import BatchShard, batch_shard
+from ldm.train.distributed import BatchShard, batch_shard, scan_share
 from ldm.train.loop import (
     SHARDED,
     Progress,
@@ -268,7 +268,7 @@ def _run(cfg: VAERunConfig, accelerator: Accelerator, *, resume_path: Path | Non
 
 def training_dataset(cfg: VAERunConfig, accelerator: Accelerator) -> CaptionedImageDataset:
     """The training images, after the data report (and a note when the perceptual term is off)."""
-    report = report_dataset(cfg.data, quiet=not accelerator.is_main_process)
+    report = report_dataset(cfg.data, quiet=not accelerator.is_main_process, share=scan_share(accelerator))
     dataset = CaptionedImageDataset(cfg.data, report=report, seed=cfg.train.seed)
     if cfg.loss.perceptual_weights is None and accelerator.is_main_process:
         print(perceptual_unavailable_message())

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import io
+import threading
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from ldm.data import DataConfig, Layout, Problem, inspect_image, report_dataset, scan_dataset, to_rgb
+from ldm.data import DataConfig, Layout, Problem, inspect_image, list_dataset, report_dataset, scan_dataset, to_rgb
+from ldm.data.scan import ScanShare
 from ldm.errors import LdmError
 
 
@@ -44,6 +46,36 @@ def test_counts_for_each_layout(planted, expected):
         "cmyk.jpg", "dup.png", "empty.png", "good1.png", "good2.jpg", "good3.png", "gray16.png", "pal.png", "rgba.png",
     ]  # fmt: skip
     assert [sorted(p.name for p in group) for group in report.duplicates] == [["dup.png", "good1.png"]]
+
+
+def test_a_scan_shared_by_processes_is_the_scan_of_one(planted):
+    """Three processes (threads here, meeting at a barrier as a collective would), each decoding every third image,
+    all end with the report one process makes: the same pairs, problems, sizes and duplicates, and the same text."""
+    root, _ = planted
+    config = DataConfig(path=str(root), resolution=64)
+    whole = scan_dataset(config, workers=1, progress=False)
+    barrier, parts, reports, decoded = threading.Barrier(3), [None] * 3, [None] * 3, [0] * 3
+
+    def gather(rank):
+        def collective(obj):
+            decoded[rank] = len(obj)
+            parts[rank] = obj
+            barrier.wait()
+            return list(parts)
+        return collective
+
+    def process(rank):
+        reports[rank] = scan_dataset(config, workers=1, progress=False, share=ScanShare(rank, 3, gather(rank)))
+
+    threads = [threading.Thread(target=process, args=(rank,)) for rank in range(3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert sum(decoded) == len({pair.image for pair in list_dataset(config).pairs}) and min(decoded) > 0  # once each
+    for report in reports:
+        assert report.pairs == whole.pairs and report.sizes == whole.sizes and report.problems == whole.problems
+        assert report.duplicates == whole.duplicates and report.format() == whole.format()
 
 
 def test_report_text(planted):
