@@ -4,6 +4,11 @@ The fast path picks bf16 only where the CPU computes it natively (:func:`has_nat
 only where oneDNN has bf16 kernels (:func:`has_bf16_kernels`); the tests that need either skip on the same answer,
 so a CPU without the feature gets the fallback and a skip with its reason, never oneDNN's error.
 
+The flags are /proc/cpuinfo's, less those that the CPU's own answer (CPUID, as torch reads it, and as oneDNN
+dispatches on) denies. On real hardware the two agree; under an emulator such as ``qemu-x86_64 -cpu Haswell``
+/proc/cpuinfo is the host's (AVX-512 listed) while CPUID is the emulated model's (AVX2 only), and torch and oneDNN
+follow CPUID.
+
 ``LDM_CPU_FLAGS_MASK`` takes flags away: a comma-separated list of /proc/cpuinfo flag names (``avx512bw``,
 ``avx512_bf16``, ``amx_bf16``, ...) that every answer here treats as absent. It cannot add a feature the CPU lacks;
 it is for checking, on a CPU that has them, what a CPU without them does: ``LDM_CPU_FLAGS_MASK=avx512bw python -m
@@ -39,14 +44,36 @@ def _cpuinfo_flags() -> frozenset[str]:
     return frozenset()
 
 
+# /proc/cpuinfo's name → the name torch.cpu.get_capabilities() gives the same CPUID bit, where the two differ
+# (besides the AVX-512 ones, "avx512bw" → "avx512_bw")
+CPUID_NAMES = {"fma": "fma3", "bmi1": "bmi", "sha_ni": "sha", "pni": "sse3", "abm": "lzcnt"}
+
+
+def _cpuid_name(flag: str) -> str:
+    if flag.startswith("avx512") and not flag.startswith("avx512_"):
+        return "avx512_" + flag.removeprefix("avx512")
+    return CPUID_NAMES.get(flag, flag)
+
+
+def cpuid_denied(flags: frozenset[str]) -> frozenset[str]:
+    """Those of ``flags`` that CPUID, as torch reads it, says the CPU lacks (a flag torch does not name stays)."""
+    capabilities = getattr(torch.cpu, "get_capabilities", None)  # absent from older torch: /proc/cpuinfo alone
+    if capabilities is None or not is_x86():
+        return frozenset()
+    known = capabilities()
+    return frozenset(flag for flag in flags if known.get(_cpuid_name(flag), True) is False)
+
+
 def masked_flags() -> frozenset[str]:
     """The flags ``LDM_CPU_FLAGS_MASK`` names (read at every call, so a test can set it)."""
     return frozenset(name.strip().lower() for name in os.environ.get(MASK_VARIABLE, "").split(",") if name.strip())
 
 
 def cpu_flags() -> frozenset[str]:
-    """The CPU feature flags of /proc/cpuinfo (empty where there is none, e.g. macOS), less the masked ones."""
-    return _cpuinfo_flags() - masked_flags()
+    """The CPU feature flags of /proc/cpuinfo (empty where there is none, e.g. macOS) that CPUID confirms, less the
+    masked ones."""
+    flags = _cpuinfo_flags()
+    return flags - cpuid_denied(flags) - masked_flags()
 
 
 def is_x86() -> bool:

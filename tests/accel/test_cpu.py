@@ -5,7 +5,15 @@ import pytest
 import torch
 
 import ldm.accel.cpu
-from ldm.accel.cpu import MASK_VARIABLE, cpu_flags, has_bf16_kernels, has_native_bf16, is_x86, masked_flags
+from ldm.accel.cpu import (
+    MASK_VARIABLE,
+    cpu_flags,
+    cpuid_denied,
+    has_bf16_kernels,
+    has_native_bf16,
+    is_x86,
+    masked_flags,
+)
 
 CPU = torch.device("cpu")
 X86_FLAGS = pytest.mark.skipif(
@@ -23,6 +31,30 @@ def test_the_mask_takes_flags_away(monkeypatch):
     monkeypatch.setenv(MASK_VARIABLE, " AVX512BW, avx2,,nothing_of_the_kind")
     assert masked_flags() == {"avx512bw", "avx2", "nothing_of_the_kind"}
     assert cpu_flags() == flags - {"avx512bw", "avx2"}  # it takes away, never adds
+
+
+def test_cpuid_takes_away_what_cpuinfo_alone_claims(monkeypatch):
+    """Under an emulator /proc/cpuinfo is the host's: a flag that CPUID (torch's reading) denies is absent; one
+    that torch does not name stays as /proc/cpuinfo says."""
+    cpuinfo = frozenset({"avx2", "fma", "avx512f", "avx512bw", "avx512_bf16", "amx_bf16", "hypervisor"})
+    cpuid = {"avx2": True, "fma3": True, "avx512_f": False, "avx512_bw": False, "avx512_bf16": False}
+    monkeypatch.setattr(ldm.accel.cpu, "_cpuinfo_flags", lambda: cpuinfo)
+    monkeypatch.setattr(ldm.accel.cpu, "is_x86", lambda: True)
+    monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: cpuid)
+    assert cpuid_denied(cpuinfo) == {"avx512f", "avx512bw", "avx512_bf16"}
+    assert cpu_flags() == {"avx2", "fma", "amx_bf16", "hypervisor"}
+    monkeypatch.setenv(MASK_VARIABLE, "amx_bf16")
+    assert cpu_flags() == {"avx2", "fma", "hypervisor"}
+
+
+@X86_FLAGS
+def test_every_flag_kept_is_one_cpuid_confirms():
+    """Natively and under an emulator alike, no flag the answers use is one the CPU would fault on."""
+    if not hasattr(torch.cpu, "get_capabilities"):
+        pytest.skip("this torch cannot read CPUID (no torch.cpu.get_capabilities)")
+    capabilities = torch.cpu.get_capabilities()
+    named = {flag: ldm.accel.cpu._cpuid_name(flag) for flag in cpu_flags()}
+    assert all(capabilities.get(name, True) is True for name in named.values())
 
 
 @X86_FLAGS
