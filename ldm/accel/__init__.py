@@ -4,6 +4,7 @@
   inductor.
 - ``deep_cache`` (:mod:`ldm.accel.deepcache`): an approximation, the whole UNet on every N-th step only.
 - ``token_merging`` (:mod:`ldm.accel.tome`): an approximation, fewer tokens in the finest self-attention.
+- ``backend=Backend.OPENVINO`` (:mod:`ldm.accel.openvino`): the UNet run by OpenVINO's CPU runtime, an optional extra.
 
 The sampling loop (:mod:`ldm.pipeline`) imports nothing from here: a prepared bundle's UNet keeps the UNet's call,
 and a wrapper that keeps state across steps says so through :mod:`ldm.pipeline.denoiser`. The rules for the
@@ -17,9 +18,9 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING
 
-from ldm.accel.checks import check, check_interval, check_ratio
+from ldm.accel.checks import Backend, check, check_interval, check_ratio
 
-__all__ = ["check", "check_interval", "check_ratio", "prepare", "prepared"]
+__all__ = ["Backend", "check", "check_interval", "check_ratio", "prepare", "prepared"]
 
 if TYPE_CHECKING:
     from ldm.formats.bundle import Bundle
@@ -27,7 +28,7 @@ if TYPE_CHECKING:
 
 def prepare(
     bundle: Bundle, *, fast: bool = False, compile: bool = False, deep_cache: int = 0, token_merging: float = 0.0,
-    unet_calls: int | None = None,
+    unet_calls: int | None = None, backend: Backend = Backend.TORCH,
 ) -> Bundle:  # fmt: skip
     """``bundle`` made ready, in place, for sampling with the speed-ups asked for; returns it (untouched when none is).
 
@@ -36,6 +37,8 @@ def prepare(
     (``ldm.accel.fast.GRAPH_MIN_CALLS``), so a shorter job runs the modules, unless ``compile`` asks for the graphs.
     None leaves that choice to the fast path. ``deep_cache`` without ``fast``: the UNet wrapped in
     :class:`ldm.accel.deepcache.DeepCacheUNet`. ``token_merging``: :func:`ldm.accel.tome.apply_token_merging`, last.
+    ``backend``: OpenVINO runs the UNet in fp32 (:func:`ldm.accel.openvino.openvino_unet`), its converted models kept
+    in the cache folder (``ldm.formats.single_file.cache_dir``); it takes none of the other speed-ups.
 
     The fast path changes the bundle for good (save the bundle it came from, not it); :func:`prepared` takes the
     approximations off again afterwards.
@@ -43,7 +46,14 @@ def prepare(
     from ldm.runtime import DTYPES
 
     dtype = next((name for name, value in DTYPES.items() if value == bundle.unet.dtype), str(bundle.unet.dtype))
-    check(fast=fast, compile=compile, deep_cache=deep_cache, token_merging=token_merging, dtype=dtype)
+    check(fast=fast, compile=compile, deep_cache=deep_cache, token_merging=token_merging, dtype=dtype,
+          backend=backend, device=bundle.unet.device.type)  # fmt: skip
+    if backend is Backend.OPENVINO:
+        from ldm.accel.openvino import OpenVinoConfig, openvino_unet
+        from ldm.formats.single_file import cache_dir
+
+        bundle.unet = openvino_unet(bundle.unet, OpenVinoConfig(cache_dir=cache_dir()))
+        return bundle
     if (fast or deep_cache) and bundle.config.unet.guidance_embedding_dim is not None:
         # The traced graphs and the deep-feature reuse call the UNet without its guidance input.
         print("note: --fast and --deep-cache do not take a consistency-distilled UNet (it reads the guidance scale); "

@@ -4,8 +4,17 @@ command checks its flags before it loads a model."""
 from __future__ import annotations
 
 import math
+from enum import Enum
 
 from ldm.errors import LdmError
+
+
+class Backend(Enum):
+    """What runs the UNet: torch (with or without the speed-ups), or OpenVINO's CPU runtime (``ldm.accel.openvino``,
+    an optional extra)."""
+
+    TORCH = "torch"
+    OPENVINO = "openvino"
 
 
 def check_interval(interval: int, *, off: bool = True) -> None:
@@ -24,13 +33,24 @@ def check_ratio(ratio: float) -> None:
 
 
 def check(
-    *, fast: bool = False, compile: bool = False, deep_cache: int = 0, token_merging: float = 0.0, dtype: str = "fp32"
-) -> None:
+    *, fast: bool = False, compile: bool = False, deep_cache: int = 0, token_merging: float = 0.0, dtype: str = "fp32",
+    backend: Backend = Backend.TORCH, device: str = "cpu",
+) -> None:  # fmt: skip
     """Reject speed-up settings that cannot run, or not together, each with the fix.
 
-    ``dtype`` is the name (``ldm.runtime.DTYPES``) the weights are, or will be, loaded in. Cheap, and needs no
-    model: a command calls it on its flags before loading one, and :func:`prepare` calls it again.
+    ``dtype`` is the name (``ldm.runtime.DTYPES``) the weights are, or will be, loaded in, ``device`` the type of the
+    device they run on. Cheap, and needs no model: a command calls it on its flags before loading one, and
+    :func:`prepare` calls it again.
     """
+    if backend is Backend.OPENVINO:
+        torch_only = [flag for flag, on in (("--fast", fast), ("--compile", compile), ("--deep-cache", deep_cache),
+                                            ("--token-merging", token_merging)) if on]  # fmt: skip
+        if torch_only:
+            raise LdmError(f"{' and '.join(torch_only)} speed up torch's UNet, which --backend openvino replaces; "
+                           "drop one or the other")  # fmt: skip
+        if dtype != "fp32" or device != "cpu":
+            raise LdmError(f"--backend openvino runs fp32 weights on the CPU, not --dtype {dtype} on {device}; drop "
+                           "--dtype and --device, or use --backend torch")  # fmt: skip
     if compile and not fast:
         raise LdmError("--compile speeds up the fast path; add --fast")
     check_interval(deep_cache)

@@ -4,6 +4,7 @@
     python generate.py "red apple" "cat face" -n 4 --batch-size 4 --sampler euler_a --seed 7 --grid
     python generate.py --from-png outputs/00000-7.png       # the same image again, from its own metadata
     python generate.py "red apple" --fast                   # faster on CPUs; see ldm/accel/fast.py
+    python generate.py "red apple" --backend openvino       # the UNet run by OpenVINO: pip install 'ldm[openvino]'
     python generate.py "red apple" --deep-cache 2           # faster still, approximate: see ldm/accel/deepcache.py
     python generate.py "a castle" --model M --token-merging 0.5   # approximate, for large images: see ldm/accel/tome.py
     python generate.py "red apple" --init-image in.png --strength 0.6              # img2img
@@ -75,6 +76,7 @@ from ldm.runtime import DTYPES, resolve_device, resolve_dtype
 DEFAULTS = {
     "negative_prompt": "", "steps": DEFAULT_STEPS, "guidance_scale": DEFAULT_GUIDANCE, "sampler": DEFAULT_SAMPLER,
     "dtype": "fp32", "fast": False, "deep_cache": 0, "token_merging": 0.0, "clip_skip": 1, "tiny_vae": False,
+    "backend": "torch",
 }  # fmt: skip
 
 
@@ -103,6 +105,7 @@ class Settings:
     dtype: str  # a name of ldm.runtime.DTYPES
     fast: bool
     compile: bool
+    backend: accel.Backend  # what runs the UNet
     deep_cache: int
     token_merging: float
     clip_skip: int
@@ -171,6 +174,10 @@ def build_parser() -> ArgumentParser:
                         "UNet itself, through torch.compile, where it has none); "
                         "up to a minute per batch shape to start (less once cached on disk), then faster steps, so "
                         "for long runs")
+    p.add_argument("--backend", default=None, choices=[b.value for b in accel.Backend],
+                   help="what runs the UNet: torch, or OpenVINO's CPU runtime in fp32 (the same images up to "
+                        "rounding; an optional extra, pip install 'ldm[openvino]'; converts the UNet once per size, "
+                        "cached on disk; see BENCHMARKS.md for where it is faster) (default torch)")  # fmt: skip
     p.add_argument("--deep-cache", type=int, default=None, metavar="N",
                    help="approximate: the whole UNet on every N-th step only, the steps between reuse its deep "
                         "features (DeepCache); faster, and the images change (see BENCHMARKS.md); N ≥ 2")
@@ -199,13 +206,17 @@ def settings_from_png(path: Path) -> tuple[ImageParameters, dict]:
                        "regenerated") from None  # fmt: skip
     if not 0 <= p.seed < SEED_LIMIT:
         raise LdmError(f"{path}: the recorded seed {show(p.seed)} is out of range (0 to 2^63 - 1); pass --seed")
+    backends = [b.value for b in accel.Backend]
+    if p.backend is not None and p.backend not in backends:
+        raise LdmError(f"{path}: the recorded backend {show(p.backend)} is not one of {', '.join(backends)}; pass "
+                       "--backend")  # fmt: skip
     if p.extra:
         print(f"{path}: kept unknown settings: {', '.join(k for k, _ in p.extra)}", file=sys.stderr)
     return p, {
         "prompts": [p.prompt], "negative_prompt": p.negative_prompt, "steps": p.steps, "guidance_scale": p.guidance_scale,
         "sampler": sampler, "width": p.width, "height": p.height, "dtype": p.dtype or "fp32",
         "fast": p.fast, "deep_cache": p.deep_cache, "token_merging": p.token_merging, "clip_skip": p.clip_skip,
-        "tiny_vae": p.tiny_vae,
+        "tiny_vae": p.tiny_vae, "backend": p.backend or "torch",
     }  # fmt: skip
 
 
@@ -234,8 +245,10 @@ def resolve_settings(args: argparse.Namespace) -> Settings:
             f"no default model at {DEFAULT_MODEL}; pass --model PATH, or make one with `python -m ldm bundle create micro models/micro`"
         )
     fast, deep_cache, token_merging, dtype = pick("fast"), pick("deep_cache"), pick("token_merging"), pick("dtype")
-    accel.check(fast=fast, compile=args.compile, deep_cache=deep_cache, token_merging=token_merging, dtype=dtype)
+    backend = accel.Backend(pick("backend"))
     device = resolve_device(args.device)
+    accel.check(fast=fast, compile=args.compile, deep_cache=deep_cache, token_merging=token_merging, dtype=dtype,
+                backend=backend, device=device.type)  # fmt: skip
     model = resolve_model(args.model or DEFAULT_MODEL)  # a single file: its cached bundle
     config = read_config(model)  # the training size and the VAE's downsampling factor, without the weights
     if args.class_names and config.conditioning is not Conditioning.CLASS:
@@ -267,7 +280,7 @@ def resolve_settings(args: argparse.Namespace) -> Settings:
     return Settings(
         model=model, prompts=prompts, negative_prompt=pick("negative_prompt"), steps=steps, guidance_scale=guidance,
         sampler=sampler, width=width, height=height, device=device, dtype=dtype, fast=fast, compile=args.compile,
-        deep_cache=deep_cache, token_merging=token_merging, clip_skip=clip_skip, loras=resolve_loras(args, prompts, recorded), seed=args.seed,
+        backend=backend, deep_cache=deep_cache, token_merging=token_merging, clip_skip=clip_skip, loras=resolve_loras(args, prompts, recorded), seed=args.seed,
         num_images=args.num_images, batch_size=args.batch_size, from_png=args.from_png, recorded=recorded,
         rebuild=rebuild, inputs=inputs, upscale=upscale, vae=vae, embeddings=embeddings, tiny_vae=tiny_vae,
     )  # fmt: skip
@@ -374,7 +387,7 @@ def image_parameters(settings: Settings, bundle: Bundle, job: Job, *, batch_size
         loras=lora_record(settings.loras), extra=settings.recorded.extra if settings.recorded else (), dtype=settings.dtype,
         embeddings=embedding_record(settings.embeddings, [job.prompt, job.negative_prompt]),
         fast=settings.fast, deep_cache=settings.deep_cache, token_merging=settings.token_merging,
-        clip_skip=settings.clip_skip, tiny_vae=settings.tiny_vae, version=f"ldm {ldm.__version__}", **(settings.inputs.record() if settings.inputs else {}),
+        backend=settings.backend.value if settings.backend is not accel.Backend.TORCH else None, clip_skip=settings.clip_skip, tiny_vae=settings.tiny_vae, version=f"ldm {ldm.__version__}", **(settings.inputs.record() if settings.inputs else {}),
         **(upscale_record(settings.upscale, upscaler) if settings.upscale else {}), **vae_record(settings.vae),
     )  # fmt: skip
 
@@ -486,7 +499,7 @@ def main(argv=None) -> int:
     plan = plan_batches(settings)
     accel.prepare(
         bundle, fast=settings.fast, compile=settings.compile, deep_cache=settings.deep_cache,
-        token_merging=settings.token_merging, unet_calls=settings.steps * plan.batches,
+        token_merging=settings.token_merging, unet_calls=settings.steps * plan.batches, backend=settings.backend,
     )  # fmt: skip
     written = write_images(bundle, settings, plan, args.out, progress=not args.quiet, upscaler=load_upscaler(settings))
     if args.grid and written:

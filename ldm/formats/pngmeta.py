@@ -189,6 +189,7 @@ class ImageParameters:
     fast: bool = False  # made on the fast path (ldm.accel.fast)
     deep_cache: int = 0  # the deep-feature reuse interval (ldm.accel.deepcache); 0: exact
     token_merging: float = 0.0  # the token-merging ratio (ldm.accel.tome); 0: exact
+    backend: str | None = None  # what ran the UNet where not torch ("openvino": ldm.accel.openvino)
     version: str | None = None  # e.g. "ldm 0.1.0"
     clip_skip: int = 1  # A1111's "Clip skip", written when above 1 as A1111 does
     # img2img and inpainting (A1111's keys where it has them); None: not used. Files are recorded by path and sha256.
@@ -245,6 +246,8 @@ class ImageParameters:
             pairs["Dtype"] = self.dtype
         if self.fast:
             pairs["Fast"] = "on"
+        if self.backend is not None:
+            pairs["Backend"] = self.backend
         if self.deep_cache:
             pairs["Deep cache"] = self.deep_cache
         if self.token_merging:
@@ -296,7 +299,7 @@ class ImageParameters:
             vae=s.get("VAE"), vae_hash=s.get("VAE hash"), tiny_vae=s.get("VAE Decoder") == TINY_DECODER,
             batch_pos=int(s.get("Batch pos", 0)),
             dtype=s.get("Dtype"), fast=s.get("Fast") == "on", deep_cache=int(s.get("Deep cache", 0)),
-            token_merging=float(s.get("Token merging ratio", 0)), version=s.get("Version"),
+            token_merging=float(s.get("Token merging ratio", 0)), version=s.get("Version"), backend=s.get("Backend"),
             strength=_maybe(float, s.get("Denoising strength")), resize_mode=s.get("Resize mode"),
             init_image=s.get("Init image"), init_image_hash=s.get("Init image hash"), mask=s.get("Mask"),
             mask_hash=s.get("Mask hash"), mask_blur=_maybe(int, s.get("Mask blur")),
@@ -313,7 +316,7 @@ KNOWN_KEYS = frozenset(
     ImageParameters(prompt="", steps=1, sampler="DPM++ 2M Karras", guidance_scale=1.0, seed=0, width=1, height=1,
                     model_hash="", model="", vae="", tiny_vae=True, batch_size=2, loras=(LoraRecord(name="x", hash="x"),), dtype="",
                     embeddings=(EmbeddingRecord(name="x", hash="x"),),
-                    fast=True, deep_cache=2, token_merging=0.5, version="", init_image="", resize_mode="", mask="",
+                    fast=True, deep_cache=2, token_merging=0.5, backend="", version="", init_image="", resize_mode="", mask="",
                     only_masked=True, outpaint="", upscaler="", clip_skip=2).settings()
 )  # fmt: skip
 
