@@ -3,7 +3,7 @@
 # teacher, models/emoji-tiny: docs/emoji-lcm-clip.json (docs/eval_lcm_clip.py: `python -m ldm eval` per setting,
 # same prompts, seeds and CLIP).
 #
-#     bash recipes/emoji-lcm-clip.sh                     # CLIP ~40 min on 2 busy cores (~14 idle), eval ~30 min
+#     bash recipes/emoji-lcm-clip.sh                     # CLIP 42 min, eval ~60 min on 2 busy cores
 #     CLIP=path/clip.safetensors bash recipes/emoji-lcm-clip.sh   # score with a CLIP already trained
 #
 # The judge is a CLIP trained apart from the generator: emoji-tiny's own CLIP recipe (configs/runs/emoji-tiny-clip.yaml,
