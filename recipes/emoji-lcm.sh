@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The recipe of the shipped LCM-LoRA, models/lora/emoji-tiny-lcm.safetensors: latent consistency distillation of
 # models/emoji-tiny into rank-16 LoRA adapters (train_lcm.py, ldm/train/lcm.py), then its images beside the 20-step
-# teacher's (docs/eval_lcm.py: same prompts and seeds) and the grid docs/emoji-lcm-grid.png.
+# teacher's (docs/eval_lcm.py: same prompts and seeds), the grid docs/emoji-lcm-grid.png, and the CLIP scores, FID
+# and KID of the same settings (recipes/emoji-lcm-clip.sh).
 #
 #     bash recipes/emoji-lcm.sh
 #
@@ -26,8 +27,8 @@ mkdir -p models/lora
 cp "$OUT/lora/lora.safetensors" models/lora/emoji-tiny-lcm.safetensors
 
 # 4. Measure on the eval prompts: PSNR of each few-step setting against the teacher's 20-step images and the grid
-#    (docs/emoji-lcm-eval.json, docs/emoji-lcm-grid.png). With emoji-tiny's CLIP (train_clip.py's clip.safetensors,
-#    not shipped) the CLIP scores of the same settings come from, e.g.:
-#    python -m ldm eval --model models/emoji-tiny --lora models/lora/emoji-tiny-lcm.safetensors --sampler lcm \
-#        --steps 4 --cfg 1 --prompts docs/eval-prompts.txt --clip CLIP --reference "$BASE/test" --out "$OUT/eval/lcm-4"
+#    (docs/emoji-lcm-eval.json, docs/emoji-lcm-grid.png); then CLIP score, FID and KID of the same settings with a
+#    CLIP trained for the purpose (recipes/emoji-lcm-clip.sh: the CLIP, then docs/eval_lcm_clip.py;
+#    docs/emoji-lcm-clip.json).
 python docs/eval_lcm.py
+OUT="$OUT" BASE="$BASE" bash recipes/emoji-lcm-clip.sh

@@ -2,6 +2,7 @@
 trains with exactly the settings its --set chains gave before the files existed."""
 
 import shlex
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -140,3 +141,22 @@ def test_the_recipe_distils_the_tiny_autoencoder_from_its_run_file(recipe_env, t
     cfg = train_tiny_vae.resolve_config(train_tiny_vae.build_parser().parse_args(words))
     assert cfg.bundle == str(SHIPPED) and cfg.preset == "emoji-tiny" and cfg.model.latent_channels == 16
     assert cfg.train.budget_minutes == 40 and cfg.data.path == f"{recipe_env['BASE']}/train"
+
+
+@pytest.mark.skipif(not (SHIPPED / "manifest.json").is_file(), reason="no shipped model in this checkout")
+def test_the_judging_clip_is_emoji_tinys_clip_recipe_with_another_seed(recipe_env, tmp_path):
+    """recipes/emoji-lcm-clip.sh trains the CLIP that scores the LCM-LoRA as stage 3 of emoji-tiny.sh trains
+    emoji-tiny's, but from another seed (so its text tower is not the generator's text encoder) and to its last
+    step whatever the clock."""
+    text = (ROOT / "recipes" / "emoji-lcm-clip.sh").read_text().replace("\\\n", " ")
+    text = text.replace('"$(dirname "$CLIP")"', str(tmp_path / "judge"))
+    lines = [line.strip() for line in text.splitlines()]
+    (command,) = [line.split(maxsplit=2)[2] for line in lines if line.startswith("python train_clip.py ")]
+    judge, _ = parse("train_clip.py", command, recipe_env)
+    shipped, _ = parse("train_clip.py", recipe_commands()["train_clip.py"], recipe_env)
+    assert judge.bundle == "models/emoji-tiny" and judge.model == shipped.model
+    assert (judge.train.seed, judge.train.max_minutes, judge.train.max_steps) == (1, 0, 1000)
+    assert (shipped.train.seed, shipped.train.max_minutes) == (0, 14)
+    same = replace(judge.train, seed=shipped.train.seed, max_minutes=shipped.train.max_minutes,
+                   output_dir=shipped.train.output_dir)  # fmt: skip
+    assert same == shipped.train and judge.data == shipped.data and judge.eval_data == shipped.eval_data
