@@ -86,6 +86,19 @@ def load_tensors(path: str | Path) -> dict[str, torch.Tensor]:
     return load_file(str(path))
 
 
+def weights_sha256(module) -> str:
+    """The sha256 of a torch module's parameters and buffers, by name, dtype and shape, as they are in memory (a
+    merged LoRA included): for weights that were never saved as a file, or changed since."""
+    import torch
+
+    digest = hashlib.sha256()
+    for name, tensor in sorted(module.state_dict().items()):
+        tensor = tensor.detach().cpu().contiguous()
+        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}\n".encode())
+        digest.update(tensor.view(torch.uint8).numpy().data if tensor.numel() else b"")
+    return digest.hexdigest()
+
+
 def sha256_file(path: str | Path, chunk: int = 1 << 22) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:

@@ -33,6 +33,7 @@ from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
 from torch import nn
 
 from ldm.errors import LdmError
+from ldm.io import weights_sha256
 from ldm.pipeline.denoiser import UNetWrapper
 
 INSTALL = "pip install 'ldm[openvino]'"
@@ -71,16 +72,6 @@ class _Call(nn.Module):
     def forward(self, sample, timestep, encoder_hidden_states, *extra):
         kwargs = dict(zip(self.names, extra))
         return self.unet(sample, timestep, encoder_hidden_states=encoder_hidden_states, return_dict=False, **kwargs)[0]
-
-
-def weights_sha256(module: nn.Module) -> str:
-    """The sha256 of ``module``'s parameters and buffers, by name, dtype and shape, as they are in memory."""
-    digest = hashlib.sha256()
-    for name, tensor in sorted(module.state_dict().items()):
-        tensor = tensor.detach().cpu().contiguous()
-        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}\n".encode())
-        digest.update(tensor.view(torch.uint8).numpy().data if tensor.numel() else b"")
-    return digest.hexdigest()
 
 
 class OpenVinoUNet(UNetWrapper):

@@ -31,16 +31,16 @@ def build_parser() -> ArgumentParser:
     shard = commands.add_parser("shard", help="write the usable pairs of a dataset folder as webdataset .tar shards")
     for command in (check, shard):
         command.add_argument("path", metavar="DIR", help="dataset folder (or a .tar shard, or shards-{000..009}.tar)")
-        if command is shard:
-            shard.add_argument("out", metavar="OUT", help="folder for the shards 000000.tar, 000001.tar, ... (new)")
-            shard.add_argument("--size", type=int, required=True, help="samples a shard (e.g. 1000)")
-            shard.add_argument("--force", action="store_true", help="OUT holds the shards of an earlier write: "
-                               "replace them (nothing else in OUT is ever deleted)")  # fmt: skip
+    shard.add_argument("out", metavar="OUT", help="folder for the shards 000000.tar, 000001.tar, ... (new)")
+    shard.add_argument("--size", type=int, required=True, help="samples a shard (e.g. 1000)")
+    shard.add_argument("--force", action="store_true", help="OUT holds the shards of an earlier write: replace them "
+                       "(nothing else in OUT is ever deleted)")  # fmt: skip
+    for command in (check, shard):
         add_layout_arguments(command)
-        command.add_argument("--min-side", type=int, default=32, help="skip images whose shorter side is below this "
-                             "(px)")  # fmt: skip
-        command.add_argument("--resolution", type=int, default=512, help="training resolution, to count upscaled "
-                             "images")  # fmt: skip
+        command.add_argument("--min-side", type=int, default=32,
+                             help="skip images whose shorter side is below this (px)")  # fmt: skip
+        command.add_argument("--resolution", type=int, default=512,
+                             help="training resolution, to count upscaled images")  # fmt: skip
         command.add_argument("--workers", type=int, default=None, help="decoding threads (default min(8, CPUs))")
     return parser
 

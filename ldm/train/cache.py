@@ -46,7 +46,7 @@ from ldm.data.dataset import item_seed, read_scanned_image
 from ldm.data.scan import ScanReport
 from ldm.errors import LdmError
 from ldm.images import crop_tensor, fit_tensor, plan_crop
-from ldm.io import save_tensors
+from ldm.io import save_tensors, weights_sha256
 from ldm.models.tokenizer import tokenize
 from ldm.train.distributed import main_process_object, per_process_batch
 from ldm.train.objectives import drop_captions
@@ -278,12 +278,7 @@ def module_digest(bundle, part: str) -> str:
     digest = bundle.manifest.get("files", {}).get(f"{part}.safetensors")
     if digest:
         return digest
-    h = hashlib.sha256()
-    module = bundle.modules()[part]
-    for name, tensor in sorted(module.state_dict().items()):
-        h.update(name.encode())
-        h.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
-    return "tensors:" + h.hexdigest()
+    return "tensors:" + weights_sha256(bundle.modules()[part])
 
 
 def listing_hash(report: ScanReport, targets: Sequence[Size]) -> str:
@@ -419,10 +414,7 @@ def encode_text_rows(bundle, captions: Sequence[str], chunks: Sequence[range], d
     """``text.index`` (caption rows) and ``text.hidden_states`` of ``chunks`` of ``captions``, one encoder call each."""
     index = [i for chunk in chunks for i in chunk]
     hidden = [encode_text(bundle, [captions[i] for i in chunk], batch_size=len(chunk), device=device)
-              for chunk in chunks]  # fmt: skip
-    if not hidden:
-        cfg = bundle.config.text_encoder
-        hidden = [torch.zeros(0, cfg.context_length, cfg.width)]
+              for chunk in chunks] or [encode_text(bundle, [])]  # fmt: skip
     return {"text.index": torch.tensor(index, dtype=torch.int64), "text.hidden_states": torch.cat(hidden)}
 
 
@@ -437,18 +429,19 @@ def features_of(tensors: dict[str, torch.Tensor], *, key: dict, captions: list[s
     return FeatureCache(key=key, latents=tensors, captions=captions, hidden_states=hidden, path=path)
 
 
-def encode_features(
-    bundle, report: ScanReport, targets: Sequence[Size], *, key: dict, latents: bool, flip: bool, batch_size: int,
-    device=None, progress: bool = True, decoded: bool = False,
-) -> FeatureCache:  # fmt: skip
-    """Run the frozen VAE (centre crops, and their mirror images when ``flip``) and text encoder over a dataset, in
-    one process; with ``decoded`` the VAE's decoder too, on each posterior mean."""
+def encode_share(
+    bundle, report: ScanReport, targets: Sequence[Size], *, latents: bool, flip: bool, batch_size: int,
+    rank: int = 0, processes: int = 1, device=None, progress: bool = True, decoded: bool = False,
+) -> dict[str, torch.Tensor]:  # fmt: skip
+    """Process ``rank`` of ``processes``'s share of a cache build: every ``processes``-th text encoder call and VAE call
+    (centre crops, and their mirror images when ``flip``; with ``decoded`` the VAE's decoder too, on each posterior
+    mean), as the tensors of one part."""
     captions = cache_captions(report)
-    tensors = encode_text_rows(bundle, captions, caption_chunks(len(captions)), device=device)
+    tensors = encode_text_rows(bundle, captions, caption_chunks(len(captions))[rank::processes], device=device)
     if latents:
-        chunks = plan_chunks(report, targets, batch_size)
+        chunks = plan_chunks(report, targets, batch_size)[rank::processes]
         tensors |= encode_chunks(bundle, report, chunks, flip=flip, decoded=decoded, device=device, progress=progress)
-    return features_of(tensors, key=key, captions=captions)
+    return tensors
 
 
 # --- the cache on disk: a head file and one part per building process ---------------------------------------------
@@ -507,16 +500,6 @@ def _write_head(path: Path, *, key: dict, captions: list[str], parts: list[Path]
             old.unlink(missing_ok=True)
 
 
-def save_cache(cache: FeatureCache, path: Path) -> Path:
-    """``cache`` as a head and one part (what one process builds)."""
-    build = uuid.uuid4().hex
-    part = _write_part(part_path(path, 0, 1), {**cache.tensors, "text.index": torch.arange(len(cache.captions)),
-                                               "text.hidden_states": cache.hidden_states}, build=build)  # fmt: skip
-    _write_head(path, key=cache.key, captions=cache.captions, parts=[part], build=build)
-    cache.path = path
-    return path
-
-
 def load_or_build_cache(
     path: Path | None, *, bundle, data: DataConfig, report: ScanReport, targets: Sequence[Size],
     buckets: Sequence[Size] | None, latents: bool, batch_size: int, device=None,
@@ -536,9 +519,10 @@ def load_or_build_cache(
     key = cache_key(bundle, data, report, targets, buckets=buckets) | {"latents": latents}
     if decoded:
         key["decoded"] = True  # a key of its own: the UNet's caches keep theirs
+    share = {"latents": latents, "flip": data.random_flip > 0, "batch_size": batch_size, "device": device,
+             "decoded": decoded}  # fmt: skip
     if path is None:
-        return encode_features(bundle, report, targets, key=key, latents=latents, flip=data.random_flip > 0,
-                               batch_size=batch_size, device=device, decoded=decoded)  # fmt: skip
+        return features_of(encode_share(bundle, report, targets, **share), key=key, captions=cache_captions(report))
     cache, why = load_cache(path, key) if main else (None, "")
     if processes > 1:
         why = main_process_object(accelerator, "hit" if cache is not None else why)
@@ -552,11 +536,7 @@ def load_or_build_cache(
     rank = 0 if accelerator is None else accelerator.process_index
     build = uuid.uuid4().hex if processes == 1 else main_process_object(accelerator, uuid.uuid4().hex)
     captions = cache_captions(report)
-    tensors = encode_text_rows(bundle, captions, caption_chunks(len(captions))[rank::processes], device=device)
-    if latents:
-        chunks = plan_chunks(report, targets, batch_size)[rank::processes]
-        tensors |= encode_chunks(bundle, report, chunks, flip=data.random_flip > 0, decoded=decoded, device=device,
-                                 progress=main)  # fmt: skip
+    tensors = encode_share(bundle, report, targets, rank=rank, processes=processes, progress=main, **share)
     path.parent.mkdir(parents=True, exist_ok=True)
     parts = [part_path(path, r, processes) for r in range(processes)]
     _write_part(parts[rank], tensors, build=build)
