@@ -434,7 +434,8 @@ def rewrite_convolutions(
                 y = graph.call_function(aten.view.default, (y, [batch, *out_shape]))
                 counts[0] += 1
             elif pack:  # oneDNN may answer in channels_last: then a copy gives back the traced layout
-                args, packed = pack_convolution(w, padding=padding, stride=stride, dilation=dilation, groups=groups)
+                args, packed = pack_convolution(w, padding=padding, stride=stride, dilation=dilation, groups=groups,
+                                                input_size=x.meta["val"].shape)
                 conv, tail = torch.ops.mkldnn._convolution_pointwise, ("none", [], "")
                 contiguous = conv(
                     torch.zeros(x.meta["val"].shape, dtype=w.dtype), packed, b, *args, *tail

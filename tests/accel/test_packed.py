@@ -40,6 +40,26 @@ def test_packed_convolution_answers_as_the_layer(dtype, stride, padding, groups)
             assert_rounding_close(got, expected, terms=8 // groups * 3 * 3)
 
 
+@pytest.mark.parametrize("dtype", PACKED_DTYPES)
+def test_packed_convolution_lays_its_weight_out_for_each_new_input_shape(dtype):
+    """The weight is laid out again for the shape it is called with (oneDNN's kernel wants a layout per CPU and
+    shape); the exact weight survives every relayout and the answers stay the layer's as the shape comes and goes."""
+    torch.manual_seed(0)
+    conv = nn.Conv2d(16, 16, 3, padding=1).to(dtype)
+    packed = PackedConv2d(conv)
+    assert packed.packed_for is None
+    for shape in [(2, 16, 8, 8), (2, 16, 8, 8), (8, 16, 4, 4), (2, 16, 8, 8)]:
+        x = torch.randn(shape, dtype=dtype)
+        got = packed(x)
+        assert packed.packed_for == shape
+        assert torch.equal(packed.packed.to_dense(), conv.weight)
+        expected = conv(channels_last(x))
+        if dtype == torch.bfloat16:
+            assert torch.equal(got, expected)
+        else:
+            assert_rounding_close(got, expected, terms=16 * 3 * 3)
+
+
 @pytest.mark.parametrize(
     "conv", [nn.Conv2d(4, 4, 3, padding=1, padding_mode="reflect"), nn.Conv2d(4, 4, 3, padding="same")]
 )
