@@ -9,8 +9,12 @@ encoder the images were conditioned on. Beside each setting: the PSNR of its ima
 images, pooled over all images as in docs/eval_lcm.py, and the CLIP score of the reference images with their own
 captions (what real emoji get from this CLIP).
 
+A full student bundle (``--student``, train_lcm.py's OUT/bundle) takes the LCM-LoRA's place: its columns are
+"student 4/2/1", its guidance input at ``--student-cfg`` (7.5, the teacher's scale), one UNet call a step.
+
     python docs/eval_lcm_clip.py --clip runs/emoji-lcm/clip/clip.safetensors [--reference data/emoji-base/test]
         [--images-per-prompt 2] [--out runs/emoji-lcm/eval] [--lora models/lora/emoji-tiny-lcm.safetensors]
+        [--student runs/emoji-lcm/student/bundle [--student-cfg 7.5]] [--json docs/emoji-lcm-clip.json]
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
-from eval_lcm import settings
+from eval_lcm import Setting, settings
 from PIL import Image
 
 DOCS = Path(__file__).resolve().parent
@@ -59,11 +63,12 @@ def folder(out: Path, column: str) -> Path:
     return out / column.lower().replace(" ", "-")
 
 
-def eval_command(args, column: str, out: Path) -> list[str]:
+def eval_command(args, setting: Setting, out: Path) -> list[str]:
     """The ``python -m ldm eval`` line of one setting."""
-    which, steps, cfg, sampler = settings()[column]
-    cmd = ["python", "-m", "ldm", "eval", "--model", rel(args.model)]
-    if which == "student":
+    which, steps, cfg, sampler, _ = setting
+    model = args.student if which == "student" and args.student else args.model
+    cmd = ["python", "-m", "ldm", "eval", "--model", rel(model)]
+    if which == "student" and not args.student:
         cmd += ["--lora", f"{rel(args.lora)}:{args.lora_scale:g}" if args.lora_scale != 1 else rel(args.lora)]
     cmd += ["--sampler", sampler, "--steps", str(steps), "--cfg", f"{cfg:g}", "--prompts", rel(args.prompts),
             "-n", str(args.images_per_prompt), "--clip", rel(args.clip), "--reference", rel(args.reference),
@@ -104,25 +109,30 @@ def main() -> None:
     p.add_argument("--model", type=Path, default=ROOT / "models" / "emoji-tiny")
     p.add_argument("--lora", type=Path, default=ROOT / "models" / "lora" / "emoji-tiny-lcm.safetensors")
     p.add_argument("--lora-scale", type=float, default=1.0)
+    p.add_argument("--student", type=Path, help="a full student bundle (train_lcm.py's OUT/bundle) instead of --lora")
+    p.add_argument("--student-cfg", type=float, default=7.5, help="the full student's guidance input (default 7.5)")
     p.add_argument("--prompts", type=Path, default=DOCS / "eval-prompts.txt")
     p.add_argument("--reference", type=Path, default=ROOT / "data" / "emoji-base" / "test")
     p.add_argument("--images-per-prompt", "-n", type=int, default=2)
     p.add_argument("--out", type=Path, default=ROOT / "runs" / "emoji-lcm" / "eval")
     p.add_argument("--json", type=Path, default=DOCS / "emoji-lcm-clip.json", help="the report (default: docs/)")
     args = p.parse_args()
+    if args.student and not args.student.is_dir():
+        raise SystemExit(f"no student bundle at {args.student}; pass train_lcm.py's OUT/bundle")
     if not args.clip.is_file():
         raise SystemExit(f"no CLIP at {args.clip}; train one with recipes/emoji-lcm-clip.sh, or pass --clip FILE")
 
     info = machine()
     real = run(["python", "-m", "ldm", "eval", "--images", rel(args.reference), "--clip", rel(args.clip),
                 "--out", rel(args.out / "reference"), "--quiet"])  # fmt: skip
+    table = settings(args.student_cfg if args.student else None)
+    student_name = f"student ({rel(args.student)})" if args.student else "teacher + LCM-LoRA"
     rows, commands = {}, {}
-    for column in settings():
-        commands[column] = eval_command(args, column, folder(args.out, column))
+    for column, setting in table.items():
+        commands[column] = eval_command(args, setting, folder(args.out, column))
         report = run(commands[column])
-        which, steps, cfg, sampler = settings()[column]
-        rows[column] = {"model": "teacher" if which == "teacher" else "teacher + LCM-LoRA", "sampler": sampler,
-                        "steps": steps, "cfg": cfg, "unet_calls_per_image": steps * (2 if cfg > 1 else 1),
+        rows[column] = {"model": "teacher" if setting.which == "teacher" else student_name, "sampler": setting.sampler,
+                        "steps": setting.steps, "cfg": setting.cfg, "unet_calls_per_image": setting.unet_calls,
                         "clip_score": rounded(report["clip_score"], 2), "clip_score_std": rounded(report["clip_score_std"], 2),
                         "fid": rounded(report["fid"], 4), "kid": rounded(report["kid"], 5),
                         "kid_std": rounded(report["kid_std"], 5), "images": report["source"]["images"],
@@ -132,14 +142,15 @@ def main() -> None:
         if column != "teacher 20":
             images = read_images(folder(args.out, column) / "images")
             rows[column]["psnr_vs_teacher_20_db"] = round(pooled_psnr(images, teacher), 2)
-    gap = rows["teacher 20"]["clip_score"] - rows["LCM-LoRA 4"]["clip_score"]
+    four = next(column for column, setting in table.items() if setting.which == "student" and setting.steps == 4)
+    gap = rows["teacher 20"]["clip_score"] - rows[four]["clip_score"]
     result = {
         "prompts": rel(args.prompts), "images_per_prompt": args.images_per_prompt,
         "seeds": "image j of every prompt starts from seed j, in every setting",
         "clip": rel(args.clip), "features": "FID and KID on the same CLIP's image embeddings",
         "reference": {"folder": rel(args.reference), "images": real["source"]["images"],
                       "clip_score_with_own_captions": rounded(real["clip_score"], 2)},
-        "lora_scale": args.lora_scale, "machine": info, "settings": rows,
+        "lora_scale": None if args.student else args.lora_scale, "machine": info, "settings": rows,
         "clip_gap_teacher_20_minus_lcm_4": round(gap, 2), "lcm_4_within_3_points": bool(gap <= GAP),
         "command": "python docs/eval_lcm_clip.py " + shlex.join(sys.argv[1:]),
     }  # fmt: skip
