@@ -5,6 +5,7 @@
 #
 #     bash recipes/emoji-lcm-clip.sh                     # CLIP 42 min, eval ~60 min on 2 busy cores
 #     CLIP=path/clip.safetensors bash recipes/emoji-lcm-clip.sh   # score with a CLIP already trained
+#     bash recipes/emoji-lcm-clip.sh --student runs/emoji-lcm/student/bundle --out ... --json ...   # flags pass on
 #
 # The judge is a CLIP trained apart from the generator: emoji-tiny's own CLIP recipe (configs/runs/emoji-tiny-clip.yaml,
 # stage 3 of recipes/emoji-tiny.sh) with another seed, so its text tower is not the text encoder the images were
@@ -30,4 +31,4 @@ fi
 
 # 3. The teacher at 20 and 4 steps (DPM++ 2M, CFG 7.5) and the LCM-LoRA at 4, 2 and 1 steps (LCM, CFG 1): 100 eval
 #    prompts × 2 seeds each, FID/KID against the 88 held-out default-tone emoji on the CLIP's image embeddings.
-python docs/eval_lcm_clip.py --clip "$CLIP" --reference "$BASE/test" --out "$OUT/eval"
+python docs/eval_lcm_clip.py --clip "$CLIP" --reference "$BASE/test" --out "$OUT/eval" "$@"
