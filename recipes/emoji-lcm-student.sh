@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# A full latent consistency student of models/emoji-tiny (configs/runs/emoji-tiny-lcm-student.yaml): every weight of
+# A full latent consistency student of models/emoji-tiny (configs/runs/emoji-tiny-student-lcm.yaml): every weight of
 # the teacher's UNet distilled, with the guidance scale as an input; then its CLIP score, FID and KID beside the
 # 20-step teacher with the same prompts, seeds and judging CLIP as the LCM-LoRA's (recipes/emoji-lcm-clip.sh with
 # --student: docs/emoji-lcm-student-clip.json), and its grid and PSNR (docs/eval_lcm.py --student).
@@ -18,7 +18,7 @@ OUT=${OUT:-runs/emoji-lcm}
 [ -f "$BASE/train/metadata.jsonl" ] || python -m ldm emoji "$BASE" --size 64 --no-skin-tones
 
 # 2. Distil (the run stops on its train.budget_minutes clock).
-python train_lcm.py --config configs/runs/emoji-tiny-lcm-student.yaml --data "$BASE/train" --out "$OUT/student" \
+python train_lcm.py --config configs/runs/emoji-tiny-student-lcm.yaml --data "$BASE/train" --out "$OUT/student" \
     --cache-dir "$OUT/cache"
 
 # 3. Measure: the teacher at 20 and 4 steps, the student at 4, 2 and 1 steps (LCM, its guidance input at 7.5).
