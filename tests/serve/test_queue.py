@@ -18,6 +18,15 @@ def wait_for(client, check, timeout=30.0):
     raise AssertionError(f"timed out; last progress: {progress}")
 
 
+def hold(s):
+    """Occupy the server's generation thread until the returned event is set: what queues behind it stays queued
+    however fast or slow this machine is."""
+    release = threading.Event()
+    task = s.app.state.server.worker.submit(lambda: release.wait(60), steps=0)
+    assert task.started.wait(30)
+    return release
+
+
 def post_in_thread(s, body, answers, key, timeout=60):
     def post():
         try:
@@ -50,37 +59,37 @@ def test_interrupt_returns_what_it_has_and_previews_show(serve):
 def test_a_client_that_leaves_frees_its_place(serve):
     s = serve(out=None)
     answers = {}
-    long = post_in_thread(s, LONG, answers, "long")
-    wait_for(s.client, lambda p: p["state"]["sampling_step"] >= 1)
-    leaver = post_in_thread(s, LONG | {"steps": 2}, answers, "leaver", timeout=0.5)
-    leaver.join()
-    assert isinstance(answers["leaver"], httpx.TimeoutException)
-    wait_for(s.client, lambda p: p["state"]["job_count"] == 1, timeout=10)
-    s.client.post("/sdapi/v1/interrupt")
-    long.join(timeout=30)
-    assert answers["long"].status_code == 200
+    release = hold(s)
+    try:
+        leaver = post_in_thread(s, LONG | {"steps": 2}, answers, "leaver", timeout=0.5)
+        wait_for(s.client, lambda p: p["state"]["job_count"] == 2, timeout=10)  # queued behind the held job
+        leaver.join()
+        assert isinstance(answers["leaver"], httpx.TimeoutException)
+        wait_for(s.client, lambda p: p["state"]["job_count"] == 1, timeout=10)  # its place is given up
+    finally:
+        release.set()
     wait_for(s.client, lambda p: p["state"]["job_count"] == 0)
+    assert s.client.post("/sdapi/v1/txt2img", json=LONG | {"steps": 2}).status_code == 200
 
 
 def test_twenty_concurrent_requests_are_answered_in_order(serve, tmp_path):
     s = serve()
-    answers = {}
-    threads = [post_in_thread(s, LONG, answers, "first")]  # 1000 steps: runs until interrupted
-    wait_for(s.client, lambda p: p["state"]["sampling_step"] >= 1)
-    seen = 1
-    for i in range(20):
-        threads.append(post_in_thread(s, LONG | {"steps": 1, "seed": 100 + i}, answers, i))
-        seen = wait_for(s.client, lambda p, n=i + 2: p["state"]["job_count"] >= n)["state"]["job_count"]
-    assert seen == 21  # the first job still runs: all twenty wait behind it
-    s.client.post("/sdapi/v1/interrupt")
+    answers, threads = {}, []
+    release = hold(s)
+    try:
+        for i in range(20):
+            threads.append(post_in_thread(s, LONG | {"steps": 1, "seed": 100 + i}, answers, i))
+            wait_for(s.client, lambda p, n=i + 2: p["state"]["job_count"] >= n)  # queued before the next is sent
+        assert s.client.get("/sdapi/v1/progress").json()["state"]["job_count"] == 21  # all twenty wait
+    finally:
+        release.set()
     for thread in threads:
         thread.join(timeout=60)
-    assert answers["first"].status_code == 200
     for i in range(20):
         assert answers[i].status_code == 200
         assert json.loads(answers[i].json()["info"])["all_seeds"] == [100 + i]
     names = sorted(p.name for p in (tmp_path / "out").glob("*.png"))
-    assert names == ["00000-3.png"] + [f"{k + 1:05d}-{100 + k}.png" for k in range(20)]  # saved in arrival order
+    assert names == [f"{k:05d}-{100 + k}.png" for k in range(20)]  # saved in arrival order
 
 
 def test_previews_are_decoded_only_when_a_progress_call_asks(serve):
@@ -91,12 +100,15 @@ def test_previews_are_decoded_only_when_a_progress_call_asks(serve):
     worker._preview = lambda bundle, latents: decoded.append(latents.shape) or preview(bundle, latents)
     assert s.client.post("/sdapi/v1/txt2img", json=LONG | {"steps": 40}).status_code == 200
     assert decoded == []  # nobody watched
-    for skip in (True, False):  # watched without previews, then with
+    for job_no, skip in ((2, True), (3, False)):  # watched without previews, then with
         answers = {}
         thread = post_in_thread(s, LONG | {"steps": 300}, answers, "job")
+        deadline = time.monotonic() + 60
         for calls in itertools.count(1):
+            assert time.monotonic() < deadline, "the 300-step job never reached step 20"
             state = s.client.get("/sdapi/v1/progress", params={"skip_current_image": skip}).json()["state"]
-            if calls >= 5 and state["sampling_step"] >= 20:  # previews come every 2 steps in these servers
+            # this job, not the last one's count; previews come every 2 steps in these servers
+            if calls >= 5 and state["job_no"] == job_no and state["sampling_step"] >= 20:
                 break
             time.sleep(0.02)
         s.client.post("/sdapi/v1/interrupt")
