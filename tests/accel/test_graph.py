@@ -3,6 +3,7 @@
 import pytest
 import torch
 import torch.nn.functional as F
+from diffusers import UNet2DConditionModel
 from support import assert_rounding_close
 from torch import nn
 from torch.fx.experimental.proxy_tensor import make_fx
@@ -142,7 +143,15 @@ def test_a_graph_that_strays_is_not_used(unet, monkeypatch):
 
 
 @pytest.mark.slow
-def test_compiled_graph_matches_the_unet(unet, cxx_compiler):
+def test_compiled_graph_matches_the_unet(cxx_compiler):
+    # inductor's time goes with the graph's node count, so the one real compile of the suite is of a one-level
+    # UNet (about half micro's nodes): attention, resnets, the time embedding and the skip all still in it
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, block_out_channels=(16,), layers_per_block=1,
+        down_block_types=("CrossAttnDownBlock2D",), up_block_types=("CrossAttnUpBlock2D",),
+        mid_block_type="UNetMidBlock2D", cross_attention_dim=32, attention_head_dim=4, norm_num_groups=8,
+    ).eval()  # fmt: skip
     graph = GraphUNet(unet, compile=True)
     sample, context = inputs(2)
     with torch.no_grad():
