@@ -2,14 +2,40 @@ import os
 
 os.environ["HF_HUB_OFFLINE"] = "1"  # nothing in the test suite may reach a model hub
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
+# Under pytest-xdist (the README runs the suite with -n auto) the workers share the CPU's cores rather than each
+# starting a thread per core and fighting for them; set before torch is imported, so torch and the CLIs the tests
+# start in subprocesses see it.
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if _WORKERS > 1:
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // _WORKERS)))
 
-from dataclasses import replace
+from dataclasses import replace  # noqa: E402 (after the thread count is set)
 
-import pytest
+import pytest  # noqa: E402
 
-from ldm.formats.bundle import create_bundle, save_bundle
-from ldm.formats.diffusers import export_diffusers
-from ldm.models.presets import PRESETS
+from ldm.formats.bundle import create_bundle, save_bundle  # noqa: E402
+from ldm.formats.diffusers import export_diffusers  # noqa: E402
+from ldm.models.presets import PRESETS  # noqa: E402
+
+
+def pytest_xdist_auto_num_workers(config):
+    """``-n auto``: a worker per CPU, at most 8 (each holds its own session fixtures and a few models in memory)."""
+    return max(1, min(os.cpu_count() or 1, 8))
+
+
+@pytest.fixture(scope="session", autouse=True)
+def private_conversion_cache(tmp_path_factory):
+    """Single-file models convert into a cache (``$LDM_CACHE_DIR``, else ``~/.cache/ldm``): the tests use their own,
+    so they neither read a user's nor race another worker's."""
+    from ldm.formats.single_file import CACHE_ENV
+
+    previous = os.environ.get(CACHE_ENV)
+    os.environ[CACHE_ENV] = str(tmp_path_factory.mktemp("ldm-cache"))
+    yield
+    if previous is None:
+        os.environ.pop(CACHE_ENV, None)
+    else:
+        os.environ[CACHE_ENV] = previous
 
 
 @pytest.fixture(scope="session")
