@@ -78,11 +78,14 @@ def prepare(
 
 
 @contextmanager
-def prepared(bundle: Bundle, *, deep_cache: int = 0, token_merging: float = 0.0) -> Iterator[Bundle]:
-    """:func:`prepare` with the approximations for the length of a ``with`` block; afterwards the bundle's UNet is the
-    one it had, its attention as it was. For callers that go on using the bundle exactly (an evaluation, a test)."""
+def prepared(
+    bundle: Bundle, *, deep_cache: int = 0, token_merging: float = 0.0, backend: Backend = Backend.TORCH
+) -> Iterator[Bundle]:  # fmt: skip
+    """:func:`prepare` with the approximations (or the other backend) for the length of a ``with`` block; afterwards
+    the bundle's UNet is the one it had, its attention as it was. For callers that go on using the bundle exactly
+    (an evaluation, a test)."""
     unet = bundle.unet
-    prepare(bundle, deep_cache=deep_cache, token_merging=token_merging)
+    prepare(bundle, deep_cache=deep_cache, token_merging=token_merging, backend=backend)
     try:
         yield bundle
     finally:

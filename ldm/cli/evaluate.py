@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 
+from ldm.accel.checks import Backend
 from ldm.cli.common import ArgumentParser, check_output, run_cli, seed
 from ldm.cli.lora_inputs import parse_flag as lora_flag
 from ldm.cli.options import add_layout_arguments, layout_settings
@@ -63,6 +64,9 @@ def build_parser() -> ArgumentParser:
     gen.add_argument("--token-merging", type=float, default=0.0, metavar="R",
                      help="approximate sampling as generate.py --token-merging R, to score what it changes (default "
                           "0: exact)")  # fmt: skip
+    gen.add_argument("--backend", default="torch", choices=[b.value for b in Backend],
+                     help="what runs the UNet, as generate.py --backend (default torch; openvino: pip install "
+                          "'ldm[openvino]')")  # fmt: skip
     gen.add_argument("--width", type=int, default=None,
                      help="a multiple of the VAE's downsampling factor, 8 in every preset (default: the bundle's "
                           "training size)")  # fmt: skip
@@ -100,6 +104,7 @@ def config_from_args(args) -> EvalConfig:
             images_per_prompt=args.images_per_prompt, batch_size=args.batch_size, steps=args.steps,
             guidance_scale=args.guidance, sampler=args.sampler, seed=args.seed, width=args.width, height=args.height,
             negative_prompt=args.negative_prompt, deep_cache=args.deep_cache, token_merging=args.token_merging,
+            backend=args.backend,
         ),
         kid_subsets=args.kid_subsets, kid_subset_size=args.kid_subset_size, feature_batch_size=args.batch_size,
         device=args.device, dtype=args.dtype, progress=not args.quiet,

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ldm.accel.checks import Backend, check
 from ldm.cli.common import DEFAULT_MODEL, ArgumentParser, exit_now, run_cli
 from ldm.errors import LdmError
 from ldm.runtime import DTYPES
@@ -33,6 +34,9 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--port", type=int, default=7860, help="port (default 7860)")
     p.add_argument("--api-auth", default=None, metavar="USER:PASS", help="require HTTP basic auth on every route")
     p.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N, mps")
+    p.add_argument("--backend", default="torch", choices=[b.value for b in Backend],
+                   help="what runs the UNet, as generate.py --backend (default torch; openvino: pip install "
+                        "'ldm[openvino]', fp32 on the CPU)")  # fmt: skip
     p.add_argument("--dtype", default="fp32", choices=sorted(DTYPES), help="weights and activations (default fp32)")
     p.add_argument("--max-side", type=int, default=d.max_side, help=f"most pixels of width/height (default {d.max_side})")
     p.add_argument("--max-steps", type=int, default=d.max_steps, help=f"most sampling steps (default {d.max_steps})")
@@ -64,13 +68,16 @@ def main(argv=None) -> int:
     for flag in ("max_side", "max_steps", "max_images", "max_body", "port"):
         if getattr(args, flag) < 1:
             raise LdmError(f"--{flag.replace('_', '-')} must be at least 1")
+    backend = Backend(args.backend)
+    device = "cpu" if backend is Backend.OPENVINO and args.device == "auto" else args.device  # OpenVINO's is the CPU
+    check(backend=backend, dtype=args.dtype, device=device.split(":")[0])
     limits = Limits(max_side=args.max_side, max_steps=args.max_steps, max_images=args.max_images,
                     max_body=args.max_body)  # fmt: skip
     if args.embeddings_dir is not None and not args.embeddings_dir.is_dir():
         raise LdmError(f"--embeddings-dir {args.embeddings_dir} is not a folder; pass the embeddings' folder")
     config = ServeConfig(models_dir=args.models_dir, lora_dir=args.lora_dir, embeddings_dir=args.embeddings_dir,
-                         model=args.model, out=None if args.no_save else args.out, device=args.device, dtype=args.dtype,
-                         limits=limits, auth=auth,
+                         model=args.model, out=None if args.no_save else args.out, device=device, dtype=args.dtype,
+                         limits=limits, auth=auth, backend=backend,
                          preview_every=None if args.preview_every is None else max(0, args.preview_every))  # fmt: skip
     app = create_app(config)
     uvicorn.run(app, host="0.0.0.0" if args.listen else "127.0.0.1", port=args.port, log_level="info")

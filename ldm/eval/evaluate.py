@@ -80,11 +80,15 @@ class GenerationSettings:
     negative_prompt: str = ""
     deep_cache: int = 0  # 0: exact sampling; N ≥ 2: the whole UNet every N-th step only (ldm.accel.deepcache)
     token_merging: float = 0.0  # 0: exact; R: a fraction R of the finest self-attention's tokens merged (ldm.accel.tome)
+    backend: str = "torch"  # what runs the UNet: torch, or openvino (ldm.accel.openvino, fp32 on the CPU)
 
     def __post_init__(self):
         if self.images_per_prompt < 1 or self.batch_size < 1:
             raise LdmError("--images-per-prompt and --batch-size must be at least 1")
-        accel.check(deep_cache=self.deep_cache, token_merging=self.token_merging)
+        backends = [b.value for b in accel.Backend]
+        if self.backend not in backends:
+            raise LdmError(f"backend {self.backend!r} is not one of {', '.join(backends)}")
+        accel.check(deep_cache=self.deep_cache, token_merging=self.token_merging, backend=accel.Backend(self.backend))
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -199,11 +203,12 @@ def generate_samples(
     bundle: Bundle, prompts: Sequence[str], settings: GenerationSettings, *, progress: bool = True
 ) -> Samples:
     """Make ``images_per_prompt`` images of every prompt with :func:`ldm.pipeline.generate`, batch by batch; the
-    approximations asked for (``deep_cache``, ``token_merging``) are on for these images only."""
+    approximations asked for (``deep_cache``, ``token_merging``) and the backend are on for these images only."""
     requests = generation_requests(bundle, prompts, settings)
     samples = Samples(prompts=[], images=[], seeds=[])
     bar = tqdm(total=sum(len(r.seeds) for r in requests), desc="generating", unit="img", disable=not progress)
-    with accel.prepared(bundle, deep_cache=settings.deep_cache, token_merging=settings.token_merging):
+    with accel.prepared(bundle, deep_cache=settings.deep_cache, token_merging=settings.token_merging,
+                        backend=accel.Backend(settings.backend)):  # fmt: skip
         for request in requests:
             images = generate(bundle, request, progress=False)  # (B, 3, H, W) in [0, 1]
             samples.prompts.extend(request.prompts)
@@ -360,7 +365,7 @@ def save_generated(samples: Samples, folder: Path, *, bundle: Bundle, settings: 
             prompt=prompt, negative_prompt=settings.negative_prompt, steps=settings.steps, sampler=sampler.label,
             guidance_scale=settings.guidance_scale, seed=seed, width=image.shape[-1], height=image.shape[-2],
             model_hash=bundle.model_hash, model=bundle.name, deep_cache=settings.deep_cache,
-            token_merging=settings.token_merging,
+            token_merging=settings.token_merging, backend=None if settings.backend == "torch" else settings.backend,
         )  # fmt: skip
         save_png(uint8_to_pil(image), folder / name, params.text())
         rows.append({"file_name": name, "text": prompt, "seed": seed})

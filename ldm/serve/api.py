@@ -17,7 +17,7 @@ import secrets
 import shutil
 import tempfile
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from fastapi import FastAPI
@@ -27,6 +27,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response
 from pydantic import BaseModel
 from starlette.datastructures import Headers
 
+from ldm.accel.checks import Backend
 from ldm.cli.generate import plan_batches, resolve_settings
 from ldm.errors import LdmError
 from ldm.formats.pngmeta import KEY, parse_parameters, png_bytes
@@ -61,6 +62,7 @@ class ServeConfig:
     limits: Limits = field(default_factory=Limits)
     auth: tuple[str, str] | None = None  # HTTP basic user and password; None: open
     preview_every: int | None = None  # sampling steps between /progress previews; 0: none; None: Worker's choice
+    backend: Backend = Backend.TORCH  # what runs every model's UNet (generate.py --backend)
 
 
 def list_models(folder: Path) -> dict[str, Path]:
@@ -142,7 +144,7 @@ class Server:
         args = to_arguments(body, model=model, loras=list_loras(self.config.lora_dir), out=out or self.scratch,
                             inputs=inputs, device=self.config.device, dtype=self.config.dtype,
                             embeddings_dir=self.config.embeddings_dir)  # fmt: skip
-        settings = resolve_settings(args)
+        settings = replace(resolve_settings(args), backend=self.config.backend)
         return settings, plan_batches(settings)
 
     async def run(self, work, request: HttpRequest | None = None, **sizes) -> Task | None:

@@ -17,6 +17,8 @@ from pathlib import Path
 
 import torch
 
+from ldm import accel
+from ldm.accel.checks import Backend
 from ldm.cli.generate import Made, Plan, Settings, image_path, load_model, make_images, next_index
 from ldm.formats.bundle import Bundle
 from ldm.formats.pngmeta import png_bytes, save_png
@@ -56,7 +58,7 @@ class Generated:
 def _model_key(settings: Settings) -> tuple:
     """What a loaded model depends on: a request that differs here needs another load."""
     vae = settings.vae
-    return settings.model, settings.loras, settings.dtype, str(settings.device), vae
+    return settings.model, settings.loras, settings.dtype, str(settings.device), vae, settings.backend
 
 
 class Worker:
@@ -174,7 +176,10 @@ class Worker:
             gc.collect()
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
-            self._bundle, self._key = load_model(settings, quiet=True), key
+            bundle = load_model(settings, quiet=True)
+            if settings.backend is not Backend.TORCH:  # the UNet converted once per load
+                accel.prepare(bundle, backend=settings.backend)
+            self._bundle, self._key = bundle, key
         return self._bundle
 
     def generate(self, settings: Settings, plan: Plan, *, save: bool = True) -> Generated:

@@ -2,6 +2,7 @@
 trained here on coloured pictures (matched captions beat shuffled ones), the VAE figures against numpy and
 scikit-image, and the command line end to end on the micro bundle, with its one-line errors."""
 
+import importlib.util
 import itertools
 import json
 
@@ -311,6 +312,26 @@ def test_token_merging_scores_the_approximate_images(micro_bundle_dir, tmp_path,
     assert run_cli(main, [str(x) for x in bad]) == 2
     err = capsys.readouterr().err
     assert "--token-merging and --deep-cache do not combine" in err and len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.skipif(importlib.util.find_spec("openvino") is None,
+                    reason="openvino is not installed (pip install 'ldm[openvino]')")  # fmt: skip
+def test_openvino_backend_scores_torchs_images_and_says_so(micro_bundle_dir, tmp_path, capsys):
+    common = ["--model", micro_bundle_dir, "--prompt", "red", "--steps", "4", "--quiet"]
+    assert run_cli(main, [str(a) for a in [*common, "--out", tmp_path / "torch"]]) == 0
+    assert run_cli(main, [str(a) for a in [*common, "--backend", "openvino", "--out", tmp_path / "ov"]]) == 0
+    reports = {d: json.loads((tmp_path / d / "eval.json").read_text()) for d in ("torch", "ov")}
+    assert reports["torch"]["source"]["settings"]["backend"] == "torch"
+    assert reports["ov"]["source"]["settings"]["backend"] == "openvino"
+    (a,), (b,) = (sorted((tmp_path / d / "images").glob("*.png")) for d in ("torch", "ov"))
+    assert np.abs(np.asarray(Image.open(a), np.int16) - np.asarray(Image.open(b), np.int16)).max() <= 1
+    assert parse_parameters(read_png_parameters(b))[2]["Backend"] == "openvino"
+    assert "Backend" not in parse_parameters(read_png_parameters(a))[2]
+    capsys.readouterr()
+    bad = [*common, "--backend", "openvino", "--deep-cache", "2", "--out", tmp_path / "bad"]
+    assert run_cli(main, [str(x) for x in bad]) == 2
+    err = capsys.readouterr().err
+    assert "--backend openvino replaces" in err and len(err.strip().splitlines()) == 1
 
 
 @pytest.mark.slow
