@@ -104,7 +104,7 @@ def config_from_args(args) -> EvalConfig:
             images_per_prompt=args.images_per_prompt, batch_size=args.batch_size, steps=args.steps,
             guidance_scale=args.guidance, sampler=args.sampler, seed=args.seed, width=args.width, height=args.height,
             negative_prompt=args.negative_prompt, deep_cache=args.deep_cache, token_merging=args.token_merging,
-            backend=args.backend,
+            backend=Backend(args.backend),
         ),
         kid_subsets=args.kid_subsets, kid_subset_size=args.kid_subset_size, feature_batch_size=args.batch_size,
         device=args.device, dtype=args.dtype, progress=not args.quiet,

@@ -12,7 +12,7 @@ from pathlib import Path
 from ldm.accel.checks import Backend, check
 from ldm.cli.common import DEFAULT_MODEL, ArgumentParser, exit_now, run_cli
 from ldm.errors import LdmError
-from ldm.runtime import DTYPES
+from ldm.runtime import DTYPES, resolve_device
 
 
 def build_parser() -> ArgumentParser:
@@ -69,14 +69,13 @@ def main(argv=None) -> int:
         if getattr(args, flag) < 1:
             raise LdmError(f"--{flag.replace('_', '-')} must be at least 1")
     backend = Backend(args.backend)
-    device = "cpu" if backend is Backend.OPENVINO and args.device == "auto" else args.device  # OpenVINO's is the CPU
-    check(backend=backend, dtype=args.dtype, device=device.split(":")[0])
+    check(backend=backend, dtype=args.dtype, device=resolve_device(args.device).type)  # as generate.py checks it
     limits = Limits(max_side=args.max_side, max_steps=args.max_steps, max_images=args.max_images,
                     max_body=args.max_body)  # fmt: skip
     if args.embeddings_dir is not None and not args.embeddings_dir.is_dir():
         raise LdmError(f"--embeddings-dir {args.embeddings_dir} is not a folder; pass the embeddings' folder")
     config = ServeConfig(models_dir=args.models_dir, lora_dir=args.lora_dir, embeddings_dir=args.embeddings_dir,
-                         model=args.model, out=None if args.no_save else args.out, device=device, dtype=args.dtype,
+                         model=args.model, out=None if args.no_save else args.out, device=args.device, dtype=args.dtype,
                          limits=limits, auth=auth, backend=backend,
                          preview_every=None if args.preview_every is None else max(0, args.preview_every))  # fmt: skip
     app = create_app(config)

@@ -80,15 +80,12 @@ class GenerationSettings:
     negative_prompt: str = ""
     deep_cache: int = 0  # 0: exact sampling; N ≥ 2: the whole UNet every N-th step only (ldm.accel.deepcache)
     token_merging: float = 0.0  # 0: exact; R: a fraction R of the finest self-attention's tokens merged (ldm.accel.tome)
-    backend: str = "torch"  # what runs the UNet: torch, or openvino (ldm.accel.openvino, fp32 on the CPU)
+    backend: accel.Backend = accel.Backend.TORCH  # what runs the UNet (OpenVINO: fp32 on the CPU, ldm.accel.openvino)
 
     def __post_init__(self):
         if self.images_per_prompt < 1 or self.batch_size < 1:
             raise LdmError("--images-per-prompt and --batch-size must be at least 1")
-        backends = [b.value for b in accel.Backend]
-        if self.backend not in backends:
-            raise LdmError(f"backend {self.backend!r} is not one of {', '.join(backends)}")
-        accel.check(deep_cache=self.deep_cache, token_merging=self.token_merging, backend=accel.Backend(self.backend))
+        accel.check(deep_cache=self.deep_cache, token_merging=self.token_merging, backend=self.backend)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -208,7 +205,7 @@ def generate_samples(
     samples = Samples(prompts=[], images=[], seeds=[])
     bar = tqdm(total=sum(len(r.seeds) for r in requests), desc="generating", unit="img", disable=not progress)
     with accel.prepared(bundle, deep_cache=settings.deep_cache, token_merging=settings.token_merging,
-                        backend=accel.Backend(settings.backend)):  # fmt: skip
+                        backend=settings.backend):  # fmt: skip
         for request in requests:
             images = generate(bundle, request, progress=False)  # (B, 3, H, W) in [0, 1]
             samples.prompts.extend(request.prompts)
@@ -365,7 +362,7 @@ def save_generated(samples: Samples, folder: Path, *, bundle: Bundle, settings: 
             prompt=prompt, negative_prompt=settings.negative_prompt, steps=settings.steps, sampler=sampler.label,
             guidance_scale=settings.guidance_scale, seed=seed, width=image.shape[-1], height=image.shape[-2],
             model_hash=bundle.model_hash, model=bundle.name, deep_cache=settings.deep_cache,
-            token_merging=settings.token_merging, backend=None if settings.backend == "torch" else settings.backend,
+            token_merging=settings.token_merging, backend=None if settings.backend is accel.Backend.TORCH else settings.backend.value,
         )  # fmt: skip
         save_png(uint8_to_pil(image), folder / name, params.text())
         rows.append({"file_name": name, "text": prompt, "seed": seed})
@@ -483,6 +480,7 @@ def evaluate(cfg: EvalConfig) -> dict:
     """Run the evaluation ``cfg`` describes, write its files to ``cfg.out`` and return the report (eval.json)."""
     check_inputs(cfg)
     device = resolve_device(cfg.device)
+    accel.check(backend=cfg.generation.backend, dtype=cfg.dtype, device=device.type)  # before any model is loaded
     notes: list[str] = []
     bundle = load_bundle(cfg.model) if cfg.model is not None else None
     if bundle is not None and cfg.loras:
@@ -525,7 +523,8 @@ def evaluate(cfg: EvalConfig) -> dict:
         report["source"] = {"kind": "generated", "model": str(cfg.model),
                              "loras": [[str(path), scale] for path, scale in cfg.loras], "model_hash": bundle.short_hash,
                             "images": len(samples), "prompts": len(set(samples.prompts)), "images_folder": "images",
-                            "settings": {**asdict(g), "sampler": get_sampler(g.sampler).name}}  # fmt: skip
+                            "settings": {**asdict(g), "sampler": get_sampler(g.sampler).name,
+                                         "backend": g.backend.value}}  # fmt: skip
     else:
         report["source"] = {"kind": "none", "model": str(cfg.model), "images": 0, "prompts": 0}
 

@@ -140,7 +140,7 @@ def check_loras(prompt: str, loras: dict[str, Path]) -> Path | None:
 
 def to_arguments(
     body: Txt2ImgRequest, *, model: Path, loras: dict[str, Path], out: Path, inputs: Path, device: str, dtype: str,
-    embeddings_dir: Path | None = None,
+    embeddings_dir: Path | None = None, backend: str = "torch",
 ) -> argparse.Namespace:  # fmt: skip
     """The generate.py arguments that ask for what ``body`` asks for (its defaults for what it leaves out); the
     prompts' embeddings come from ``embeddings_dir``, the server's, never from a client's path."""
@@ -153,6 +153,7 @@ def to_arguments(
     args.seed = None if body.seed == -1 else body.seed
     args.num_images, args.batch_size = body.batch_size * body.n_iter, body.batch_size
     args.width, args.height, args.out, args.device, args.dtype = body.width, body.height, out, device, dtype
+    args.backend = backend
     if isinstance(body, Img2ImgRequest):
         args.init_image = store_input(body.init_images[0], inputs, what="init_images[0]")
         args.strength = body.denoising_strength

@@ -17,7 +17,7 @@ import secrets
 import shutil
 import tempfile
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from fastapi import FastAPI
@@ -143,8 +143,8 @@ class Server:
         inputs = out / "inputs" if out is not None else self.scratch
         args = to_arguments(body, model=model, loras=list_loras(self.config.lora_dir), out=out or self.scratch,
                             inputs=inputs, device=self.config.device, dtype=self.config.dtype,
-                            embeddings_dir=self.config.embeddings_dir)  # fmt: skip
-        settings = replace(resolve_settings(args), backend=self.config.backend)
+                            embeddings_dir=self.config.embeddings_dir, backend=self.config.backend.value)  # fmt: skip
+        settings = resolve_settings(args)
         return settings, plan_batches(settings)
 
     async def run(self, work, request: HttpRequest | None = None, **sizes) -> Task | None:

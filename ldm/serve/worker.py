@@ -18,7 +18,6 @@ from pathlib import Path
 import torch
 
 from ldm import accel
-from ldm.accel.checks import Backend
 from ldm.cli.generate import Made, Plan, Settings, image_path, load_model, make_images, next_index
 from ldm.formats.bundle import Bundle
 from ldm.formats.pngmeta import png_bytes, save_png
@@ -177,7 +176,7 @@ class Worker:
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
             bundle = load_model(settings, quiet=True)
-            if settings.backend is not Backend.TORCH:  # the UNet converted once per load
+            if settings.backend is not accel.Backend.TORCH:  # the UNet converted once per load
                 accel.prepare(bundle, backend=settings.backend)
             self._bundle, self._key = bundle, key
         return self._bundle

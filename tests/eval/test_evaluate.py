@@ -332,6 +332,10 @@ def test_openvino_backend_scores_torchs_images_and_says_so(micro_bundle_dir, tmp
     assert run_cli(main, [str(x) for x in bad]) == 2
     err = capsys.readouterr().err
     assert "--backend openvino replaces" in err and len(err.strip().splitlines()) == 1
+    bf16 = [*common, "--backend", "openvino", "--dtype", "bf16", "--device", "cpu", "--out", tmp_path / "bf16"]
+    assert run_cli(main, [str(x) for x in bf16]) == 2
+    err = capsys.readouterr().err
+    assert "runs fp32 weights on the CPU, not --dtype bf16" in err and len(err.strip().splitlines()) == 1
 
 
 @pytest.mark.slow

@@ -30,10 +30,11 @@ def test_openvino_server_answers_with_torchs_pixels_and_records_it(serve):
 
 @pytest.mark.parametrize(
     "flags, message",
-    [(["--dtype", "fp16"], "--backend openvino runs fp32 weights on the CPU, not --dtype fp16 on cpu"),
+    [(["--dtype", "fp16", "--device", "cpu"], "--backend openvino runs fp32 weights on the CPU, not --dtype fp16 on cpu"),
      (["--device", "cuda"], "--backend openvino runs fp32 weights on the CPU, not --dtype fp32 on cuda")],
 )  # fmt: skip
-def test_the_cli_refuses_what_openvino_cannot_run_in_one_line(flags, message, capsys):
+def test_the_cli_refuses_what_openvino_cannot_run_in_one_line(flags, message, capsys, monkeypatch):
+    monkeypatch.setattr("torch.cuda.is_available", lambda: True)  # --device cuda gets past "no GPU visible"
     assert run_cli(serve_cli.main, ["--backend", "openvino", *flags]) == 2
     err = capsys.readouterr().err.strip()
     assert message in err and "\n" not in err
