@@ -23,7 +23,7 @@ contenders' UNets alone on one guided step, call by call, a measurement a busy m
 images.
 
     python bench/few_step.py --threads 2 --lora models/lora/emoji-tiny-lcm.safetensors [--turns 8] [--unet-calls 40]
-    python bench/few_step.py --threads 2 --preset sd-v1 --size 256 --turns 2   # random-weight sd-v1 at 256×256
+    python bench/few_step.py --threads 2 --preset sd-v1 --size 256 --turns 2 --no-graphs --share-modules   # sd-v1 at 256×256
     # prints a Markdown section
 """
 
@@ -70,9 +70,10 @@ def contenders(args) -> tuple[dict, dict]:
     model = Path(args.model) if args.preset is None else bench_bundle(args.preset, args.workdir)[0]
     bundle = load_bundle(model).to("cpu", torch.float32)
     size = args.size or bundle.config.vae.sample_size
+    shared = {"unet": bundle.unet, "vae": bundle.vae, "text_encoder": bundle.text_encoder.model} if args.share_modules else {}
     pipe = StableDiffusionPipeline.from_pretrained(exported(model, args.workdir), local_files_only=True,
                                                    torch_dtype=torch.float32, safety_checker=None, feature_extractor=None,
-                                                   requires_safety_checker=False)  # fmt: skip
+                                                   requires_safety_checker=False, **shared)  # fmt: skip
     sampler = get_sampler("dpmpp_2m")
     pipe.scheduler = sampler.scheduler.from_config(pipe.scheduler.config, **dict(sampler.options))
     pipe.set_progress_bar_config(disable=True)
@@ -191,6 +192,9 @@ def main() -> None:
     p.add_argument("--size", type=int, help="image side in pixels (default: the model's)")
     p.add_argument("--no-openvino", action="store_true", help="leave out the OpenVINO rows")
     p.add_argument("--no-graphs", action="store_true", help="leave out the fast-20-graphs row")
+    p.add_argument("--share-modules", action="store_true",
+                   help="diffusers runs the bundle's own UNet, VAE and text encoder instead of the export's copies "
+                        "(one copy of the weights less, for sd-v1; the export then gives only tokenizer and configs)")
     p.add_argument("--lora", type=Path, help="the LCM-LoRA (without it, only the 20-step rows)")
     p.add_argument("--lcm-steps", type=int, nargs="+", default=[4, 2, 1])
     p.add_argument("--turns", type=int, default=8)
