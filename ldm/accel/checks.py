@@ -16,6 +16,11 @@ class Backend(Enum):
     TORCH = "torch"
     OPENVINO = "openvino"
 
+    @property
+    def recorded(self) -> str | None:
+        """What a PNG's parameters record: nothing for torch, the default, so its PNGs read as they always did."""
+        return None if self is Backend.TORCH else self.value
+
 
 def check_interval(interval: int, *, off: bool = True) -> None:
     """The one rule for a deep-cache interval, whoever takes it: 2 or more, or 0 (reuse off) where ``off``."""

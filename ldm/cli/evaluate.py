@@ -11,7 +11,7 @@ import torch
 from ldm.accel.checks import Backend
 from ldm.cli.common import ArgumentParser, check_output, run_cli, seed
 from ldm.cli.lora_inputs import parse_flag as lora_flag
-from ldm.cli.options import add_layout_arguments, layout_settings
+from ldm.cli.options import add_backend_argument, add_layout_arguments, layout_settings
 from ldm.errors import LdmError
 from ldm.eval import evaluate as evaluation
 from ldm.eval.evaluate import EvalConfig, GenerationSettings, evaluate, read_prompts, summary
@@ -64,8 +64,8 @@ def build_parser() -> ArgumentParser:
     gen.add_argument("--token-merging", type=float, default=0.0, metavar="R",
                      help="approximate sampling as generate.py --token-merging R, to score what it changes (default "
                           "0: exact)")  # fmt: skip
-    gen.add_argument("--backend", default="torch", choices=[b.value for b in Backend],
-                     help="what runs the UNet, as generate.py --backend (default torch; openvino: pip install "
+    add_backend_argument(gen, default="torch",
+                     help_text="what runs the UNet, as generate.py --backend (default torch; openvino: pip install "
                           "'ldm[openvino]')")  # fmt: skip
     gen.add_argument("--width", type=int, default=None,
                      help="a multiple of the VAE's downsampling factor, 8 in every preset (default: the bundle's "

@@ -51,6 +51,7 @@ from ldm.cli.lora_inputs import record as lora_record
 from ldm.cli.lora_inputs import resolve as resolve_loras
 from ldm.cli.model_inputs import add_arguments as add_model_arguments
 from ldm.cli.model_inputs import check_tiny_vae, resolve_model, resolve_vae, vae_record, warn_about_vae
+from ldm.cli.options import add_backend_argument
 from ldm.config import show
 from ldm.errors import LdmError
 from ldm.formats.bundle import Bundle, load_bundle, read_config
@@ -174,8 +175,8 @@ def build_parser() -> ArgumentParser:
                         "UNet itself, through torch.compile, where it has none); "
                         "up to a minute per batch shape to start (less once cached on disk), then faster steps, so "
                         "for long runs")
-    p.add_argument("--backend", default=None, choices=[b.value for b in accel.Backend],
-                   help="what runs the UNet: torch, or OpenVINO's CPU runtime in fp32 (the same images up to "
+    add_backend_argument(p, default=None,
+                   help_text="what runs the UNet: torch, or OpenVINO's CPU runtime in fp32 (the same images up to "
                         "rounding; an optional extra, pip install 'ldm[openvino]'; converts the UNet once per size, "
                         "cached on disk; see BENCHMARKS.md for where it is faster) (default torch)")  # fmt: skip
     p.add_argument("--deep-cache", type=int, default=None, metavar="N",
@@ -387,7 +388,7 @@ def image_parameters(settings: Settings, bundle: Bundle, job: Job, *, batch_size
         loras=lora_record(settings.loras), extra=settings.recorded.extra if settings.recorded else (), dtype=settings.dtype,
         embeddings=embedding_record(settings.embeddings, [job.prompt, job.negative_prompt]),
         fast=settings.fast, deep_cache=settings.deep_cache, token_merging=settings.token_merging,
-        backend=settings.backend.value if settings.backend is not accel.Backend.TORCH else None, clip_skip=settings.clip_skip, tiny_vae=settings.tiny_vae, version=f"ldm {ldm.__version__}", **(settings.inputs.record() if settings.inputs else {}),
+        backend=settings.backend.recorded, clip_skip=settings.clip_skip, tiny_vae=settings.tiny_vae, version=f"ldm {ldm.__version__}", **(settings.inputs.record() if settings.inputs else {}),
         **(upscale_record(settings.upscale, upscaler) if settings.upscale else {}), **vae_record(settings.vae),
     )  # fmt: skip
 

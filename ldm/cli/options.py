@@ -5,10 +5,16 @@ from __future__ import annotations
 from dataclasses import replace
 from pathlib import Path
 
+from ldm.accel.checks import Backend
 from ldm.cli.common import check_output
 from ldm.config import apply_overrides, load_yaml
 from ldm.data.config import LAYOUT_FLAGS, Layout
 from ldm.errors import LdmError
+
+
+def add_backend_argument(parser, *, default: str | None, help_text: str) -> None:
+    """``--backend``, the same choices in every command that runs the UNet (generate.py, eval, serve)."""
+    parser.add_argument("--backend", default=default, choices=[b.value for b in Backend], help=help_text)
 
 
 def add_layout_arguments(parser) -> None:

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from ldm.accel.checks import Backend, check
 from ldm.cli.common import DEFAULT_MODEL, ArgumentParser, exit_now, run_cli
+from ldm.cli.options import add_backend_argument
 from ldm.errors import LdmError
 from ldm.runtime import DTYPES, resolve_device
 
@@ -34,8 +35,8 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--port", type=int, default=7860, help="port (default 7860)")
     p.add_argument("--api-auth", default=None, metavar="USER:PASS", help="require HTTP basic auth on every route")
     p.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N, mps")
-    p.add_argument("--backend", default="torch", choices=[b.value for b in Backend],
-                   help="what runs the UNet, as generate.py --backend (default torch; openvino: pip install "
+    add_backend_argument(p, default="torch",
+                   help_text="what runs the UNet, as generate.py --backend (default torch; openvino: pip install "
                         "'ldm[openvino]', fp32 on the CPU)")  # fmt: skip
     p.add_argument("--dtype", default="fp32", choices=sorted(DTYPES), help="weights and activations (default fp32)")
     p.add_argument("--max-side", type=int, default=d.max_side, help=f"most pixels of width/height (default {d.max_side})")

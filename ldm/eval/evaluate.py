@@ -362,7 +362,7 @@ def save_generated(samples: Samples, folder: Path, *, bundle: Bundle, settings: 
             prompt=prompt, negative_prompt=settings.negative_prompt, steps=settings.steps, sampler=sampler.label,
             guidance_scale=settings.guidance_scale, seed=seed, width=image.shape[-1], height=image.shape[-2],
             model_hash=bundle.model_hash, model=bundle.name, deep_cache=settings.deep_cache,
-            token_merging=settings.token_merging, backend=None if settings.backend is accel.Backend.TORCH else settings.backend.value,
+            token_merging=settings.token_merging, backend=settings.backend.recorded,
         )  # fmt: skip
         save_png(uint8_to_pil(image), folder / name, params.text())
         rows.append({"file_name": name, "text": prompt, "seed": seed})
